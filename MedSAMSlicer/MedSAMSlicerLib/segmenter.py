@@ -1,0 +1,143 @@
+"""The one entry point every front end uses: the command line, the Slicer effect and module,
+the headless script, the benchmark and the training's evaluation.
+
+>>> seg = Segmenter("litemedsam")                       # loads the model once
+>>> seg.set_volume(ct_zyx, Window.preset("abdomen"))   # canonical (z, y, x) raw intensities
+>>> seg.segment_slice(60, (30, 20, 70, 60)).mask       # (y, x) bool
+>>> seg.segment_3d(60, (30, 20, 70, 60)).mask          # (z, y, x) bool, automatic extent
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .checkpoints import load_model
+from .devices import select_device, select_precision
+from .errors import MedSAMError
+from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
+from .preprocessing import Window, apply_window
+from .progress import CancelToken, ProgressCallback
+from .propagation import PropagationResult, StopRule, propagate, propagate_box3d
+from .registry import ModelSpec, get_spec, resolve_weights
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Segmenter:
+    """A loaded model plus the volume it works on.
+
+    Args:
+        model: registry name, ``"litemedsam"`` (CPU-friendly) or ``"medsam"`` (ViT-B, for GPUs).
+        checkpoint: a weights file to use instead of the registry's (e.g. one made by
+            ``medsam-train``); it must fit ``model``'s architecture.
+        device: ``auto|cpu|cuda|mps``.
+        precision: ``auto|float32|bfloat16|float16`` for the image encoder.
+        download: allow downloading registry weights that are not on disk yet.
+        cache_mb: memory cap of the embedding cache.
+        batch_size: slices per encoder call.
+        progress: reports weight downloads.
+    """
+
+    def __init__(
+        self,
+        model: str = "litemedsam",
+        checkpoint: Optional[PathLike] = None,
+        device: str = "auto",
+        precision: str = "auto",
+        download: bool = False,
+        cache_mb: int = 2048,
+        batch_size: Optional[int] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> None:
+        self.spec: ModelSpec = get_spec(model)
+        self.device = select_device(device)
+        self.dtype = select_precision(precision, self.device)
+        self.weights: Path = resolve_weights(self.spec, checkpoint=checkpoint, download=download, progress=progress)
+        self.model = load_model(self.spec, self.weights, device=self.device)
+        self.model.eval()
+        stat = self.weights.stat()
+        model_key = f"{self.spec.name}:{self.weights.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        if batch_size is None:
+            batch_size = 4 if self.device.type == "cpu" else 16
+        self.predictor = Predictor(
+            self.model,
+            self.spec.preprocessing,
+            model_key,
+            self.device,
+            dtype=self.dtype,
+            batch_size=batch_size,
+            cache=EmbeddingCache(int(cache_mb) << 20),
+        )
+        self.window: Optional[Window] = None
+
+    # -- volume -------------------------------------------------------------------------------
+    def set_volume(self, array_zyx: np.ndarray, window: Optional[Window] = None, key: Optional[str] = None) -> None:
+        """Work on a volume.
+
+        Args:
+            array_zyx: raw intensities in canonical axial order ``(z, y, x)`` (see
+                ``volumes.read_volume`` / the Slicer bridge).
+            window: intensity window; default abdomen (L40/W400).
+            key: a name for the volume in the embedding cache (default: a content hash).
+        """
+        arr = np.asarray(array_zyx)
+        if arr.ndim != 3:
+            raise MedSAMError(f"the volume must be 3D (z, y, x); got an array of shape {arr.shape}")
+        if min(arr.shape) < 1 or arr.shape[1] < 2 or arr.shape[2] < 2:
+            raise MedSAMError(f"the volume of shape {arr.shape} is too small to segment")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise MedSAMError(f"the volume must hold numbers; got dtype {arr.dtype}")
+        window = window or Window.preset("abdomen")
+        base = key if key is not None else volume_key(arr)
+        self.window = window
+        self.predictor.set_volume(apply_window(arr, window), key=f"{base}|{window.key}")
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """``(z, y, x)`` shape of the current volume."""
+        return tuple(self.predictor.volume.shape)  # type: ignore[return-value]
+
+    # -- segmentation ---------------------------------------------------------------------------
+    def segment_slice(self, z: int, box: Sequence[float]) -> SliceResult:
+        """2D: the mask ``(y, x)`` on slice ``z`` for a box ``(x0, y0, x1, y1)``."""
+        return self.predictor.predict(self.predictor.check_slice_index(z), box)
+
+    def segment_3d(
+        self,
+        z: int,
+        box: Sequence[float],
+        z_range: Optional[Tuple[int, int]] = None,
+        direction: str = "both",
+        stop: Optional[StopRule] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> PropagationResult:
+        """3D from a 2D box on slice ``z``; ``z_range`` bounds it, else the extent is found."""
+        return propagate(
+            self.predictor, z, box, z_range=z_range, direction=direction, stop=stop, progress=progress, cancel=cancel
+        )
+
+    def segment_box3d(
+        self,
+        box3d: Sequence[float],
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> PropagationResult:
+        """3D from ``(x0, y0, z0, x1, y1, z1)``: the 2D box on the middle slice, bounded in z."""
+        return propagate_box3d(self.predictor, box3d, progress=progress, cancel=cancel)
+
+    def prefetch(self, zs: Sequence[int]) -> None:
+        """Encode slices ``zs`` in the background so later boxes on them answer at once."""
+        self.predictor.prefetch(zs)
+
+    def describe(self) -> str:
+        """One line: model, weights, device and precision."""
+        return (
+            f"{self.spec.title} ({self.spec.architecture}, {self.spec.input_size}px) on {self.device}"
+            f" in {str(self.dtype).replace('torch.', '')}, weights {self.weights}"
+        )
+

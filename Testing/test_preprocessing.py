@@ -1,0 +1,152 @@
+"""Preprocessing matches the originals' formulas (skimage / OpenCV / pre_CT_MR.py)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage import transform
+
+from MedSAMSlicerLib import preprocessing as P
+from MedSAMSlicerLib.errors import MedSAMError
+
+
+@pytest.fixture(scope="module")
+def ct_volume(ct_path):
+    from MedSAMSlicerLib.volumes import read_volume
+
+    return read_volume(ct_path)
+
+
+@pytest.fixture(scope="module")
+def mr_volume(mr_path):
+    from MedSAMSlicerLib.volumes import read_volume
+
+    return read_volume(mr_path)
+
+
+@pytest.fixture(scope="module")
+def ct_u8(ct_volume):
+    return P.apply_window(ct_volume.array, P.Window.preset("abdomen"))
+
+
+def test_ct_window_matches_pre_ct_mr(ct_volume):
+    raw = ct_volume.array
+    # pre_CT_MR.py: clip to [L - W/2, L + W/2], min-max over the volume to 0-255, np.uint8.
+    clipped = np.clip(raw, 40 - 200, 40 + 200)
+    expected = np.uint8((clipped - clipped.min()) / (clipped.max() - clipped.min()) * 255.0)
+    got = P.apply_window(raw, P.Window(level=40, width=400), stretch=True)
+    assert np.array_equal(got, expected)
+    # Fixed mapping (what a viewer shows): level - width/2 -> 0, level + width/2 -> 255.
+    fixed = P.apply_window(np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0]), P.Window(level=40, width=400))
+    assert fixed.tolist() == [0, 0, 127, 255, 255]
+
+
+def test_mr_percentile_window_matches_pre_ct_mr(mr_volume):
+    raw = mr_volume.array.astype(np.float64)
+    lo, hi = np.percentile(raw[raw > 0], 0.5), np.percentile(raw[raw > 0], 99.5)
+    pre = np.clip(raw, lo, hi)
+    pre = (pre - pre.min()) / (pre.max() - pre.min()) * 255.0
+    pre[raw == 0] = 0
+    got = P.apply_window(raw, P.Window.preset("mr"))
+    assert np.abs(got.astype(int) - np.uint8(pre).astype(int)).max() <= 1
+
+
+def test_medsam_resize_matches_skimage(ct_u8):
+    for img in (ct_u8[80], np.random.RandomState(0).randint(0, 256, (512, 512)).astype(np.uint8)):
+        img_3c = np.repeat(img[:, :, None], 3, axis=-1)
+        ref = transform.resize(img_3c, (1024, 1024), order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
+        ours = P.skimage_style_resize(img, (1024, 1024)).astype(np.uint8)
+        assert np.array_equal(ours, ref[..., 0])
+    # Shrinking (anti-aliasing on) too.
+    big = np.random.RandomState(1).randint(0, 256, (1500, 1300)).astype(np.uint8)
+    ref = transform.resize(big, (1024, 1024), order=3, preserve_range=True, anti_aliasing=True)
+    assert np.abs(P.skimage_style_resize(big, (1024, 1024)) - ref).max() < 1e-6
+
+
+def test_medsam_prepared_slice_is_the_reference_formula(ct_u8):
+    img = ct_u8[80]
+    img_3c = np.repeat(img[:, :, None], 3, axis=-1)
+    img_1024 = transform.resize(img_3c, (1024, 1024), order=3, preserve_range=True, anti_aliasing=True).astype(np.uint8)
+    img_1024 = (img_1024 - img_1024.min()) / np.clip(img_1024.max() - img_1024.min(), a_min=1e-8, a_max=None)
+    ref = torch.tensor(img_1024).float().permute(2, 0, 1)
+    prepared = P.prepare_medsam(img)
+    assert torch.allclose(prepared.image, ref, atol=1e-6)
+    h, w = img.shape
+    box = np.array([10, 20, 60, 70])
+    assert np.allclose(P.box_to_model(box, prepared), box / np.array([w, h, w, h]) * 1024)
+
+
+@pytest.mark.parametrize("shape", [(101, 122), (512, 512), (300, 517), (100, 77), (91, 117), (255, 300)])
+def test_area_resize_matches_opencv(shape):
+    src = np.random.RandomState(sum(shape)).randint(0, 256, shape).astype(np.uint8)
+    new_h, new_w = P.longest_side_shape(shape, 256)
+    ref = cv2.resize(np.repeat(src[:, :, None], 3, axis=-1), (new_w, new_h), interpolation=cv2.INTER_AREA)[..., 0]
+    ours = P.area_resize(src, (new_h, new_w))
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    # Exact but for float rounding in OpenCV's fractional-shrink path (a pixel in ~10^4 differs by 1).
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def test_litemedsam_prepared_slice_is_the_reference_formula(ct_u8):
+    img = ct_u8[80]
+    h, w = img.shape
+    img_3c = np.repeat(img[:, :, None], 3, axis=-1)
+    scale = 256 / max(h, w)
+    new_w, new_h = int(w * scale + 0.5), int(h * scale + 0.5)
+    img_256 = cv2.resize(img_3c, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    img_256 = (img_256 - img_256.min()) / np.clip(img_256.max() - img_256.min(), a_min=1e-8, a_max=None)
+    padded = np.pad(img_256, ((0, 256 - new_h), (0, 256 - new_w), (0, 0)))
+    ref = torch.tensor(padded).float().permute(2, 0, 1)
+    prepared = P.prepare_litemedsam(img)
+    assert prepared.resized_hw == (new_h, new_w)
+    assert torch.allclose(prepared.image, ref, atol=1e-6)
+    box = np.array([10.0, 20.0, 60.0, 70.0])
+    assert np.allclose(P.box_to_model(box, prepared), box / max(h, w) * 256)
+
+
+def test_logits_to_mask_follow_each_original():
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1, 256, 256, generator=rng) * 4
+    img = np.zeros((101, 122), np.uint8)
+    lite = P.prepare_litemedsam(img)
+    nh, nw = lite.resized_hw
+    ref = torch.sigmoid(F.interpolate(logits[..., :nh, :nw], size=(101, 122), mode="bilinear", align_corners=False))
+    assert np.array_equal(P.logits_to_mask(logits, lite), (ref[0, 0] > 0.5).numpy())
+    med = P.prepare_medsam(img)
+    ref = F.interpolate(torch.sigmoid(logits), size=(101, 122), mode="bilinear", align_corners=False)
+    assert np.array_equal(P.logits_to_mask(logits, med), (ref[0, 0] > 0.5).numpy())
+
+
+def test_mask_box_matches_litemedsam_get_bbox256():
+    mask = np.zeros((101, 122), bool)
+    mask[30:52, 40:77] = True
+    prepared = P.prepare_litemedsam(mask.astype(np.uint8))
+    nh, nw = prepared.resized_hw
+    pre = cv2.resize(mask.astype(np.uint16), (nw, nh), interpolation=cv2.INTER_AREA)
+    pre = np.pad(pre, ((0, 256 - nh), (0, 256 - nw)))
+    ys, xs = np.nonzero(pre > 0)
+    ref = [max(0, xs.min() - 3), max(0, ys.min() - 3), min(256, xs.max() + 3), min(256, ys.max() + 3)]
+    assert P.mask_box_in_model(mask, prepared, 3).tolist() == ref
+    assert P.mask_box_in_model(np.zeros_like(mask), prepared, 3) is None
+
+
+def test_window_presets_and_bad_windows():
+    assert P.Window.preset("abdomen") == P.Window(level=40, width=400)
+    assert P.Window.preset("LUNG") == P.Window(level=-160, width=1500)
+    assert P.Window.preset("mr").percentiles == (0.5, 99.5)
+    with pytest.raises(MedSAMError, match="unknown window preset 'liver'.*abdomen"):
+        P.Window.preset("liver")
+    with pytest.raises(MedSAMError, match="positive"):
+        P.Window(level=40, width=0)
+
+
+@pytest.mark.parametrize(
+    "box, match",
+    [((-50, -50, -10, -10), "outside"), ((10, 10, 10, 40), "zero size"), ((1, 2, 3), "four numbers")],
+)
+def test_bad_boxes(box, match):
+    with pytest.raises(MedSAMError, match=match):
+        P.check_box(box, (101, 122))
