@@ -1,0 +1,72 @@
+"""Shared pytest fixtures.
+
+The vendored data (``Testing/Data/totalsegmentator/``, Apache-2.0, see ``Testing/Data/README.md``)
+is exposed as session fixtures returning :class:`pathlib.Path` objects.  Keep this file small;
+append fixtures that several test files need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(__file__).resolve().parent / "Data" / "totalsegmentator"
+
+#: TotalSegmentator ``total`` label ids used by the tests (see Testing/Data/README.md).
+TOTALSEG_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5, "stomach": 6,
+                   "pancreas": 7, "aorta": 52, "inferior_vena_cava": 63}
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Folder of the vendored TotalSegmentator reference files."""
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def ct_path() -> Path:
+    """Abdominal CT, 122x101x112 voxels, 3 mm, direction diag(-1, -1, 1) in LPS."""
+    return DATA_DIR / "example_ct.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_seg_path() -> Path:
+    """TotalSegmentator labels on the grid of ``ct_path`` (uint8)."""
+    return DATA_DIR / "example_seg_fast_force_split.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_sm_path() -> Path:
+    """30-slice crop of the CT (122x101x30)."""
+    return DATA_DIR / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_sm_seg_path() -> Path:
+    """Labels on the grid of ``ct_sm_path``."""
+    return DATA_DIR / "example_seg.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def mr_path() -> Path:
+    """Abdominal MR, 117x91x20."""
+    return DATA_DIR / "example_mr_sm.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def mr_seg_path() -> Path:
+    """Labels on the grid of ``mr_path``."""
+    return DATA_DIR / "example_seg_mr.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def dicom_dir() -> Path:
+    """Folder with one CT series: 20 slices of 512x512 (JPEG2000)."""
+    return DATA_DIR / "example_ct_dicom"
+
+
+@pytest.fixture(scope="session")
+def dicom_seg_path() -> Path:
+    """Labels on the grid of the DICOM series (stored with the j axis flipped)."""
+    return DATA_DIR / "example_seg_dicom.nii.gz"
