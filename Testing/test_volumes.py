@@ -632,12 +632,15 @@ def test_seg_nrrd_loads_in_slicer(variant_files, ct_labels, tmp_path):
     vol = read_volume(variant_files["coronal_flipped"][0])
     liver = ct_labels.array == LIVER
     stomach = ct_labels.array == STOMACH
-    segments = [("liver", liver, (1.0, 0.5, 0.0)), ("liver+stomach", liver | stomach, (0.0, 0.5, 1.0))]
+    # Overlapping segments (two layers) and a non-ASCII name, which Slicer reads as UTF-8.
+    segments = [("liver (Leber, foie \u00e9)", liver, (1.0, 0.5, 0.0)),
+                ("liver+stomach", liver | stomach, (0.0, 0.5, 1.0))]
     out = write_seg_nrrd(segments, vol, tmp_path / "slicer.seg.nrrd")
     node = logic.LoadSegmentationFromFile(str(out), True, "result")
     assert node is not None
     segmentation = node.GetSegmentation()
     assert segmentation.GetNumberOfSegments() == 2
+    assert segmentation.GetNumberOfLayers() == 2
     ijk_to_ras = np.eye(4)
     d = np.asarray(vol.image.GetDirection()).reshape(3, 3) * np.asarray(vol.image.GetSpacing())
     ijk_to_ras[:3, :3] = LPS_TO_RAS[:, None] * d
