@@ -23,8 +23,7 @@ rounding).
 
 from __future__ import annotations
 
-import itertools
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -188,18 +187,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, self.dh + 2 * key_dim * num_heads)
         self.proj = nn.Linear(self.dh, dim)
 
-        points = list(itertools.product(range(resolution[0]), range(resolution[1])))
-        offsets: dict = {}
-        idxs: List[int] = []
-        for p1 in points:
-            for p2 in points:
-                offset = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-                idxs.append(offsets.setdefault(offset, len(offsets)))
-        self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
-        self.register_buffer(
-            "attention_bias_idxs", torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)),
-            persistent=False,
-        )
+        # Offsets (|dy|, |dx|) are numbered in order of first appearance when pairs (p1, p2) are
+        # enumerated row-major, which is dy * w + dx: the column order of the checkpoints.
+        h, w = resolution
+        ys = torch.arange(h).repeat_interleave(w)
+        xs = torch.arange(w).repeat(h)
+        idxs = (ys[:, None] - ys[None, :]).abs() * w + (xs[:, None] - xs[None, :]).abs()
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, h * w))
+        self.register_buffer("attention_bias_idxs", idxs, persistent=False)
         self._bias_cache: Optional[torch.Tensor] = None
         self._bias_cache_key: Optional[tuple] = None
 
