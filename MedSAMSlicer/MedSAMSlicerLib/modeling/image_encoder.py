@@ -13,10 +13,12 @@ an ``NxN`` additive mask:
     logits[i, j] = scale * q_i . k_j + rel_h[i, row(j)] + rel_w[i, col(j)]
                  = [scale * q_i, rel_h[i, :], rel_w[i, :]] . [k_j, onehot(row(j)), onehot(col(j))]
 
-so SDPA gets queries and keys widened by ``kh + kw`` features and ``scale=1``.  This is the same
-sum as SAM's ``attn = (q * scale) @ k.T + rel_h + rel_w`` in exact arithmetic and agrees with it to
-float32 rounding (the tests check <= 1e-4 on the whole encoder); it never builds the
-``B*heads x 4096 x 4096`` logits tensor in the global blocks when a fused SDPA kernel is available.
+so SDPA gets queries and keys widened by ``kh + kw`` features (zero-padded to a multiple of 8)
+and ``scale=1``.  The one-hot products are exact (x*1, x*0), so this is SAM's
+``attn = (q * scale) @ k.T + rel_h + rel_w`` term for term; on the CPU the whole encoder matches
+segment-anything to float32 rounding (the tests check <= 1e-4 and measure 0).  Unlike an additive
+``attn_mask`` it does not need a ``B*heads x 4096 x 4096`` bias tensor in the global blocks, so SDPA
+is free to pick a kernel that never materialises the logits.
 """
 
 from __future__ import annotations
@@ -203,11 +205,16 @@ class Attention(nn.Module):
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
             keys_h, keys_w = _key_one_hots((h, w), dtype=q.dtype, device=q.device)
-            q = torch.cat([q * self.scale, rel_h.reshape(b, self.num_heads, n, h),
-                           rel_w.reshape(b, self.num_heads, n, w)], dim=-1)
-            k = torch.cat([k, keys_h.expand(b, self.num_heads, n, h),
-                           keys_w.expand(b, self.num_heads, n, w)], dim=-1)
-            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+            # Zero features up to a multiple of 8 (what fused kernels like) add nothing to q.k.
+            pad = (-(q.shape[-1] + h + w)) % 8
+            q_parts = [q * self.scale, rel_h.reshape(b, self.num_heads, n, h).to(q.dtype),
+                       rel_w.reshape(b, self.num_heads, n, w).to(q.dtype)]
+            k_parts = [k, keys_h.expand(b, self.num_heads, n, h), keys_w.expand(b, self.num_heads, n, w)]
+            if pad:
+                zeros = q.new_zeros(b, self.num_heads, n, pad)
+                q_parts.append(zeros)
+                k_parts.append(zeros)
+            out = F.scaled_dot_product_attention(torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1), v, scale=1.0)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 

@@ -28,7 +28,7 @@ class PositionEmbeddingRandom(nn.Module):
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """``coords``: ...x2 in [0, 1] -> ...x(2*num_pos_feats) (sin features, then cos)."""
         coords = 2 * coords - 1
-        coords = coords @ self.positional_encoding_gaussian_matrix
+        coords = coords.to(self.positional_encoding_gaussian_matrix.dtype) @ self.positional_encoding_gaussian_matrix
         coords = 2 * math.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
 
@@ -143,8 +143,8 @@ class PromptEncoder(nn.Module):
             bs = masks.shape[0]
         else:
             bs = 1
-        device = self.point_embeddings[0].weight.device
-        sparse = torch.empty((bs, 0, self.embed_dim), device=device)
+        weight = self.point_embeddings[0].weight
+        sparse = torch.empty((bs, 0, self.embed_dim), device=weight.device, dtype=weight.dtype)
         if points is not None:
             coords, labels = points
             sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], dim=1)

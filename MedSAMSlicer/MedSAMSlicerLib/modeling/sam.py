@@ -74,6 +74,8 @@ class SamModel(nn.Module):
             ``(low_res_logits Bx1x256x256, iou Bx1)``; ``sigmoid(logits) > 0.5`` is the mask on
             the ``256x256`` grid that covers the model input.
         """
+        # Embeddings from an autocast encoder may be bfloat16/float16: match the decoder's weights.
+        embeddings = embeddings.to(self.mask_decoder.iou_token.weight.dtype)
         boxes = torch.as_tensor(boxes, dtype=torch.float32, device=embeddings.device)
         if boxes.ndim == 3 and boxes.shape[1] == 1:
             boxes = boxes[:, 0, :]
