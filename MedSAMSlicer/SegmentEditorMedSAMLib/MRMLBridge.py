@@ -1,0 +1,848 @@
+"""The layer between MRML nodes and the MedSAM engine (no Qt: runs in Slicer and on slicer-core).
+
+Everything the Segment Editor effect, the module's logic and the headless script decide is
+decided here, so it can be tested without the Slicer application:
+
+* **Source volume -> engine array.** The volume node's voxels ``(k, j, i)`` are put in the
+  engine's canonical axial order ``(z, y, x)`` (x toward Left, y toward Posterior, z toward
+  Superior) by :class:`MedSAMSlicerLib.volumes.AxialOrientation`: axis permutation and flips only,
+  so every canonical voxel is one voxel of the node. The node's voxels are never written.
+* **RAS <-> IJK** happens here (and in the engine's ``volumes.py`` for files), nowhere else. A
+  box from corner points, from a markups ROI or from a rectangle drawn in a slice view becomes a
+  :class:`BoxPrompt` in canonical voxel indices, with the same rule as the command line
+  (``volumes.ras_box_to_canonical``): voxels whose centres lie inside, and along an axis where the
+  box is thinner than a voxel, the voxel nearest its middle.
+* **Mask -> segment.** A canonical mask goes back to ``(k, j, i)``, becomes a labelmap in the
+  volume's geometry (parent transforms included), is resampled onto the Segment Editor's modifier
+  labelmap geometry and is written with the Segment Editor's own rules (``ModifySegmentByLabelmap``:
+  its masking and overwrite settings). :meth:`MedSAMBridge.modifications` lists those edits; the
+  effect hands them to ``scriptedEffect.modifySelectedSegmentByLabelmap``, the headless path
+  (:meth:`MedSAMBridge.apply`) to ``vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap``.
+
+How a result is combined with the segment (``combine``):
+
+* ``"slices"`` (default): the segment is replaced on the slices MedSAM segmented and kept on all
+  others, so a box drawn again on one slice (2D) or a new propagation refines the segment.
+* ``"add"``: the result is added to the segment.
+* ``"replace"``: the segment becomes the result.
+
+Other segments lose voxels only where the editor's overwrite mode says so (``"none"``,
+``"visible"``, ``"all"``); the headless default is ``"none"``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
+from MedSAMSlicerLib.volumes import AxialOrientation
+
+#: A box drawn in a slice view whose normal is tilted more than this from the volume's axial
+#: voxel axis is refused. About 10 degrees, so that a box drawn in the standard axial view of a
+#: volume acquired with a 10-degree tilt is still taken (its canonical slices are that tilted).
+MAX_VIEW_TILT_DEGREES = 11.0
+
+MODES = ("3d", "2d")
+DIRECTIONS = ("both", "up", "down")
+COMBINE_MODES = ("slices", "add", "replace")
+OVERWRITE_MODES = ("none", "visible", "all")
+#: Segment Editor modification modes by name (what ``modifications`` returns).
+MODIFICATION_MODES = ("set", "add", "remove")
+
+PREVIEW_NODE_NAME = "MedSAM preview"
+#: Attribute on the preview segmentation node naming the segmentation it previews.
+PREVIEW_TARGET_ATTRIBUTE = "MedSAM.PreviewTarget"
+
+#: Environment variable that overrides where fine-tuned checkpoints are looked for.
+CHECKPOINT_DIR_ENV = "MEDSAM_SLICER_CHECKPOINTS"
+
+WindowLike = Union[None, str, Tuple[float, float], "object"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared models
+
+
+_SEGMENTERS: Dict[Tuple[str, str, str], object] = {}
+_SEGMENTERS_LOCK = threading.Lock()
+# id(segmenter) -> key of the volume and window it was last given (see MedSAMBridge.prepare).
+_LOADED_VOLUME: Dict[int, str] = {}
+
+
+def get_segmenter(model: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto", progress=None):
+    """The one :class:`~MedSAMSlicerLib.segmenter.Segmenter` per ``(model, checkpoint, device)``.
+
+    The effect, the module and the headless script share it, so weights are loaded once and the
+    slice embeddings computed for one are reused by the others.
+    """
+    key = (str(model), os.path.abspath(os.fspath(checkpoint)) if checkpoint else "", str(device))
+    with _SEGMENTERS_LOCK:
+        segmenter = _SEGMENTERS.get(key)
+        if segmenter is None:
+            from MedSAMSlicerLib.segmenter import Segmenter
+
+            segmenter = Segmenter(model=model, checkpoint=checkpoint, device=device, progress=progress)
+            _SEGMENTERS[key] = segmenter
+        return segmenter
+
+
+def release_segmenters() -> None:
+    """Forget the loaded models (frees memory; the next use loads them again)."""
+    with _SEGMENTERS_LOCK:
+        _SEGMENTERS.clear()
+        _LOADED_VOLUME.clear()
+
+
+def default_checkpoint_dir() -> str:
+    """Folder where fine-tuned checkpoints are looked for (and MedSAMTraining copies them).
+
+    ``$MEDSAM_SLICER_CHECKPOINTS`` if set, else ``~/.cache/medsam-slicer/checkpoints``.
+    """
+    folder = os.environ.get(CHECKPOINT_DIR_ENV)
+    if folder:
+        return os.path.expanduser(folder)
+    return os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "checkpoints")
+
+
+def list_checkpoints(folder: Optional[str] = None) -> List[str]:
+    """Weight files (``*.pth``, ``*.pt``, ``*.safetensors``) in ``folder``, newest first."""
+    folder = folder or default_checkpoint_dir()
+    if not os.path.isdir(folder):
+        return []
+    files = [
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if name.lower().endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(os.path.join(folder, name))
+    ]
+    return sorted(files, key=lambda p: os.path.getmtime(p), reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+def _matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
+
+
+def _array_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def _to_world(node) -> np.ndarray:
+    """4x4 matrix from ``node``'s local coordinates to world RAS (identity without transform).
+
+    Raises:
+        MedSAMError: the node is under a non-linear transform.
+    """
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    matrix = vtk.vtkMatrix4x4()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(parent, None, matrix):
+        raise MedSAMError(
+            f"'{node.GetName()}' is under a non-linear (warping) transform. MedSAM needs voxels on a "
+            "regular grid: harden the transform (Data module, right-click > Harden transform) or remove it."
+        )
+    return _matrix_to_array(matrix)
+
+
+@dataclass
+class SourceVolume:
+    """A volume node seen by the engine.
+
+    Attributes:
+        node: the ``vtkMRMLScalarVolumeNode`` (never modified).
+        orientation: its ``(i, j, k)`` <-> canonical ``(x, y, z)`` mapping.
+        ijk_to_world: 4x4, voxel index ``(i, j, k, 1)`` -> world RAS (parent transforms included).
+        array: canonical ``(z, y, x)`` voxels, read-only.
+        key: identifies voxels and geometry (the engine's embedding-cache key).
+    """
+
+    node: object
+    orientation: AxialOrientation
+    ijk_to_world: np.ndarray
+    array: np.ndarray
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.node.GetName()
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Canonical shape ``(nz, ny, nx)``."""
+        return self.orientation.canonical_shape
+
+    @property
+    def world_to_ijk(self) -> np.ndarray:
+        return np.linalg.inv(self.ijk_to_world)
+
+    def axis_direction_world(self, canonical_axis: int) -> np.ndarray:
+        """Unit vector in world RAS along canonical axis 0 (x), 1 (y) or 2 (z), increasing index."""
+        index_axis = self.orientation.axes[canonical_axis]
+        column = self.ijk_to_world[:3, index_axis].copy()
+        column /= np.linalg.norm(column)
+        return -column if self.orientation.flips[canonical_axis] else column
+
+    def world_to_canonical(self, points_world: np.ndarray) -> np.ndarray:
+        """World RAS points ``(N, 3)`` -> continuous canonical ``(x, y, z)`` (voxel centres at integers)."""
+        pts = np.asarray(points_world, dtype=float).reshape(-1, 3)
+        homogeneous = np.c_[pts, np.ones(len(pts))]
+        ijk = (self.world_to_ijk @ homogeneous.T).T[:, :3]
+        return self.orientation.ijk_points_to_canonical(ijk)
+
+    def canonical_to_world(self, points_xyz: np.ndarray) -> np.ndarray:
+        """Continuous canonical ``(x, y, z)`` points ``(N, 3)`` -> world RAS."""
+        ijk = self.orientation.canonical_points_to_ijk(np.asarray(points_xyz, dtype=float).reshape(-1, 3))
+        homogeneous = np.c_[ijk, np.ones(len(ijk))]
+        return (self.ijk_to_world @ homogeneous.T).T[:, :3]
+
+    def world_extent(self) -> Tuple[np.ndarray, np.ndarray]:
+        """RAS bounding box of the voxel centres."""
+        nz, ny, nx = self.shape
+        corners = np.array(list(itertools.product((0, nx - 1), (0, ny - 1), (0, nz - 1))), dtype=float)
+        ras = self.canonical_to_world(corners)
+        return ras.min(axis=0), ras.max(axis=0)
+
+
+def source_volume(volume_node) -> SourceVolume:
+    """Read a scalar volume node as the engine sees it (voxels are not copied unless reordered).
+
+    Raises:
+        MedSAMError: no volume, no voxels, not a scalar volume, a non-linear transform.
+    """
+    if volume_node is None:
+        raise MedSAMError(
+            "No source volume. Select the volume to segment as the Segment Editor's source volume."
+        )
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise MedSAMError(
+            f"'{volume_node.GetName()}' is not a scalar (grey-level) volume: MedSAM segments CT or MR "
+            "intensity volumes, not label maps, vectors or colour images."
+        )
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise MedSAMError(f"The volume '{volume_node.GetName()}' has no voxels (is it still loading?).")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise MedSAMError(
+            f"'{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+            "MedSAM needs a single-channel volume (use 'Vector to Scalar Volume' first)."
+        )
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    ijk_to_world = _to_world(volume_node) @ _matrix_to_array(ijk_to_ras)
+    dims = image.GetDimensions()
+    if min(dims) < 1 or dims[0] < 2 or dims[1] < 2:
+        raise MedSAMError(f"The volume '{volume_node.GetName()}' ({dims[0]}x{dims[1]}x{dims[2]}) is too small.")
+    orientation = AxialOrientation.from_ras_direction(ijk_to_world[:3, :3], dims)
+    array_kji = slicer.util.arrayFromVolume(volume_node)
+    array = orientation.to_canonical(array_kji)
+    if np.shares_memory(array, array_kji):
+        # A view of the node's own buffer: make sure nothing downstream can write through it.
+        array = array.view()
+    array.flags.writeable = False
+    geometry = ",".join(f"{v:.6g}" for v in ijk_to_world[:3].ravel())
+    # Voxels and geometry only: a renamed or re-displayed volume keeps its cached embeddings.
+    key = f"{volume_node.GetID()}:{image.GetMTime()}:{geometry}"
+    return SourceVolume(volume_node, orientation, ijk_to_world, array, key)
+
+
+def window_for(volume_node, window: WindowLike = None):
+    """The intensity :class:`~MedSAMSlicerLib.preprocessing.Window` to use.
+
+    Args:
+        window: ``None`` or ``"display"``: what the view shows (the volume display node's window
+            and level; abdomen preset if the volume has no display node); a preset name
+            (``"abdomen"``, ``"lung"``, ``"bone"``, ``"brain"``, ``"mr"``); a ``(level, width)``
+            pair; or a ``Window``.
+    """
+    from MedSAMSlicerLib.preprocessing import Window
+
+    if isinstance(window, Window):
+        return window
+    if window is None or (isinstance(window, str) and window.lower() == "display"):
+        display = volume_node.GetDisplayNode() if volume_node is not None else None
+        if display is None or not hasattr(display, "GetWindow") or display.GetWindow() <= 0:
+            return Window.preset("abdomen")
+        return Window(level=float(display.GetLevel()), width=float(display.GetWindow()))
+    if isinstance(window, str):
+        return Window.preset(window)
+    try:
+        level, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise MedSAMError(f"a window is 'display', a preset name or (level, width); got {window!r}") from None
+    return Window(level=level, width=width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """A box in canonical voxel indices.
+
+    Attributes:
+        z: the slice the 2D box is on.
+        box: ``(x0, y0, x1, y1)`` on that slice, inclusive.
+        z_range: inclusive ``(z0, z1)`` bounding 3D propagation, or ``None`` (automatic extent).
+    """
+
+    z: int
+    box: Tuple[int, int, int, int]
+    z_range: Optional[Tuple[int, int]] = None
+
+    @property
+    def box3d(self) -> Tuple[int, int, int, int, int, int]:
+        """``(x0, y0, z0, x1, y1, z1)`` (the z-range, or the box's slice)."""
+        z0, z1 = self.z_range if self.z_range is not None else (self.z, self.z)
+        return (self.box[0], self.box[1], z0, self.box[2], self.box[3], z1)
+
+
+def _canonical_box(src: SourceVolume, xyz: np.ndarray, what: str) -> Tuple[List[int], List[int]]:
+    """Inclusive canonical voxel box of continuous canonical points (the engine's rule).
+
+    Voxels whose centres lie inside (0.001-voxel tolerance); along an axis thinner than a voxel,
+    the voxel nearest the middle. Clipped to the volume.
+    """
+    lo, hi = xyz.min(axis=0), xyz.max(axis=0)
+    n_xyz = src.shape[::-1]
+    first, last = [], []
+    for c in range(3):
+        f = math.ceil(lo[c] - 1e-3)
+        la = math.floor(hi[c] + 1e-3)
+        if f > la:
+            f = la = int(round((lo[c] + hi[c]) / 2.0))
+        if la < 0 or f > n_xyz[c] - 1:
+            ras_lo, ras_hi = src.world_extent()
+            raise MedSAMError(
+                f"The {what} lies outside the volume '{src.name}', which spans RAS "
+                f"{_fmt(ras_lo)} to {_fmt(ras_hi)} mm. Draw the box on this volume."
+            )
+        first.append(max(f, 0))
+        last.append(min(la, n_xyz[c] - 1))
+    return first, last
+
+
+def _fmt(p) -> str:
+    return "(" + ", ".join(f"{float(v):.1f}" for v in p) + ")"
+
+
+def _check_points(points, minimum: int) -> np.ndarray:
+    pts = np.asarray(points, dtype=float)
+    if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < minimum or not np.all(np.isfinite(pts)):
+        raise MedSAMError(f"a box needs at least {minimum} RAS points of three finite numbers; got {np.asarray(points).tolist()}")
+    return pts
+
+
+def view_tilt_degrees(src: SourceVolume, slice_normal_world: Sequence[float]) -> float:
+    """Angle between a slice view's normal and the volume's axial (canonical z) voxel axis."""
+    normal = np.asarray(slice_normal_world, dtype=float).reshape(3)
+    norm = np.linalg.norm(normal)
+    if norm < 1e-12:
+        raise MedSAMError("the slice view's normal is zero")
+    cosine = abs(float(np.dot(normal / norm, src.axis_direction_world(2))))
+    return math.degrees(math.acos(min(1.0, cosine)))
+
+
+def prompt_from_points(src: SourceVolume, points_world, slice_normal_world=None) -> BoxPrompt:
+    """A box from RAS points (world coordinates, mm).
+
+    Two opposite corners of a 3D box (``R0 A0 S0`` / ``R1 A1 S1``): the box spans the canonical
+    voxels inside; if it covers more than one slice, its height bounds the propagation (as
+    LiteMedSAM's 3D box: the 2D box goes on the middle slice). The corners of a rectangle drawn in
+    a slice view (pass the view's normal): the box goes on the slice through the rectangle.
+
+    Raises:
+        MedSAMError: outside the volume, or drawn in a view that is not axial for this volume.
+    """
+    pts = _check_points(points_world, 2)
+    if slice_normal_world is not None:
+        tilt = view_tilt_degrees(src, slice_normal_world)
+        if tilt > MAX_VIEW_TILT_DEGREES:
+            raise MedSAMError(
+                f"The box was drawn in a view tilted {tilt:.0f} degrees from the axial slices of "
+                f"'{src.name}'. MedSAM segments axial slices: draw the box in an axial view (the Red "
+                "view), or place an ROI and press Preview."
+            )
+    if len(pts) == 2:
+        a, b = pts
+        corners = np.array([[(a, b)[s[c]][c] for c in range(3)] for s in itertools.product((0, 1), repeat=3)])
+    else:
+        corners = pts
+    xyz = src.world_to_canonical(corners)
+    if slice_normal_world is not None:
+        # A drawn rectangle: one slice, through the rectangle's centre.
+        z = int(round(float(np.clip(xyz[:, 2].mean(), 0, src.shape[0] - 1))))
+        xyz = xyz.copy()
+        xyz[:, 2] = z
+    first, last = _canonical_box(src, xyz, "box")
+    return _prompt(first, last)
+
+
+def prompt_from_roi(src: SourceVolume, roi_node) -> BoxPrompt:
+    """A box from a markups ROI: its 8 corners (world) -> canonical box; its height bounds the
+    propagation.
+
+    Raises:
+        MedSAMError: no ROI, an ROI outside the volume.
+    """
+    if roi_node is None:
+        raise MedSAMError("No ROI selected: place a markups ROI around the structure first.")
+    center = np.zeros(3)
+    roi_node.GetCenterWorld(center)
+    size = np.zeros(3)
+    roi_node.GetSizeWorld(size)
+    axes = []
+    for getter in (roi_node.GetXAxisWorld, roi_node.GetYAxisWorld, roi_node.GetZAxisWorld):
+        axis = np.zeros(3)
+        getter(axis)
+        axes.append(axis / max(np.linalg.norm(axis), 1e-12))
+    if not np.all(np.isfinite(size)) or np.any(size < 0):
+        raise MedSAMError(f"The ROI '{roi_node.GetName()}' has no valid size; place it again.")
+    corners = np.array(
+        [center + sum(s * 0.5 * size[c] * axes[c] for c, s in enumerate(signs)) for signs in itertools.product((-1, 1), repeat=3)]
+    )
+    xyz = src.world_to_canonical(corners)
+    first, last = _canonical_box(src, xyz, f"ROI '{roi_node.GetName()}'")
+    return _prompt(first, last)
+
+
+def _prompt(first: Sequence[int], last: Sequence[int]) -> BoxPrompt:
+    x0, y0, z0 = first
+    x1, y1, z1 = last
+    box = (int(x0), int(y0), int(x1), int(y1))
+    if z0 == z1:
+        return BoxPrompt(int(z0), box)
+    z_mid = int((z1 - z0) / 2 + z0)
+    return BoxPrompt(z_mid, box, (int(z0), int(z1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelmaps
+
+
+def _oriented_image(array_kji: np.ndarray, ijk_to_frame: np.ndarray):
+    """A ``vtkOrientedImageData`` (unsigned char) holding ``array_kji`` with geometry ``ijk_to_frame``."""
+    nk, nj, ni = array_kji.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(ni, nj, nk)
+    image.SetImageToWorldMatrix(_array_to_matrix(ijk_to_frame))
+    data = np.ascontiguousarray(array_kji, dtype=np.uint8).ravel()
+    scalars = numpy_support.numpy_to_vtk(data, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def _geometry_image(src: SourceVolume, ijk_to_frame: np.ndarray):
+    """A voxel-less image with the volume's grid in a given frame (reference for resampling)."""
+    ni, nj, nk = src.orientation.shape_ijk
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(ni, nj, nk)
+    image.SetImageToWorldMatrix(_array_to_matrix(ijk_to_frame))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    return image
+
+
+def _resample(image, reference):
+    """``image`` on ``reference``'s grid (nearest neighbour); ``image`` itself when they match."""
+    resample = slicer.vtkOrientedImageDataResample
+    if resample.DoGeometriesMatch(image, reference) and resample.DoExtentsMatch(image, reference):
+        return image
+    out = slicer.vtkOrientedImageData()
+    resample.ResampleOrientedImageToReferenceOrientedImage(image, reference, out, False, False)
+    return out
+
+
+def _kji_array(image) -> np.ndarray:
+    dims = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None:
+        return np.zeros(dims[::-1], dtype=np.uint8)
+    return numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1])
+
+
+def segment_array(segmentation_node, segment_id: str, src: SourceVolume) -> np.ndarray:
+    """A segment's voxels on the source volume's grid, canonical ``(z, y, x)`` bool."""
+    segment_image = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, segment_image)
+    if segment_image.GetPointData().GetScalars() is None:
+        return np.zeros(src.shape, dtype=bool)
+    # Segment image is in the segmentation's frame; express the volume grid in that frame too.
+    ijk_to_seg = np.linalg.inv(_to_world(segmentation_node)) @ src.ijk_to_world
+    resampled = _resample(segment_image, _geometry_image(src, ijk_to_seg))
+    return src.orientation.to_canonical(_kji_array(resampled) > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Undo (what scriptedEffect.saveStateForUndo does in Slicer)
+
+
+def save_state(segmentation_node):
+    """A copy of the whole segmentation (segments, names, colours, voxels) for :func:`restore_state`."""
+    state = slicer.vtkSegmentation()
+    state.DeepCopy(segmentation_node.GetSegmentation())
+    return state
+
+
+def restore_state(segmentation_node, state) -> None:
+    """Put a segmentation back exactly as :func:`save_state` saw it."""
+    segmentation_node.GetSegmentation().DeepCopy(state)
+    segmentation_node.Modified()
+
+
+# ---------------------------------------------------------------------------------------------
+# The bridge
+
+
+@dataclass
+class Prediction:
+    """An engine result on a source volume, not yet written to any segment.
+
+    Attributes:
+        source: the :class:`SourceVolume` it was computed on.
+        prompt: the :class:`BoxPrompt`.
+        mode: ``"3d"`` or ``"2d"``.
+        mask: canonical ``(z, y, x)`` bool.
+        covered: canonical slices MedSAM segmented (accepted); ``"slices"`` combining replaces
+            the segment on these.
+        score: the decoder's predicted IoU on the prompt slice.
+        notes: why propagation stopped, per direction.
+    """
+
+    source: SourceVolume
+    prompt: BoxPrompt
+    mode: str
+    mask: np.ndarray
+    covered: List[int]
+    score: float = float("nan")
+    notes: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def voxel_count(self) -> int:
+        return int(self.mask.sum())
+
+
+class MedSAMBridge:
+    """MRML in, engine call, segment out. One per front end; models are shared (see
+    :func:`get_segmenter`).
+
+    Args:
+        model: registry name (``"litemedsam"``, ``"medsam"``).
+        checkpoint: a weights file to use instead of the registry's (e.g. fine-tuned).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
+        segmenter: a ready ``Segmenter`` (tests, or a caller that manages its own).
+    """
+
+    def __init__(self, model: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto", segmenter=None):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.device = device
+        self._segmenter = segmenter
+        self._preview_node_id: Optional[str] = None
+
+    # -- model ----------------------------------------------------------------------------------
+    def configure(self, model: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None) -> None:
+        """Switch model, checkpoint or device (loaded on next use)."""
+        wanted = {
+            "model": self.model if model is None else model,
+            # An empty string clears the checkpoint (back to the registry's weights).
+            "checkpoint": self.checkpoint if checkpoint is None else (checkpoint or None),
+            "device": self.device if device is None else device,
+        }
+        if wanted != {"model": self.model, "checkpoint": self.checkpoint, "device": self.device}:
+            self.model, self.checkpoint, self.device = wanted["model"], wanted["checkpoint"], wanted["device"]
+            self._segmenter = None
+
+    @property
+    def segmenter(self):
+        """The shared segmenter (loads the model on first use)."""
+        if self._segmenter is None:
+            self._segmenter = get_segmenter(self.model, self.checkpoint, self.device)
+        return self._segmenter
+
+    # -- volume ---------------------------------------------------------------------------------
+    def prepare(self, volume_node, window: WindowLike = None) -> SourceVolume:
+        """Give the engine ``volume_node`` (windowed) unless it already has it."""
+        src = source_volume(volume_node)
+        win = window_for(volume_node, window)
+        key = f"{src.key}|{win.key}"
+        segmenter = self.segmenter
+        # The segmenter is shared (effect, module): remember per segmenter what it holds.
+        if _LOADED_VOLUME.get(id(segmenter)) != key:
+            # No key: the engine names the volume by a hash of its voxels, so the same voxels
+            # (reloaded, or the same image stored flipped or permuted) reuse cached embeddings.
+            segmenter.set_volume(src.array, win)
+            _LOADED_VOLUME[id(segmenter)] = key
+        return src
+
+    def prefetch_around(self, volume_node, point_world, radius: int = 3, window: WindowLike = None) -> int:
+        """Encode the slices around ``point_world`` in the background; returns the centre slice."""
+        src = self.prepare(volume_node, window)
+        z = int(round(float(src.world_to_canonical(point_world)[0, 2])))
+        z = min(max(z, 0), src.shape[0] - 1)
+        zs = sorted(range(max(0, z - radius), min(src.shape[0], z + radius + 1)), key=lambda v: abs(v - z))
+        self.segmenter.prefetch(zs)
+        return z
+
+    # -- prediction -----------------------------------------------------------------------------
+    def predict(
+        self,
+        volume_node,
+        prompt: BoxPrompt,
+        mode: str = "3d",
+        direction: str = "both",
+        window: WindowLike = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Prediction:
+        """Run the engine. Nothing in the scene changes.
+
+        Raises:
+            MedSAMError: bad input. ``Cancelled``: ``cancel`` was set.
+        """
+        if mode not in MODES:
+            raise MedSAMError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+        if direction not in DIRECTIONS:
+            raise MedSAMError(f"unknown direction '{direction}'; choose one of: {', '.join(DIRECTIONS)}")
+        src = self.prepare(volume_node, window)
+        if mode == "2d":
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            result = self.segmenter.segment_slice(prompt.z, prompt.box)
+            mask = np.zeros(src.shape, dtype=bool)
+            mask[prompt.z] = result.mask
+            if progress is not None:
+                progress(1, 1, f"slice {prompt.z}")
+            return Prediction(src, prompt, mode, mask, [prompt.z], float(result.score))
+        result = self.segmenter.segment_3d(
+            prompt.z, prompt.box, z_range=prompt.z_range, direction=direction, progress=progress, cancel=cancel
+        )
+        covered = sorted({r.z for r in result.slices if r.accepted})
+        score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
+        return Prediction(src, prompt, mode, np.asarray(result.mask, dtype=bool), covered, score, dict(result.stop_reasons))
+
+    # -- writing --------------------------------------------------------------------------------
+    def modifications(self, prediction: Prediction, segmentation_node, reference=None, combine: str = "slices"):
+        """The Segment Editor edits that write ``prediction`` into a segment.
+
+        Args:
+            segmentation_node: the target segmentation (its parent transform is honoured).
+            reference: the modifier labelmap geometry (``scriptedEffect.defaultModifierLabelmap()``
+                in Slicer); ``None``: the volume's grid.
+            combine: ``"slices"``, ``"add"`` or ``"replace"`` (see the module docstring).
+
+        Returns:
+            ``[(vtkOrientedImageData, "set" | "add" | "remove"), ...]`` to apply in order.
+        """
+        if combine not in COMBINE_MODES:
+            raise MedSAMError(f"unknown combine mode '{combine}'; choose one of: {', '.join(COMBINE_MODES)}")
+        src = prediction.source
+        ijk_to_seg = np.linalg.inv(_to_world(segmentation_node)) @ src.ijk_to_world
+
+        def labelmap(canonical: np.ndarray):
+            image = _oriented_image(src.orientation.from_canonical(canonical.astype(np.uint8)), ijk_to_seg)
+            return _resample(image, reference) if reference is not None else image
+
+        mask = labelmap(prediction.mask)
+        if combine == "add":
+            return [(mask, "add")]
+        if combine == "replace":
+            return [(mask, "set")]
+        slab = np.zeros(src.shape, dtype=bool)
+        slab[prediction.covered] = True
+        return [(labelmap(slab), "remove"), (mask, "add")]
+
+    def apply(
+        self,
+        prediction: Prediction,
+        segmentation_node,
+        segment_id: str,
+        combine: str = "slices",
+        overwrite: Optional[str] = None,
+        editor_node=None,
+    ) -> None:
+        """Write ``prediction`` into a segment through ``vtkSlicerSegmentEditorLogic`` (headless path;
+        the effect uses ``modifySelectedSegmentByLabelmap`` with the same :meth:`modifications`).
+
+        Args:
+            overwrite: ``"none"``, ``"visible"`` or ``"all"``: which other segments lose the voxels
+                the result takes. ``None``: the editor node's setting, or ``"none"`` without one.
+            editor_node: a ``vtkMRMLSegmentEditorNode`` whose masking settings apply (a temporary
+                one is made without it).
+
+        On any error the segmentation is put back as it was.
+        """
+        if overwrite is not None and overwrite not in OVERWRITE_MODES:
+            raise MedSAMError(f"unknown overwrite mode '{overwrite}'; choose one of: {', '.join(OVERWRITE_MODES)}")
+        segmentation = segmentation_node.GetSegmentation()
+        if segment_id is None or segmentation.GetSegment(segment_id) is None:
+            raise MedSAMError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
+        scene = segmentation_node.GetScene()
+        temporary = editor_node is None
+        if temporary:
+            editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "MedSAM temporary editor")
+            editor_node.SetOverwriteMode(_OVERWRITE[overwrite or "none"])
+        previous_overwrite = editor_node.GetOverwriteMode()
+        if overwrite is not None:
+            editor_node.SetOverwriteMode(_OVERWRITE[overwrite])
+        state = save_state(segmentation_node)
+        try:
+            if not _has_reference_geometry(segmentation_node):
+                segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(prediction.source.node)
+            logic = slicer.vtkSlicerSegmentEditorLogic()
+            logic.SetMRMLScene(scene)
+            logic.SetSegmentEditorNode(editor_node)
+            editor_node.SetAndObserveSegmentationNode(segmentation_node)
+            editor_node.SetAndObserveSourceVolumeNode(prediction.source.node)
+            editor_node.SetSelectedSegmentID(segment_id)
+            if not logic.ResetModifierLabelmapToDefault():
+                raise MedSAMError(f"the Segment Editor could not prepare '{segmentation_node.GetName()}' for editing")
+            reference = logic.GetModifierLabelmap()
+            for image, mode in self.modifications(prediction, segmentation_node, reference, combine):
+                logic.ModifySegmentByLabelmap(segmentation_node, segment_id, image, _LOGIC_MODES[mode], True, False)
+        except BaseException:
+            restore_state(segmentation_node, state)
+            raise
+        finally:
+            if temporary:
+                scene.RemoveNode(editor_node)
+            else:
+                editor_node.SetOverwriteMode(previous_overwrite)
+
+    def segment(
+        self,
+        volume_node,
+        segmentation_node,
+        segment_id: Optional[str] = None,
+        box_ras=None,
+        roi_node=None,
+        mode: str = "3d",
+        direction: str = "both",
+        window: WindowLike = None,
+        combine: str = "slices",
+        overwrite: Optional[str] = None,
+        editor_node=None,
+        segment_name: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Tuple[str, Prediction]:
+        """Everything in one call (the module logic and the headless script use it).
+
+        Args:
+            box_ras: two opposite RAS corners ``[[R0, A0, S0], [R1, A1, S1]]`` (world, mm), or
+            roi_node: a ``vtkMRMLMarkupsROINode`` (one of the two).
+            segment_id: the segment to write; ``None`` adds a segment named ``segment_name``
+                (only once the result is ready, so a cancelled run adds nothing).
+
+        Returns:
+            ``(segment_id, prediction)``.
+
+        Raises:
+            MedSAMError: bad input. ``Cancelled``: cancelled; the segmentation is unchanged.
+        """
+        if (box_ras is None) == (roi_node is None):
+            raise MedSAMError("give either a box (two RAS corners) or an ROI node")
+        if segmentation_node is None:
+            raise MedSAMError("No segmentation: create or select the segmentation to write to.")
+        if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise MedSAMError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
+        src = source_volume(volume_node)
+        prompt = prompt_from_roi(src, roi_node) if roi_node is not None else prompt_from_points(src, box_ras)
+        prediction = self.predict(volume_node, prompt, mode, direction, window, progress, cancel)
+        added = False
+        if segment_id is None:
+            name = segment_name or "MedSAM"
+            segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name)
+            added = True
+        try:
+            self.apply(prediction, segmentation_node, segment_id, combine, overwrite, editor_node)
+        except BaseException:
+            if added:
+                segmentation_node.GetSegmentation().RemoveSegment(segment_id)
+            raise
+        return segment_id, prediction
+
+    # -- preview --------------------------------------------------------------------------------
+    def show_preview(self, prediction: Prediction, segmentation_node, segment_id: Optional[str] = None):
+        """Show ``prediction`` in a separate, unsaved segmentation node over ``segmentation_node``.
+
+        The target segmentation is not touched; :meth:`clear_preview` removes the preview.
+        Returns the preview node.
+        """
+        scene = segmentation_node.GetScene()
+        node = self.preview_node(scene)
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NODE_NAME)
+            node.SetHideFromEditors(True)
+            node.SetSaveWithScene(False)
+            node.CreateDefaultDisplayNodes()
+            self._preview_node_id = node.GetID()
+        node.SetAttribute(PREVIEW_TARGET_ATTRIBUTE, segmentation_node.GetID())
+        node.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
+        segmentation = node.GetSegmentation()
+        segmentation.RemoveAllSegments()
+        segment_id_preview = segmentation.AddEmptySegment("preview", "MedSAM preview")
+        color = [1.0, 1.0, 0.0]
+        target = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+        if target is not None:
+            color = list(target.GetColor())
+        segmentation.GetSegment(segment_id_preview).SetColor(*color)
+        ((image, _),) = self.modifications(prediction, segmentation_node, None, "add")
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, node, segment_id_preview, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        )
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetOpacity2DFill(0.6)
+            display.SetOpacity2DOutline(1.0)
+            display.SetVisibility3D(False)
+        return node
+
+    def preview_node(self, scene=None):
+        """The preview segmentation node, or ``None``."""
+        if self._preview_node_id is None:
+            return None
+        scene = scene or slicer.mrmlScene
+        return scene.GetNodeByID(self._preview_node_id) if scene is not None else None
+
+    def clear_preview(self) -> None:
+        """Remove the preview node."""
+        node = self.preview_node()
+        if node is not None and node.GetScene() is not None:
+            node.GetScene().RemoveNode(node)
+        self._preview_node_id = None
+
+
+def _has_reference_geometry(segmentation_node) -> bool:
+    name = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    return bool(segmentation_node.GetSegmentation().GetConversionParameter(name))
+
+
+_OVERWRITE = {
+    "none": slicer.vtkMRMLSegmentEditorNode.OverwriteNone,
+    "visible": slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments,
+    "all": slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments,
+}
+
+_LOGIC_MODES = {
+    "set": slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet,
+    "add": slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd,
+    "remove": slicer.vtkSlicerSegmentEditorLogic.ModificationModeRemove,
+}
