@@ -133,16 +133,23 @@ def test_view_tilt_is_checked(ct_scene):
             B.prompt_from_points(src, corners, slice_normal_world=normal)
 
 
-def test_window_choices(ct_scene):
+def test_window_choices(ct_scene, mr_path):
     from MedSAMSlicerLib.preprocessing import Window
+    from SegmentEditorMedSAMLib.headless import load_volume
 
     display = ct_scene.ct.GetDisplayNode()
+    # Slicer's automatic window on this CT is ~1500 HU wide: "auto" uses the CT window instead.
+    assert display.GetAutoWindowLevel() and display.GetWindow() > 1000
+    assert B.window_for(ct_scene.ct) == Window.preset("abdomen")
+    assert B.window_for(ct_scene.ct, "display") == Window(level=display.GetLevel(), width=display.GetWindow())
+    # A window the user chose is used as shown.
     display.SetAutoWindowLevel(False)
     display.SetWindowLevel(350.0, 50.0)
     assert B.window_for(ct_scene.ct) == Window(level=50.0, width=350.0)
-    assert B.window_for(ct_scene.ct, "display") == Window(level=50.0, width=350.0)
+    assert B.window_for(ct_scene.ct, "auto") == Window(level=50.0, width=350.0)
     assert B.window_for(ct_scene.ct, "lung") == Window.preset("lung")
     assert B.window_for(ct_scene.ct, (40, 400)) == Window.preset("abdomen")
+    assert B.window_for(load_volume(mr_path, "MR")) == Window.preset("mr")
     with pytest.raises(MedSAMError):
         B.window_for(ct_scene.ct, "nonsense")
 

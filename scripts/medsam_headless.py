@@ -53,8 +53,9 @@ def build_parser():
     parser.add_argument("--slice-only", action="store_true", help="segment only the box's slice (2D)")
     window = parser.add_mutually_exclusive_group()
     window.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), help="CT window, e.g. 40 400")
-    window.add_argument("--preset", default="abdomen",
-                        help="abdomen (default, L40/W400), lung, bone, brain, mr, or display (the volume's display window)")
+    window.add_argument("--preset", default="auto",
+                        help="auto (default: CT abdomen window L40/W400 for CT, percentile scaling for MR), "
+                             "abdomen, lung, bone, brain, mr, or display (the volume's display window)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     parser.add_argument("--install-dependencies", action="store_true",
                         help="in Slicer: install PyTorch and the other packages without asking")

@@ -267,18 +267,30 @@ def window_for(volume_node, window: WindowLike = None):
     """The intensity :class:`~MedSAMSlicerLib.preprocessing.Window` to use.
 
     Args:
-        window: ``None`` or ``"display"``: what the view shows (the volume display node's window
-            and level; abdomen preset if the volume has no display node); a preset name
-            (``"abdomen"``, ``"lung"``, ``"bone"``, ``"brain"``, ``"mr"``); a ``(level, width)``
-            pair; or a ``Window``.
+        window: ``None`` or ``"auto"``: the view's window/level if the user set one (the display
+            node's automatic window/level is off), else what the models were trained with: the
+            CT abdomen window for CT (values down to air, below -500), MR percentile scaling for
+            anything else. (Slicer's automatic window on CT is about 1500 HU wide, which
+            washes out soft tissue and halves the Dice of small organs.)
+            ``"display"``: the display node's window/level as shown, whatever it is.
+            A preset name (``"abdomen"``, ``"lung"``, ``"bone"``, ``"brain"``, ``"mr"``), a
+            ``(level, width)`` pair, or a ``Window``.
     """
     from MedSAMSlicerLib.preprocessing import Window
 
     if isinstance(window, Window):
         return window
-    if window is None or (isinstance(window, str) and window.lower() == "display"):
-        display = volume_node.GetDisplayNode() if volume_node is not None else None
-        if display is None or not hasattr(display, "GetWindow") or display.GetWindow() <= 0:
+    display = volume_node.GetDisplayNode() if volume_node is not None else None
+    has_display = display is not None and hasattr(display, "GetWindow") and display.GetWindow() > 0
+    if window is None or (isinstance(window, str) and window.lower() == "auto"):
+        if has_display and not display.GetAutoWindowLevel():
+            return Window(level=float(display.GetLevel()), width=float(display.GetWindow()))
+        image = volume_node.GetImageData() if volume_node is not None else None
+        low = image.GetScalarRange()[0] if image is not None else 0.0
+        # Air in CT is about -1000 HU; MR (and other modalities) has no such values.
+        return Window.preset("abdomen" if low < -500.0 else "mr")
+    if isinstance(window, str) and window.lower() == "display":
+        if not has_display:
             return Window.preset("abdomen")
         return Window(level=float(display.GetLevel()), width=float(display.GetWindow()))
     if isinstance(window, str):
@@ -286,7 +298,7 @@ def window_for(volume_node, window: WindowLike = None):
     try:
         level, width = (float(v) for v in window)
     except (TypeError, ValueError):
-        raise MedSAMError(f"a window is 'display', a preset name or (level, width); got {window!r}") from None
+        raise MedSAMError(f"a window is 'auto', 'display', a preset name or (level, width); got {window!r}") from None
     return Window(level=level, width=width)
 
 
