@@ -358,7 +358,8 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         missing = [] if torchLogic.torchInstalled() else ["PyTorch (through the PyTorch extension)"]
         missing += [requirement for name, requirement in PYTHON_REQUIREMENTS if importlib.util.find_spec(name) is None]
-        if missing and askConfirmation and not self._settings().value(SETTINGS_DEPENDENCIES_CONFIRMED, False):
+        alreadyConfirmed = slicer.util.settingsValue(SETTINGS_DEPENDENCIES_CONFIRMED, False, converter=slicer.util.toBool)
+        if missing and askConfirmation and not alreadyConfirmed:
             if not slicer.util.confirmOkCancelDisplay(
                 "MedSAM needs some Python packages. Installing them needs a network connection and may take several minutes. Install now?",
                 "MedSAM: install Python packages",

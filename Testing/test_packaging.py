@@ -1,0 +1,180 @@
+"""The Slicer extension's packaging: CMake lists every shipped file, the Extensions Index entry
+matches the CMake metadata, and the Slicer-only Python files have the classes Slicer looks for.
+
+``slicerMacroBuildScriptedModule`` copies only the files its SCRIPTS and RESOURCES list, so a
+file added to a module folder but not to its CMakeLists.txt is silently missing from the
+installed extension; these tests catch that without building Slicer.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: File types a module can load at run time: all of them must be listed in CMake.
+SHIPPED_SUFFIXES = {".py", ".json", ".png", ".svg", ".ui", ".toml", ".yaml", ".yml", ".csv"}
+#: Keys allowed by the Extensions Index schema (slicer-extension-catalog-entry-schema-v1.0.2.json,
+#: "additionalProperties": false) and the ones it requires.
+INDEX_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+              "dicom_support_rule", "build_subdirectory", "enabled", "tier"}
+INDEX_REQUIRED = {"$schema", "category", "scm_url"}
+
+
+def _strip_comments(text: str) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def _cmake_sets(path: Path) -> dict:
+    """``set(NAME value...)`` blocks of a CMakeLists.txt: name -> list of words (quotes kept whole)."""
+    text = _strip_comments(path.read_text())
+    out = {}
+    for name, body in re.findall(r"set\s*\(\s*(\w+)\s+(.*?)\)", text, flags=re.S):
+        out[name] = re.findall(r'"[^"]*"|\S+', body)
+    return out
+
+
+def _unquote(words) -> str:
+    return " ".join(w[1:-1] if w.startswith('"') else w for w in words)
+
+
+def _top():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    project = re.search(r"project\s*\(\s*(\w+)", text).group(1)
+    meta = {name: _unquote(words) for name, words in _cmake_sets(ROOT / "CMakeLists.txt").items()}
+    modules = re.findall(r"add_subdirectory\s*\(\s*(\w+)\s*\)", _strip_comments(text))
+    return project, meta, modules
+
+
+def _module_lists(module: str):
+    sets = _cmake_sets(ROOT / module / "CMakeLists.txt")
+    name = sets["MODULE_NAME"][0]
+    expand = [w.replace("${MODULE_NAME}", name) for w in sets.get("MODULE_PYTHON_SCRIPTS", [])]
+    resources = [w.replace("${MODULE_NAME}", name) for w in sets.get("MODULE_PYTHON_RESOURCES", [])]
+    return name, expand, resources
+
+
+def test_extension_modules_are_the_two_module_folders():
+    _, _, modules = _top()
+    assert modules == ["MedSAMSlicer", "MedSAMTraining"]
+
+
+@pytest.mark.parametrize("module", ["MedSAMSlicer", "MedSAMTraining"])
+def test_cmake_lists_every_shipped_file(module):
+    name, scripts, resources = _module_lists(module)
+    assert name == module
+    folder = ROOT / module
+    listed = scripts + resources
+    assert len(listed) == len(set(listed)), f"{module}/CMakeLists.txt lists a file twice"
+    missing_on_disk = [f for f in listed if not (folder / f).is_file()]
+    assert not missing_on_disk, f"{module}/CMakeLists.txt lists files that do not exist: {missing_on_disk}"
+    assert all(f.endswith(".py") for f in scripts), "MODULE_PYTHON_SCRIPTS is for .py files"
+    assert not any(f.endswith(".py") for f in resources), "Python files go to MODULE_PYTHON_SCRIPTS"
+    assert f"{module}.py" in scripts
+
+    on_disk = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in SHIPPED_SUFFIXES
+        and "__pycache__" not in p.parts
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.relative_to(folder).parts[0] != "Testing"
+    )
+    unlisted = [f for f in on_disk if f not in listed]
+    assert not unlisted, (
+        f"{module}/CMakeLists.txt does not list these files, so the installed extension would lack "
+        "them; add to MODULE_PYTHON_SCRIPTS (.py) or MODULE_PYTHON_RESOURCES:\n  " + "\n  ".join(unlisted)
+    )
+
+
+def test_lib_package_names_are_unique_across_modules():
+    """Slicer installs all scripted modules into one folder: package names must not collide."""
+    seen = {}
+    for module in ("MedSAMSlicer", "MedSAMTraining"):
+        _, scripts, _ = _module_lists(module)
+        for package in {s.split("/")[0] for s in scripts if "/" in s}:
+            assert package not in seen, f"{package} shipped by {seen.get(package)} and {module}"
+            seen[package] = module
+
+
+def test_index_json_matches_cmake_metadata():
+    project, meta, _ = _top()
+    index_file = ROOT / f"{project}.json"
+    assert index_file.is_file(), "the Extensions Index entry is <project name>.json"
+    entry = json.loads(index_file.read_text())
+    assert INDEX_REQUIRED <= set(entry) <= INDEX_KEYS, set(entry) ^ INDEX_KEYS
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-")
+    assert entry["category"] == meta["EXTENSION_CATEGORY"]
+    depends = [] if meta["EXTENSION_DEPENDS"] in ("", "NA") else meta["EXTENSION_DEPENDS"].split()
+    assert entry.get("build_dependencies", []) == depends
+    assert isinstance(entry.get("tier", 1), int) and 1 <= entry.get("tier", 1) <= 5
+    assert entry.get("build_subdirectory", ".") == "."
+    # The repository is the homepage; Index conventions on names.
+    assert entry["scm_url"].rstrip("/").removesuffix(".git") == meta["EXTENSION_HOMEPAGE"].rstrip("/")
+    repo_name = urlsplit(entry["scm_url"]).path.rstrip("/").split("/")[-1].removesuffix(".git")
+    assert repo_name.startswith("Slicer"), "the Index wants the repository name to start with 'Slicer'"
+    assert not project.lower().startswith("slicer"), "the extension name must not start with 'Slicer'"
+    assert (ROOT / "LICENSE.txt").is_file()
+
+
+def test_icon_and_screenshot_urls_point_at_files_in_this_repository():
+    project, meta, _ = _top()
+    entry = json.loads((ROOT / f"{project}.json").read_text())
+    owner_repo = urlsplit(meta["EXTENSION_HOMEPAGE"]).path.strip("/")
+    prefix = f"https://raw.githubusercontent.com/{owner_repo}/{entry.get('scm_revision', 'main')}/"
+    urls = [meta["EXTENSION_ICONURL"], *meta["EXTENSION_SCREENSHOTURLS"].split()]
+    assert len(urls) >= 2, "an icon and at least one screenshot"
+    for url in urls:
+        assert url.startswith(prefix), f"{url} is not a raw file of {owner_repo} at {entry.get('scm_revision')}"
+        assert (ROOT / url[len(prefix):]).is_file(), f"{url}: no such file in the repository"
+    for description in ("EXTENSION_DESCRIPTION", "EXTENSION_CONTRIBUTORS", "EXTENSION_CATEGORY"):
+        assert meta[description].strip(), description
+    assert "Apache-2.0" in meta["EXTENSION_DESCRIPTION"]
+
+
+def _classes(path: Path) -> dict:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {node.name: {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+            for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+@pytest.mark.parametrize("module", ["MedSAMSlicer", "MedSAMTraining"])
+def test_scripted_module_classes(module):
+    """Slicer finds Module, Widget, Logic and Test classes by these names."""
+    classes = _classes(ROOT / module / f"{module}.py")
+    for suffix in ("", "Widget", "Logic", "Test"):
+        assert module + suffix in classes, f"{module}.py lacks class {module + suffix}"
+    assert "runTest" in classes[f"{module}Test"]
+    assert "setup" in classes[f"{module}Widget"]
+
+
+def test_effect_follows_the_template():
+    folder = ROOT / "MedSAMSlicer" / "SegmentEditorMedSAMLib"
+    classes = _classes(folder / "SegmentEditorEffect.py")
+    methods = classes["SegmentEditorEffect"]
+    for name in ("clone", "icon", "helpText", "setupOptionsFrame", "processInteractionEvents", "setMRMLDefaults",
+                 "updateGUIFromMRML", "updateMRMLFromGUI", "deactivate"):
+        assert name in methods, name
+    assert (folder / "SegmentEditorEffect.png").is_file()
+    # The module registers the effect from this file at startup.
+    module_source = (ROOT / "MedSAMSlicer" / "MedSAMSlicer.py").read_text()
+    assert "qSlicerSegmentEditorScriptedEffect" in module_source and '"SegmentEditorEffect.py"' in module_source
+    # The package must import without Qt (the bridge is used headless): no effect import there.
+    assert "SegmentEditorEffect" not in (folder / "__init__.py").read_text().split('"""')[-1]
+
+
+def test_icons_are_real_pngs():
+    for path, size in (
+        (ROOT / "MedSAMSlicer" / "Resources" / "Icons" / "MedSAMSlicer.png", (128, 128)),
+        (ROOT / "MedSAMTraining" / "Resources" / "Icons" / "MedSAMTraining.png", (128, 128)),
+        (ROOT / "MedSAMSlicer" / "SegmentEditorMedSAMLib" / "SegmentEditorEffect.png", (21, 21)),
+    ):
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+        assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == size, path
