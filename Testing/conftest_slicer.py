@@ -6,7 +6,7 @@ Use from a test module with ``pytest_plugins = ["conftest_slicer"]``; helpers ar
 The scene is built by ``SegmentEditorMedSAMLib.headless.create_headless_scene`` (the same
 bootstrap the headless script uses) and the CT and its reference labels are loaded through the
 Volumes module logic and storage nodes. One LiteMedSAM segmenter is shared by all tests on CPU;
-tests keep their boxes on slices 10..20 of the 30-slice CT, so the slice embeddings are computed
+tests keep their boxes on slices 14..23 of the 30-slice CT, so the slice embeddings are computed
 once and every later test only runs the light decoder.
 """
 

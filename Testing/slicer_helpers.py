@@ -17,7 +17,7 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
 #: Slices of example_ct_sm.nii.gz the model tests use (embeddings computed once).
-Z_SLAB = (10, 19)
+Z_SLAB = (14, 23)
 LIVER, SPLEEN, KIDNEY_RIGHT = 5, 1, 2
 
 

@@ -23,14 +23,14 @@ def _script_module():
     return module
 
 
-def _spleen_box_ras(ct_scene, slab=(13, 15)):
+def _spleen_box_ras(ct_scene, slab=(15, 17)):
     lo, hi = label_box_ijk(ct_scene.label_array(SPLEEN), slab)
     m = ijk_to_ras(ct_scene.ct)
     return [float(v) for v in np.r_[(m @ np.r_[lo, 1])[:3], (m @ np.r_[hi, 1])[:3]]]
 
 
 def test_script_end_to_end(ct_scene, ct_sm_path, tmp_path, record_property):
-    """A box around the spleen on slices 13..15, in a fresh Python process: the .seg.nrrd has one
+    """A box around the spleen on slices 15..17, in a fresh Python process: the .seg.nrrd has one
     segment named as asked, on the CT's grid, matching the reference spleen."""
     from SegmentEditorMedSAMLib.headless import load_segmentation
 
@@ -40,7 +40,7 @@ def test_script_end_to_end(ct_scene, ct_sm_path, tmp_path, record_property):
            "--output", str(out), "--segment-name", "spleen", "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "spleen:" in done.stdout and "slices 13..15" in done.stdout, done.stdout
+    assert "spleen:" in done.stdout and "slices 15..17" in done.stdout, done.stdout
 
     seg = load_segmentation(str(out), "result")
     segmentation = seg.GetSegmentation()
@@ -48,9 +48,9 @@ def test_script_end_to_end(ct_scene, ct_sm_path, tmp_path, record_property):
     segment_id = segmentation.GetNthSegmentID(0)
     assert segmentation.GetSegment(segment_id).GetName() == "spleen"
     got = segment_kji(seg, segment_id, ct_scene.ct)
-    assert set(np.nonzero(got.any(axis=(1, 2)))[0]) == {13, 14, 15}
+    assert set(np.nonzero(got.any(axis=(1, 2)))[0]) == {15, 16, 17}
     reference = np.zeros_like(got)
-    reference[13:16] = ct_scene.label_array(SPLEEN)[13:16]
+    reference[15:18] = ct_scene.label_array(SPLEEN)[15:18]
     d = dice(got, reference)
     record_property("dice_spleen_headless", round(d, 4))
     assert d >= 0.8, d
@@ -87,3 +87,30 @@ def test_script_refuses_to_replace_output_and_bad_arguments(ct_sm_path, tmp_path
     assert "--overwrite" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
     assert _script_module().main(["--volume", str(ct_sm_path)]) == 2
+
+
+def test_script_adds_to_an_existing_segmentation(shared_segmenter, ct_scene, ct_sm_path, tmp_path, capsys):
+    """--segmentation adds the new segment to a saved one; --others all takes its voxels from the
+    other segments. Runs in this process (shared model and cached embeddings)."""
+    from SegmentEditorMedSAMLib.headless import load_segmentation, save_node
+
+    seg = ct_scene.new_segmentation()
+    reference_id = seg.GetSegmentation().AddEmptySegment("", "spleen (reference)")
+    import slicer
+
+    reference = ct_scene.label_array(SPLEEN)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(reference.astype(np.uint8), seg, reference_id, ct_scene.ct)
+    existing = tmp_path / "existing.seg.nrrd"
+    save_node(seg, str(existing))
+    out = tmp_path / "both.seg.nrrd"
+    argv = ["--volume", str(ct_sm_path), "--box-ras", *map(str, _spleen_box_ras(ct_scene)), "--output", str(out),
+            "--segmentation", str(existing), "--others", "all", "--segment-name", "spleen (MedSAM)", "--device", "cpu"]
+    assert _script_module().main(argv) == 0, capsys.readouterr().err
+    result = load_segmentation(str(out), "both")
+    segmentation = result.GetSegmentation()
+    names = [segmentation.GetSegment(segmentation.GetNthSegmentID(n)).GetName() for n in range(segmentation.GetNumberOfSegments())]
+    assert names == ["spleen (reference)", "spleen (MedSAM)"]
+    medsam = segment_kji(result, segmentation.GetNthSegmentID(1), ct_scene.ct)
+    kept = segment_kji(result, segmentation.GetNthSegmentID(0), ct_scene.ct)
+    assert medsam.any()
+    np.testing.assert_array_equal(kept, reference & ~medsam)

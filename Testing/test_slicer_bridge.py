@@ -1,7 +1,7 @@
 """The MRML bridge on real MRML nodes (slicer-core): boxes and ROIs in RAS, orientations,
 overwrite and combine modes, cancel, undo, preview, .seg.nrrd round trip.
 
-The model runs on slices 10..19 of the small CT only (see ``conftest_slicer``), so the slow
+The model runs on slices 14..23 of the small CT only (see ``conftest_slicer``), so the slow
 image encoder runs once for the whole file.
 """
 
@@ -52,11 +52,11 @@ def _roi_for(ct_scene, label: int, name: str = "ROI", z_slab=Z_SLAB):
 
 _LIVER_RESULT = {}
 #: Smaller slab for the tests that compare the same result stored or placed differently.
-SMALL_SLAB = (12, 15)
+SMALL_SLAB = (15, 18)
 
 
 def _liver_prediction(bridge, ct_scene):
-    """The liver on slices 10..19, computed once per run and re-attached to this test's CT node
+    """The liver on slices 14..23, computed once per run and re-attached to this test's CT node
     (every test loads the same file into a fresh scene)."""
     src = B.source_volume(ct_scene.ct)
     if not _LIVER_RESULT:
@@ -133,6 +133,14 @@ def test_view_tilt_is_checked(ct_scene):
             B.prompt_from_points(src, corners, slice_normal_world=normal)
 
 
+def test_prefetch_finds_the_slice_under_the_mouse(bridge, ct_scene):
+    m = ijk_to_ras(ct_scene.ct)
+    point = (m @ [40.0, 30.0, 16.2, 1.0])[:3]
+    assert bridge.prefetch_around(ct_scene.ct, point, radius=1, window=WINDOW) == 16
+    B.wait_for_prefetch()
+    assert all(bridge.segmenter.predictor.is_encoded(z) for z in (15, 16, 17))
+
+
 def test_window_choices(ct_scene, mr_path):
     from MedSAMSlicerLib.preprocessing import Window
     from SegmentEditorMedSAMLib.headless import load_volume
@@ -166,11 +174,11 @@ def test_bad_source_volumes(ct_scene):
 
 
 def test_roi_segments_liver_and_spleen(bridge, ct_scene, record_property):
-    """ROI around each organ (slices 10..19): Dice against the reference labels."""
+    """ROI around each organ (slices 14..23): Dice against the reference labels."""
     seg = ct_scene.new_segmentation()
     before = slicer.util.arrayFromVolume(ct_scene.ct).copy()
     results = {}
-    for label, name, minimum in ((LIVER, "liver", 0.85), (SPLEEN, "spleen", 0.80)):
+    for label, name, minimum in ((LIVER, "liver", 0.88), (SPLEEN, "spleen", 0.88)):  # measured 0.943, 0.941
         segment_id, prediction = bridge.segment(
             ct_scene.ct, seg, None, roi_node=_roi_for(ct_scene, label, name), window=WINDOW, segment_name=name
         )
@@ -344,9 +352,9 @@ def test_overwrite_modes_and_masking(bridge, ct_scene):
     """Other segments lose voxels exactly as the overwrite mode says; the editor's masking applies."""
     prediction = _liver_prediction(bridge, ct_scene)
     liver = ct_scene.label_array(LIVER)
-    # A neighbour that overlaps the liver: the liver's reference voxels on slices 12..16.
+    # A neighbour that overlaps the liver: the liver's reference voxels on slices 16..20.
     neighbour = np.zeros_like(liver)
-    neighbour[12:17] = liver[12:17]
+    neighbour[16:21] = liver[16:21]
     result_kji = prediction.source.orientation.from_canonical(prediction.mask)
 
     def fresh():
@@ -407,7 +415,7 @@ def test_cancel_leaves_the_segmentation_as_it_was(bridge, ct_scene):
     other = seg.GetSegmentation().AddEmptySegment("other", "other")
     liver = seg.GetSegmentation().AddEmptySegment("liver", "liver")
     block = np.zeros(ct_scene.label_array(LIVER).shape, dtype=np.uint8)
-    block[12:15, 40:50, 40:50] = 1
+    block[16:19, 40:50, 40:50] = 1
     slicer.util.updateSegmentBinaryLabelmapFromArray(block, seg, other, ct_scene.ct)
     slicer.util.updateSegmentBinaryLabelmapFromArray(block[:, ::-1].copy(), seg, liver, ct_scene.ct)
     before = snapshot_arrays(seg, ct_scene.ct)
@@ -435,7 +443,7 @@ def test_undo_restores_the_segmentation(bridge, ct_scene):
     seg = ct_scene.new_segmentation()
     other = seg.GetSegmentation().AddEmptySegment("other", "other")
     neighbour = np.zeros(ct_scene.label_array(LIVER).shape, dtype=np.uint8)
-    neighbour[12:17] = ct_scene.label_array(LIVER)[12:17]
+    neighbour[16:21] = ct_scene.label_array(LIVER)[16:21]
     slicer.util.updateSegmentBinaryLabelmapFromArray(neighbour, seg, other, ct_scene.ct)
     target = seg.GetSegmentation().AddEmptySegment("liver", "liver")
     before = snapshot_arrays(seg, ct_scene.ct)

@@ -32,6 +32,7 @@ Other segments lose voxels only where the editor's overwrite mode says so (``"no
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import os
@@ -63,6 +64,9 @@ MODIFICATION_MODES = ("set", "add", "remove")
 PREVIEW_NODE_NAME = "MedSAM preview"
 #: Attribute on the preview segmentation node naming the segmentation it previews.
 PREVIEW_TARGET_ATTRIBUTE = "MedSAM.PreviewTarget"
+
+#: Name the engine gives its background encoding threads (``Predictor.prefetch``).
+PREFETCH_THREAD_NAME = "medsam-prefetch"
 
 #: Environment variable that overrides where fine-tuned checkpoints are looked for.
 CHECKPOINT_DIR_ENV = "MEDSAM_SLICER_CHECKPOINTS"
@@ -102,6 +106,21 @@ def release_segmenters() -> None:
     with _SEGMENTERS_LOCK:
         _SEGMENTERS.clear()
         _LOADED_VOLUME.clear()
+
+
+def wait_for_prefetch(timeout: float = 60.0) -> None:
+    """Wait for background slice encoding started by :meth:`MedSAMBridge.prefetch_around`.
+
+    Registered at exit: a daemon thread still inside torch when Python finalises aborts the
+    process ("terminate called without an active exception"), which would turn a clean exit of
+    Slicer or of a script into a crash.
+    """
+    for thread in threading.enumerate():
+        if thread.name == PREFETCH_THREAD_NAME and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
+atexit.register(wait_for_prefetch)
 
 
 def default_checkpoint_dir() -> str:
