@@ -237,11 +237,11 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
     """Start, poll, cancel and finish training jobs. Can be used without GUI::
 
         logic = MedSAMTrainingLogic()
-        job = logic.start({"data": "/data/flare22", "out": "/runs/liver", "epochs": 5})
-        while logic.isRunning(job):
-            for event in logic.poll(job): print(event)
+        run = logic.start({"data": "/data/flare22", "out": "/runs/liver", "epochs": 5})
+        while logic.isRunning(run):
+            for event in logic.poll(run): print(event)
             time.sleep(1)
-        print(logic.finish(job))
+        print(logic.finish(run))
     """
 
     def pythonExecutable(self):
@@ -282,37 +282,49 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
                 slicer.util.pip_install(requirement)
         return True
 
+    # The only place that talks to MedSAMTrainingLib's job runner (a process started with
+    # ``-m MedSAMSlicerLib.training.cli train ... --progress-json``, read line by line).
     def start(self, settings):
-        """Start a training process for ``settings`` (keys of ``TrainConfig``); returns the job."""
+        """Start a training process for ``settings`` (keys of ``TrainConfig``); returns a run."""
         from MedSAMTrainingLib import jobs
 
         for key in ("data", "out"):
             if not settings.get(key):
                 raise ValueError(f"Choose the {'dataset' if key == 'data' else 'run'} folder first.")
         env = dict(os.environ)
+        # PythonSlicer does not have the extension's module folders on sys.path.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (self.engineFolder(), env.get("PYTHONPATH")) if p)
         job = jobs.TrainingJob(settings, python=self.pythonExecutable(), env=env)
         job.start()
         logging.info(f"MedSAM training started: {' '.join(job.command)}")
-        return job
+        return TrainingRun(dict(settings), job)
 
-    def poll(self, job):
+    def poll(self, run):
         """New progress events (dicts parsed from the process's --progress-json lines)."""
-        return list(job.poll())
+        return list(run.job.poll())
 
-    def isRunning(self, job):
-        return job.running
+    def isRunning(self, run):
+        return bool(run.job.running)
 
-    def cancel(self, job):
+    def cancel(self, run):
         """Ask the process to stop; the trainer saves the current step before it exits."""
-        job.cancel()
+        run.cancelled = True
+        run.job.cancel()
 
-    def finish(self, job, name=None):
+    def _failure(self, run):
+        """None for a run that ended well (or was cancelled), else the error text."""
+        code = run.job.returncode
+        if run.cancelled or code in (0, None):
+            return None
+        return f"The training process ended with code {code}:\n{run.job.error_text()}"
+
+    def finish(self, run, name=None):
         """After the process ended: copy the best (else latest) checkpoint to the MedSAM module's
         checkpoint folder and return a status line. Raises on a failed run."""
-        if job.returncode not in (0, None) and not job.cancelled:
-            raise RuntimeError(f"The training process ended with code {job.returncode}:\n{job.error_text()}")
-        runDir = job.run_dir
+        failure = self._failure(run)
+        if failure:
+            raise RuntimeError(failure)
+        runDir = run.settings["out"]
         source = None
         for candidate in ("best.pth", "latest.pth"):
             if os.path.isfile(os.path.join(runDir, candidate)):
@@ -322,14 +334,24 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
             return "Training stopped before the first checkpoint; nothing to add to the MedSAM models."
         folder = self.checkpointFolder()
         os.makedirs(folder, exist_ok=True)
-        model = job.settings.get("model", "litemedsam")
+        model = run.settings.get("model") or "litemedsam"
         base = name or os.path.basename(os.path.normpath(runDir))
         target = os.path.join(folder, f"{base}-{model}.pth")
+        # A plain state dict (no optimizer state): what the MedSAM module loads as a model.
         from MedSAMSlicerLib.training.trainer import export
 
         export(source, target)
-        prefix = "Cancelled; the last saved" if job.cancelled else "Done; the"
+        prefix = "Cancelled; the last saved" if run.cancelled else "Done; the"
         return f"{prefix} checkpoint is now a MedSAM model: {target}"
+
+
+class TrainingRun:
+    """A started training: its settings, the job, and whether the user cancelled it."""
+
+    def __init__(self, settings, job):
+        self.settings = settings
+        self.job = job
+        self.cancelled = False
 
 
 #
