@@ -70,3 +70,13 @@ def dicom_dir() -> Path:
 def dicom_seg_path() -> Path:
     """Labels on the grid of the DICOM series (stored with the j axis flipped)."""
     return DATA_DIR / "example_seg_dicom.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def lite_segmenter():
+    """One LiteMedSAM Segmenter (real weights, CPU) for the whole run: its embedding cache is
+    keyed by volume content and window, so every test module that uses the shipped CT shares the
+    encoded slices."""
+    from MedSAMSlicerLib.segmenter import Segmenter
+
+    return Segmenter("litemedsam", device="cpu")

@@ -115,8 +115,36 @@ def _check_output(path: Path, overwrite: bool) -> None:
         raise MedSAMError(f"output '{path}' already exists; choose another name or pass --overwrite")
 
 
-def cmd_segment(args: argparse.Namespace) -> int:
-    """``medsam-slicer segment``."""
+def segment_file(
+    volume_path: str,
+    output: Path,
+    box_ijk: Optional[Sequence[float]] = None,
+    box_ras: Optional[Sequence[float]] = None,
+    name: str = "segment",
+    direction: str = "both",
+    slice_only: bool = False,
+    window=None,
+    overwrite: bool = False,
+    segmenter=None,
+    model: str = "litemedsam",
+    checkpoint: Optional[str] = None,
+    device: str = "auto",
+    precision: str = "auto",
+    download: bool = False,
+    progress: bool = True,
+) -> str:
+    """Segment one structure of a volume file and write it on the file's grid.
+
+    Everything that can be checked without the model (output name, the volume, the box) is
+    checked first; nothing is written unless the whole run succeeds. ``segmenter`` reuses a
+    loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter` (and its embedding cache).
+
+    Returns:
+        A one-line summary.
+    """
+    import numpy as np
+
+    from .preprocessing import Window
     from .segmenter import Segmenter
     from .volumes import (
         ijk_box_to_canonical,
@@ -126,41 +154,57 @@ def cmd_segment(args: argparse.Namespace) -> int:
         write_seg_nrrd,
     )
 
-    out = Path(args.output)
-    _check_output(out, args.overwrite)
-    window = _window(args)
-    volume = read_volume(args.volume)
-    if args.box_ijk is not None:
-        box = ijk_box_to_canonical(volume, *args.box_ijk)
+    out = Path(output)
+    _check_output(out, overwrite)
+    window = window or Window.preset("abdomen")
+    volume = read_volume(volume_path)
+    if (box_ijk is None) == (box_ras is None):
+        raise MedSAMError("give exactly one box: --box-ijk or --box-ras")
+    if box_ijk is not None:
+        if len(box_ijk) != 6:
+            raise MedSAMError(f"--box-ijk needs six numbers I0 J0 K0 I1 J1 K1; got {len(box_ijk)}")
+        box = ijk_box_to_canonical(volume, *box_ijk)
     else:
-        r = args.box_ras
-        box = ras_box_to_canonical(volume, r[:3], r[3:])
+        if len(box_ras) != 6:
+            raise MedSAMError(f"--box-ras needs six numbers R0 A0 S0 R1 A1 S1; got {len(box_ras)}")
+        box = ras_box_to_canonical(volume, box_ras[:3], box_ras[3:])
     x0, y0, z0, x1, y1, z1 = box
     t0 = time.perf_counter()
-    seg = Segmenter(args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-                    download=args.download, progress=TerminalProgress("weights"))
-    print(seg.describe(), file=sys.stderr)
-    seg.set_volume(volume.array, window)
-    if args.slice_only:
-        import numpy as np
-
+    if segmenter is None:
+        segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision,
+                              download=download, progress=TerminalProgress("weights") if progress else None)
+        print(segmenter.describe(), file=sys.stderr)
+    segmenter.set_volume(volume.array, window)
+    bar = TerminalProgress("propagating") if progress else None
+    if slice_only:
         mask = np.zeros(volume.array.shape, dtype=bool)
-        mask[z0] = seg.segment_slice(z0, (x0, y0, x1, y1)).mask
+        mask[z0] = segmenter.segment_slice(z0, (x0, y0, x1, y1)).mask
         how = f"slice {z0} only"
     elif z0 == z1:
-        result = seg.segment_3d(z0, (x0, y0, x1, y1), direction=args.direction, progress=TerminalProgress("propagating"))
+        result = segmenter.segment_3d(z0, (x0, y0, x1, y1), direction=direction, progress=bar)
         mask = result.mask
         how = "; ".join(f"{k}: {v}" for k, v in result.stop_reasons.items())
     else:
-        result = seg.segment_box3d(box, progress=TerminalProgress("propagating"))
+        result = segmenter.segment_box3d(box, progress=bar)
         mask = result.mask
         how = f"3D box, slices {z0}..{z1}"
     if out.name.lower().endswith(".seg.nrrd"):
-        write_seg_nrrd([(args.name, mask, (0.85, 0.35, 0.25))], volume, out)
+        write_seg_nrrd([(name, mask, (0.85, 0.35, 0.25))], volume, out)
     else:
-        write_labelmap(mask, volume, out)
-    print(f"{args.name}: {int(mask.sum())} voxels on {int(mask.any(axis=(1, 2)).sum())} slices ({how}); "
-          f"{time.perf_counter() - t0:.1f} s; wrote {out}")
+        write_labelmap(mask.astype(np.uint8), volume, out)
+    return (f"{name}: {int(mask.sum())} voxels on {int(mask.any(axis=(1, 2)).sum())} slices ({how}); "
+            f"{time.perf_counter() - t0:.1f} s; wrote {out}")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """``medsam-slicer segment``."""
+    summary = segment_file(
+        args.volume, Path(args.output), box_ijk=args.box_ijk, box_ras=args.box_ras, name=args.name,
+        direction=args.direction, slice_only=args.slice_only, window=_window(args), overwrite=args.overwrite,
+        model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+        download=args.download,
+    )
+    print(summary)
     return 0
 
 

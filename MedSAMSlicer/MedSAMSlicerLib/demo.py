@@ -58,8 +58,13 @@ def run_demo(
     download: bool = False,
     structures: Optional[Dict[str, int]] = None,
     quiet: bool = False,
+    segmenter=None,
 ) -> List[DemoRow]:
-    """Run the demo; write ``demo.seg.nrrd`` and ``demo.png`` to ``out_dir``; return the rows."""
+    """Run the demo; write ``demo.seg.nrrd`` and ``demo.png`` to ``out_dir``; return the rows.
+
+    ``structures`` maps names to TotalSegmentator label ids (default: five organs); ``segmenter``
+    reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`.
+    """
     from .preprocessing import Window
     from .segmenter import Segmenter
     from .volumes import read_volume, write_seg_nrrd
@@ -68,7 +73,7 @@ def run_demo(
     volume = read_volume(example_ct())
     labels = read_volume(example_ct_labels()).array
     t0 = time.perf_counter()
-    seg = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download)
+    seg = segmenter or Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download)
     seg.set_volume(volume.array, Window.preset("abdomen"))
     if not quiet:
         print(f"{seg.describe()} (loaded in {time.perf_counter() - t0:.1f} s)")
