@@ -306,7 +306,9 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         if not path or not os.path.isfile(path):
             raise ValueError(f"No weights file at '{path}'.")
         if model is None:
-            model = "medsam" if "vit" in os.path.basename(path).lower() else "litemedsam"
+            from SegmentEditorMedSAMLib.MRMLBridge import checkpoint_model
+
+            model = checkpoint_model(path)
         return f"{model}|{os.path.abspath(path)}"
 
     def modelChoices(self):

@@ -198,18 +198,20 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget):
 
     def _show(self, event):
         kind = event.get("event")
-        if kind == "step":
-            self.progressBar.maximum = max(int(event.get("total_steps", 1)), 1)
-            self.progressBar.value = int(event.get("step", 0))
-            loss = event.get("loss")
-            self.statusLabel.text = f"Step {event.get('step')}/{event.get('total_steps')}" + (f", loss {loss:.4f}" if loss is not None else "")
+        if kind == "progress":  # preprocessing, training steps, validation
+            self.progressBar.maximum = max(int(event.get("total") or 1), 1)
+            self.progressBar.value = int(event.get("done") or 0)
+            self.progressBar.format = f"{event.get('stage', '')}: %v/%m"
+            if event.get("message"):
+                self.statusLabel.text = f"{event.get('stage', '')}: {event['message']}"
         elif kind == "validation":
             dice = event.get("mean_dice")
             if dice is not None:
                 self.statusLabel.text = f"Validation at step {event.get('step')}: mean Dice {dice:.3f}"
-        elif kind == "error":
-            self.statusLabel.text = f"Error: {event.get('message')}"
-        self._showPlot()
+        elif kind in ("error", "cancelled"):
+            self.statusLabel.text = f"{kind.capitalize()}: {event.get('message', '')}"
+        if kind in ("validation", "checkpoint", "done", "exit"):
+            self._showPlot()
 
     def _showPlot(self):
         path = os.path.join(self.outputSelector.currentPath, PLOT_FILE)
@@ -252,12 +254,6 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
         candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
         return candidate if os.path.exists(candidate) else sys.executable
 
-    def engineFolder(self):
-        """The folder that holds MedSAMSlicerLib (the MedSAM module's folder)."""
-        import MedSAMSlicerLib
-
-        return os.path.dirname(os.path.dirname(os.path.abspath(MedSAMSlicerLib.__file__)))
-
     def checkpointFolder(self):
         """Where the MedSAM module looks for fine-tuned checkpoints."""
         import MedSAMSlicer
@@ -291,10 +287,9 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
         for key in ("data", "out"):
             if not settings.get(key):
                 raise ValueError(f"Choose the {'dataset' if key == 'data' else 'run'} folder first.")
-        env = dict(os.environ)
-        # PythonSlicer does not have the extension's module folders on sys.path.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (self.engineFolder(), env.get("PYTHONPATH")) if p)
-        job = jobs.TrainingJob(settings, python=self.pythonExecutable(), env=env)
+        # The job puts the folder holding MedSAMSlicerLib on PYTHONPATH (PythonSlicer does not
+        # have the extension's module folders on sys.path).
+        job = jobs.TrainingJob(settings, python=self.pythonExecutable())
         job.start()
         logging.info(f"MedSAM training started: {' '.join(job.command)}")
         return TrainingRun(dict(settings), job)
@@ -402,7 +397,8 @@ class MedSAMTrainingTest(ScriptedLoadableModuleTest):
             time.sleep(0.5)
         events += logic.poll(job)
         self.assertFalse(logic.isRunning(job), "training did not finish in time")
-        self.assertTrue(any(e.get("event") == "step" for e in events), events)
+        self.assertTrue(any(e.get("event") in ("step", "progress") for e in events), events)
+        self.assertEqual(job.job.returncode, 0, job.job.error_text())
         message = logic.finish(job, name="selftest")
         self.delayDisplay(message)
         import MedSAMSlicer

@@ -162,6 +162,18 @@ def test_window_choices(ct_scene, mr_path):
         B.window_for(ct_scene.ct, "nonsense")
 
 
+def test_checkpoint_folder_listing(tmp_path, monkeypatch):
+    monkeypatch.setenv(B.CHECKPOINT_DIR_ENV, str(tmp_path))
+    assert B.default_checkpoint_dir() == str(tmp_path)
+    assert B.list_checkpoints() == []
+    for name in ("liver-litemedsam.pth", "kidney-medsam.pth", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    found = B.list_checkpoints()
+    assert sorted(map(lambda p: p.rsplit("/", 1)[-1], found)) == ["kidney-medsam.pth", "liver-litemedsam.pth"]
+    assert [B.checkpoint_model(p) for p in ("a/liver-litemedsam.pth", "kidney-medsam.pth", "medsam_vit_b.pth", "x.pth")] == [
+        "litemedsam", "medsam", "medsam", "litemedsam"]
+
+
 def test_bad_source_volumes(ct_scene):
     with pytest.raises(MedSAMError, match="source volume"):
         B.source_volume(None)

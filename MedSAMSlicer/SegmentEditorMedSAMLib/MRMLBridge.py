@@ -134,6 +134,21 @@ def default_checkpoint_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "checkpoints")
 
 
+def checkpoint_model(path: str) -> str:
+    """The registry model a checkpoint file is for, from its name.
+
+    MedSAM Training names its exports ``<run>-<model>.pth``; other names containing ``vit`` are
+    taken as MedSAM (ViT-B), the rest as LiteMedSAM. (Loading checks the weights strictly and
+    names the right architecture if this guess is wrong.)
+    """
+    stem = os.path.basename(path).lower().rsplit(".", 1)[0]
+    if stem.endswith("-litemedsam") or "lite" in stem:
+        return "litemedsam"
+    if stem.endswith("-medsam") or "vit" in stem:
+        return "medsam"
+    return "litemedsam"
+
+
 def list_checkpoints(folder: Optional[str] = None) -> List[str]:
     """Weight files (``*.pth``, ``*.pt``, ``*.safetensors``) in ``folder``, newest first."""
     folder = folder or default_checkpoint_dir()
