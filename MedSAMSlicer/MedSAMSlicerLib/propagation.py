@@ -5,6 +5,12 @@ bounding box of the previous slice's mask, grown by a margin (3 px at 256 input)
 previous mask falls back to the first box. With a z-range (a 3D box) the range alone bounds the
 propagation, exactly as the original.
 
+One addition of ours (``wider_box``, on by default): each slice is also prompted with that box
+grown by 6 px more, and the wider box's mask is kept when the decoder is more confident in it
+(predicted IoU higher by ``0.02``). With only the original's 3 px margin a structure that moves or
+grows between slices is clipped by the box and the masks shrink slice after slice (on the shipped
+CT the spleen falls from Dice 0.95 to 0.79). ``wider_box=0`` reproduces the original exactly.
+
 Without a z-range the structure's extent is ours to find: MedSAM was trained on non-empty slices
 only and always outputs *something* (MedSAM issue #136), so a stop rule decides where the
 structure ends. :class:`StopRule` documents the rule and its defaults, which were measured on the
@@ -135,6 +141,10 @@ class PropagationResult:
     slices: List[SliceRecord] = field(default_factory=list)
 
 
+WIDER_BOX_PX = 6.0  # at 256 input
+CONFIDENCE_GAIN = 0.02
+
+
 def _default_margin(predictor: Predictor) -> float:
     # 3 px at LiteMedSAM's 256 input; the same physical fraction for MedSAM's 1024.
     return 3.0 * predictor.input_size / 256.0
@@ -150,6 +160,7 @@ def propagate(
     margin: Optional[float] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    wider_box: float = WIDER_BOX_PX,
 ) -> PropagationResult:
     """Segment a structure in 3D from a 2D box on slice ``z``.
 
@@ -162,6 +173,8 @@ def propagate(
         direction: ``"both"``, ``"up"`` (increasing z, toward superior) or ``"down"``.
         stop: the :class:`StopRule` for automatic extent (default rule when ``None``).
         margin: box growth in model-input pixels (default 3 px at 256 input).
+        wider_box: extra growth (px at 256 input) of a second prompt per slice, kept when the
+            decoder is more confident in it; 0 reproduces LiteMedSAM's 3D inference exactly.
         progress: ``progress(done, total, message)``.
         cancel: a :class:`CancelToken`; cancelling raises :class:`Cancelled` between slices.
 
@@ -216,7 +229,16 @@ def propagate(
                 # Encode ahead in the pass direction, a batch at a time.
                 predictor.encode(seq[i : i + predictor.batch_size], cancel=cancel)
             box_m = mask_box_in_model(previous, predictor.prepared(zz), margin)
-            result = predictor.predict_model_box(zz, first_box if box_m is None else box_m)
+            box_m = first_box if box_m is None else box_m
+            result = predictor.predict_model_box(zz, box_m)
+            if wider_box > 0:
+                grow = wider_box * predictor.input_size / 256.0
+                size = float(predictor.input_size)
+                wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
+                                 min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
+                alternative = predictor.predict_model_box(zz, wide)
+                if alternative.score > result.score + CONFIDENCE_GAIN:
+                    result = alternative
             reason = rule.check(previous, result, volume[zz], history) if z_range is None else None
             records.append(SliceRecord(zz, int(result.mask.sum()), result.score, reason is None, reason or ""))
             done += 1
@@ -241,11 +263,13 @@ def propagate_box3d(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     margin: Optional[float] = None,
+    wider_box: float = WIDER_BOX_PX,
 ) -> PropagationResult:
     """LiteMedSAM's 3D-box inference: ``(x0, y0, z0, x1, y1, z1)`` (inclusive voxel indices).
 
     The 2D box goes on ``z_mid = int((z1 - z0) / 2 + z0)`` and the propagation stays within
-    ``z0..z1``. A box with ``z0 == z1`` is a 2D box on that slice.
+    ``z0..z1``. A box with ``z0 == z1`` is a 2D box on that slice. ``wider_box=0`` gives the
+    original algorithm exactly (the benchmark compares against it).
     """
     b = [float(v) for v in box3d]
     if len(b) != 6:
@@ -254,5 +278,6 @@ def propagate_box3d(
     z0, z1 = sorted((int(round(z0)), int(round(z1))))
     z_mid = int((z1 - z0) / 2 + z0)
     return propagate(
-        predictor, z_mid, (x0, y0, x1, y1), z_range=(z0, z1), progress=progress, cancel=cancel, margin=margin
+        predictor, z_mid, (x0, y0, x1, y1), z_range=(z0, z1), progress=progress, cancel=cancel, margin=margin,
+        wider_box=wider_box,
     )
