@@ -9,6 +9,7 @@ least-recently-used cache with a memory cap, and many slices can be encoded in o
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import threading
 from collections import OrderedDict
@@ -20,7 +21,18 @@ import torch
 
 from .errors import MedSAMError
 from .preprocessing import PreparedSlice, box_to_model, check_box, logits_to_mask, prepare_slice
-from .progress import CancelToken, ProgressCallback, check_cancel, report
+from .progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
+
+_PREFETCHES: List[Tuple[threading.Thread, CancelToken]] = []
+
+
+@atexit.register
+def _stop_prefetch_at_exit() -> None:
+    """Cancel background encoders and wait for them before the interpreter tears torch down."""
+    for _thread, token in _PREFETCHES:
+        token.cancel()
+    for thread, _ in _PREFETCHES:
+        thread.join(timeout=120)
 
 
 @dataclass
@@ -241,9 +253,23 @@ class Predictor:
         return emb
 
     def prefetch(self, zs: Iterable[int]) -> threading.Thread:
-        """Encode ``zs`` in a background thread (for a quick preview); returns the thread."""
+        """Encode ``zs`` in a background thread (for a quick preview); returns the thread.
+
+        The thread stops between batches when the interpreter exits (a torch call still running
+        in a daemon thread at exit aborts the process), see :func:`_stop_prefetch_at_exit`.
+        """
         wanted = [int(z) for z in zs if 0 <= int(z) < self.depth]
-        thread = threading.Thread(target=self.encode, args=(wanted,), daemon=True, name="medsam-prefetch")
+        token = CancelToken()
+
+        def work() -> None:
+            try:
+                self.encode(wanted, cancel=token)
+            except Cancelled:
+                pass
+
+        thread = threading.Thread(target=work, daemon=True, name="medsam-prefetch")
+        _PREFETCHES[:] = [(t, c) for t, c in _PREFETCHES if t.is_alive()]
+        _PREFETCHES.append((thread, token))
         thread.start()
         return thread
 
