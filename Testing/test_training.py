@@ -88,7 +88,7 @@ def finetuned(tmp_path_factory, prep_lite):
     run = tmp_path_factory.mktemp("run_pancreas")
     config = TrainConfig(data=str(prep_lite), out=str(run), model="litemedsam", labels=[PANCREAS],
                          freeze_image_encoder=True, batch_size=4, max_steps=20, epochs=100, jitter=1,
-                         val_every=1000, log_every=5, device="cpu")
+                         val_every=1000, save_every=1000, log_every=5, device="cpu")
     events = []
     result = train(config, on_event=events.append)
     return config, result, events

@@ -41,6 +41,7 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence
 CLI_MODULE = "MedSAMSlicerLib.training.cli"
 DATASET_SUBFOLDER = "dataset"
 JOB_CONFIG = "job-config.json"
+CANCELLED_EXIT_CODE = 130  # what medsam-train returns when it stopped on request
 
 
 def engine_folder() -> Optional[str]:
@@ -195,6 +196,7 @@ class TrainingJob:
         try:
             for command in self.commands:
                 if self._cancel_event.is_set():
+                    code = CANCELLED_EXIT_CODE  # cancelled between two commands
                     break
                 with self._lock:
                     self.command = command

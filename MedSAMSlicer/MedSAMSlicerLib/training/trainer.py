@@ -95,7 +95,8 @@ class TrainConfig:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` (torchrun: one GPU per rank).
         num_workers: DataLoader worker processes (0: load in the training process).
         val_every: optimizer steps between validations (0: at each epoch end).
-        save_every: optimizer steps between ``latest.pth`` saves (0: at each epoch end).
+        save_every: optimizer steps between ``latest.pth`` saves (0: at each epoch end); it is
+            also saved at the end and when cancelled.
         log_every: optimizer steps between ``log.csv`` rows.
         validate_at_start: validate the initial weights first (the baseline in ``log.csv``).
         validation: validate at all (``False``: no validation and no ``best.pth``).
@@ -163,6 +164,8 @@ class TrainConfig:
                 f"unknown training settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         cfg = cls(**data)
+        if isinstance(cfg.labels, int):
+            cfg.labels = [cfg.labels]
         if cfg.labels is not None:
             cfg.labels = [int(v) for v in cfg.labels]
         return cfg
@@ -697,6 +700,12 @@ def train(
                                 config.seed, config.labels)
         sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
                                      seed=config.seed, drop_last=True)
+        if len(train_ds) == 0:
+            which = f" with label(s) {config.labels}" if config.labels else ""
+            raise MedSAMError(
+                f"the training cases of '{config.data}' have no slices{which}; check 'labels' against the "
+                "labels listed in its manifest.json"
+            )
         batches_per_epoch = len(sampler) // config.batch_size
         steps_per_epoch = batches_per_epoch // config.accumulate
         if steps_per_epoch < 1:
@@ -902,7 +911,8 @@ def train(
                 do_val = (config.val_every and step % config.val_every == 0) or (not config.val_every and epoch_end)
                 if do_val or last:
                     validate()
-                do_save = (config.save_every and step % config.save_every == 0) or epoch_end or last
+                do_save = ((config.save_every and step % config.save_every == 0)
+                           or (not config.save_every and epoch_end) or last)
                 if do_save:
                     save(latest_path)
             del it, loader
