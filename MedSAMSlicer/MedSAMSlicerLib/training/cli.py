@@ -132,16 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Turn DATA_DIR/images/<case>_0000.nii.gz + DATA_DIR/labels/<case>.nii.gz into OUT_DIR "
                     "(one .npz per case + manifest.json), with the rules of MedSAM's pre_CT_MR.py. "
                     "Running it again skips the cases that are already done.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder with images/ and labels/")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created)")
     p.add_argument("--preset", choices=("medsam", "litemedsam"), default="medsam",
-                   help="small-object thresholds: medsam 1000 voxels (3D) / 100 px (2D); litemedsam 100 / 10")
+                   help="small-object thresholds: medsam (default) 1000 voxels (3D) / 100 px (2D); litemedsam 100 / 10")
     p.add_argument("--modality", choices=("CT", "MR"), default="CT",
-                   help="CT: level/width window; MR: 0.5-99.5 percentile window of non-zero voxels")
-    p.add_argument("--window-level", type=float, default=40.0, help="CT window level (HU)")
-    p.add_argument("--window-width", type=float, default=400.0, help="CT window width (HU)")
+                   help="CT (default): level/width window; MR: 0.5-99.5 percentile window of non-zero voxels")
+    p.add_argument("--window-level", type=float, default=40.0, help="CT window level in HU (default 40)")
+    p.add_argument("--window-width", type=float, default=400.0, help="CT window width in HU (default 400)")
     p.add_argument("--no-stretch", action="store_true",
                    help="CT: map the window to 0-255 directly instead of min-max of the clipped volume "
                         "(pre_CT_MR.py stretches)")
@@ -150,14 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dust-2d", type=int, default=None, metavar="PIXELS",
                    help="then remove per-slice 2D objects smaller than this (default from --preset)")
     p.add_argument("--exclude-labels", type=_int_list, default=[12], metavar="IDS",
-                   help="label ids to drop, e.g. '12' (FLARE22 duodenum) or 'none'")
+                   help="label ids to drop: '12' (default, FLARE22's duodenum), e.g. '7,8', or 'none'")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--holdout", type=int, default=None, metavar="N",
                        help="hold out the last N cases (sorted by name) for validation "
                             "(default: 10 when there are >= 50 cases, else a fifth)")
     group.add_argument("--holdout-cases", nargs="+", default=None, metavar="CASE",
                        help="hold out these cases for validation")
-    p.add_argument("--workers", type=int, default=1, help="cases processed in parallel")
+    p.add_argument("--workers", type=int, default=1, help="cases processed in parallel (default 1)")
     _add_common(p)
 
     # -- train

@@ -48,13 +48,16 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..errors import MedSAMError
 from ..progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
 from ._atomic import atomic_write, write_json
+
+if TYPE_CHECKING:
+    from ..preprocessing import Window
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "medsam-slicer-prep/1"
@@ -117,7 +120,7 @@ class PreprocessSettings:
             raise MedSAMError(f"unknown preprocessing preset '{name}'; choose medsam or litemedsam")
         return replace(base, **overrides)
 
-    def window(self):
+    def window(self) -> Window:
         """The :class:`~MedSAMSlicerLib.preprocessing.Window` these settings describe."""
         from ..preprocessing import Window
 
