@@ -147,10 +147,10 @@ def save_figure(
                 color = STRUCTURE_COLORS.get(r.name, (1.0, 1.0, 0.0))
                 ax.imshow(np.ma.masked_where(~m, m), cmap=ListedColormap([color]), alpha=0.45,
                           aspect=aspect, origin=origin, interpolation="nearest")
-                ax.contour(m, levels=[0.5], colors=[color], linewidths=1.0, origin=origin)
+                ax.contour(m, levels=[0.5], colors=[color], linewidths=1.0)
         ref_slice = labels[index] if view == "axial" else labels[:, index, :]
         ax.contour(np.isin(ref_slice, list(DEMO_STRUCTURES.values())), levels=[0.5], colors="white",
-                   linewidths=0.6, linestyles="dotted", origin=origin)
+                   linewidths=0.6, linestyles="dotted")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     legend = ", ".join(f"{r.name} {r.dice:.2f}" for r in rows)
