@@ -193,6 +193,14 @@ def test_batched_encoding_equals_one_at_a_time(optimized, plain, ct_case):
     _check_against_plain(pred, plain, boxes)
 
 
+def test_bfloat16_matmuls_give_the_plain_masks(lite_path, plain, ct_case):
+    """LiteMedSAM's transformer linears in bfloat16 (opt-in): single slices keep the masks."""
+    image, boxes = ct_case
+    model = O.optimize_for_inference(load_model("tiny_vit", lite_path), bfloat16_matmuls=True)
+    assert any(isinstance(m, O.BFloat16Linear) for m in model.modules())
+    _check_against_plain(_predictor(model, image), plain, boxes, atol=0.05)
+
+
 def test_bfloat16_path_stays_close(optimized, plain, ct_case):
     """bfloat16 is opt-in on a CPU: measured over 30 slices of five organs its masks agree with
     float32 at Dice >= 0.977 (mean 0.997), below the 0.99 per slice the default paths keep."""
@@ -212,6 +220,10 @@ def test_segmenter_optimizes_unless_told_not_to(lite_path):
     fast = Segmenter("litemedsam", device="cpu")
     assert getattr(fast.model, "optimized_for_inference", False)
     assert isinstance(fast.model.image_encoder, O.FastTinyViT)
+    assert not fast.bfloat16_matmuls and not any(isinstance(m, O.BFloat16Linear) for m in fast.model.modules())
+    mixed = Segmenter("litemedsam", device="cpu", bfloat16_matmuls=True)
+    has_bf16 = any(isinstance(m, O.BFloat16Linear) for m in mixed.model.modules())
+    assert has_bf16 == O.cpu_has_native_bfloat16() == mixed.bfloat16_matmuls
     slow = Segmenter("litemedsam", device="cpu", optimize=False)
     assert isinstance(slow.model.image_encoder, tiny_vit.TinyViT)
 

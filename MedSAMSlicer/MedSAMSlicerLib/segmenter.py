@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 from .checkpoints import load_model
 from .devices import select_device, select_precision
 from .errors import MedSAMError
-from .optimize import optimize_for_inference
+from .optimize import cpu_has_native_bfloat16, optimize_for_inference
 from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
 from .preprocessing import Window, apply_window
 from .progress import CancelToken, ProgressCallback
@@ -36,7 +37,8 @@ class Segmenter:
         checkpoint: a weights file to use instead of the registry's (e.g. one made by
             ``medsam-train``); it must fit ``model``'s architecture.
         device: ``auto|cpu|cuda|mps``.
-        precision: ``auto|float32|bfloat16|float16`` for the image encoder.
+        precision: ``auto|float32|bfloat16|float16`` for the image encoder (``auto``: bfloat16 on
+            GPUs, float32 on CPUs).
         download: allow downloading registry weights that are not on disk yet.
         cache_mb: memory cap of the embedding cache.
         batch_size: slices per encoder call (default 1 on a CPU, 16 on a GPU).
@@ -44,6 +46,9 @@ class Segmenter:
         optimize: rewrite the image encoder for inference (:func:`~MedSAMSlicerLib.optimize.optimize_for_inference`:
             fused layers, fused attention kernels, channels-last; the same masks, faster).
             ``False`` keeps the plain modules (for comparisons and debugging).
+        bfloat16_matmuls: opt-in, LiteMedSAM on a CPU with native bfloat16 (AVX512-BF16/AMX) in
+            float32: the transformer stages' linear layers as bfloat16 products, ~1.25x faster
+            encoding; masks close to but not the same as float32 (see ``optimize.py``).
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class Segmenter:
         batch_size: Optional[int] = None,
         progress: Optional[ProgressCallback] = None,
         optimize: bool = True,
+        bfloat16_matmuls: bool = False,
     ) -> None:
         self.spec: ModelSpec = get_spec(model)
         self.device = select_device(device)
@@ -64,8 +70,12 @@ class Segmenter:
         self.weights: Path = resolve_weights(self.spec, checkpoint=checkpoint, download=download, progress=progress)
         self.model = load_model(self.spec, self.weights, device=self.device)
         self.model.eval()
+        self.bfloat16_matmuls = bool(
+            optimize and bfloat16_matmuls and self.device.type == "cpu" and self.dtype == torch.float32
+            and self.spec.architecture == "tiny_vit" and cpu_has_native_bfloat16()
+        )
         if optimize:
-            optimize_for_inference(self.model, self.device, self.dtype)
+            optimize_for_inference(self.model, self.device, self.dtype, bfloat16_matmuls=self.bfloat16_matmuls)
         stat = self.weights.stat()
         model_key = f"{self.spec.name}:{self.weights.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
         if batch_size is None:
@@ -146,8 +156,9 @@ class Segmenter:
 
     def describe(self) -> str:
         """One line: model, weights, device and precision."""
+        mixed = " (bfloat16 transformer matmuls)" if self.bfloat16_matmuls else ""
         return (
             f"{self.spec.title} ({self.spec.architecture}, {self.spec.input_size}px) on {self.device}"
-            f" in {str(self.dtype).replace('torch.', '')}, weights {self.weights}"
+            f" in {str(self.dtype).replace('torch.', '')}{mixed}, weights {self.weights}"
         )
 
