@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from MedSAMSlicerLib import allocator
 from MedSAMSlicerLib import optimize as O
 from MedSAMSlicerLib.checkpoints import load_model, package_file
 from MedSAMSlicerLib.modeling import build_model, image_encoder, tiny_vit
@@ -226,6 +227,56 @@ def test_segmenter_optimizes_unless_told_not_to(lite_path):
     assert has_bf16 == O.cpu_has_native_bfloat16() == mixed.bfloat16_matmuls
     slow = Segmenter("litemedsam", device="cpu", optimize=False)
     assert isinstance(slow.model.image_encoder, tiny_vit.TinyViT)
+
+
+# -- the allocator: freed buffers reused between layers and slices (glibc) ---------------------------
+def _minor_page_faults() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
+@pytest.mark.skipif(not allocator.supported(), reason="mallopt is glibc's (Linux); elsewhere it does nothing")
+def test_reusing_freed_memory_cuts_page_faults_and_keeps_embeddings(optimized, plain, ct_case, monkeypatch):
+    """What a propagation does (one scope over several slices), with and without the tuning."""
+    image, boxes = ct_case
+    zs = sorted(boxes)
+    _, emb, _ = plain
+    pred = _predictor(optimized, image)
+    pred.encode(zs[:1])  # first run: oneDNN primitives and lazy buffers, outside the count
+
+    def encode_all() -> tuple:
+        pred.cache.clear()
+        before = _minor_page_faults()
+        with allocator.reuse_freed_memory() as tuned:
+            pred.encode(zs)
+        faults = _minor_page_faults() - before
+        assert not allocator.active()
+        for z in zs:
+            assert float((pred.embedding(z) - emb[z]).abs().max()) <= 1e-4
+        return tuned, faults
+
+    monkeypatch.setenv(allocator.ENV_SWITCH, "0")
+    tuned_off, faults_off = encode_all()
+    monkeypatch.setenv(allocator.ENV_SWITCH, "1")
+    tuned_on, faults_on = encode_all()
+    assert (tuned_off, tuned_on) == (False, True)
+    # Measured: ~70k faults with the tuning vs ~330k without for three LiteMedSAM slices.
+    assert faults_on * 2 < faults_off, (faults_on, faults_off)
+
+
+def test_allocator_scopes_nest_and_the_switch_turns_them_off(monkeypatch):
+    monkeypatch.setenv(allocator.ENV_SWITCH, "1")
+    with allocator.reuse_freed_memory() as outer:
+        assert allocator.active() == outer == allocator.supported()
+        with allocator.reuse_freed_memory():
+            pass
+        assert allocator.active() == outer  # only the outermost exit restores glibc's defaults
+    assert not allocator.active()
+    monkeypatch.setenv(allocator.ENV_SWITCH, "off")
+    assert not allocator.supported()
+    with allocator.reuse_freed_memory() as tuned:
+        assert not tuned and not allocator.active()
 
 
 # -- embedding cache ---------------------------------------------------------------------------------

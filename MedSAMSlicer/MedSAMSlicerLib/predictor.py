@@ -19,6 +19,7 @@ from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .allocator import reuse_freed_memory
 from .errors import MedSAMError
 from .preprocessing import PreparedSlice, box_to_model, check_box, logits_to_mask, prepare_slice
 from .progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
@@ -209,11 +210,12 @@ class Predictor:
     @torch.inference_mode()
     def _encode_batch(self, zs: Sequence[int]) -> None:
         images = torch.stack([self.prepared(z).image for z in zs]).to(self.device)
-        if self.dtype != torch.float32:
-            with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+        with reuse_freed_memory():
+            if self.dtype != torch.float32:
+                with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+                    emb = self.model.encode(images)
+            else:
                 emb = self.model.encode(images)
-        else:
-            emb = self.model.encode(images)
         emb = emb.float()
         for i, z in enumerate(zs):
             self.cache.put(self.cache_key(z), emb[i : i + 1].clone())
@@ -280,8 +282,9 @@ class Predictor:
         prepared = self.prepared(z)
         emb = self.embedding(z).to(self.device)
         boxes = torch.as_tensor(np.asarray(box_model, dtype=np.float32)[None], device=self.device)
-        logits, iou = self.model.decode(emb, boxes)
-        mask = logits_to_mask(logits, prepared)
+        with reuse_freed_memory():
+            logits, iou = self.model.decode(emb, boxes)
+            mask = logits_to_mask(logits, prepared)
         return SliceResult(mask=mask, score=float(iou.reshape(-1)[0]), box_model=np.asarray(box_model))
 
     def predict(self, z: int, box: Sequence[float]) -> SliceResult:

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .allocator import reuse_freed_memory
 from .errors import MedSAMError
 from .predictor import Predictor, SliceResult
 from .preprocessing import box_to_model, check_box, mask_box_in_model
@@ -215,54 +216,56 @@ def propagate(
         passes = [(name, seq[: rule.max_slices]) for name, seq in passes]
     total = 1 + sum(len(seq) for _, seq in passes)
 
-    check_cancel(cancel)
-    shape = predictor.volume.shape
-    out = np.zeros(shape, dtype=bool)
-    first = predictor.predict_model_box(z, first_box)
-    out[z] = first.mask
-    records = [SliceRecord(z, int(first.mask.sum()), first.score, True, "start")]
-    reasons: Dict[str, str] = {}
-    done = 1
-    report(progress, done, total, f"slice {z}")
+    # One allocator scope for the whole run: each slice reuses the previous slice's freed buffers.
+    with reuse_freed_memory():
+        check_cancel(cancel)
+        shape = predictor.volume.shape
+        out = np.zeros(shape, dtype=bool)
+        first = predictor.predict_model_box(z, first_box)
+        out[z] = first.mask
+        records = [SliceRecord(z, int(first.mask.sum()), first.score, True, "start")]
+        reasons: Dict[str, str] = {}
+        done = 1
+        report(progress, done, total, f"slice {z}")
 
-    volume = predictor.volume
-    for name, seq in passes:
-        previous = first.mask
-        history = _PassHistory([float(np.median(volume[z][first.mask]))] if first.mask.any() else [0.0],
-                               int(first.mask.sum()))
-        reasons[name] = "reached the end of the z-range" if z_range is not None else "reached the volume's edge"
-        for i, zz in enumerate(seq):
-            check_cancel(cancel)
-            if not predictor.is_encoded(zz):
-                # Encode ahead in the pass direction, a batch at a time.
-                predictor.encode(seq[i : i + predictor.batch_size], cancel=cancel)
-            box_m = mask_box_in_model(previous, predictor.prepared(zz), margin)
-            box_m = first_box if box_m is None else box_m
-            result = predictor.predict_model_box(zz, box_m)
-            if wider_box > 0:
-                grow = wider_box * predictor.input_size / 256.0
-                size = float(predictor.input_size)
-                wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
-                                 min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
-                alternative = predictor.predict_model_box(zz, wide)
-                if alternative.score > result.score + CONFIDENCE_GAIN and _extends(alternative.mask, result.mask):
-                    result = alternative
-            reason = rule.check(previous, result, volume[zz], history) if z_range is None else None
-            records.append(SliceRecord(zz, int(result.mask.sum()), result.score, reason is None, reason or ""))
-            done += 1
-            if reason is not None:
-                reasons[name] = f"stopped at slice {zz}: {reason}"
-                break
-            out[zz] = result.mask
-            previous = result.mask
-            if result.mask.any():
-                history.accept(result.mask, volume[zz])
-            report(progress, done, total, f"slice {zz} ({name})")
-    check_cancel(cancel)
-    report(progress, total, total, "done")
-    zs = np.nonzero(out.any(axis=(1, 2)))[0]
-    extent = (int(zs.min()), int(zs.max())) if zs.size else None
-    return PropagationResult(mask=out, z_extent=extent, stop_reasons=reasons, slices=records)
+        volume = predictor.volume
+        for name, seq in passes:
+            previous = first.mask
+            history = _PassHistory([float(np.median(volume[z][first.mask]))] if first.mask.any() else [0.0],
+                                   int(first.mask.sum()))
+            reasons[name] = "reached the end of the z-range" if z_range is not None else "reached the volume's edge"
+            for i, zz in enumerate(seq):
+                check_cancel(cancel)
+                if not predictor.is_encoded(zz):
+                    # Encode ahead in the pass direction, a batch at a time.
+                    predictor.encode(seq[i : i + predictor.batch_size], cancel=cancel)
+                box_m = mask_box_in_model(previous, predictor.prepared(zz), margin)
+                box_m = first_box if box_m is None else box_m
+                result = predictor.predict_model_box(zz, box_m)
+                if wider_box > 0:
+                    grow = wider_box * predictor.input_size / 256.0
+                    size = float(predictor.input_size)
+                    wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
+                                     min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
+                    alternative = predictor.predict_model_box(zz, wide)
+                    if alternative.score > result.score + CONFIDENCE_GAIN and _extends(alternative.mask, result.mask):
+                        result = alternative
+                reason = rule.check(previous, result, volume[zz], history) if z_range is None else None
+                records.append(SliceRecord(zz, int(result.mask.sum()), result.score, reason is None, reason or ""))
+                done += 1
+                if reason is not None:
+                    reasons[name] = f"stopped at slice {zz}: {reason}"
+                    break
+                out[zz] = result.mask
+                previous = result.mask
+                if result.mask.any():
+                    history.accept(result.mask, volume[zz])
+                report(progress, done, total, f"slice {zz} ({name})")
+        check_cancel(cancel)
+        report(progress, total, total, "done")
+        zs = np.nonzero(out.any(axis=(1, 2)))[0]
+        extent = (int(zs.min()), int(zs.max())) if zs.size else None
+        return PropagationResult(mask=out, z_extent=extent, stop_reasons=reasons, slices=records)
 
 
 def propagate_box3d(
