@@ -90,6 +90,21 @@ def test_area_resize_matches_opencv(shape):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
+@pytest.mark.parametrize("shape, out", [((101, 122), (212, 256)), ((300, 517), (149, 256)), ((1024, 1024), (256, 256)),
+                                        ((91, 117), (199, 256))])
+def test_banded_resize_equals_the_dense_weight_product(shape, out):
+    """area_resize's BLAS-free banded product (see _separable) is the dense ``wy @ x @ wx.T``."""
+    rs = np.random.RandomState(sum(shape))
+    area = shape[0] >= out[0] and shape[1] >= out[1]
+    wy, wx = P._area_weights(shape[0], out[0], area), P._area_weights(shape[1], out[1], area)
+    for x in (rs.randint(0, 256, shape).astype(np.float64), (rs.rand(*shape) > 0.5).astype(np.float64)):
+        dense = wy @ x @ wx.T
+        banded = P._separable(x, wy, wx)
+        assert banded.shape == out
+        np.testing.assert_allclose(banded, dense, rtol=0, atol=1e-9)
+    assert P._band(wy)[0].shape[1] < shape[0]  # a band, not the whole row
+
+
 def test_litemedsam_prepared_slice_is_the_reference_formula(ct_u8):
     img = ct_u8[80]
     h, w = img.shape
