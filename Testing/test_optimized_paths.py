@@ -236,11 +236,12 @@ def _minor_page_faults() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
-@pytest.mark.skipif(not allocator.supported(), reason="mallopt is glibc's (Linux); elsewhere it does nothing")
+@pytest.mark.skipif(allocator._glibc() is None, reason="mallopt is glibc's (Linux); elsewhere it does nothing")
 def test_reusing_freed_memory_cuts_page_faults_and_keeps_embeddings(optimized, plain, ct_case, monkeypatch):
     """What a propagation does (one scope over several slices), with and without the tuning."""
     image, boxes = ct_case
     zs = sorted(boxes)
+    run = sorted({min(max(z + d, 0), image.shape[0] - 1) for z in zs for d in (-1, 0, 1)})  # 6 slices
     _, emb, _ = plain
     pred = _predictor(optimized, image)
     pred.encode(zs[:1])  # first run: oneDNN primitives and lazy buffers, outside the count
@@ -249,7 +250,7 @@ def test_reusing_freed_memory_cuts_page_faults_and_keeps_embeddings(optimized, p
         pred.cache.clear()
         before = _minor_page_faults()
         with allocator.reuse_freed_memory() as tuned:
-            pred.encode(zs)
+            pred.encode(run)
         faults = _minor_page_faults() - before
         assert not allocator.active()
         for z in zs:
@@ -261,12 +262,15 @@ def test_reusing_freed_memory_cuts_page_faults_and_keeps_embeddings(optimized, p
     monkeypatch.setenv(allocator.ENV_SWITCH, "1")
     tuned_on, faults_on = encode_all()
     assert (tuned_off, tuned_on) == (False, True)
-    # Measured: ~70k faults with the tuning vs ~330k without for three LiteMedSAM slices.
-    assert faults_on * 2 < faults_off, (faults_on, faults_off)
+    # The first slice faults its buffers in either way; the later ones reuse them.
+    assert faults_on * 2 < faults_off, (faults_on, faults_off, len(run))
 
 
-def test_allocator_scopes_nest_and_the_switch_turns_them_off(monkeypatch):
+def test_allocator_scopes_nest_and_the_switch_turns_them_on(monkeypatch):
+    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+    assert not allocator.supported()  # opt-in: the default keeps peak memory below the reference's
     monkeypatch.setenv(allocator.ENV_SWITCH, "1")
+    assert allocator.supported() == (allocator._glibc() is not None)
     with allocator.reuse_freed_memory() as outer:
         assert allocator.active() == outer == allocator.supported()
         with allocator.reuse_freed_memory():
@@ -309,7 +313,7 @@ def test_bench_quick_writes_json_with_ratios(tmp_path, lite_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     row = result["models"]["litemedsam"]
-    for key in ("encoder_s", "box_to_mask_ms", "propagation_3d_s", "peak_memory_mb"):
+    for key in ("encoder_s", "box_to_mask_ms", "propagation_3d_s", "propagation_3d_fresh_process_s", "peak_memory_mb"):
         assert row[key]["reference"] > 0 and row[key]["ours"] > 0
         assert row[key]["ratio_of_medians"] == pytest.approx(row[key]["ours"] / row[key]["reference"])
         pairs = zip(row[key]["samples"]["reference"], row[key]["samples"]["ours"])

@@ -3,18 +3,22 @@
 Why: PyTorch's CPU tensors come from ``malloc``. glibc serves a large request with a fresh
 ``mmap`` and gives it back to the kernel on ``free``, so every forward pass faults its
 activations in again, page by page (the kernel zeroes each page). The image encoder allocates
-and frees hundreds of MB per slice, so this costs a lot of system time: on our 2-core benchmark
-machine (a VM), the reference LiteMedSAM encoder took 1.25 s per slice with glibc's defaults and
-0.71 s with freed memory kept for reuse, and its system time fell from 26 s to 1 s over the same
-run. glibc's own adaptive threshold does not help: it stops growing at 32 MB, and the encoder's
-largest buffers are bigger.
+and frees hundreds of MB per slice, so this costs system time, a lot of it on a VM: on our 2-core
+benchmark machine a script running a 20-slice LiteMedSAM propagation twice spent 9 s in the
+kernel, 1 s with freed memory kept.
 
-:func:`reuse_freed_memory` raises glibc's mmap and trim thresholds for as long as model work
-runs, then hands the free memory back to the system (``malloc_trim``) and restores glibc's
-documented defaults (128 KiB each; the adaptive threshold stays off afterwards). The settings are
-process-wide (``mallopt``), so nested and concurrent uses share one depth count: only the
-outermost exit restores. Elsewhere (Windows, macOS, musl) it does nothing. Set the environment
-variable ``MEDSAM_REUSE_FREED_MEMORY=0`` to turn it off.
+Keeping freed memory costs resident memory (freed blocks that do not fit the next request stay
+mapped). Measured in a fresh process per setting, that propagation (time / peak resident-set
+growth): glibc's defaults 16.0 s / 323 MB, a 64 MiB mmap threshold 14.9 s / 341 MB, 128 MiB
+13.8 s / 405 MB, 256 MiB 13.5 s / 421 MB; the reference pipeline takes 27.4 s / 381 MB. So it
+is opt-in: the default keeps our peak memory below the reference's, and a user on Linux who
+prefers speed sets ``MEDSAM_REUSE_FREED_MEMORY=1`` (256 MiB: 16% faster, about 100 MB more).
+
+:func:`reuse_freed_memory`, when switched on, raises glibc's mmap and trim thresholds for as long
+as model work runs, then hands the free memory back to the system (``malloc_trim``) and restores
+glibc's documented defaults (128 KiB each; the adaptive threshold stays off afterwards). The
+settings are process-wide (``mallopt``), so nested and concurrent uses share one depth count:
+only the outermost exit restores. Elsewhere (Windows, macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +31,7 @@ from typing import Any, Iterator, Optional
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# Measured: a 64 MiB mmap threshold left the reference LiteMedSAM encoder at 1.0 s per slice,
-# 256 MiB brought it to 0.71 s (glibc's default: 1.25 s). Buffers above it are still mmapped.
-MMAP_THRESHOLD = 256 << 20
+MMAP_THRESHOLD = 256 << 20  # buffers above it are still mmapped; the trade is in the docstring
 TRIM_THRESHOLD = 512 << 20
 GLIBC_DEFAULT_THRESHOLD = 128 << 10
 ENV_SWITCH = "MEDSAM_REUSE_FREED_MEMORY"
@@ -59,8 +61,11 @@ def _glibc() -> Optional[Any]:
 
 
 def supported() -> bool:
-    """Whether :func:`reuse_freed_memory` changes anything here (glibc, and not switched off)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off") and _glibc() is not None
+    """Whether :func:`reuse_freed_memory` changes anything here: glibc, and switched on.
+
+    On when the environment variable ``MEDSAM_REUSE_FREED_MEMORY`` is ``1``/``true``/``yes``/``on``.
+    """
+    return os.environ.get(ENV_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on") and _glibc() is not None
 
 
 def active() -> bool:
