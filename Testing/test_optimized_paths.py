@@ -230,40 +230,53 @@ def test_segmenter_optimizes_unless_told_not_to(lite_path):
 
 
 # -- the allocator: freed buffers reused between layers and slices (glibc) ---------------------------
-def _minor_page_faults() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+_FAULTS_CHILD = """
+import json, resource, sys
+import numpy as np, torch
+from MedSAMSlicerLib import allocator
+from MedSAMSlicerLib.checkpoints import load_model
+from MedSAMSlicerLib.optimize import optimize_for_inference
+from MedSAMSlicerLib.predictor import EmbeddingCache, Predictor
+from MedSAMSlicerLib.preprocessing import Window, apply_window
+from MedSAMSlicerLib.volumes import read_volume
+weights, ct, zs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = optimize_for_inference(load_model("tiny_vit", weights))
+pred = Predictor(model, "litemedsam", "m", torch.device("cpu"), cache=EmbeddingCache(1 << 30))
+pred.set_volume(apply_window(read_volume(ct).array, Window.preset("abdomen")), key="ct")
+pred.encode(zs[:1])  # oneDNN primitives and lazy buffers, outside the count
+pred.cache.clear()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+with allocator.reuse_freed_memory() as tuned:
+    pred.encode(zs)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+emb = {z: pred.embedding(z)[0, :4, :4, :4].flatten().tolist() for z in zs}
+print(json.dumps({"tuned": tuned, "faults": faults, "active_after": allocator.active(), "emb": emb}))
+"""
 
 
 @pytest.mark.skipif(allocator._glibc() is None, reason="mallopt is glibc's (Linux); elsewhere it does nothing")
-def test_reusing_freed_memory_cuts_page_faults_and_keeps_embeddings(optimized, plain, ct_case, monkeypatch):
-    """What a propagation does (one scope over several slices), with and without the tuning."""
+def test_reusing_freed_memory_cuts_page_faults_and_keeps_embeddings(lite_path, ct_sm_path, ct_case):
+    """What a propagation does (one scope over several slices), with and without the switch.
+
+    Each setting runs in a fresh process: page faults depend on the allocator's history, which
+    the other tests in this process have already shaped.
+    """
     image, boxes = ct_case
-    zs = sorted(boxes)
-    run = sorted({min(max(z + d, 0), image.shape[0] - 1) for z in zs for d in (-1, 0, 1)})  # 6 slices
-    _, emb, _ = plain
-    pred = _predictor(optimized, image)
-    pred.encode(zs[:1])  # first run: oneDNN primitives and lazy buffers, outside the count
-
-    def encode_all() -> tuple:
-        pred.cache.clear()
-        before = _minor_page_faults()
-        with allocator.reuse_freed_memory() as tuned:
-            pred.encode(run)
-        faults = _minor_page_faults() - before
-        assert not allocator.active()
-        for z in zs:
-            assert float((pred.embedding(z) - emb[z]).abs().max()) <= 1e-4
-        return tuned, faults
-
-    monkeypatch.setenv(allocator.ENV_SWITCH, "0")
-    tuned_off, faults_off = encode_all()
-    monkeypatch.setenv(allocator.ENV_SWITCH, "1")
-    tuned_on, faults_on = encode_all()
-    assert (tuned_off, tuned_on) == (False, True)
+    run = sorted({min(max(z + d, 0), image.shape[0] - 1) for z in boxes for d in (-1, 0, 1)})  # 6 slices
+    lib = str(Path(__file__).resolve().parents[1] / "MedSAMSlicer")
+    out = {}
+    for switch in ("0", "1"):
+        env = dict(os.environ, PYTHONPATH=lib, MEDSAM_REUSE_FREED_MEMORY=switch)
+        proc = subprocess.run([sys.executable, "-c", _FAULTS_CHILD, str(lite_path), str(ct_sm_path), json.dumps(run)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[switch] = json.loads(proc.stdout.strip().splitlines()[-1])
+    off, on = out["0"], out["1"]
+    assert (off["tuned"], on["tuned"]) == (False, True)
+    assert not on["active_after"]
+    assert on["emb"] == off["emb"]  # the same numbers, bit for bit
     # The first slice faults its buffers in either way; the later ones reuse them.
-    assert faults_on * 2 < faults_off, (faults_on, faults_off, len(run))
+    assert on["faults"] * 2 < off["faults"], (on["faults"], off["faults"], len(run))
 
 
 def test_allocator_scopes_nest_and_the_switch_turns_them_on(monkeypatch):
