@@ -616,9 +616,9 @@ def bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
                 log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Benchmark one model (``litemedsam`` or ``medsam``) against its reference; returns its JSON row.
 
-    In this process both pipelines run under one :func:`~.allocator.reuse_freed_memory` scope
-    (glibc's allocator settings are process-wide, so they must share them): those ratios are the
-    work each pipeline does. The fresh-process rows run each pipeline as it ships.
+    In this process both pipelines run under one :func:`~.allocator.reuse_freed_memory` scope (a
+    no-op unless ``MEDSAM_REUSE_FREED_MEMORY=1``; glibc's settings are process-wide, so the two
+    must share them). The fresh-process rows run each pipeline as it ships.
     """
     from .allocator import reuse_freed_memory
 
