@@ -232,7 +232,7 @@ def test_segmenter_optimizes_unless_told_not_to(lite_path):
 # -- the allocator: freed buffers reused between layers and slices (glibc) ---------------------------
 _FAULTS_CHILD = """
 import json, resource, sys
-import numpy as np, torch
+import torch
 from MedSAMSlicerLib import allocator
 from MedSAMSlicerLib.checkpoints import load_model
 from MedSAMSlicerLib.optimize import optimize_for_inference

@@ -593,6 +593,7 @@ def _memory_child(arg: str) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
+
     def run(key: str) -> float:
         t0 = time.perf_counter()
         if spec["pipeline"] == "reference":
@@ -605,10 +606,10 @@ def _memory_child(arg: str) -> None:
     with peak_rss() as rss:
         cold = run("memory")
     out = {"peak_rss_delta_mb": (rss["peak"] - rss["base"]) / 2**20, "seconds_cold": cold}
-    if spec.get("warm"):
-        out["seconds_warm"] = run("memory-warm")
     if device.type == "cuda":
         out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
+    if spec.get("warm"):
+        out["seconds_warm"] = run("memory-warm")
     print(json.dumps(out), flush=True)
 
 
