@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from MedSAMSlicerLib import registry
-from MedSAMSlicerLib.checkpoints import download, load_model, load_state_dict, package_file, sha256_file
+from MedSAMSlicerLib.checkpoints import load_model, load_state_dict
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.files import download, package_file, sha256_file
 from MedSAMSlicerLib.progress import Cancelled, CancelToken
 
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MedSAMSlicerLib.checkpoints import load_model, load_state_dict, package_file
+from MedSAMSlicerLib.checkpoints import load_model, load_state_dict
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.files import package_file
 from MedSAMSlicerLib.modeling import SamModel, build_model
 from MedSAMSlicerLib.registry import get_spec
 

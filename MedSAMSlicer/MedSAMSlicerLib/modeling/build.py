@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
+from ..architectures import ARCHITECTURE_TITLES
 from ..errors import MedSAMError
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
@@ -86,11 +87,6 @@ ARCHITECTURES: Dict[str, Callable[[], SamModel]] = {
     "tiny_vit": build_tiny_vit,
 }
 
-#: architecture name -> the model users know it as (for messages).
-ARCHITECTURE_TITLES: Dict[str, str] = {
-    "vit_b": "MedSAM",
-    "tiny_vit": "LiteMedSAM",
-}
 
 
 def available_architectures() -> List[str]:
