@@ -9,7 +9,6 @@ least-recently-used cache with a memory cap, and many slices can be encoded in o
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import threading
 from collections import OrderedDict
@@ -20,20 +19,10 @@ import numpy as np
 import torch
 
 from .allocator import reuse_freed_memory
+from .background import BackgroundTask, run_in_background
 from .errors import MedSAMError
 from .preprocessing import PreparedSlice, box_to_model, check_box, logits_to_mask, prepare_slice
-from .progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
-
-_PREFETCHES: List[Tuple[threading.Thread, CancelToken]] = []
-
-
-@atexit.register
-def _stop_prefetch_at_exit() -> None:
-    """Cancel background encoders and wait for them before the interpreter tears torch down."""
-    for _thread, token in _PREFETCHES:
-        token.cancel()
-    for thread, _ in _PREFETCHES:
-        thread.join(timeout=120)
+from .progress import CancelToken, ProgressCallback, check_cancel, report
 
 
 @dataclass
@@ -254,26 +243,15 @@ class Predictor:
         assert emb is not None
         return emb
 
-    def prefetch(self, zs: Iterable[int]) -> threading.Thread:
-        """Encode ``zs`` in a background thread (for a quick preview); returns the thread.
+    def prefetch(self, zs: Iterable[int]) -> BackgroundTask:
+        """Encode ``zs`` in a background task (for a quick preview); returns the started task.
 
-        The thread stops between batches when the interpreter exits (a torch call still running
-        in a daemon thread at exit aborts the process), see :func:`_stop_prefetch_at_exit`.
+        Like every :class:`~MedSAMSlicerLib.background.BackgroundTask`, it reports progress, can be
+        cancelled, and is cancelled and joined at interpreter exit. A GUI that keeps the GIL while
+        idle must :meth:`~MedSAMSlicerLib.background.BackgroundTask.pump` it for it to progress.
         """
         wanted = [int(z) for z in zs if 0 <= int(z) < self.depth]
-        token = CancelToken()
-
-        def work() -> None:
-            try:
-                self.encode(wanted, cancel=token)
-            except Cancelled:
-                pass
-
-        thread = threading.Thread(target=work, daemon=True, name="medsam-prefetch")
-        _PREFETCHES[:] = [(t, c) for t, c in _PREFETCHES if t.is_alive()]
-        _PREFETCHES.append((thread, token))
-        thread.start()
-        return thread
+        return run_in_background(lambda progress, cancel: self.encode(wanted, progress, cancel), "medsam-prefetch")
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.inference_mode()

@@ -10,12 +10,14 @@ the headless script, the benchmark and the training's evaluation.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .background import BackgroundTask
 from .checkpoints import load_model
 from .devices import select_device, select_precision
 from .errors import MedSAMError
@@ -150,9 +152,9 @@ class Segmenter:
         """3D from ``(x0, y0, z0, x1, y1, z1)``: the 2D box on the middle slice, bounded in z."""
         return propagate_box3d(self.predictor, box3d, progress=progress, cancel=cancel)
 
-    def prefetch(self, zs: Sequence[int]) -> None:
-        """Encode slices ``zs`` in the background so later boxes on them answer at once."""
-        self.predictor.prefetch(zs)
+    def prefetch(self, zs: Sequence[int]) -> BackgroundTask:
+        """Encode slices ``zs`` in a background task so later boxes on them answer at once."""
+        return self.predictor.prefetch(zs)
 
     def describe(self) -> str:
         """One line: model, weights, device and precision."""
@@ -162,3 +164,31 @@ class Segmenter:
             f" in {str(self.dtype).replace('torch.', '')}{mixed}, weights {self.weights}"
         )
 
+
+
+# -- one model per (model, checkpoint, device), shared by the front ends of one process -----------
+_SHARED: Dict[Tuple[str, str, str], Segmenter] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_segmenter(model: str = "litemedsam", checkpoint: Optional[PathLike] = None, device: str = "auto",
+                     progress: Optional[ProgressCallback] = None) -> Segmenter:
+    """The one :class:`Segmenter` per ``(model, checkpoint, device)`` in this process.
+
+    The Slicer effect, the module and the headless script share it, so the weights are loaded once
+    and the slice embeddings computed for one are reused by the others. Thread-safe: a worker
+    thread may be the first to ask (the model then loads off the GUI thread).
+    """
+    key = (str(model), os.path.abspath(os.fspath(checkpoint)) if checkpoint else "", str(device))
+    with _SHARED_LOCK:
+        segmenter = _SHARED.get(key)
+        if segmenter is None:
+            segmenter = Segmenter(model=model, checkpoint=checkpoint, device=device, progress=progress)
+            _SHARED[key] = segmenter
+        return segmenter
+
+
+def release_shared_segmenters() -> None:
+    """Forget the shared models (frees their memory; the next use loads them again)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()
