@@ -1,10 +1,11 @@
 """MedSAM Training: fine-tune MedSAM / LiteMedSAM on labelled cases, from Slicer.
 
 The training runs in a background process (``PythonSlicer -m MedSAMSlicerLib.training.cli
-train ... --progress-json``) started and read by ``MedSAMTrainingLib`` (no Qt there); this
-module only collects the settings, polls the job with a timer, shows progress and the loss /
-Dice plot the trainer writes, and copies the finished checkpoint to the folder the MedSAM
-module lists its models from. Module, Widget, Logic, Test, in Slicer's usual order.
+train ... --progress-json --export-to ...``) started and read by ``MedSAMTrainingLib`` (no Qt
+there); this module only collects the settings, polls the job with a timer, shows progress and
+the loss / Dice plot the trainer writes. The process itself exports its best (else latest)
+weights into the folder the MedSAM module lists its models from, so a run that Slicer did not
+see end still reaches the model list. Module, Widget, Logic, Test, in Slicer's usual order.
 """
 
 import logging
@@ -12,25 +13,32 @@ import os
 import shutil
 import sys
 
-import ctk
 import qt
 import slicer
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
+
+from MedSAMBridgeLib import compat
+from MedSAMBridgeLib.choices import DEVICE_CHOICES, choice_enum
 
 #: Packages the training process needs besides the MedSAM module's (cc3d removes small label
 #: islands in preprocessing, matplotlib draws the loss/Dice plot).
-TRAINING_REQUIREMENTS = (
-    ("cc3d", "connected-components-3d>=3.12,<5"),
-    ("matplotlib", "matplotlib>=3.6,<4"),
-)
+TRAINING_REQUIREMENTS = ("connected-components-3d>=3.12,<5", "matplotlib>=3.6,<4")
 POLL_INTERVAL_MS = 1000
 PLOT_FILE = "training.png"
+#: Folders are per computer, so they are kept in the application settings, not in the scene.
 SETTINGS_PREFIX = "MedSAMTraining/"
+#: Seconds Slicer waits, when it closes during a run, for the training process to save its step.
+STOP_ON_QUIT_S = 60.0
+
+TrainingModel = choice_enum("TrainingModel", (("litemedsam", "LiteMedSAM (CPU-friendly)"), ("medsam", "MedSAM ViT-B (GPU)")))
+TrainingDevice = choice_enum("TrainingDevice", DEVICE_CHOICES)
 
 
 #
@@ -48,11 +56,37 @@ class MedSAMTraining(ScriptedLoadableModule):
         self.parent.helpText = """
 Fine-tune MedSAM or LiteMedSAM on your labelled volumes (a folder with <tt>images/</tt> and
 <tt>labels/</tt>, FLARE22 layout). Training runs in a background process; Slicer stays usable.
-The best checkpoint is copied to the MedSAM module's checkpoint folder, where the MedSAM effect
-lists it as a model.
+The best checkpoint is added to the MedSAM module's checkpoint folder, where the MedSAM effect
+lists it as a model. Closing Slicer stops the run after saving its current step (a run can be resumed).
+<p>See the <a href="https://github.com/medsam-slicer/SlicerMedSAM#fine-tuning-medsamtraining">documentation</a>.</p>
 """
-        self.parent.helpText += self.getDefaultModuleDocumentationLink()
         self.parent.acknowledgementText = "Training recipe after MedSAM's train_one_gpu.py (bowang-lab/MedSAM)."
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedSAMTrainingParameterNode:
+    """The training settings, saved with the scene.
+
+    model - the architecture to fine-tune.
+    epochs, maxSteps (0: no limit), batchSize, learningRate - the schedule.
+    freezeEncoder - train the mask decoder only.
+    device - where training runs.
+    checkpointName - the name in the MedSAM model list (default: the run folder's name).
+    """
+
+    model: TrainingModel = TrainingModel.litemedsam
+    epochs: int = 10
+    maxSteps: int = 0
+    batchSize: int = 4
+    learningRate: float = 1e-4
+    freezeEncoder: bool = False
+    device: TrainingDevice = TrainingDevice.auto
+    checkpointName: str = ""
 
 
 #
@@ -60,118 +94,98 @@ lists it as a model.
 #
 
 
-class MedSAMTrainingWidget(ScriptedLoadableModuleWidget):
+class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.run = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        problem = compat.slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
+        if problem:
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAMTraining.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSAMTrainingLogic()
-        self.job = None
+
+        import ctk
+
+        for selector in (self.ui.dataSelector, self.ui.outputSelector):
+            selector.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.initialWeights.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+        self.ui.initialWeights.nameFilters = ["Weights (*.pth *.pt)"]
+        settings = qt.QSettings()
+        self.ui.dataSelector.currentPath = settings.value(SETTINGS_PREFIX + "Data", "")
+        self.ui.outputSelector.currentPath = settings.value(SETTINGS_PREFIX + "Out", "")
+
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onPoll)
-
-        dataBox = ctk.ctkCollapsibleButton()
-        dataBox.text = "Data"
-        self.layout.addWidget(dataBox)
-        form = qt.QFormLayout(dataBox)
-        self.dataSelector = self._folder("Labelled cases: images/ and labels/ (FLARE22 layout), or a preprocessed dataset.")
-        form.addRow("Dataset folder:", self.dataSelector)
-        self.outputSelector = self._folder("Run folder: checkpoints, log.csv and the plot are written here.")
-        form.addRow("Run folder:", self.outputSelector)
-
-        settingsBox = ctk.ctkCollapsibleButton()
-        settingsBox.text = "Settings"
-        self.layout.addWidget(settingsBox)
-        form = qt.QFormLayout(settingsBox)
-        self.modelSelector = qt.QComboBox()
-        self.modelSelector.addItem("LiteMedSAM (CPU-friendly)", "litemedsam")
-        self.modelSelector.addItem("MedSAM ViT-B (GPU)", "medsam")
-        form.addRow("Model:", self.modelSelector)
-        self.initialWeights = ctk.ctkPathLineEdit()
-        self.initialWeights.filters = ctk.ctkPathLineEdit.Files
-        self.initialWeights.nameFilters = ["Weights (*.pth *.pt)"]
-        self.initialWeights.setToolTip("Optional: start from these weights instead of the model's published ones.")
-        form.addRow("Initial weights:", self.initialWeights)
-        self.epochs = self._spin(1, 10000, 10)
-        form.addRow("Epochs:", self.epochs)
-        self.maxSteps = self._spin(0, 10000000, 0)
-        self.maxSteps.setToolTip("Stop after this many optimizer steps (0: no limit).")
-        form.addRow("Max steps:", self.maxSteps)
-        self.batchSize = self._spin(1, 256, 4)
-        form.addRow("Batch size:", self.batchSize)
-        self.learningRate = qt.QDoubleSpinBox()
-        self.learningRate.decimals = 7
-        self.learningRate.singleStep = 1e-5
-        self.learningRate.minimum = 1e-7
-        self.learningRate.maximum = 1.0
-        self.learningRate.value = 1e-4
-        form.addRow("Learning rate:", self.learningRate)
-        self.freezeEncoder = qt.QCheckBox("Train the mask decoder only (fast, little memory)")
-        form.addRow(self.freezeEncoder)
-        self.deviceSelector = qt.QComboBox()
-        for label, value in (("Automatic", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"), ("Apple MPS", "mps")):
-            self.deviceSelector.addItem(label, value)
-        form.addRow("Device:", self.deviceSelector)
-        self.checkpointName = qt.QLineEdit()
-        self.checkpointName.placeholderText = "name for the MedSAM model list (default: run folder name)"
-        form.addRow("Checkpoint name:", self.checkpointName)
-
-        self.startButton = qt.QPushButton("Start training")
-        self.layout.addWidget(self.startButton)
-        self.progressBar = qt.QProgressBar()
-        self.progressBar.setVisible(False)
-        self.layout.addWidget(self.progressBar)
-        self.statusLabel = qt.QLabel()
-        self.statusLabel.wordWrap = True
-        self.layout.addWidget(self.statusLabel)
-        self.plotLabel = qt.QLabel()
-        self.plotLabel.alignment = qt.Qt.AlignCenter
-        self.layout.addWidget(self.plotLabel)
-        self.layout.addStretch(1)
-
-        self.startButton.connect("clicked()", self.onStartOrCancel)
-        self._restoreSettings()
+        self.ui.startButton.connect("clicked()", self.onStartOrCancel)
+        # Closing Slicer must not leave the training process running detached.
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
 
     def cleanup(self):
-        self.timer.stop()
+        if hasattr(self, "timer"):
+            self.timer.stop()
+            slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        self.removeObservers()
+        self.setParameterNode(None)
 
-    @staticmethod
-    def _folder(toolTip):
-        selector = ctk.ctkPathLineEdit()
-        selector.filters = ctk.ctkPathLineEdit.Dirs
-        selector.setToolTip(toolTip)
-        return selector
+    def enter(self):
+        if self.logic is not None:
+            self.initializeParameterNode()
 
-    @staticmethod
-    def _spin(minimum, maximum, value):
-        spin = qt.QSpinBox()
-        spin.minimum = minimum
-        spin.maximum = maximum
-        spin.value = value
-        return spin
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
 
     def _settings(self):
+        p = self._parameterNode
         return {
-            "data": self.dataSelector.currentPath,
-            "out": self.outputSelector.currentPath,
-            "model": self.modelSelector.currentData,
-            "checkpoint": self.initialWeights.currentPath or None,
-            "epochs": self.epochs.value,
-            "max_steps": self.maxSteps.value or None,
-            "batch_size": self.batchSize.value,
-            "lr": self.learningRate.value,
-            "freeze_image_encoder": self.freezeEncoder.checked,
-            "device": self.deviceSelector.currentData,
+            "data": self.ui.dataSelector.currentPath,
+            "out": self.ui.outputSelector.currentPath,
+            "model": p.model.value,
+            "checkpoint": self.ui.initialWeights.currentPath or None,
+            "epochs": p.epochs,
+            "max_steps": p.maxSteps or None,
+            "batch_size": p.batchSize,
+            "lr": p.learningRate,
+            "freeze_image_encoder": p.freezeEncoder,
+            "device": p.device.value,
         }
 
-    def _restoreSettings(self):
-        settings = qt.QSettings()
-        self.dataSelector.currentPath = settings.value(SETTINGS_PREFIX + "Data", "")
-        self.outputSelector.currentPath = settings.value(SETTINGS_PREFIX + "Out", "")
-
     def onStartOrCancel(self):
-        if self.job is not None:
-            self.logic.cancel(self.job)
-            self.statusLabel.text = "Cancelling: the current step is saved to latest.pth..."
+        if self.run is not None:
+            self.logic.cancel(self.run)
+            self.ui.statusLabel.text = "Cancelling: the current step is saved to latest.pth..."
             return
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
             settings = self._settings()
@@ -179,55 +193,59 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget):
             qt.QSettings().setValue(SETTINGS_PREFIX + "Out", settings["out"])
             if not self.logic.setupPythonRequirements():
                 return
-            self.job = self.logic.start(settings)
-            self.startButton.text = "Cancel"
-            self.progressBar.setVisible(True)
-            self.progressBar.value = 0
-            self.statusLabel.text = "Starting the training process..."
+            self.run = self.logic.start(settings, name=self._parameterNode.checkpointName or None)
+            self.ui.startButton.text = "Cancel"
+            self.ui.progressBar.setVisible(True)
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Starting the training process..."
             self.timer.start()
 
+    def onAboutToQuit(self):
+        if self.run is not None and self.logic.isRunning(self.run):
+            logging.info("MedSAM Training: Slicer is closing; stopping the training run after it saves its step")
+            self.logic.stop(self.run, STOP_ON_QUIT_S)
+
     def onPoll(self):
-        if self.job is None:
+        if self.run is None:
             self.timer.stop()
             return
-        for event in self.logic.poll(self.job):
+        for event in self.logic.poll(self.run):
             self._show(event)
-        if not self.logic.isRunning(self.job):
+        if not self.logic.isRunning(self.run):
             self.timer.stop()
             self._finished()
 
     def _show(self, event):
         kind = event.get("event")
         if kind == "progress":  # preprocessing, training steps, validation
-            self.progressBar.maximum = max(int(event.get("total") or 1), 1)
-            self.progressBar.value = int(event.get("done") or 0)
-            self.progressBar.format = f"{event.get('stage', '')}: %v/%m"
+            self.ui.progressBar.maximum = max(int(event.get("total") or 1), 1)
+            self.ui.progressBar.value = int(event.get("done") or 0)
+            self.ui.progressBar.format = f"{event.get('stage', '')}: %v/%m"
             if event.get("message"):
-                self.statusLabel.text = f"{event.get('stage', '')}: {event['message']}"
+                self.ui.statusLabel.text = f"{event.get('stage', '')}: {event['message']}"
         elif kind == "validation":
             dice = event.get("mean_dice")
             if dice is not None:
-                self.statusLabel.text = f"Validation at step {event.get('step')}: mean Dice {dice:.3f}"
+                self.ui.statusLabel.text = f"Validation at step {event.get('step')}: mean Dice {dice:.3f}"
         elif kind in ("error", "cancelled"):
-            self.statusLabel.text = f"{kind.capitalize()}: {event.get('message', '')}"
+            self.ui.statusLabel.text = f"{kind.capitalize()}: {event.get('message', '')}"
         if kind in ("validation", "checkpoint", "done", "exit"):
             self._showPlot()
 
     def _showPlot(self):
-        path = os.path.join(self.outputSelector.currentPath, PLOT_FILE)
+        path = os.path.join(self.ui.outputSelector.currentPath, PLOT_FILE)
         if os.path.isfile(path):
             pixmap = qt.QPixmap(path)
             if not pixmap.isNull():
-                self.plotLabel.setPixmap(pixmap.scaledToWidth(min(520, pixmap.width()), qt.Qt.SmoothTransformation))
+                self.ui.plotLabel.setPixmap(pixmap.scaledToWidth(min(520, pixmap.width()), qt.Qt.SmoothTransformation))
 
     def _finished(self):
-        job, self.job = self.job, None
-        self.startButton.text = "Start training"
-        self.progressBar.setVisible(False)
+        run, self.run = self.run, None
+        self.ui.startButton.text = "Start training"
+        self.ui.progressBar.setVisible(False)
         self._showPlot()
         with slicer.util.tryWithErrorDisplay("Training failed.", waitCursor=True):
-            result = self.logic.finish(job, name=self.checkpointName.text or None)
-            self.statusLabel.text = result
+            self.ui.statusLabel.text = self.logic.finish(run)
 
 
 #
@@ -246,6 +264,9 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
         print(logic.finish(run))
     """
 
+    def getParameterNode(self):
+        return MedSAMTrainingParameterNode(super().getParameterNode())
+
     def pythonExecutable(self):
         """PythonSlicer: Slicer's own Python, with the packages installed in Slicer."""
         found = shutil.which("PythonSlicer")
@@ -262,37 +283,47 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     def setupPythonRequirements(self, askConfirmation=True):
         """The MedSAM module's packages (torch through the PyTorch extension), plus the training ones."""
-        import importlib.util
-
         import MedSAMSlicer
 
         if not MedSAMSlicer.MedSAMSlicerLogic().setupPythonRequirements(askConfirmation):
             return False
-        missing = [req for name, req in TRAINING_REQUIREMENTS if importlib.util.find_spec(name) is None]
-        if missing:
+        problems = compat.requirement_problems(TRAINING_REQUIREMENTS)
+        if problems["mismatched"]:
+            slicer.util.errorDisplay("MedSAM Training needs other versions of: " + ", ".join(problems["mismatched"]))
+            return False
+        if problems["missing"]:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "Training needs more Python packages: " + ", ".join(missing) + ". Install them now?"
+                "Training needs more Python packages: " + ", ".join(problems["missing"]) + ". Install them now?"
             ):
                 return False
-            for requirement in missing:
+            for requirement in problems["missing"]:
                 slicer.util.pip_install(requirement)
         return True
 
+    def exportPath(self, settings, name=None):
+        """Where a run's weights go: ``<checkpoint folder>/<name or run folder>-<model>.pth``."""
+        from MedSAMSlicerLib.model_choice import checkpoint_file_name
+
+        base = name or os.path.basename(os.path.normpath(settings["out"]))
+        return os.path.join(self.checkpointFolder(), checkpoint_file_name(base, settings.get("model") or "litemedsam"))
+
     # The only place that talks to MedSAMTrainingLib's job runner (a process started with
     # ``-m MedSAMSlicerLib.training.cli train ... --progress-json``, read line by line).
-    def start(self, settings):
+    def start(self, settings, name=None):
         """Start a training process for ``settings`` (keys of ``TrainConfig``); returns a run."""
         from MedSAMTrainingLib import jobs
 
         for key in ("data", "out"):
             if not settings.get(key):
                 raise ValueError(f"Choose the {'dataset' if key == 'data' else 'run'} folder first.")
+        target = self.exportPath(settings, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         # The job puts the folder holding MedSAMSlicerLib on PYTHONPATH (PythonSlicer does not
         # have the extension's module folders on sys.path).
-        job = jobs.TrainingJob(settings, python=self.pythonExecutable())
+        job = jobs.TrainingJob(settings, python=self.pythonExecutable(), export_to=target)
         job.start()
-        logging.info(f"MedSAM training started: {' '.join(job.command)}")
-        return TrainingRun(dict(settings), job)
+        logging.info(f"MedSAM training started: {' '.join(job.commands[-1])}")
+        return TrainingRun(dict(settings), job, target)
 
     def poll(self, run):
         """New progress events (dicts parsed from the process's --progress-json lines)."""
@@ -302,50 +333,34 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
         return bool(run.job.running)
 
     def cancel(self, run):
-        """Ask the process to stop; the trainer saves the current step before it exits."""
+        """Ask the process to stop; the trainer saves the current step (and exports it) before it exits."""
         run.cancelled = True
         run.job.cancel()
 
-    def _failure(self, run):
-        """None for a run that ended well (or was cancelled), else the error text."""
+    def stop(self, run, timeout):
+        """Cancel and wait up to ``timeout`` seconds, then end the process tree (Slicer is closing)."""
+        run.cancelled = True
+        return run.job.stop(timeout)
+
+    def finish(self, run):
+        """After the process ended: a status line. Raises on a failed run."""
         code = run.job.returncode
-        if run.cancelled or code in (0, None):
-            return None
-        return f"The training process ended with code {code}:\n{run.job.error_text()}"
-
-    def finish(self, run, name=None):
-        """After the process ended: copy the best (else latest) checkpoint to the MedSAM module's
-        checkpoint folder and return a status line. Raises on a failed run."""
-        failure = self._failure(run)
-        if failure:
-            raise RuntimeError(failure)
-        runDir = run.settings["out"]
-        source = None
-        for candidate in ("best.pth", "latest.pth"):
-            if os.path.isfile(os.path.join(runDir, candidate)):
-                source = os.path.join(runDir, candidate)
-                break
-        if source is None:
+        if not run.cancelled and code not in (0, None):
+            raise RuntimeError(f"The training process ended with code {code}:\n{run.job.error_text()}")
+        if not os.path.isfile(run.exportPath):
             return "Training stopped before the first checkpoint; nothing to add to the MedSAM models."
-        folder = self.checkpointFolder()
-        os.makedirs(folder, exist_ok=True)
-        model = run.settings.get("model") or "litemedsam"
-        base = name or os.path.basename(os.path.normpath(runDir))
-        target = os.path.join(folder, f"{base}-{model}.pth")
-        # A plain state dict (no optimizer state): what the MedSAM module loads as a model.
-        from MedSAMSlicerLib.training.trainer import export
-
-        export(source, target)
         prefix = "Cancelled; the last saved" if run.cancelled else "Done; the"
-        return f"{prefix} checkpoint is now a MedSAM model: {target}"
+        return f"{prefix} checkpoint is now a MedSAM model: {run.exportPath}"
 
 
 class TrainingRun:
-    """A started training: its settings, the job, and whether the user cancelled it."""
+    """A started training: its settings, the job, where its weights are exported, and whether
+    the user cancelled it."""
 
-    def __init__(self, settings, job):
+    def __init__(self, settings, job, exportPath):
         self.settings = settings
         self.job = job
+        self.exportPath = exportPath
         self.cancelled = False
 
 
@@ -388,21 +403,21 @@ class MedSAMTrainingTest(ScriptedLoadableModuleTest):
             sitk.WriteImage(label, os.path.join(root, "data", "labels", f"CASE_{case:04d}.nii.gz"))
         settings = {"data": os.path.join(root, "data"), "out": os.path.join(root, "run"), "model": "litemedsam",
                     "epochs": 1, "max_steps": 2, "batch_size": 2, "device": "cpu", "freeze_image_encoder": True}
-        job = logic.start(settings)
+        run = logic.start(settings, name="selftest")
         deadline = time.time() + 600
         events = []
-        while logic.isRunning(job) and time.time() < deadline:
-            events += logic.poll(job)
+        while logic.isRunning(run) and time.time() < deadline:
+            events += logic.poll(run)
             slicer.app.processEvents()
             time.sleep(0.5)
-        events += logic.poll(job)
-        self.assertFalse(logic.isRunning(job), "training did not finish in time")
+        events += logic.poll(run)
+        self.assertFalse(logic.isRunning(run), "training did not finish in time")
         self.assertTrue(any(e.get("event") in ("step", "progress") for e in events), events)
-        self.assertEqual(job.job.returncode, 0, job.job.error_text())
-        message = logic.finish(job, name="selftest")
+        self.assertEqual(run.job.returncode, 0, run.job.error_text())
+        message = logic.finish(run)
         self.delayDisplay(message)
         import MedSAMSlicer
 
-        choices = [choice for _, choice in MedSAMSlicer.MedSAMSlicerLogic().modelChoices()]
-        self.assertTrue(any("selftest-litemedsam.pth" in c for c in choices), choices)
+        files = [choice.checkpoint or "" for choice in MedSAMSlicer.MedSAMSlicerLogic().modelChoices()]
+        self.assertTrue(any(f.endswith("selftest-litemedsam.pth") for f in files), files)
         self.delayDisplay("Test passed")

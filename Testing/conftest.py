@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 DATA_DIR = Path(__file__).resolve().parent / "Data" / "totalsegmentator"
+#: The small CT and its labels ship with the module (its self-test uses them in Slicer).
+MODULE_DATA_DIR = Path(__file__).resolve().parent.parent / "MedSAMSlicer" / "Resources" / "TestData"
 
 #: TotalSegmentator ``total`` label ids used by the tests (see Testing/Data/README.md).
 TOTALSEG_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5, "stomach": 6,
@@ -39,13 +41,13 @@ def ct_seg_path() -> Path:
 @pytest.fixture(scope="session")
 def ct_sm_path() -> Path:
     """30-slice crop of the CT (122x101x30)."""
-    return DATA_DIR / "example_ct_sm.nii.gz"
+    return MODULE_DATA_DIR / "example_ct_sm.nii.gz"
 
 
 @pytest.fixture(scope="session")
 def ct_sm_seg_path() -> Path:
     """Labels on the grid of ``ct_sm_path``."""
-    return DATA_DIR / "example_seg.nii.gz"
+    return MODULE_DATA_DIR / "example_seg.nii.gz"
 
 
 @pytest.fixture(scope="session")

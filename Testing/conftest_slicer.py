@@ -3,7 +3,7 @@
 Use from a test module with ``pytest_plugins = ["conftest_slicer"]``; helpers are in
 ``slicer_helpers``.
 
-The scene is built by ``SegmentEditorMedSAMLib.headless.create_headless_scene`` (the same
+The scene is built by ``MedSAMBridgeLib.headless.create_headless_scene`` (the same
 bootstrap the headless script uses) and the CT and its reference labels are loaded through the
 Volumes module logic and storage nodes. One LiteMedSAM segmenter is shared by all tests on CPU;
 tests keep their boxes on slices 14..23 of the 30-slice CT, so the slice embeddings are computed
@@ -42,7 +42,7 @@ class CTScene:
 @pytest.fixture
 def headless_scene():
     """A fresh MRML scene with Volumes/Segmentations logics (``slicer.mrmlScene`` set)."""
-    from SegmentEditorMedSAMLib.headless import create_headless_scene
+    from MedSAMBridgeLib.headless import create_headless_scene
 
     return create_headless_scene()
 
@@ -50,7 +50,7 @@ def headless_scene():
 @pytest.fixture
 def ct_scene(headless_scene, ct_sm_path, ct_sm_seg_path) -> CTScene:
     """The 30-slice CT and its TotalSegmentator labels, loaded through storage nodes."""
-    from SegmentEditorMedSAMLib.headless import load_volume
+    from MedSAMBridgeLib.headless import load_volume
 
     ct = load_volume(ct_sm_path, "CT")
     labels = load_volume(ct_sm_seg_path, "labels", labelmap=True)
@@ -60,14 +60,14 @@ def ct_scene(headless_scene, ct_sm_path, ct_sm_seg_path) -> CTScene:
 @pytest.fixture(scope="session")
 def shared_segmenter():
     """LiteMedSAM on CPU, shared by every test (and by bridges made with default arguments)."""
-    from SegmentEditorMedSAMLib.MRMLBridge import get_segmenter
+    from MedSAMSlicerLib.segmenter import shared_segmenter
 
-    return get_segmenter("litemedsam", None, "cpu")
+    return shared_segmenter("litemedsam", None, "cpu")
 
 
 @pytest.fixture
 def bridge(shared_segmenter):
     """A bridge on the shared segmenter."""
-    from SegmentEditorMedSAMLib.MRMLBridge import MedSAMBridge
+    from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
 
     return MedSAMBridge("litemedsam", None, "cpu", segmenter=shared_segmenter)

@@ -10,7 +10,7 @@ import pytest
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "MedSAMSlicer"
 if str(MODULE_DIR) not in sys.path:
-    # Slicer puts the module folder on sys.path; do the same for SegmentEditorMedSAMLib.
+    # Slicer puts the module folder on sys.path; do the same for MedSAMBridgeLib.
     sys.path.insert(0, str(MODULE_DIR))
 
 slicer = pytest.importorskip("slicer")

@@ -32,7 +32,7 @@ def _spleen_box_ras(ct_scene, slab=(15, 17)):
 def test_script_end_to_end(ct_scene, ct_sm_path, tmp_path, record_property):
     """A box around the spleen on slices 15..17, in a fresh Python process: the .seg.nrrd has one
     segment named as asked, on the CT's grid, matching the reference spleen."""
-    from SegmentEditorMedSAMLib.headless import load_segmentation
+    from MedSAMBridgeLib.headless import load_segmentation
 
     out = tmp_path / "spleen.seg.nrrd"
     box = _spleen_box_ras(ct_scene)
@@ -92,7 +92,7 @@ def test_script_refuses_to_replace_output_and_bad_arguments(ct_sm_path, tmp_path
 def test_script_adds_to_an_existing_segmentation(shared_segmenter, ct_scene, ct_sm_path, tmp_path, capsys):
     """--segmentation adds the new segment to a saved one; --others all takes its voxels from the
     other segments. Runs in this process (shared model and cached embeddings)."""
-    from SegmentEditorMedSAMLib.headless import load_segmentation, save_node
+    from MedSAMBridgeLib.headless import load_segmentation, save_node
 
     seg = ct_scene.new_segmentation()
     reference_id = seg.GetSegmentation().AddEmptySegment("", "spleen (reference)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: File types a module can load at run time: all of them must be listed in CMake.
-SHIPPED_SUFFIXES = {".py", ".json", ".png", ".svg", ".ui", ".toml", ".yaml", ".yml", ".csv"}
+SHIPPED_SUFFIXES = {".py", ".json", ".png", ".svg", ".ui", ".toml", ".yaml", ".yml", ".csv", ".gz", ".txt"}
 #: Keys allowed by the Extensions Index schema (slicer-extension-catalog-entry-schema-v1.0.2.json,
 #: "additionalProperties": false) and the ones it requires.
 INDEX_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
@@ -85,6 +86,7 @@ def test_cmake_lists_every_shipped_file(module):
         and "__pycache__" not in p.parts
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.relative_to(folder).parts[0] != "Testing"
+        and p.name != "CMakeLists.txt"
     )
     unlisted = [f for f in on_disk if f not in listed]
     assert not unlisted, (
@@ -136,6 +138,12 @@ def test_icon_and_screenshot_urls_point_at_files_in_this_repository():
     for description in ("EXTENSION_DESCRIPTION", "EXTENSION_CONTRIBUTORS", "EXTENSION_CATEGORY"):
         assert meta[description].strip(), description
     assert "Apache-2.0" in meta["EXTENSION_DESCRIPTION"]
+    # The supported Slicer versions are stated where users see them, and match the code's rule.
+    sys.path.insert(0, str(ROOT / "MedSAMSlicer"))  # as Slicer puts the module folder on sys.path
+    from MedSAMBridgeLib.compat import MINIMUM_SLICER_VERSION
+
+    stated = "Slicer {}.{} or later".format(*MINIMUM_SLICER_VERSION)
+    assert stated in meta["EXTENSION_DESCRIPTION"] and stated in (ROOT / "README.md").read_text()
 
 
 def _classes(path: Path) -> dict:
@@ -159,14 +167,85 @@ def test_effect_follows_the_template():
     classes = _classes(folder / "SegmentEditorEffect.py")
     methods = classes["SegmentEditorEffect"]
     for name in ("clone", "icon", "helpText", "setupOptionsFrame", "processInteractionEvents", "setMRMLDefaults",
-                 "updateGUIFromMRML", "updateMRMLFromGUI", "deactivate"):
+                 "updateGUIFromMRML", "updateMRMLFromGUI", "activate", "deactivate", "cleanup"):
         assert name in methods, name
-    assert (folder / "SegmentEditorEffect.png").is_file()
+    # Slicer loads the effect file under this folder's name, replacing any package of that name:
+    # the folder holds the effect alone and is not a package (test_slicer_loading replays it).
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == [
+        "SegmentEditorEffect.png", "SegmentEditorEffect.py"]
     # The module registers the effect from this file at startup.
     module_source = (ROOT / "MedSAMSlicer" / "MedSAMSlicer.py").read_text()
     assert "qSlicerSegmentEditorScriptedEffect" in module_source and '"SegmentEditorEffect.py"' in module_source
-    # The package must import without Qt (the bridge is used headless): no effect import there.
-    assert "SegmentEditorEffect" not in (folder / "__init__.py").read_text().split('"""')[-1]
+
+
+def _ui_widgets(path: Path) -> dict:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    widgets = {}
+    for w in root.iter("widget"):
+        params = [p.findtext("string") for p in w.findall("property") if p.get("name") == "SlicerParameterName"]
+        widgets[w.get("name")] = {"class": w.get("class"), "parameter": params[0] if params else None}
+    return widgets
+
+
+def _ui_attributes(path: Path) -> set:
+    """Names ``X`` of every ``self.ui.X`` a module file uses."""
+    tree = ast.parse(path.read_text())
+    return {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+
+
+def _parameter_fields(path: Path, class_name: str) -> dict:
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+
+
+@pytest.mark.parametrize("module", ["MedSAMSlicer", "MedSAMTraining"])
+def test_ui_file_has_every_widget_the_module_uses(module):
+    """``slicer.util.childWidgetVariables`` exposes the .ui's widgets by object name; a name the
+    module uses but the .ui lacks would fail only inside Slicer, when the panel opens."""
+    ui = ROOT / module / "Resources" / "UI" / f"{module}.ui"
+    widgets = _ui_widgets(ui)
+    used = _ui_attributes(ROOT / module / f"{module}.py")
+    assert used, "the module uses its .ui"
+    missing = sorted(used - set(widgets))
+    assert not missing, f"{ui.name} has no widgets named {missing}"
+    known = {"qMRMLWidget", "QLabel", "QComboBox", "QPushButton", "QLineEdit", "QProgressBar", "QSpinBox",
+             "QDoubleSpinBox", "QCheckBox", "ctkCollapsibleButton", "ctkPathLineEdit", "qMRMLNodeComboBox"}
+    assert {w["class"] for w in widgets.values()} <= known, {w["class"] for w in widgets.values()} - known
+
+
+@pytest.mark.parametrize("module", ["MedSAMSlicer", "MedSAMTraining"])
+def test_ui_parameters_are_the_parameter_node_fields(module):
+    """Widgets with a SlicerParameterName are connected by ``connectGui`` to the parameter node
+    field of that name: each must exist, with a type the widget can show."""
+    ui = ROOT / module / "Resources" / "UI" / f"{module}.ui"
+    fields = _parameter_fields(ROOT / module / f"{module}.py", f"{module}ParameterNode")
+    tree = ast.parse((ROOT / module / f"{module}.py").read_text())
+    enums = {t.id for n in tree.body if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+             and getattr(n.value.func, "id", None) == "choice_enum" for t in n.targets}
+    bound = {w["parameter"]: w["class"] for w in _ui_widgets(ui).values() if w["parameter"]}
+    assert set(bound) == set(fields), (set(bound) ^ set(fields))
+    for name, widget_class in bound.items():
+        annotation = fields[name]
+        if widget_class == "qMRMLNodeComboBox":
+            assert annotation.startswith("slicer.vtkMRML"), (name, annotation)
+        elif widget_class == "QLineEdit":
+            assert annotation == "str", (name, annotation)
+        elif widget_class == "ctkPathLineEdit":
+            assert annotation in ("Path", "pathlib.Path"), (name, annotation)
+        elif widget_class in ("QSpinBox",):
+            assert annotation.startswith(("int", "Annotated[int")), (name, annotation)
+        elif widget_class in ("QDoubleSpinBox",):
+            assert annotation.startswith(("float", "Annotated[float")), (name, annotation)
+        elif widget_class == "QCheckBox":
+            assert annotation == "bool", (name, annotation)
+        elif widget_class == "QComboBox":
+            # an Enum made by choices.choice_enum: labels shown, values saved by name
+            assert annotation in enums, (name, annotation)
 
 
 def test_icons_are_real_pngs():

