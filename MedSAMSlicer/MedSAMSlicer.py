@@ -138,9 +138,11 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSAMSlicerLogic()
 
-        self.ui.checkpointFolderSelector.filters = ctkPathFilters("Dirs")
+        import ctk
+
+        self.ui.checkpointFolderSelector.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.checkpointFolderSelector.currentPath = self.logic.checkpointFolder()
-        self.ui.checkpointSelector.filters = ctkPathFilters("Files")
+        self.ui.checkpointSelector.filters = ctk.ctkPathLineEdit.Files
         self.ui.checkpointSelector.nameFilters = ["Weights (*.pth *.pt)"]
         for value, label in DEVICE_CHOICES:
             self.ui.deviceSelector.addItem(label, value)
@@ -339,14 +341,6 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.maximum = max(int(total), 1)
         self.ui.progressBar.value = int(done)
         self.ui.progressBar.format = f"{message} (%v/%m)"
-
-
-def ctkPathFilters(kind):
-    """``ctk.ctkPathLineEdit`` filter flags for "Dirs" or "Files"."""
-    import ctk
-
-    flags = {"Dirs": ctk.ctkPathLineEdit.Dirs, "Files": ctk.ctkPathLineEdit.Files}
-    return flags[kind] | ctk.ctkPathLineEdit.Readable
 
 
 #

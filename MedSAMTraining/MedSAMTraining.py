@@ -122,7 +122,7 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for selector in (self.ui.dataSelector, self.ui.outputSelector):
             selector.filters = ctk.ctkPathLineEdit.Dirs
-        self.ui.initialWeights.filters = ctk.ctkPathLineEdit.Files | ctk.ctkPathLineEdit.Readable
+        self.ui.initialWeights.filters = ctk.ctkPathLineEdit.Files
         self.ui.initialWeights.nameFilters = ["Weights (*.pth *.pt)"]
         settings = qt.QSettings()
         self.ui.dataSelector.currentPath = settings.value(SETTINGS_PREFIX + "Data", "")
