@@ -42,6 +42,22 @@ def slicerVersionProblem():
     return compat.slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
 
 
+def setupPanel(widget, uiFile):
+    """Load ``Resources/UI/<uiFile>`` into a module widget and return its ``ui`` variables; on an
+    unsupported Slicer show why instead and return ``None``. (Both MedSAM modules use it.)"""
+    problem = slicerVersionProblem()
+    if problem:
+        label = qt.QLabel(problem)
+        label.wordWrap = True
+        widget.layout.addWidget(label)
+        widget.layout.addStretch(1)
+        return None
+    uiWidget = slicer.util.loadUI(widget.resourcePath(f"UI/{uiFile}"))
+    widget.layout.addWidget(uiWidget)
+    uiWidget.setMRMLScene(slicer.mrmlScene)
+    return slicer.util.childWidgetVariables(uiWidget)
+
+
 #
 # Module
 #
@@ -125,17 +141,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        problem = slicerVersionProblem()
-        if problem:
-            label = qt.QLabel(problem)
-            label.wordWrap = True
-            self.layout.addWidget(label)
-            self.layout.addStretch(1)
+        self.ui = setupPanel(self, "MedSAMSlicer.ui")
+        if self.ui is None:
             return
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAMSlicer.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSAMSlicerLogic()
 
         import ctk

@@ -105,17 +105,11 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        problem = compat.slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
-        if problem:
-            label = qt.QLabel(problem)
-            label.wordWrap = True
-            self.layout.addWidget(label)
-            self.layout.addStretch(1)
+        import MedSAMSlicer
+
+        self.ui = MedSAMSlicer.setupPanel(self, "MedSAMTraining.ui")
+        if self.ui is None:
             return
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSAMTraining.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSAMTrainingLogic()
 
         import ctk
