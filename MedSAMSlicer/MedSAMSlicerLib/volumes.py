@@ -67,7 +67,8 @@ __all__ = [
 LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 
 _LPS_RAS_SIGN = np.array([-1.0, -1.0, 1.0])
-_CANONICAL_NAMES = ("x (toward Left)", "y (toward Posterior)", "z (toward Superior)")
+# How a canonical axis is named to the user, who gives boxes in RAS: x runs along R, y along A, z along S.
+_RAS_AXIS_NAMES = ("R (right-left)", "A (anterior-posterior)", "S (superior-inferior)")
 _INDEX_NAMES = ("i", "j", "k")
 _IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _SUPPORTED_INPUTS = (
@@ -287,6 +288,13 @@ class AxialOrientation:
             a = self.axes[c]
             out[:, a] = self.shape_ijk[a] - 1 - pts[:, c] if self.flips[c] else pts[:, c]
         return out
+
+    def slice_to_index(self, z: int) -> Tuple[str, int]:
+        """Canonical slice ``z`` -> the file's index axis along it and the index there, e.g.
+        ``("k", 21)``: how a slice is named to the user (their viewer shows file indices)."""
+        axis = self.axes[2]
+        n = self.shape_ijk[axis]
+        return _INDEX_NAMES[axis], (n - 1 - int(z)) if self.flips[2] else int(z)
 
     def canonical_spacing(self, spacing_ijk: Sequence[float]) -> Tuple[float, float, float]:
         """Voxel spacing ``(si, sj, sk)`` in file order -> ``(sx, sy, sz)`` in canonical order (mm)."""
@@ -1083,7 +1091,7 @@ def ras_box_to_canonical(volume: Volume, ras_corner_a: Sequence[float], ras_corn
             ras_lo, ras_hi = _ras_extent(volume)
             raise MedSAMError(
                 f"The box from RAS {_fmt_point(a)} to {_fmt_point(b)} mm lies outside the volume "
-                f"(along {_CANONICAL_NAMES[c]}); the volume spans RAS {_fmt_point(ras_lo)} to "
+                f"(along {_RAS_AXIS_NAMES[c]}); the volume spans RAS {_fmt_point(ras_lo)} to "
                 f"{_fmt_point(ras_hi)} mm. Draw the box on this volume."
             )
         first.append(max(f, 0))
@@ -1137,7 +1145,7 @@ def _extension(path: Path) -> str:
 def _input_files(path: Path) -> List[Path]:
     """The files a volume was read from: the file itself and, for a header with detached
     voxel data (``.nhdr``, ``.mhd``), its data file (a DICOM folder: none can be an output)."""
-    if path.is_dir():
+    if not path.is_file():
         return []
     files = [path]
     name = path.name.lower()
