@@ -270,7 +270,7 @@ def test_download_ok(tmp_path, served_file):
                    md5=hashlib.md5(data).hexdigest())
     assert out == dest and dest.read_bytes() == data
     assert sha256_file(dest) == digest
-    assert not dest.with_suffix(".part").exists()
+    assert [p.name for p in dest.parent.iterdir()] == ["weights.pth"]
     assert len(calls) >= 4 and calls[-1][0] == len(data)
     assert all(t == len(data) for _, t, _ in calls)
     assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls)
@@ -281,7 +281,7 @@ def test_download_wrong_sha256_keeps_nothing(tmp_path, served_file):
     dest = tmp_path / "dl" / "weights.pth"
     with pytest.raises(MedSAMError, match="sha256"):
         download(url, dest, sha256="0" * 64)
-    assert not dest.exists() and not dest.with_suffix(".part").exists()
+    assert not dest.exists() and not list(dest.parent.iterdir())
 
 
 def test_download_http_error_keeps_nothing(tmp_path, http_root):
@@ -289,7 +289,7 @@ def test_download_http_error_keeps_nothing(tmp_path, http_root):
     dest = tmp_path / "dl" / "weights.pth"
     with pytest.raises(MedSAMError, match="404"):
         download(f"{base}/absent.pth", dest)
-    assert not dest.exists() and not dest.with_suffix(".part").exists()
+    assert not dest.exists() and not list(dest.parent.iterdir())
 
 
 def test_download_cancel_keeps_nothing(tmp_path, served_file):
@@ -303,7 +303,7 @@ def test_download_cancel_keeps_nothing(tmp_path, served_file):
 
     with pytest.raises(Cancelled):
         download(url, dest, progress=progress, cancel=token)
-    assert not dest.exists() and not dest.with_suffix(".part").exists()
+    assert not dest.exists() and not list(dest.parent.iterdir())
 
 
 def test_download_does_not_touch_existing_dest_on_failure(tmp_path, served_file):

@@ -6,8 +6,9 @@
   checkpoints (MedSAM's ``train_one_gpu.py``), ``{"state_dict": sd}`` and ``module.`` (DDP) or
   ``_orig_mod.`` (``torch.compile``) key prefixes.
 - :func:`load_model` builds the architecture and loads strictly; when the keys do not fit it says
-  which model the file looks like.
-- :func:`download` streams a URL to ``dest`` through a ``.part`` file, verifies the digest and
+  which model the file looks like; weights with NaN or infinite values are refused
+  (:func:`check_finite_weights`).
+- :func:`download` streams a URL to ``dest`` through a temporary file, verifies the digest and
   renames atomically, so ``dest`` is either complete or absent.
 - :func:`package_file` finds a file inside an installed distribution without importing it.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import importlib.metadata
 import os
 import pickle
@@ -24,11 +26,12 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from .errors import MedSAMError
 from .modeling import ARCHITECTURE_TITLES, ARCHITECTURES, SamModel, build_model, describe_architecture
-from .progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
+from .progress import CancelToken, ProgressCallback, check_cancel, report
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -188,6 +191,32 @@ def check_state_dict(architecture: str, state_dict: Mapping[str, torch.Tensor], 
     )
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # numpy's isfinite: exact and much faster than torch's on a busy CPU (no thread pool).
+    t = tensor.detach().cpu()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()  # numpy has no bfloat16
+    return bool(np.isfinite(t.numpy()).all())
+
+
+def check_finite_weights(state_dict: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> None:
+    """Refuse weights holding NaN or infinite values (a diverged fine-tune).
+
+    Such a model loads and runs, and answers every box with an empty or garbage mask.
+
+    Raises:
+        MedSAMError: naming how many tensors are affected, the first one, and what to do.
+    """
+    bad = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not _all_finite(v)]
+    if bad:
+        raise MedSAMError(
+            f"{source} holds NaN or infinite weights in {len(bad)} of its {len(state_dict)} tensors (e.g. {bad[0]}): "
+            "the training that wrote it diverged, and the model would answer every box with an empty or "
+            "meaningless mask. Use an earlier checkpoint (e.g. best.pth of the run), or train again with a lower "
+            "learning rate."
+        )
+
+
 def load_model(
     architecture_or_spec: object,
     path: PathLike,
@@ -203,7 +232,7 @@ def load_model(
 
     Raises:
         MedSAMError: unreadable or unsafe file, keys or shapes that do not fit (the message says
-            which model the file looks like), or an unusable device.
+            which model the file looks like), NaN or infinite weights, or an unusable device.
     """
     architecture = _resolve_architecture(architecture_or_spec)
     if architecture not in ARCHITECTURES:
@@ -212,6 +241,7 @@ def load_model(
     for key in IGNORED_KEYS:
         sd.pop(key, None)
     check_state_dict(architecture, sd, source=f"checkpoint {Path(os.fspath(path)).name}")
+    check_finite_weights(sd, source=f"checkpoint {Path(os.fspath(path)).name}")
     model = build_model(architecture)
     model.load_state_dict(sd, strict=True)
     try:
@@ -264,10 +294,11 @@ def download(
 ) -> Path:
     """Download ``url`` to ``dest`` safely.
 
-    Streams to ``dest.with_suffix(".part")``, calls ``progress(done_bytes, total_bytes, message)``
-    (``total_bytes`` is 0 when the server does not say), checks ``cancel`` between chunks, verifies
-    ``sha256`` (and ``md5``) when given, then renames the part file onto ``dest``.  On any failure
-    or cancellation the part file is deleted and ``dest`` is left untouched.
+    Streams to a temporary file beside ``dest`` (``training._atomic.atomic_write``), calls
+    ``progress(done_bytes, total_bytes, message)`` (``total_bytes`` is 0 when the server does not
+    say), checks ``cancel`` between chunks, verifies ``sha256`` (and ``md5``) when given, then
+    renames it onto ``dest``.  On any failure or cancellation the temporary file is deleted and
+    ``dest`` is left untouched.
 
     Returns:
         ``dest`` as a :class:`~pathlib.Path`.
@@ -276,22 +307,42 @@ def download(
         MedSAMError: network/HTTP error, short read, or digest mismatch.
         Cancelled: ``cancel`` was set.
     """
+    from .training._atomic import atomic_write
+
     dest = Path(os.fspath(dest)).expanduser()
-    part = dest.with_suffix(".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    hasher = hashlib.sha256()
-    md5_hasher = hashlib.md5() if md5 else None
     done = 0
-    try:
+
+    def network_error(exc: BaseException) -> MedSAMError:
+        if isinstance(exc, urllib.error.HTTPError):
+            return MedSAMError(f"cannot download {url}: HTTP {exc.code} {exc.reason}")
+        reason = getattr(exc, "reason", None) or exc
+        return MedSAMError(
+            f"cannot download {url}: {reason}. Check the network (or a proxy), or download the file "
+            f"by hand and give its path as the checkpoint"
+        )
+
+    def fetch(part: Path) -> None:
+        # Network errors are reported as such here; errors writing ``part`` (disk full, ...) go
+        # on to atomic_write, which reports them as writing errors.
+        nonlocal done
+        hasher = hashlib.sha256()
+        md5_hasher = hashlib.md5() if md5 else None
         check_cancel(cancel)
         request = urllib.request.Request(url, headers={"User-Agent": "medsam-slicer"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError and HTTPError are OSErrors
+            raise network_error(exc) from None
+        with response, open(part, "wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else 0
             report(progress, 0, total, f"downloading {dest.name}")
             while True:
                 check_cancel(cancel)
-                chunk = response.read(_CHUNK)
+                try:
+                    chunk = response.read(_CHUNK)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise network_error(exc) from None
                 if not chunk:
                     break
                 out.write(chunk)
@@ -314,29 +365,10 @@ def download(
                 f"download of {url} is corrupt or not the expected file: md5 {md5_hasher.hexdigest()}, "
                 f"expected {md5}; nothing was kept"
             )
-        os.replace(part, dest)
-    except (Cancelled, MedSAMError):
-        _remove(part)
-        raise
-    except urllib.error.HTTPError as exc:
-        _remove(part)
-        raise MedSAMError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        _remove(part)
-        reason = getattr(exc, "reason", exc)
-        raise MedSAMError(
-            f"cannot download {url}: {reason}. Check the network (or a proxy), or download the file "
-            f"by hand and give its path as the checkpoint"
-        ) from None
-    except BaseException:
-        _remove(part)
-        raise
+
+    # Through the one atomic-publish helper: a partial download never has dest's name, and one
+    # left by a killed run is removed by the next write into the folder.
+    atomic_write(dest, fetch)
     report(progress, done, done, f"downloaded {dest.name}")
     return dest
 
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
