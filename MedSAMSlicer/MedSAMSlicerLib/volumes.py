@@ -407,13 +407,15 @@ def read_volume(path: PathLike, allow_gaps: bool = False, labels: bool = False) 
     """
     p = Path(os.path.expanduser(os.fspath(path)))
     try:
-        exists = p.exists()
-    except OSError as exc:
-        raise MedSAMError(f"Input '{p}' cannot be used ({exc.strerror or exc}).") from None
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as exc:  # e.g. a folder on the way that may not be entered
+        raise MedSAMError(
+            f"Input '{p}' cannot be used ({exc.strerror or exc}). Check the path and its permissions."
+        ) from None
     if not exists:
         raise MedSAMError(f"Input not found: '{p}'. Check the path; give {_SUPPORTED_INPUTS}.")
     notes: List[str] = []
-    if p.is_dir():
+    if is_dir:
         image = _read_dicom_folder(p, notes, allow_gaps)
     else:
         image = _read_image_file(p, notes, allow_gaps)
@@ -440,8 +442,8 @@ def check_voxel_values(volume: Volume, labels: bool = False) -> None:
         finite = np.isfinite(array)
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))
-            z, y, x = (int(v) for v in np.argwhere(~finite)[0])
-            i, j, k = volume.orientation.canonical_to_ijk((x, y, z))
+            # The first in the file's own order (k, then j, then i), as the user's viewer counts.
+            k, j, i = (int(v) for v in np.argwhere(volume.orientation.from_canonical(~finite))[0])
             kinds = [name for name, test in (("NaN", np.isnan), ("infinite", np.isinf)) if test(array).any()]
             raise MedSAMError(
                 f"{source} has {bad} voxel(s) that are {' or '.join(kinds)} (the first at i={i}, j={j}, k={k}); "
@@ -1145,7 +1147,10 @@ def _extension(path: Path) -> str:
 def _input_files(path: Path) -> List[Path]:
     """The files a volume was read from: the file itself and, for a header with detached
     voxel data (``.nhdr``, ``.mhd``), its data file (a DICOM folder: none can be an output)."""
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return []
+    except OSError:  # unreadable: read_volume will say so
         return []
     files = [path]
     name = path.name.lower()
