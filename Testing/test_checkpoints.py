@@ -139,6 +139,25 @@ def test_wrong_architecture_names_the_right_one(lite_path):
     assert "missing keys" in msg and "unexpected keys" in msg
 
 
+def test_diverged_checkpoint_with_nan_weights_is_refused(tmp_path, lite_sd, ct_sm_path, capsys):
+    """A fine-tune that diverged writes NaN weights; such a model answers every box with an empty
+    mask. It is refused when loaded, also by `medsam-slicer segment --checkpoint`."""
+    from MedSAMSlicerLib.cli import main
+
+    sd = {k: v.clone() for k, v in lite_sd.items()}
+    key = next(k for k in sd if k.startswith("mask_decoder.transformer"))
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    path = tmp_path / "diverged.pth"
+    torch.save(sd, path)
+    with pytest.raises(MedSAMError, match=rf"NaN or infinite weights in 1 of its \d+ tensors \(e\.g\. {key}\)"):
+        load_model("litemedsam", path)
+    out = tmp_path / "m.nii.gz"
+    code = main(["segment", str(ct_sm_path), "--box-ijk", "47", "30", "15", "103", "86", "15", "-o", str(out),
+                 "--checkpoint", str(path), "--device", "cpu", "--slice-only"])
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN or infinite weights" in err and "earlier checkpoint" in err and not out.exists()
+
+
 def test_unrelated_state_dict_is_rejected(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(MedSAMError, match="does not fit LiteMedSAM"):
