@@ -99,7 +99,7 @@ def _cli(args, capsys):
         ("flat", "2D"),
         ("movie", "4D|frames|components|time"),
         ("outside", "outside"),
-        ("zero", "zero size"),
+        ("zero", r"single voxel wide \(i0=30 and i1=30\)"),
         ("slice", "out of range|outside"),
         ("model", "(?i)unknown model"),
         ("device", "unknown device"),
