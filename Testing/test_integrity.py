@@ -131,6 +131,30 @@ def test_blank_volume_is_refused_but_a_blank_label_map_reads(tmp_path, ct_sm_pat
     assert read_volume(path, labels=True).array.max() == 5
 
 
+def test_itk_errors_are_said_in_plain_words(tmp_path, ct_sm_path):
+    """What SimpleITK raises (a source-file line, an object address) and what ITK's C++ code prints
+    past Python (MetaIO's 'data not read completely', niftilib's '** ERROR') become one reason."""
+    from MedSAMSlicerLib.volumes import _quiet_itk, _sitk_reason
+
+    image = sitk.ReadImage(str(ct_sm_path))
+    with pytest.raises(RuntimeError) as info:
+        with _quiet_itk() as native:
+            sitk.WriteImage(image, str(tmp_path / "no" / "such" / "x.nii.gz"))
+    assert ".cxx:" in str(info.value) and any("nifti_image_write_engine" in line for line in native)
+    assert _sitk_reason(info.value, native) == "the file could not be created there"
+    path = tmp_path / "t.mha"
+    sitk.WriteImage(image, str(path))
+    path.write_bytes(path.read_bytes()[:-50000])
+    with pytest.raises(RuntimeError) as info:
+        with _quiet_itk() as native:
+            sitk.ReadImage(str(path))
+    assert _sitk_reason(info.value, native).endswith("bytes of voxel data its header promises: it is truncated")
+    with pytest.raises(RuntimeError) as info:
+        sitk.ReadImage(str(tmp_path / "absent.nii.gz"))
+    reason = _sitk_reason(info.value)
+    assert "does not exist" in reason and ".cxx" not in reason and "sitk::" not in reason
+
+
 # ---------------------------------------------------------------------------------------------
 # DICOM series with a missing or unreadable slice
 
@@ -378,6 +402,28 @@ def test_temporary_file_of_a_killed_run_is_removed_by_the_next_write(tmp_path):
     assert len(left) == 1 and left[0].startswith(".latest.") and left[0].endswith(TEMP_MARK + ".pth")
     write_json(tmp_path / "manifest.json", {"next": "run"})
     assert _temporaries(tmp_path) == [] and not target.exists()
+
+
+def test_slice_only_with_a_3d_box_segments_its_middle_slice_named_in_file_indices(ct_path, kidney_box, tmp_path,
+                                                                                   lite_segmenter):
+    """`--slice-only` with a 3D box segmented the box's bottom slice, not its middle slice as
+    documented; and slices were reported in our canonical z (k=90 of a z-flipped file was
+    "slice 21"). The flipped copy has the same canonical voxels, so its slice is encoded once."""
+    from MedSAMSlicerLib.cli import segment_file
+
+    i0, j0, k0, i1, j1, k1 = kidney_box
+    k_mid = (k0 + k1) // 2
+    image = sitk.ReadImage(str(ct_path))
+    nk = image.GetSize()[2]
+    flipped = tmp_path / "flipped.nii.gz"
+    sitk.WriteImage(sitk.Flip(image, [False, False, True]), str(flipped))
+    for path, box, k_expected in ((ct_path, kidney_box, k_mid),
+                                  (flipped, (i0, j0, nk - 1 - k0, i1, j1, nk - 1 - k1), nk - 1 - k_mid)):
+        out = tmp_path / f"mid_{Path(path).name}"
+        summary = segment_file(str(path), out, box_ijk=box, slice_only=True, segmenter=lite_segmenter, progress=False)
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))  # (k, j, i)
+        assert np.flatnonzero(mask.any(axis=(1, 2))).tolist() == [k_expected], summary
+        assert f"(slice k={k_expected} only, the 3D box's middle slice)" in summary
 
 
 # ---------------------------------------------------------------------------------------------
