@@ -826,6 +826,11 @@ def check_file_complete(path: PathLike) -> None:
             f"{where} is damaged: its compressed voxel data fail their integrity check (after {have:,} of "
             f"{layout.expected:,} bytes), so some voxels would be wrong. Copy or export the file again."
         )
+    if problem == "truncated" and have >= layout.expected:
+        raise MedSAMError(
+            f"{where} is truncated: its compressed data stop before their end and checksum, so they cannot be "
+            "verified. Copy or export the file again (an interrupted download or copy?)."
+        )
     if problem == "truncated" or have < layout.expected:
         raise MedSAMError(
             f"{where} is truncated: it holds {min(have, layout.expected):,} of the {layout.expected:,} bytes of voxel "
