@@ -82,3 +82,17 @@ def lite_segmenter():
     from MedSAMSlicerLib.segmenter import Segmenter
 
     return Segmenter("litemedsam", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def kidney_box(ct_path, ct_seg_path):
+    """A 3D box (input voxel indices i, j, k, inclusive) around 5 slices of the left kidney of
+    ``ct_path``, centred on its largest slice."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_seg_path)))  # (k, j, i)
+    ref = labels == TOTALSEG_LABELS["kidney_left"]
+    k_mid = int(np.argmax(ref.sum(axis=(1, 2))))
+    _, js, is_ = np.nonzero(ref[k_mid - 2 : k_mid + 3])
+    return (int(is_.min()), int(js.min()), k_mid - 2, int(is_.max()), int(js.max()), k_mid + 2)

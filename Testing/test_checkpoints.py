@@ -140,6 +140,25 @@ def test_wrong_architecture_names_the_right_one(lite_path):
     assert "missing keys" in msg and "unexpected keys" in msg
 
 
+def test_diverged_checkpoint_with_nan_weights_is_refused(tmp_path, lite_sd, ct_sm_path, capsys):
+    """A fine-tune that diverged writes NaN weights; such a model answers every box with an empty
+    mask. It is refused when loaded, also by `medsam-slicer segment --checkpoint`."""
+    from MedSAMSlicerLib.cli import main
+
+    sd = {k: v.clone() for k, v in lite_sd.items()}
+    key = next(k for k in sd if k.startswith("mask_decoder.transformer"))
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    path = tmp_path / "diverged.pth"
+    torch.save(sd, path)
+    with pytest.raises(MedSAMError, match=rf"NaN or infinite weights in 1 of its \d+ tensors \(e\.g\. {key}\)"):
+        load_model("litemedsam", path)
+    out = tmp_path / "m.nii.gz"
+    code = main(["segment", str(ct_sm_path), "--box-ijk", "47", "30", "15", "103", "86", "15", "-o", str(out),
+                 "--checkpoint", str(path), "--device", "cpu", "--slice-only"])
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN or infinite weights" in err and "earlier checkpoint" in err and not out.exists()
+
+
 def test_unrelated_state_dict_is_rejected(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
     with pytest.raises(MedSAMError, match="does not fit LiteMedSAM"):
@@ -271,7 +290,7 @@ def test_download_ok(tmp_path, served_file):
                    md5=hashlib.md5(data).hexdigest())
     assert out == dest and dest.read_bytes() == data
     assert sha256_file(dest) == digest
-    assert not dest.with_suffix(".part").exists()
+    assert [p.name for p in dest.parent.iterdir()] == ["weights.pth"]
     assert len(calls) >= 4 and calls[-1][0] == len(data)
     assert all(t == len(data) for _, t, _ in calls)
     assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls)
@@ -282,7 +301,7 @@ def test_download_wrong_sha256_keeps_nothing(tmp_path, served_file):
     dest = tmp_path / "dl" / "weights.pth"
     with pytest.raises(MedSAMError, match="sha256"):
         download(url, dest, sha256="0" * 64)
-    assert not dest.exists() and not dest.with_suffix(".part").exists()
+    assert not dest.exists() and not list(dest.parent.iterdir())
 
 
 def test_download_http_error_keeps_nothing(tmp_path, http_root):
@@ -290,7 +309,7 @@ def test_download_http_error_keeps_nothing(tmp_path, http_root):
     dest = tmp_path / "dl" / "weights.pth"
     with pytest.raises(MedSAMError, match="404"):
         download(f"{base}/absent.pth", dest)
-    assert not dest.exists() and not dest.with_suffix(".part").exists()
+    assert not dest.exists() and not list(dest.parent.iterdir())
 
 
 def test_download_cancel_keeps_nothing(tmp_path, served_file):
@@ -304,7 +323,7 @@ def test_download_cancel_keeps_nothing(tmp_path, served_file):
 
     with pytest.raises(Cancelled):
         download(url, dest, progress=progress, cancel=token)
-    assert not dest.exists() and not dest.with_suffix(".part").exists()
+    assert not dest.exists() and not list(dest.parent.iterdir())
 
 
 def test_download_does_not_touch_existing_dest_on_failure(tmp_path, served_file):

@@ -20,16 +20,6 @@ from MedSAMSlicerLib.volumes import AxialOrientation, read_volume
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def kidney_box(ct_path, ct_seg_path):
-    """A 3D box (input voxel indices i, j, k, inclusive) around 5 slices of the left kidney."""
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(ct_seg_path)))  # (k, j, i)
-    ref = labels == 3
-    k_mid = int(np.argmax(ref.sum(axis=(1, 2))))
-    _, js, is_ = np.nonzero(ref[k_mid - 2 : k_mid + 3])
-    return (int(is_.min()), int(js.min()), k_mid - 2, int(is_.max()), int(js.max()), k_mid + 2)
-
-
 def _variants(src: sitk.Image):
     """The same voxels stored differently: flipped, permuted, identity direction, 10-degree oblique."""
     flipped = sitk.Flip(src, [True, False, True])
@@ -99,7 +89,7 @@ def _cli(args, capsys):
         ("flat", "2D"),
         ("movie", "4D|frames|components|time"),
         ("outside", "outside"),
-        ("zero", "zero size"),
+        ("zero", r"single voxel wide \(i0=30 and i1=30\)"),
         ("slice", "out of range|outside"),
         ("model", "(?i)unknown model"),
         ("device", "unknown device"),

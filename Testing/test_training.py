@@ -262,6 +262,51 @@ def test_preprocess_bad_inputs(tmp_path, flare_dir):
     assert not (tmp_path / "prep2").exists()
 
 
+def test_truncated_case_is_skipped_and_training_refuses_the_incomplete_preparation(tmp_path, flare_dir):
+    """Issue 11: SimpleITK reads a truncated NIfTI with zeros in place of the missing voxels, which
+    became blank training slices that still carried labels; and `train` then ran on the half-failed
+    preparation with no validation, no best.pth and no word."""
+    data = tmp_path / "data"
+    shutil.copytree(flare_dir, data)
+    held_out = data / "images" / "FLARE22_Tr_0002_0000.nii.gz"
+    held_out.write_bytes(held_out.read_bytes()[: held_out.stat().st_size // 2])
+    prep = tmp_path / "prep"
+    with pytest.raises(MedSAMError, match=r"FLARE22_Tr_0002_0000\.nii\.gz.*is truncated: it holds"):
+        preprocess_dataset(data, prep, PreprocessSettings.preset("litemedsam"))
+    manifest = load_manifest(prep)
+    assert not manifest["complete"] and list(manifest["failed"]) == ["FLARE22_Tr_0002"]
+    assert list(manifest["cases"]) == ["FLARE22_Tr_0001"]
+    assert sorted(p.name for p in prep.glob("*.npz")) == ["FLARE22_Tr_0001.npz"]  # never training data
+
+    run = tmp_path / "run"
+    args = ["train", "--data", prep, "--out", run, "--model", "litemedsam", "--labels", str(GALLBLADDER),
+            "--freeze-image-encoder", "--batch-size", "1", "--max-steps", "1", "--device", "cpu", "--quiet"]
+    code, _, err = _cli(args)
+    assert code == 2 and "is incomplete: 1 case(s) could not be prepared (FLARE22_Tr_0002)" in err
+    assert "--allow-incomplete" in err and not run.exists()
+    code, _, err = _cli([*args, "--allow-incomplete"])  # the held-out case was the one that failed
+    assert code == 2 and "held-out (validation) split" in err and "are not prepared" in err
+    assert "--no-validation" in err and not run.exists()
+    code, _, err = _cli([*args, "--allow-incomplete", "--no-validation"])  # knowingly: runs, and says so
+    assert code == 0, err
+    assert "warning: training on an incomplete preparation (--allow-incomplete)" in err
+    assert (run / "latest.pth").is_file() and not (run / "best.pth").exists()
+
+
+def test_window_warning_is_recorded_for_ct_without_its_rescale(tmp_path, flare_dir):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    shutil.copytree(flare_dir / "labels", data / "labels")
+    for name in CASES:
+        image = sitk.ReadImage(str(flare_dir / "images" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(image + 1024, str(data / "images" / f"{name}_0000.nii.gz"))  # raw scanner values
+    code, out, err = _cli(["preprocess", data, tmp_path / "prep", "--preset", "litemedsam", "--quiet"])
+    assert code == 0, err
+    assert "warning: case 'FLARE22_Tr_0001': the image's values" in err and "no air or fat" in err
+    entry = load_manifest(tmp_path / "prep")["cases"]["FLARE22_Tr_0001"]
+    assert "Hounsfield" in entry["warnings"][0]
+
+
 # ---------------------------------------------------------------------------------------------
 # dataset
 
@@ -406,6 +451,25 @@ def test_checkpoints_load_weights_only_and_export(finetuned, tmp_path):
                                                        abs=1e-6)
     with pytest.raises(MedSAMError, match="not a training checkpoint"):
         export(out, tmp_path / "again.pth")
+
+
+def test_diverged_training_checkpoint_is_refused(finetuned, tmp_path):
+    """NaN weights (a diverged fine-tune) are refused by export, evaluate and resume."""
+    config, _, _ = finetuned
+    ckpt = torch.load(Path(config.out) / "latest.pth", map_location="cpu", weights_only=True)
+    key = next(k for k in ckpt["model"] if k.startswith("mask_decoder.transformer"))
+    ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan"))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(ckpt, run / "latest.pth")
+    with pytest.raises(MedSAMError, match="NaN or infinite weights"):
+        export(run / "latest.pth", tmp_path / "plain.pth")
+    assert not (tmp_path / "plain.pth").exists()
+    with pytest.raises(MedSAMError, match="NaN or infinite weights"):
+        evaluate(run / "latest.pth", config.data, labels=[PANCREAS], device="cpu")
+    resumed = TrainConfig.from_dict({**config.to_dict(), "out": str(run)})
+    with pytest.raises(MedSAMError, match="NaN or infinite weights.*diverged"):
+        train(resumed, resume=True)
 
 
 def _resume_config(prep: Path, out: Path) -> TrainConfig:

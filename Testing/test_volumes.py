@@ -503,7 +503,7 @@ def test_write_labelmap_refuses_bad_input_and_writes_nothing(ct, tmp_path, monke
         write_labelmap(good.astype(np.float32), ct, out_dir / "m.nii.gz")
     with pytest.raises(MedSAMError, match=r"0\.\.255"):
         write_labelmap(np.full(ct.shape, 300, dtype=np.int32), ct, out_dir / "m.nii.gz")
-    with pytest.raises(MedSAMError, match="Cannot write a labelmap"):
+    with pytest.raises(MedSAMError, match="Cannot write to 'm.png'"):
         write_labelmap(good, ct, out_dir / "m.png")
     with pytest.raises(MedSAMError, match="shape"):
         write_seg_nrrd([("a", np.zeros((2, 2, 2), dtype=bool), (1, 0, 0))], ct, out_dir / "s.seg.nrrd")
@@ -517,7 +517,7 @@ def test_write_labelmap_refuses_bad_input_and_writes_nothing(ct, tmp_path, monke
     # The destination's parent is a file: refused cleanly.
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(MedSAMError, match="output folder"):
+    with pytest.raises(MedSAMError, match="is a file, not a folder"):
         write_labelmap(good, ct, blocker / "m.nii.gz")
     # A folder as destination.
     with pytest.raises(MedSAMError, match="is a folder"):

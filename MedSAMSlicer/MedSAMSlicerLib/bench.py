@@ -233,7 +233,7 @@ class Case:
         from .volumes import read_volume
 
         self.raw = read_volume(example_ct()).array
-        labels = read_volume(example_ct_labels()).array
+        labels = read_volume(example_ct_labels(), labels=True).array
         self.window = Window.preset("abdomen")
         self.image = apply_window(self.raw, self.window)
         liver = labels == LIVER_LABEL
@@ -709,7 +709,7 @@ def _bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
         from .data import example_ct_labels
         from .volumes import read_volume
 
-        liver = read_volume(example_ct_labels()).array[zs] == LIVER_LABEL
+        liver = read_volume(example_ct_labels(), labels=True).array[zs] == LIVER_LABEL
         row["dice_vs_labels"] = {"reference": dice(masks["reference"][zs], liver),
                                  "ours": dice(masks["ours"][zs], liver)}
 

@@ -39,7 +39,13 @@ height bounds the propagation (LiteMedSAM's 3D inference).
 
 The output format follows the file name: .seg.nrrd (a 3D Slicer segmentation with the segment's
 name and colour), or .nii.gz / .nii / .nrrd / .mha (a labelmap, value 1). An existing output file
-is never replaced unless --overwrite is given.
+is never replaced unless --overwrite is given (not even one created while the model runs), and
+the input itself never is.
+
+Before the model loads, the input is checked: a truncated or damaged file, a DICOM series with
+a missing or unreadable slice or uneven spacing (--allow-gaps reads it anyway), NaN or infinite
+voxels, or a blank volume end the run with a message, as do a box under 2 voxels across and an
+output that cannot be written. A window that shows next to nothing of the image gets a warning.
 """
 
 
@@ -78,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
     seg.add_argument("--name", default="segment", help="segment name (in .seg.nrrd)")
     seg.add_argument("--direction", default="both", choices=["both", "up", "down"], help="propagation direction (2D box)")
-    seg.add_argument("--slice-only", action="store_true", help="segment only the box's slice, no propagation")
+    seg.add_argument("--slice-only", action="store_true",
+                     help="segment only the box's slice (a 3D box: its middle slice), no propagation")
     seg.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    seg.add_argument("--allow-gaps", action="store_true",
+                     help="read a DICOM series with missing slices or uneven spacing anyway (slices are moved "
+                          "onto a uniform grid; the note says by how much)")
     _add_model_args(seg)
     _add_window_args(seg)
 
@@ -107,12 +117,56 @@ def _window(args: argparse.Namespace):
     return Window.preset("abdomen")
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
-    name = path.name.lower()
-    if not name.endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")):
-        raise MedSAMError(f"output '{path}' must end in .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
-    if path.exists() and not overwrite:
-        raise MedSAMError(f"output '{path}' already exists; choose another name or pass --overwrite")
+#: Embedding-cache cap of a one-shot ``segment`` run. The propagation needs only the batch of
+#: slices being encoded (1 on a CPU, 16 x 4 MB on a GPU); keeping every slice's embedding, as
+#: the interactive front ends do, only grew the process (liver, 43 slices, CPU: +398 MiB during
+#: the propagation; +220 MiB with this cap; README "Memory, as measured").
+ONE_SHOT_CACHE_MB = 80
+
+
+def _box_too_thin(volume, box, box_ijk, box_ras) -> Optional[str]:
+    """Why a canonical box is too thin for the model (< 2 voxels across in the axial plane),
+    said in the coordinates the user typed; ``None`` when it is fine."""
+    x0, y0, _, x1, y1, _ = box
+    thin = [c for c, (a, b) in enumerate(((x0, x1), (y0, y1))) if b - a < 1]
+    if not thin:
+        return None
+    axes = volume.orientation.axes
+    if box_ijk is not None:
+        names = ["ijk"[axes[c]] for c in (0, 1)]
+        parts = [f"{'ijk'[axes[c]]}0={box_ijk[axes[c]]:g} and {'ijk'[axes[c]]}1={box_ijk[axes[c] + 3]:g}" for c in thin]
+        return (f"the box is a single voxel wide ({'; '.join(parts)}); on its axial slice it must span at least 2 "
+                f"voxels in {names[0]} and in {names[1]}: draw it around the structure")
+    spacing = volume.spacing
+    parts = [f"{'RA'[c]}0={box_ras[c]:g} and {'RA'[c]}1={box_ras[c + 3]:g} mm" for c in thin]
+    return (f"the box covers a single voxel across ({'; '.join(parts)}; the voxels are {spacing[0]:g} x "
+            f"{spacing[1]:g} mm); it must span at least 2 voxels in R and in A: draw it around the structure")
+
+
+def _slices_text(volume, zs: Sequence[int]) -> str:
+    """Canonical slices as the file's indices, e.g. ``"k 70..95"``."""
+    named = [volume.orientation.slice_to_index(z) for z in zs]
+    if not named:
+        return "no slice"
+    axis = named[0][0]
+    values = sorted(v for _, v in named)
+    return f"{axis}={values[0]}" if values[0] == values[-1] else f"{axis} {values[0]}..{values[-1]}"
+
+
+def _stops_text(volume, result, z_start: int) -> str:
+    """Why each direction of a propagation ended, with slices named by the file's index."""
+    parts = []
+    for direction in result.stop_reasons:
+        rejected = [r for r in result.slices if not r.accepted and (r.z > z_start if direction == "up" else r.z < z_start)]
+        if rejected:
+            parts.append(f"{direction}: stopped at {_slices_text(volume, [rejected[0].z])}: {rejected[0].reason}")
+        else:
+            parts.append(f"{direction}: {result.stop_reasons[direction]}")
+    return "; ".join(parts)
+
+
+def _note(text: str) -> None:
+    print(f"medsam-slicer: note: {text}", file=sys.stderr)
 
 
 def segment_file(
@@ -132,67 +186,91 @@ def segment_file(
     precision: str = "auto",
     download: bool = False,
     progress: bool = True,
+    allow_gaps: bool = False,
 ) -> str:
     """Segment one structure of a volume file and write it on the file's grid.
 
-    Everything that can be checked without the model (output name, the volume, the box) is
-    checked first; nothing is written unless the whole run succeeds. ``segmenter`` reuses a
-    loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter` (and its embedding cache).
+    Everything that can be checked without the model is checked first, before torch is even
+    imported: the output (name, extension, folder writable, not the input, not existing without
+    ``overwrite``), the volume (:func:`~MedSAMSlicerLib.volumes.read_volume`'s checks) and the
+    box. The output is published atomically and, without ``overwrite``, never replaces a file,
+    even one created while the model ran. ``window`` is a
+    :class:`~MedSAMSlicerLib.preprocessing.Window`, or a function returning one (called after
+    the checks). ``segmenter`` reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`
+    (and its embedding cache); otherwise one is made with a small cache (one-shot run).
+
+    ``slice_only`` segments one slice: the box's slice, or a 3D box's middle slice (the slice its
+    3D inference starts from). Slices are reported as the file's indices (e.g. ``k=21``).
 
     Returns:
         A one-line summary.
     """
-    import numpy as np
+    import warnings
 
-    from .preprocessing import Window
-    from .segmenter import Segmenter
-    from .volumes import (
-        ijk_box_to_canonical,
-        ras_box_to_canonical,
-        read_volume,
-        write_labelmap,
-        write_seg_nrrd,
-    )
+    from .volumes import check_output, ijk_box_to_canonical, ras_box_to_canonical, read_volume
 
-    out = Path(output)
-    _check_output(out, overwrite)
-    window = window or Window.preset("abdomen")
-    volume = read_volume(volume_path)
     if (box_ijk is None) == (box_ras is None):
         raise MedSAMError("give exactly one box: --box-ijk or --box-ras")
+    if box_ijk is not None and len(box_ijk) != 6:
+        raise MedSAMError(f"--box-ijk needs six numbers I0 J0 K0 I1 J1 K1; got {len(box_ijk)}")
+    if box_ras is not None and len(box_ras) != 6:
+        raise MedSAMError(f"--box-ras needs six numbers R0 A0 S0 R1 A1 S1; got {len(box_ras)}")
+    out = check_output(output, overwrite, inputs=[volume_path])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the notes are printed below, in our words
+        volume = read_volume(volume_path, allow_gaps=allow_gaps)
+    for text in volume.notes:
+        _note(text)
     if box_ijk is not None:
-        if len(box_ijk) != 6:
-            raise MedSAMError(f"--box-ijk needs six numbers I0 J0 K0 I1 J1 K1; got {len(box_ijk)}")
         box = ijk_box_to_canonical(volume, *box_ijk)
     else:
-        if len(box_ras) != 6:
-            raise MedSAMError(f"--box-ras needs six numbers R0 A0 S0 R1 A1 S1; got {len(box_ras)}")
         box = ras_box_to_canonical(volume, box_ras[:3], box_ras[3:])
+    problem = _box_too_thin(volume, box, box_ijk, box_ras)
+    if problem:
+        raise MedSAMError(problem)
     x0, y0, z0, x1, y1, z1 = box
+
+    # Only now the model side (torch).
+    import numpy as np
+
+    from .preprocessing import Window, window_note
+    from .propagation import box3d_middle_slice
+    from .segmenter import Segmenter
+    from .volumes import write_labelmap, write_seg_nrrd
+
+    window = window() if callable(window) else window
+    window = window or Window.preset("abdomen")
+    warning = window_note(volume.array, window)
+    if warning:
+        print(f"medsam-slicer: warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     if segmenter is None:
-        segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision,
-                              download=download, progress=TerminalProgress("weights") if progress else None)
+        segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
+                              cache_mb=ONE_SHOT_CACHE_MB,
+                              progress=TerminalProgress("weights") if progress else None)
         print(segmenter.describe(), file=sys.stderr)
     segmenter.set_volume(volume.array, window)
     bar = TerminalProgress("propagating") if progress else None
     if slice_only:
+        z = box3d_middle_slice(z0, z1)
         mask = np.zeros(volume.array.shape, dtype=bool)
-        mask[z0] = segmenter.segment_slice(z0, (x0, y0, x1, y1)).mask
-        how = f"slice {z0} only"
+        mask[z] = segmenter.segment_slice(z, (x0, y0, x1, y1)).mask
+        how = f"slice {_slices_text(volume, [z])} only" + ("" if z0 == z1 else ", the 3D box's middle slice")
     elif z0 == z1:
         result = segmenter.segment_3d(z0, (x0, y0, x1, y1), direction=direction, progress=bar)
         mask = result.mask
-        how = "; ".join(f"{k}: {v}" for k, v in result.stop_reasons.items())
+        how = _stops_text(volume, result, z0)
     else:
         result = segmenter.segment_box3d(box, progress=bar)
         mask = result.mask
-        how = f"3D box, slices {z0}..{z1}"
+        how = f"3D box, slices {_slices_text(volume, [z0, z1])}"
     if out.name.lower().endswith(".seg.nrrd"):
-        write_seg_nrrd([(name, mask, (0.85, 0.35, 0.25))], volume, out)
+        write_seg_nrrd([(name, mask, (0.85, 0.35, 0.25))], volume, out, overwrite=overwrite)
     else:
-        write_labelmap(mask.astype(np.uint8), volume, out)
-    return (f"{name}: {int(mask.sum())} voxels on {int(mask.any(axis=(1, 2)).sum())} slices ({how}); "
+        write_labelmap(mask.astype(np.uint8), volume, out, overwrite=overwrite)
+    found = [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
+    where = f" ({_slices_text(volume, found)})" if found else ""
+    return (f"{name}: {int(mask.sum())} voxels on {len(found)} slices{where} ({how}); "
             f"{time.perf_counter() - t0:.1f} s; wrote {out}")
 
 
@@ -200,9 +278,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     """``medsam-slicer segment``."""
     summary = segment_file(
         args.volume, Path(args.output), box_ijk=args.box_ijk, box_ras=args.box_ras, name=args.name,
-        direction=args.direction, slice_only=args.slice_only, window=_window(args), overwrite=args.overwrite,
+        direction=args.direction, slice_only=args.slice_only, window=lambda: _window(args), overwrite=args.overwrite,
         model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-        download=args.download,
+        download=args.download, allow_gaps=args.allow_gaps,
     )
     print(summary)
     return 0
@@ -254,6 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\nmedsam-slicer: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused something no check foresaw (disk full, I/O error)
+        where = f": '{exc.filename}'" if getattr(exc, "filename", None) else ""
+        print(f"medsam-slicer: error: {exc.strerror or exc}{where}; nothing was written", file=sys.stderr)
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -71,7 +71,7 @@ def run_demo(
 
     structures = structures or DEMO_STRUCTURES
     volume = read_volume(example_ct())
-    labels = read_volume(example_ct_labels()).array
+    labels = read_volume(example_ct_labels(), labels=True).array
     t0 = time.perf_counter()
     seg = segmenter or Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download)
     seg.set_volume(volume.array, Window.preset("abdomen"))

@@ -5,13 +5,14 @@ cheap (a panel opening).
 
 - :func:`hash_file` / :func:`sha256_file`: digests, read in 1 MiB chunks.
 - :func:`package_file` finds a file inside an installed distribution without importing it.
-- :func:`download` streams a URL to ``dest`` through a ``.part`` file, verifies the digest and
+- :func:`download` streams a URL to ``dest`` through a temporary file, verifies the digest and
   renames atomically, so ``dest`` is either complete or absent.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.metadata
 import os
 import urllib.error
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import MedSAMError
-from .progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
+from .progress import CancelToken, ProgressCallback, check_cancel, report
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -69,10 +70,11 @@ def download(
 ) -> Path:
     """Download ``url`` to ``dest`` safely.
 
-    Streams to ``dest.with_suffix(".part")``, calls ``progress(done_bytes, total_bytes, message)``
-    (``total_bytes`` is 0 when the server does not say), checks ``cancel`` between chunks, verifies
-    ``sha256`` (and ``md5``) when given, then renames the part file onto ``dest``.  On any failure
-    or cancellation the part file is deleted and ``dest`` is left untouched.
+    Streams to a temporary file beside ``dest`` (``training._atomic.atomic_write``), calls
+    ``progress(done_bytes, total_bytes, message)`` (``total_bytes`` is 0 when the server does not
+    say), checks ``cancel`` between chunks, verifies ``sha256`` (and ``md5``) when given, then
+    renames it onto ``dest``.  On any failure or cancellation the temporary file is deleted and
+    ``dest`` is left untouched.
 
     Returns:
         ``dest`` as a :class:`~pathlib.Path`.
@@ -81,22 +83,42 @@ def download(
         MedSAMError: network/HTTP error, short read, or digest mismatch.
         Cancelled: ``cancel`` was set.
     """
+    from .training._atomic import atomic_write
+
     dest = Path(os.fspath(dest)).expanduser()
-    part = dest.with_suffix(".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    hasher = hashlib.sha256()
-    md5_hasher = hashlib.md5() if md5 else None
     done = 0
-    try:
+
+    def network_error(exc: BaseException) -> MedSAMError:
+        if isinstance(exc, urllib.error.HTTPError):
+            return MedSAMError(f"cannot download {url}: HTTP {exc.code} {exc.reason}")
+        reason = getattr(exc, "reason", None) or exc
+        return MedSAMError(
+            f"cannot download {url}: {reason}. Check the network (or a proxy), or download the file "
+            f"by hand and give its path as the checkpoint"
+        )
+
+    def fetch(part: Path) -> None:
+        # Network errors are reported as such here; errors writing ``part`` (disk full, ...) go
+        # on to atomic_write, which reports them as writing errors.
+        nonlocal done
+        hasher = hashlib.sha256()
+        md5_hasher = hashlib.md5() if md5 else None
         check_cancel(cancel)
         request = urllib.request.Request(url, headers={"User-Agent": "medsam-slicer"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, open(part, "wb") as out:
+        try:
+            response = urllib.request.urlopen(request, timeout=timeout)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError and HTTPError are OSErrors
+            raise network_error(exc) from None
+        with response, open(part, "wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else 0
             report(progress, 0, total, f"downloading {dest.name}")
             while True:
                 check_cancel(cancel)
-                chunk = response.read(_CHUNK)
+                try:
+                    chunk = response.read(_CHUNK)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise network_error(exc) from None
                 if not chunk:
                     break
                 out.write(chunk)
@@ -119,29 +141,10 @@ def download(
                 f"download of {url} is corrupt or not the expected file: md5 {md5_hasher.hexdigest()}, "
                 f"expected {md5}; nothing was kept"
             )
-        os.replace(part, dest)
-    except (Cancelled, MedSAMError):
-        _remove(part)
-        raise
-    except urllib.error.HTTPError as exc:
-        _remove(part)
-        raise MedSAMError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        _remove(part)
-        reason = getattr(exc, "reason", exc)
-        raise MedSAMError(
-            f"cannot download {url}: {reason}. Check the network (or a proxy), or download the file "
-            f"by hand and give its path as the checkpoint"
-        ) from None
-    except BaseException:
-        _remove(part)
-        raise
+
+    # Through the one atomic-publish helper: a partial download never has dest's name, and one
+    # left by a killed run is removed by the next write into the folder.
+    atomic_write(dest, fetch)
     report(progress, done, done, f"downloaded {dest.name}")
     return dest
 
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

@@ -122,6 +122,57 @@ def _stretch(data: np.ndarray) -> np.ndarray:
     return (data - lo) / (hi - lo) * 255.0
 
 
+#: :func:`window_note` warns when a window leaves fewer grey levels than this, or puts more than
+#: ``SATURATED_FRACTION`` of the voxels at pure black or pure white.
+MIN_GREY_LEVELS = 8
+SATURATED_FRACTION = 0.95
+#: Under a level/width (CT) window, an image whose 1st percentile is above this (no air, no fat)
+#: and that the window turns white for more than this fraction of voxels is not in Hounsfield
+#: units. On the shipped data: the CT's 1st percentile is -1012; the same CT without its rescale
+#: (+1024) gives 12 and 66% white; the MR gives -2 and 38% white.
+NOT_HU_ABOVE = -50.0
+NOT_HU_WHITE_FRACTION = 0.25
+
+
+def window_note(volume: np.ndarray, window: Window, stretch: bool = False) -> Optional[str]:
+    """A warning when ``window`` shows next to nothing of ``volume``, else ``None``.
+
+    Values that do not look like what the window is for give the model a blank or white image,
+    and it still outputs a mask: e.g. CT stored without its rescale to Hounsfield units (raw
+    scanner values 0..4095, nothing below 0, where air should be -1000) or an MR or normalised
+    image under a CT window. Checked on every 4th voxel along each axis of a ``(z, y, x)``
+    volume; the message names the values, what the window makes of them and what to do.
+    """
+    data = np.asarray(volume)
+    sample = data[::4, ::4, ::4] if data.ndim == 3 else data
+    if sample.size == 0:
+        return None
+    shown = apply_window(sample, window, stretch)
+    lo, hi = float(sample.min()), float(sample.max())
+    levels = int(np.unique(shown).size)
+    white = float(np.mean(shown == 255))
+    black = float(np.mean(shown == 0))
+    if window.percentiles is None:
+        name = f"the window L{window.level:g}/W{window.width:g}"
+        p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
+        # A CT in Hounsfield units always has air (-1000) or fat (-100) in it.
+        if p1 > NOT_HU_ABOVE and white > NOT_HU_WHITE_FRACTION:
+            return (f"the image's values (1st to 99th percentile: {p1:g} to {p99:g}) have no air or fat in Hounsfield "
+                    f"units (-1000, -100): CT stored without its rescale, or an MR image? With {name} {white:.0%} of "
+                    "the voxels are pure white. For MR use the MR (percentile) window; for CT fix the file's rescale "
+                    "(slope/intercept) or give a level and width in the file's own units.")
+    else:
+        name = f"the MR window ({window.percentiles[0]:g}-{window.percentiles[1]:g} percentiles)"
+    if levels < MIN_GREY_LEVELS:
+        return (f"with {name} the image's values ({lo:g} to {hi:g}) give only {levels} grey level(s): the model "
+                "would see an almost blank image. Choose a window that fits these values.")
+    if max(white, black) > SATURATED_FRACTION:
+        which = "white" if white > black else "black"
+        return (f"with {name} {max(white, black):.0%} of the voxels are pure {which} (the image's values run from "
+                f"{lo:g} to {hi:g}): the window does not fit this image. Choose a window that fits these values.")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Resampling that reproduces skimage.transform.resize(order=3) and cv2.resize(INTER_AREA)
 

@@ -268,6 +268,13 @@ def propagate(
         return PropagationResult(mask=out, z_extent=extent, stop_reasons=reasons, slices=records)
 
 
+def box3d_middle_slice(z0: int, z1: int) -> int:
+    """The slice a 3D box's 2D box goes on: ``int((z1 - z0) / 2 + z0)`` for ``z0 <= z1``, as
+    LiteMedSAM's 3D inference (the lower of the two middle slices when their count is even)."""
+    lo, hi = sorted((int(z0), int(z1)))
+    return int((hi - lo) / 2 + lo)
+
+
 def propagate_box3d(
     predictor: Predictor,
     box3d: Sequence[float],
@@ -287,7 +294,7 @@ def propagate_box3d(
         raise MedSAMError(f"a 3D box needs six numbers x0 y0 z0 x1 y1 z1; got {len(b)}")
     x0, y0, z0, x1, y1, z1 = b
     z0, z1 = sorted((int(round(z0)), int(round(z1))))
-    z_mid = int((z1 - z0) / 2 + z0)
+    z_mid = box3d_middle_slice(z0, z1)
     return propagate(
         predictor, z_mid, (x0, y0, x1, y1), z_range=(z0, z1), progress=progress, cancel=cancel, margin=margin,
         wider_box=wider_box,

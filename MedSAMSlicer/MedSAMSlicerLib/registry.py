@@ -214,28 +214,38 @@ def _read_cache() -> Dict[str, Any]:
 
 
 def _write_cache(data: Dict[str, Any]) -> None:
-    path = _cache_path()
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    from .training._atomic import write_json
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        write_json(_cache_path(), data)
+    except MedSAMError:
+        pass  # a cache that cannot be written only costs a re-hash next time
+
+
+def _identity(st: os.stat_result) -> Dict[str, int]:
+    """What must not change for a remembered digest to hold.
+
+    Size and modification time can be kept by a copy (``cp -p``, rsync, unzip) or set back by
+    anyone (``touch -d``); the inode and the status-change time (``ctime``, which no user call
+    can set and every write or replacement updates) cannot. A file replaced or rewritten in place
+    therefore always changes one of them, and is hashed again; reading four integers costs
+    nothing next to hashing hundreds of megabytes.
+    """
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
+            "device": st.st_dev}
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of ``path``, remembered in ``<weights_dir>/verified.json`` by path, size and
-    modification time so that big files are hashed once, not on every run."""
+    """Hex digest of ``path``, remembered in ``<weights_dir>/verified.json`` by path together with
+    the file's size, modification and status-change times and inode (see :func:`_identity`), so
+    that big files are hashed once, not on every run, and again whenever they change."""
     st = path.stat()
     key = str(path.resolve())
     cache = _read_cache()
     entry = cache.get(key)
-    if not (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns):
-        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    identity = _identity(st)
+    if not (isinstance(entry, dict) and all(entry.get(k) == v for k, v in identity.items())):
+        entry = dict(identity)
     if not isinstance(entry.get(algorithm), str):
         entry[algorithm] = hash_file(path, algorithm)
         cache[key] = entry

@@ -28,16 +28,20 @@ import math
 import operator
 import os
 import re
-import uuid
+import struct
+import sys
+import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import MedSAMError
+from .training._atomic import atomic_write, check_destination, split_extension
 
 PathLike = Union[str, "os.PathLike[str]"]
 Box3D = Tuple[int, int, int, int, int, int]
@@ -47,6 +51,9 @@ __all__ = [
     "AxialOrientation",
     "Volume",
     "read_volume",
+    "check_file_complete",
+    "check_voxel_values",
+    "check_output",
     "ras_to_canonical_index",
     "canonical_index_to_ras",
     "ras_box_to_canonical",
@@ -60,7 +67,8 @@ __all__ = [
 LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 
 _LPS_RAS_SIGN = np.array([-1.0, -1.0, 1.0])
-_CANONICAL_NAMES = ("x (toward Left)", "y (toward Posterior)", "z (toward Superior)")
+# How a canonical axis is named to the user, who gives boxes in RAS: x runs along R, y along A, z along S.
+_RAS_AXIS_NAMES = ("R (right-left)", "A (anterior-posterior)", "S (superior-inferior)")
 _INDEX_NAMES = ("i", "j", "k")
 _IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _SUPPORTED_INPUTS = (
@@ -281,6 +289,13 @@ class AxialOrientation:
             out[:, a] = self.shape_ijk[a] - 1 - pts[:, c] if self.flips[c] else pts[:, c]
         return out
 
+    def slice_to_index(self, z: int) -> Tuple[str, int]:
+        """Canonical slice ``z`` -> the file's index axis along it and the index there, e.g.
+        ``("k", 21)``: how a slice is named to the user (their viewer shows file indices)."""
+        axis = self.axes[2]
+        n = self.shape_ijk[axis]
+        return _INDEX_NAMES[axis], (n - 1 - int(z)) if self.flips[2] else int(z)
+
     def canonical_spacing(self, spacing_ijk: Sequence[float]) -> Tuple[float, float, float]:
         """Voxel spacing ``(si, sj, sk)`` in file order -> ``(sx, sy, sz)`` in canonical order (mm)."""
         s = [float(v) for v in spacing_ijk]
@@ -363,33 +378,86 @@ class Volume:
         )
 
 
-def read_volume(path: PathLike) -> Volume:
-    """Read a 3D scalar volume and put it in canonical ``(z, y, x)`` order.
+def read_volume(path: PathLike, allow_gaps: bool = False, labels: bool = False) -> Volume:
+    """Read a 3D scalar volume, check it, and put it in canonical ``(z, y, x)`` order.
 
     Args:
         path: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage (``.mha``,
             ``.mhd``) file, or a folder with DICOM files (the series with the most files is read;
             a note says so when there are several).  A single DICOM file reads the whole series
             it belongs to.
+        allow_gaps: read a DICOM series with missing slices or uneven slice spacing anyway, on
+            the uniform grid SimpleITK makes of it (a warning says how far slices are moved).
+        labels: the file is a label map: a blank (all-zero) or constant volume is fine.
+
+    Checks, so that nothing wrong is segmented or trained on silently (see "Input checks" in the
+    README): the file holds every voxel byte its header promises and its compressed data passes
+    its own integrity check (SimpleITK fills missing voxels of a truncated NIfTI with zeros and
+    reads damaged compressed data without a word); a DICOM series has no missing or unreadable
+    slice between its first and last and evenly spaced slices; no voxel is NaN or infinite; an
+    image is not blank or constant.
 
     Returns:
         A :class:`Volume` whose ``array`` is ``(nz, ny, nx)`` in the file's voxel type.
 
     Raises:
         MedSAMError: missing path, not an image, a 2D image, a 4D or multi-component image, an
-            empty folder or a folder without DICOM files.
+            empty folder or a folder without DICOM files, or any failed check above; the message
+            names the file (and slice positions or voxel indices) and what to do.
     """
     p = Path(os.path.expanduser(os.fspath(path)))
-    if not p.exists():
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as exc:  # e.g. a folder on the way that may not be entered
+        raise MedSAMError(
+            f"Input '{p}' cannot be used ({exc.strerror or exc}). Check the path and its permissions."
+        ) from None
+    if not exists:
         raise MedSAMError(f"Input not found: '{p}'. Check the path; give {_SUPPORTED_INPUTS}.")
     notes: List[str] = []
-    if p.is_dir():
-        image = _read_dicom_folder(p, notes)
+    if is_dir:
+        image = _read_dicom_folder(p, notes, allow_gaps)
     else:
-        image = _read_image_file(p, notes)
+        image = _read_image_file(p, notes, allow_gaps)
+    volume = Volume.from_image(image, p, notes)
+    check_voxel_values(volume, labels=labels)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
-    return Volume.from_image(image, p, notes)
+    return volume
+
+
+def check_voxel_values(volume: Volume, labels: bool = False) -> None:
+    """Refuse voxels that are not numbers (NaN, infinite) and, unless ``labels``, a constant volume.
+
+    NaN or infinite voxels would silently become black (CT window) or blank the whole volume
+    (percentile window), so they are refused, not replaced: the message gives their count and
+    the first one's index ``(i, j, k)`` in the file.
+
+    Raises:
+        MedSAMError: non-finite voxels; an image whose voxels all have the same value.
+    """
+    source = f"'{volume.path}'" if volume.path is not None else "The volume"
+    array = volume.array
+    if array.size and np.issubdtype(array.dtype, np.inexact):
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            # The first in the file's own order (k, then j, then i), as the user's viewer counts.
+            k, j, i = (int(v) for v in np.argwhere(volume.orientation.from_canonical(~finite))[0])
+            kinds = [name for name, test in (("NaN", np.isnan), ("infinite", np.isinf)) if test(array).any()]
+            raise MedSAMError(
+                f"{source} has {bad} voxel(s) that are {' or '.join(kinds)} (the first at i={i}, j={j}, k={k}); "
+                "their intensity is unknown, so nothing sensible can be segmented there. Replace them with a "
+                "real value (e.g. the image minimum) in your image tool and save a new file."
+            )
+    if labels or not array.size:
+        return
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise MedSAMError(
+            f"{source} is blank: all its {array.size} voxels have the value {float(lo):g}, so there is nothing "
+            "to segment. Check that this is the right file (an empty or failed export?)."
+        )
 
 
 def _check_layout(dimension: int, size: Sequence[int], components: int, pixel_type: str, source: str) -> None:
@@ -421,82 +489,403 @@ def _check_layout(dimension: int, size: Sequence[int], components: int, pixel_ty
         raise MedSAMError(f"MedSAM needs a 3D volume; {source} is a {dimension}D image of size {dims}.")
 
 
-def _sitk_reason(exc: BaseException) -> str:
-    """The useful line of a SimpleITK exception message."""
-    text = str(exc)
-    if "sitk::ERROR:" in text:
-        text = text.split("sitk::ERROR:", 1)[1]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+_ITK_NOISE = re.compile(r"^(Exception thrown in SimpleITK \S+:)?\s*\S+\.(h|hxx|cxx|cpp|txx):\d+:?$")
+_ITK_PREFIX = re.compile(r"^(sitk::ERROR:|ITK ERROR:)\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?(ERROR:\s*)?")
+
+
+def _sitk_reason(exc: BaseException, native: Sequence[str] = ()) -> str:
+    """What a SimpleITK exception (and what ITK printed meanwhile, ``native``) says, in plain words.
+
+    Source-file lines (``itkImageBase.hxx:145:``), object addresses and library prefixes are
+    dropped; reasons we know are put in the user's terms.
+    """
+    lines = [line.strip() for line in [*str(exc).splitlines(), *native] if line.strip()]
+    text = " ".join(lines)
+    ideal = re.search(r"ideal = (\d+) : actual = (\d+)", text)
+    if ideal:
+        return (f"the file holds {int(ideal.group(2)):,} of the {int(ideal.group(1)):,} bytes of voxel data its "
+                "header promises: it is truncated")
+    if "fread got only" in text or "expected" in text and "bytes but received" in text:
+        return "the file holds fewer voxel bytes than its header promises: it is truncated"
+    if "Unable to determine ImageIO reader" in text or "Could not create IO object" in text:
+        return "it is not in a format SimpleITK can read"
+    if "nifti library failed to write" in text or "cannot open output file" in text:
+        return "the file could not be created there"
+    useful = []
+    for line in lines:
+        if _ITK_NOISE.match(line) or line.startswith(("WARNING: In ", "MetaImage: ")):
+            continue
+        line = _ITK_PREFIX.sub("", line).strip()
+        if line.startswith("Exception thrown in SimpleITK"):
+            line = line.split(":", 1)[1].strip() if ":" in line else ""
+        if line and not line.startswith("Reason: No such file or directory"):
+            useful.append(line)
+    return useful[0] if useful else type(exc).__name__
 
 
 @contextlib.contextmanager
-def _quiet_itk() -> Iterator[None]:
-    """Silence ITK's stderr warnings (e.g. GDCM's 'No Series were found') for a moment."""
+def _quiet_itk() -> Iterator[List[str]]:
+    """Silence ITK for a moment and collect what its C++ code prints on stderr.
+
+    ITK's warnings (GDCM's 'No Series were found', MetaIO's 'data not read completely', niftilib's
+    '** ERROR') are written straight to the process's stderr, past Python; they are collected in
+    the yielded list (to explain a failure in plain words) instead of reaching the user.
+    """
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    captured: List[str] = []
+    saved: Optional[int] = None
+    sink = None
     try:
-        yield
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stderr.flush()
+        try:
+            sink = tempfile.TemporaryFile()
+            saved = os.dup(2)
+            os.dup2(sink.fileno(), 2)
+        except OSError:  # no file descriptor 2 (some embedded interpreters): leave stderr alone
+            saved = None
+        yield captured
     finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if sink is not None:
+            with contextlib.suppress(OSError):
+                sink.seek(0)
+                captured.extend(sink.read().decode("utf-8", "replace").splitlines())
+            sink.close()
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
-def _read_image_file(p: Path, notes: List[str]) -> sitk.Image:
+def _read_image_file(p: Path, notes: List[str], allow_gaps: bool = False) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        with _quiet_itk():
+        with _quiet_itk() as native:
             reader.ReadImageInformation()
     except RuntimeError as exc:
+        if not os.access(p, os.R_OK) and p.is_file():
+            raise MedSAMError(f"'{p}' cannot be opened: permission denied. Check the file's permissions.") from None
         raise MedSAMError(
-            f"'{p}' is not an image file that can be read ({_sitk_reason(exc)}). Give {_SUPPORTED_INPUTS}."
-        ) from exc
+            f"'{p}' is not an image file that can be read ({_sitk_reason(exc, native)}). Give {_SUPPORTED_INPUTS}."
+        ) from None
     source = f"'{p}'"
     is_dicom = any(_DICOM_TAG.match(key) for key in reader.GetMetaDataKeys())
     if is_dicom:
-        series = _dicom_series_of_file(p)
+        everything = _dicom_series(p.parent)
+        target = os.path.realpath(p)
+        series = next((files for _, files in everything if any(os.path.realpath(f) == target for f in files)), None)
         if series is not None and len(series) > 1:
             notes.append(
                 f"'{p.name}' is one DICOM slice; read the whole series it belongs to "
                 f"({len(series)} files in '{p.parent}')."
             )
-            return _read_dicom_files(series, f"The DICOM series in '{p.parent}'")
+            return _read_dicom_files(series, f"The DICOM series in '{p.parent}'", notes, allow_gaps,
+                                     _unreadable_dicom_files(p.parent, everything))
     _check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
                   sitk.GetPixelIDValueAsString(reader.GetPixelID()), source)
+    check_file_complete(p)
     try:
-        with _quiet_itk():
+        with _quiet_itk() as native:
             return reader.Execute()
     except RuntimeError as exc:
         raise MedSAMError(
-            f"{source} could not be read ({_sitk_reason(exc)}); the file may be truncated or corrupt. "
-            "Re-export it and try again."
-        ) from exc
+            f"{source} could not be read ({_sitk_reason(exc, native)}); the file may be truncated or corrupt. "
+            "Copy or export it again."
+        ) from None
 
 
-def _dicom_series_of_file(p: Path) -> Optional[List[str]]:
-    folder = str(p.parent)
-    target = os.path.realpath(str(p))
+# --------------------------------------------------------------------------------------------
+# Are all the voxel bytes there?  (SimpleITK zero-fills truncated NIfTI files and reads damaged
+# compressed data of every format without an error, so the bytes are checked here first.)
+# --------------------------------------------------------------------------------------------
+
+_CHUNK = 1 << 20
+_GZIP_WBITS = 31
+_ZLIB_OR_GZIP_WBITS = 47
+_NRRD_TYPE_BYTES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
+                     "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+    **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t",
+                     "float"), 4),
+    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int",
+                     "int64", "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64",
+                     "uint64_t", "double"), 8),
+}
+# MetaIO's MET_ValueTypeSize (MET_LONG is 4 bytes there).
+_MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                   "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+                   "MET_DOUBLE": 8}
+
+
+@dataclass(frozen=True)
+class _DataLayout:
+    """Where a file's voxel bytes are and how many its header promises."""
+
+    data_file: Path
+    offset: int  # where the voxel data start: in the file, or in the decompressed stream (inside)
+    expected: int
+    encoding: str  # "raw", "gzip", "zlib" (zlib or gzip), "bzip2"
+    inside: bool = False  # the whole file is one compressed stream holding header and data (.nii.gz)
+
+
+def _inflated_size(handle, wbits: int) -> Tuple[int, Optional[str]]:
+    """Decompress a stream without keeping it: ``(bytes, None)``, or a problem: ``"truncated"``
+    (it stops before its end marker) or ``"damaged"`` (bad data or checksum).  Gzip streams of
+    several members (pigz, bgzip) are followed to the end."""
+    total = 0
+    inflater = zlib.decompressobj(wbits)
+    data = b""
+    try:
+        while True:
+            if not data:
+                data = handle.read(_CHUNK)
+                if not data:
+                    return total, None if inflater.eof else "truncated"
+            out = inflater.decompress(data, 4 * _CHUNK)
+            total += len(out)
+            data = inflater.unconsumed_tail
+            if inflater.eof:
+                rest = inflater.unused_data or handle.read(_CHUNK)
+                if wbits == _GZIP_WBITS and rest[:2] == b"\x1f\x8b":
+                    inflater, data = zlib.decompressobj(wbits), rest
+                    continue
+                return total, None
+    except zlib.error:
+        return total, "damaged"
+
+
+def _bz2_size(handle) -> Tuple[int, Optional[str]]:
+    import bz2
+
+    total = 0
+    inflater = bz2.BZ2Decompressor()
+    try:
+        while not inflater.eof:
+            data = handle.read(_CHUNK)
+            if not data:
+                return total, "truncated"
+            total += len(inflater.decompress(data))
+    except (OSError, ValueError):
+        return total, "damaged"
+    return total, None
+
+
+def _nifti_layout(p: Path) -> Optional[_DataLayout]:
+    compressed = p.name.lower().endswith(".gz")
+    try:
+        with (gzip.open(p, "rb") if compressed else open(p, "rb")) as handle:
+            head = handle.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None  # not readable as such: SimpleITK's own error says why
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack_from(endian + "i", head, 0)[0] == 348:
+            if head[344:347] != b"n+1":
+                return None  # a .hdr/.img pair: the data are elsewhere
+            dims = struct.unpack_from(endian + "8h", head, 40)
+            bitpix = struct.unpack_from(endian + "h", head, 72)[0]
+            offset = int(struct.unpack_from(endian + "f", head, 108)[0])
+            break
+        if len(head) >= 540 and struct.unpack_from(endian + "i", head, 0)[0] == 540:
+            if head[4:7] != b"n+2":
+                return None
+            bitpix = struct.unpack_from(endian + "h", head, 14)[0]
+            dims = struct.unpack_from(endian + "8q", head, 16)
+            offset = int(struct.unpack_from(endian + "q", head, 168)[0])
+            break
+    else:
+        return None
+    n = int(dims[0])
+    if not 1 <= n <= 7 or bitpix <= 0 or bitpix % 8:
+        return None
+    count = 1
+    for d in dims[1 : n + 1]:
+        count *= max(int(d), 1)
+    return _DataLayout(p, max(offset, 0), count * bitpix // 8, "gzip" if compressed else "raw", compressed)
+
+
+def _text_header(p: Path, separator: str) -> Tuple[Dict[str, str], int]:
+    """``key -> value`` of a text header and its length in bytes.
+
+    NRRD (``separator=":"``): ``key: value`` lines up to the first blank line.  MetaImage
+    (``"="``): ``Key = Value`` lines up to and including ``ElementDataFile``.
+    """
+    fields: Dict[str, str] = {}
+    length = 0
+    with open(p, "rb") as handle:
+        for raw in iter(lambda: handle.readline(1 << 16), b""):
+            length += len(raw)
+            line = raw.decode("latin-1").strip()
+            if separator == ":" and not line:
+                break
+            if separator == ":" and line.startswith("#"):
+                continue
+            key, sep, value = line.partition(separator)
+            if sep:
+                fields[key.strip().lower().replace(" ", "")] = value.strip()
+            if separator == "=" and key.strip().lower() == "elementdatafile":
+                break
+            if length > (1 << 20):
+                break
+    return fields, length
+
+
+def _nrrd_layout(p: Path) -> Optional[_DataLayout]:
+    fields, header_bytes = _text_header(p, ":")
+    try:
+        sizes = [int(v) for v in fields.get("sizes", "").split()]
+        item = _NRRD_TYPE_BYTES[fields.get("type", "").lower()]
+    except (KeyError, ValueError):
+        return None
+    encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}.get(
+        fields.get("encoding", "").lower())
+    skip = int(fields.get("byteskip", "0") or 0)
+    if not sizes or encoding is None or skip < 0 or int(fields.get("lineskip", "0") or 0) != 0:
+        return None  # text encodings, data at the end of the file, or skipped lines: not checked
+    data_file, offset = p, header_bytes
+    detached = fields.get("datafile") or fields.get("data_file")
+    if detached:
+        if detached.upper().startswith("LIST") or "%" in detached or " " in detached:
+            return None
+        data_file, offset = (p.parent / detached), 0
+    expected = int(np.prod(sizes, dtype=np.int64)) * item
+    if encoding == "raw":
+        offset += skip
+    return _DataLayout(data_file, offset, expected, encoding)
+
+
+def _metaimage_layout(p: Path) -> Optional[_DataLayout]:
+    fields, header_bytes = _text_header(p, "=")
+    try:
+        sizes = [int(v) for v in fields["dimsize"].split()]
+        item = _MET_TYPE_BYTES[fields["elementtype"].upper()] * int(fields.get("elementnumberofchannels", "1"))
+        where = fields["elementdatafile"]
+    except (KeyError, ValueError):
+        return None
+    if fields.get("binarydata", "True").lower() != "true" or where.upper().startswith("LIST") or "%" in where:
+        return None
+    data_file, offset = (p, header_bytes) if where.upper() == "LOCAL" else (p.parent / where, 0)
+    skip = int(fields.get("headersize", "0") or 0)
+    if skip < 0:
+        return None  # "data at the end of the file": nothing to compare with
+    compressed = fields.get("compresseddata", "False").lower() == "true"
+    expected = int(np.prod(sizes, dtype=np.int64)) * item
+    return _DataLayout(data_file, offset + (0 if compressed else skip), expected, "zlib" if compressed else "raw")
+
+
+def check_file_complete(path: PathLike) -> None:
+    """Refuse an image file whose voxel data are shorter than its header says, or whose
+    compressed data are damaged.
+
+    NIfTI (``.nii``, ``.nii.gz``), NRRD (raw, gzip, bzip2; attached or detached data) and
+    MetaImage (``.mha``, ``.mhd``; raw or compressed): raw data must have at least the bytes the
+    header implies (file size minus header); compressed data are decompressed once, without
+    keeping them (about a quarter of SimpleITK's own reading time), which also verifies the
+    stream's checksum. Text encodings and other formats are left to SimpleITK.
+
+    Raises:
+        MedSAMError: naming the file, how many bytes it holds of how many, and what to do.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        layout = _nifti_layout(p)
+    elif name.endswith((".nrrd", ".nhdr")):
+        layout = _nrrd_layout(p)
+    elif name.endswith((".mha", ".mhd")):
+        layout = _metaimage_layout(p)
+    else:
+        return
+    if layout is None or layout.expected <= 0:
+        return
+    data = layout.data_file
+    try:
+        if layout.encoding == "raw":
+            have, problem = max(0, data.stat().st_size - layout.offset), None
+        elif layout.inside:
+            with open(data, "rb") as handle:
+                total, problem = _inflated_size(handle, _GZIP_WBITS)
+            have = max(0, total - layout.offset)
+        else:
+            with open(data, "rb") as handle:
+                handle.seek(layout.offset)
+                if layout.encoding == "bzip2":
+                    have, problem = _bz2_size(handle)
+                else:
+                    have, problem = _inflated_size(handle, _GZIP_WBITS if layout.encoding == "gzip" else _ZLIB_OR_GZIP_WBITS)
+    except OSError as exc:
+        raise MedSAMError(
+            f"The voxel data of '{p}' cannot be read from '{data}' ({exc.strerror or exc}). Check that the file is "
+            "there and readable."
+        ) from None
+    where = f"'{p}'" if data == p else f"'{data}' (the voxel data of '{p}')"
+    if problem == "damaged":
+        raise MedSAMError(
+            f"{where} is damaged: its compressed voxel data fail their integrity check (after {have:,} of "
+            f"{layout.expected:,} bytes), so some voxels would be wrong. Copy or export the file again."
+        )
+    if problem == "truncated" and have >= layout.expected:
+        raise MedSAMError(
+            f"{where} is truncated: its compressed data stop before their end and checksum, so they cannot be "
+            "verified. Copy or export the file again (an interrupted download or copy?)."
+        )
+    if problem == "truncated" or have < layout.expected:
+        raise MedSAMError(
+            f"{where} is truncated: it holds {min(have, layout.expected):,} of the {layout.expected:,} bytes of voxel "
+            f"data its header promises ({100.0 * min(have, layout.expected) / layout.expected:.0f}%); the rest "
+            "would be read as zeros. Copy or export the file again (an interrupted download or copy?)."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM series
+# --------------------------------------------------------------------------------------------
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _dicom_series(folder: Path) -> List[Tuple[str, List[str]]]:
+    """``(series id, files in GDCM's order)`` of every DICOM series in ``folder``, largest first."""
     with _quiet_itk():
-        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
-            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series_id))
-            if any(os.path.realpath(f) == target for f in files):
-                return files
-    return None
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        series = [(sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in ids]
+    series.sort(key=lambda item: -len(item[1]))
+    return series
 
 
-def _read_dicom_folder(folder: Path, notes: List[str]) -> sitk.Image:
+def _unreadable_dicom_files(folder: Path, series: Sequence[Tuple[str, List[str]]]) -> List[Path]:
+    """Files in ``folder`` that look like DICOM (the ``DICM`` marker) but belong to none of its
+    ``series`` (truncated or damaged slices are dropped by GDCM without a word)."""
+    listed = {os.path.realpath(f) for _, files in series for f in files}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    return [e for e in entries if e.is_file() and e.name.upper() != "DICOMDIR"
+            and os.path.realpath(e) not in listed and _looks_like_dicom(e)]
+
+
+def _read_dicom_folder(folder: Path, notes: List[str], allow_gaps: bool = False) -> sitk.Image:
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
-        raise MedSAMError(f"Folder '{folder}' cannot be listed ({exc}). Check its permissions.") from exc
+        raise MedSAMError(f"Folder '{folder}' cannot be listed ({exc.strerror or exc}). Check its permissions.") from None
     if not entries:
         raise MedSAMError(
             f"Folder '{folder}' is empty. Point to a folder holding the DICOM files of one series, "
             "or to an image file (NIfTI, NRRD, MHA)."
         )
-    with _quiet_itk():
-        series_ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    if not series_ids:
+    series = _dicom_series(folder)
+    if not series:
         hints = []
         images = [e.name for e in entries if e.is_file() and e.name.lower().endswith(_IMAGE_EXTENSIONS)]
         if images:
@@ -508,11 +897,6 @@ def _read_dicom_folder(folder: Path, notes: List[str]) -> sitk.Image:
             + "".join(hints)
             + f" Give {_SUPPORTED_INPUTS}."
         )
-    with _quiet_itk():
-        series = [
-            (sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in series_ids
-        ]
-    series.sort(key=lambda item: -len(item[1]))
     chosen_id, files = series[0]
     if len(series) > 1:
         others = ", ".join(f"'{sid}' ({len(f)} files)" for sid, f in series[1:])
@@ -521,23 +905,107 @@ def _read_dicom_folder(folder: Path, notes: List[str]) -> sitk.Image:
             f"the one with the most files. Others: {others}. To read another, put its files in a folder of "
             "their own."
         )
-    return _read_dicom_files(files, f"The DICOM series in '{folder}'")
+    return _read_dicom_files(files, f"The DICOM series in '{folder}'", notes, allow_gaps,
+                             _unreadable_dicom_files(folder, series))
 
 
-def _read_dicom_files(files: List[str], source: str) -> sitk.Image:
+#: Slice spacings of a DICOM series may differ by this much (mm, or this fraction of the
+#: spacing, whichever is larger) before the series counts as unevenly spaced.
+DICOM_SPACING_TOLERANCE_MM = 0.05
+DICOM_SPACING_TOLERANCE_FRACTION = 0.05
+
+
+def _position_label(normal_lps: np.ndarray) -> Tuple[str, float]:
+    """The RAS axis name closest to a slice normal (LPS) and the sign turning LPS into it."""
+    axis = int(np.argmax(np.abs(normal_lps)))
+    sign = float(np.sign(normal_lps[axis])) * float(_LPS_RAS_SIGN[axis])
+    return "RAS"[axis], sign
+
+
+def _read_dicom_files(files: List[str], source: str, notes: Optional[List[str]] = None, allow_gaps: bool = False,
+                      unreadable: Sequence[Path] = ()) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        with _quiet_itk():
+        with _quiet_itk() as native:
             image = reader.Execute()
     except RuntimeError as exc:
         raise MedSAMError(
-            f"{source} could not be read ({_sitk_reason(exc)}). Check that the files are complete; "
+            f"{source} could not be read ({_sitk_reason(exc, native)}). Check that the files are complete; "
             "compressed DICOM needs a SimpleITK build with the matching codec."
-        ) from exc
+        ) from None
     _check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(),
                   image.GetPixelIDTypeAsString(), source)
+    if image.GetDimension() == 3 and len(files) > 1:
+        _check_dicom_spacing(reader, image, files, source, notes if notes is not None else [], allow_gaps,
+                             unreadable)
     return image
+
+
+def _check_dicom_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image, files: List[str], source: str,
+                         notes: List[str], allow_gaps: bool, unreadable: Sequence[Path]) -> None:
+    """Refuse (or, with ``allow_gaps``, note) missing slices and uneven slice spacing.
+
+    SimpleITK places the slices of a series on a uniform grid spanning the first and last
+    positions; with a slice missing, every slice after it is moved (a 2 mm series missing one
+    slice is read as 2.111 mm throughout), and its warning about it is not shown.
+    """
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")]
+                              for n in range(len(files))])
+    except (RuntimeError, ValueError):
+        return  # no Image Position (Patient) in every file: SimpleITK's grid is all there is
+    if positions.shape != (len(files), 3):
+        return
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    along, names = along[order], [Path(files[n]).name for n in order]
+    steps = np.diff(along)
+    if steps.size == 0:
+        return
+    typical = float(np.median(steps))
+    tolerance = max(DICOM_SPACING_TOLERANCE_MM, DICOM_SPACING_TOLERANCE_FRACTION * abs(typical))
+    bad = np.flatnonzero(np.abs(steps - typical) > tolerance)
+    if bad.size == 0:
+        if unreadable:
+            notes.append(
+                f"{source}: {len(unreadable)} file(s) look like DICOM but could not be read and were left out "
+                f"({', '.join(repr(u.name) for u in unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}); the "
+                "series itself has no gap."
+            )
+        return
+    axis, sign = _position_label(normal)
+    problems = []
+    for n in bad[:3]:
+        a, b, step = names[n], names[n + 1], float(steps[n])
+        where = f"between '{a}' ({axis} {sign * along[n]:.1f} mm) and '{b}' ({axis} {sign * along[n + 1]:.1f} mm)"
+        if abs(typical) > 1e-6 and step > 1.5 * typical:
+            missing = int(round(step / typical)) - 1
+            problems.append(f"{missing} slice(s) missing {where}: {step:.2f} mm apart")
+        elif abs(step) <= tolerance:
+            problems.append(f"two slices at the same position {where}")
+        else:
+            problems.append(f"uneven spacing {where}: {step:.2f} mm apart")
+    more = f" (and {bad.size - 3} more)" if bad.size > 3 else ""
+    culprits = ""
+    if unreadable:
+        culprits = (f" These files look like DICOM but could not be read: "
+                    f"{', '.join(repr(u.name) for u in unreadable[:5])}{', ...' if len(unreadable) > 5 else ''}.")
+    spacing = float(image.GetSpacing()[2])
+    uniform = along[0] + spacing * np.arange(along.size)
+    moved = float(np.max(np.abs(uniform - along)))
+    if not allow_gaps:
+        raise MedSAMError(
+            f"{source} is incomplete or unevenly spaced: {'; '.join(problems)}{more}, where the other slices are "
+            f"{typical:.2f} mm apart.{culprits} Read as one volume, slices would be moved by up to {moved:.1f} mm. "
+            "Restore the missing files (re-export the series), or pass --allow-gaps to read it anyway."
+        )
+    notes.append(
+        f"{source}: {'; '.join(problems)}{more}; read anyway (--allow-gaps) on a uniform grid of {spacing:.3f} mm, "
+        f"so slices are up to {moved:.1f} mm from where the files put them.{culprits}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,7 +1098,7 @@ def ras_box_to_canonical(volume: Volume, ras_corner_a: Sequence[float], ras_corn
             ras_lo, ras_hi = _ras_extent(volume)
             raise MedSAMError(
                 f"The box from RAS {_fmt_point(a)} to {_fmt_point(b)} mm lies outside the volume "
-                f"(along {_CANONICAL_NAMES[c]}); the volume spans RAS {_fmt_point(ras_lo)} to "
+                f"(along {_RAS_AXIS_NAMES[c]}); the volume spans RAS {_fmt_point(ras_lo)} to "
                 f"{_fmt_point(ras_hi)} mm. Draw the box on this volume."
             )
         first.append(max(f, 0))
@@ -678,41 +1146,61 @@ def ijk_box_to_canonical(volume: Volume, i0: int, j0: int, k0: int, i1: int, j1:
 
 
 def _extension(path: Path) -> str:
+    return split_extension(path.name)[1].lower()
+
+
+def _input_files(path: Path) -> List[Path]:
+    """The files a volume was read from: the file itself and, for a header with detached
+    voxel data (``.nhdr``, ``.mhd``), its data file (a DICOM folder: none can be an output)."""
+    try:
+        if not path.is_file():
+            return []
+    except OSError:  # unreadable: read_volume will say so
+        return []
+    files = [path]
     name = path.name.lower()
-    for ext in (".seg.nrrd", ".nii.gz"):
-        if name.endswith(ext):
-            return ext
-    return path.suffix.lower()
+    layout = _nrrd_layout(path) if name.endswith(".nhdr") else _metaimage_layout(path) if name.endswith(".mhd") else None
+    if layout is not None and layout.data_file != path:
+        files.append(layout.data_file)
+    return files
 
 
-def _output_path(path: PathLike) -> Path:
+def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLike] = (),
+                 formats: Sequence[str] = LABELMAP_EXTENSIONS) -> Path:
+    """Check, before any work, that a result can be written to ``path``; return it.
+
+    Refuses (:class:`MedSAMError`): an extension not in ``formats``; a path that is one of the
+    ``inputs`` (or a detached data file of one: writing there would destroy the image); and
+    everything :func:`~MedSAMSlicerLib.training._atomic.check_destination` refuses (a folder at
+    that path, a name too long, a folder where nothing can be written, an existing file without
+    ``overwrite``).
+    """
     p = Path(os.path.expanduser(os.fspath(path)))
-    if p.is_dir():
-        raise MedSAMError(f"Output '{p}' is a folder; give a file name such as '{p / 'mask.nii.gz'}'.")
-    return p
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file beside ``path``, then rename it."""
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MedSAMError(f"Cannot create the output folder '{parent}' ({exc}). Choose a writable location.") from exc
-    ext = _extension(path)
-    stem = path.name[: len(path.name) - len(ext)] if ext else path.name
-    tmp = parent / f".{stem}.{uuid.uuid4().hex[:8]}.tmp{ext}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (RuntimeError, OSError) as exc:
+    for source in inputs:
+        for f in _input_files(Path(os.path.expanduser(os.fspath(source)))):
+            try:
+                same = p.exists() and f.exists() and os.path.samefile(p, f)
+            except OSError:
+                same = False
+            if same:
+                raise MedSAMError(
+                    f"The output '{p}' is the input image{'' if f == Path(source) else f' data ({f})'}; writing "
+                    "the result there would destroy the image. Choose another output name."
+                )
+    if _extension(p) not in formats and not p.is_dir():
         raise MedSAMError(
-            f"Could not write '{path}' ({_sitk_reason(exc)}). Check that the folder is writable and has free space."
-        ) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            if tmp.exists():
-                tmp.unlink()
+            f"Cannot write to '{p.name}': the name must end in one of {', '.join(formats)} "
+            "(.mhd is not supported because it writes two files)."
+        )
+    return check_destination(p, overwrite=overwrite)
+
+
+def _itk_write(image: sitk.Image, tmp: Path) -> None:
+    try:
+        with _quiet_itk() as native:
+            sitk.WriteImage(image, str(tmp), True)
+    except RuntimeError as exc:
+        raise OSError(_sitk_reason(exc, native)) from None
 
 
 def _check_canonical(array: np.ndarray, volume: Volume, what: str) -> np.ndarray:
@@ -741,7 +1229,7 @@ def _as_labels(labels_zyx: np.ndarray, volume: Volume) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def write_labelmap(labels_zyx: np.ndarray, volume: Volume, path: PathLike) -> Path:
+def write_labelmap(labels_zyx: np.ndarray, volume: Volume, path: PathLike, overwrite: bool = True) -> Path:
     """Write a canonical mask or labelmap on the volume's exact grid.
 
     Args:
@@ -751,21 +1239,19 @@ def write_labelmap(labels_zyx: np.ndarray, volume: Volume, path: PathLike) -> Pa
         path: ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha`` (uint8 labels), or ``.seg.nrrd`` (a Slicer
             segmentation with one segment per non-zero label, named ``Segment_<label>`` and keeping
             the label values).  The parent folder is created.
+        overwrite: replace an existing file; when false, an existing file (even one that appears
+            while this is written) is left as it is and :class:`MedSAMError` is raised.
 
     Returns:
         The written path.
 
     Raises:
-        MedSAMError: wrong shape, non-integer or out-of-range labels, unsupported extension, or an
-            unwritable destination.  Nothing is left behind on failure.
+        MedSAMError: wrong shape, non-integer or out-of-range labels, unsupported extension, the
+            volume's own file, or an unwritable destination (see :func:`check_output`).  Nothing
+            is left behind on failure.
     """
-    p = _output_path(path)
+    p = check_output(path, overwrite, inputs=[volume.path] if volume.path is not None else [])
     ext = _extension(p)
-    if ext not in LABELMAP_EXTENSIONS:
-        raise MedSAMError(
-            f"Cannot write a labelmap to '{p.name}': use one of {', '.join(LABELMAP_EXTENSIONS)} "
-            "(.mhd is not supported because it writes two files)."
-        )
     labels = _as_labels(labels_zyx, volume)
     labels_kji = volume.orientation.from_canonical(labels)
     if ext == ".seg.nrrd":
@@ -774,12 +1260,12 @@ def write_labelmap(labels_zyx: np.ndarray, volume: Volume, path: PathLike) -> Pa
             _SegmentInfo(f"Segment_{v}", _DEFAULT_COLORS[n % len(_DEFAULT_COLORS)], 0, v, _extent(labels_kji == v))
             for n, v in enumerate(values)
         ]
-        _atomic_write(p, lambda tmp: _write_seg_nrrd_file(tmp, [labels_kji], infos, volume.image))
+        atomic_write(p, lambda tmp: _write_seg_nrrd_file(tmp, [labels_kji], infos, volume.image), overwrite)
         return p
 
     image = sitk.GetImageFromArray(labels_kji)
     image.CopyInformation(volume.image)
-    _atomic_write(p, lambda tmp: sitk.WriteImage(image, str(tmp), True))
+    atomic_write(p, lambda tmp: _itk_write(image, tmp), overwrite)
     return p
 
 
@@ -816,7 +1302,7 @@ def _check_color(color: Sequence[float], name: str) -> Tuple[float, float, float
     return (rgb[0], rgb[1], rgb[2])
 
 
-def write_seg_nrrd(segments: Sequence[Segment], volume: Volume, path: PathLike) -> Path:
+def write_seg_nrrd(segments: Sequence[Segment], volume: Volume, path: PathLike, overwrite: bool = True) -> Path:
     """Write segments as a Slicer segmentation file (``.seg.nrrd``) on the volume's exact grid.
 
     Args:
@@ -825,6 +1311,7 @@ def write_seg_nrrd(segments: Sequence[Segment], volume: Volume, path: PathLike) 
             0..1.  Segment IDs are ``Segment_1``, ``Segment_2``, ... in this order.
         volume: the volume the segments belong to.
         path: destination, normally ending in ``.seg.nrrd`` (``.nrrd`` is accepted too).
+        overwrite: as :func:`write_labelmap`.
 
     The file is what Slicer writes: one shared 3D labelmap when no two segments overlap; when they
     do, a 4D NRRD (``kinds: list domain domain domain``) with as few layers as possible (each
@@ -840,9 +1327,8 @@ def write_seg_nrrd(segments: Sequence[Segment], volume: Volume, path: PathLike) 
         MedSAMError: a mask of the wrong shape, a bad colour or name, a wrong extension or an
             unwritable destination.  Nothing is left behind on failure.
     """
-    p = _output_path(path)
-    if _extension(p) not in (".seg.nrrd", ".nrrd"):
-        raise MedSAMError(f"A Slicer segmentation is written as '.seg.nrrd'; got '{p.name}'.")
+    p = check_output(path, overwrite, inputs=[volume.path] if volume.path is not None else [],
+                     formats=(".seg.nrrd", ".nrrd"))
     checked: List[Tuple[str, np.ndarray, Tuple[float, float, float]]] = []
     for n, segment in enumerate(segments):
         try:
@@ -872,7 +1358,7 @@ def write_seg_nrrd(segments: Sequence[Segment], volume: Volume, path: PathLike) 
         infos.append(_SegmentInfo(name, color, index, label, _extent(mask_kji)))
     if not layers:
         layers.append(np.zeros(volume.orientation.shape_kji, dtype=np.uint8))
-    _atomic_write(p, lambda tmp: _write_seg_nrrd_file(tmp, layers, infos, volume.image))
+    atomic_write(p, lambda tmp: _write_seg_nrrd_file(tmp, layers, infos, volume.image), overwrite)
     return p
 
 

@@ -8,7 +8,7 @@ written); 130 cancelled (Ctrl+C or SIGTERM: training saves ``latest.pth`` first,
 
 ``--progress-json`` prints one JSON object per line on stdout, for programs that follow the
 run (the Slicer training panel does): ``{"event": "progress", "stage", "done", "total",
-"message"}``, the trainer's events (``start``, ``step``, ``validation``, ``checkpoint``,
+"message"}``, the trainer's events (``warning``, ``start``, ``step``, ``validation``, ``checkpoint``,
 ``done``), then ``{"event": "result", ...}``, or ``{"event": "error", "message"}`` /
 ``{"event": "cancelled", "message"}``.
 """
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the baseline validation of the initial weights")
     t.add_argument("--no-validation", dest="validation", action="store_false", default=None,
                    help="never validate (no best.pth)")
+    t.add_argument("--allow-incomplete", action="store_true", default=None,
+                   help="train even though the preparation is incomplete (failed or unfinished cases)")
     t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from latest.pth")
     t.add_argument("--write-config", metavar="FILE", help="write the resulting config to FILE and exit")
     t.add_argument("--export-to", metavar="PTH",
@@ -250,6 +252,11 @@ def _cmd_preprocess(args: argparse.Namespace, out: _Output, cancel: CancelToken)
         "skipped": result.skipped, "train": m["split"]["train"], "val": m["split"]["val"],
         "slices": m["n_slices"], "labels": m["labels"],
     }
+    for entry in m["cases"].values():
+        for text in entry.get("warnings", []):
+            out.event({"event": "warning", "message": text})
+            if not out.json_lines:
+                print(f"medsam-train preprocess: warning: {text}", file=sys.stderr)
     out.info(f"preprocessed {len(result.processed)} case(s), skipped {len(result.skipped)} already done; "
              f"{m['n_slices']['train']} training and {m['n_slices']['val']} validation slices in {args.out_dir}")
     return summary
@@ -257,7 +264,7 @@ def _cmd_preprocess(args: argparse.Namespace, out: _Output, cancel: CancelToken)
 
 _TRAIN_FIELDS = ("data", "out", "model", "checkpoint", "epochs", "max_steps", "batch_size", "accumulate", "lr",
                  "weight_decay", "seed", "jitter", "labels", "freeze_image_encoder", "amp", "device", "num_workers",
-                 "val_every", "save_every", "log_every", "validate_at_start", "validation")
+                 "val_every", "save_every", "log_every", "validate_at_start", "validation", "allow_incomplete")
 
 
 def _train_config(args: argparse.Namespace):
@@ -281,8 +288,13 @@ def _cmd_train(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> D
         config.to_file(args.write_config)
         out.info(f"wrote {args.write_config}")
         return {"config": str(Path(args.write_config).resolve())}
+    def on_event(event: Dict[str, Any]) -> None:
+        out.event(event)
+        if event.get("event") == "warning" and not out.json_lines:
+            print(f"medsam-train train: warning: {event['message']}", file=sys.stderr)
+
     try:
-        result = train(config, resume=args.resume, progress=out.progress("train"), cancel=cancel, on_event=out.event)
+        result = train(config, resume=args.resume, progress=out.progress("train"), cancel=cancel, on_event=on_event)
     except Cancelled:
         # A cancelled run saved its current step: export it too, so that the weights reach the
         # model list even when nobody is left to do it (Slicer closed while training).

@@ -300,10 +300,14 @@ def _fingerprint(case: CaseFiles) -> Dict[str, Any]:
 
 
 def _read(path: Path, what: str, case: str):
+    import warnings
+
     from ..volumes import read_volume
 
     try:
-        return read_volume(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # notes on DICOM folders; case files are files
+            return read_volume(path, labels=what == "label")
     except MedSAMError as exc:
         raise MedSAMError(
             f"case '{case}': the {what} file '{path}' cannot be used: {exc} "
@@ -399,8 +403,14 @@ def process_case(case: CaseFiles, settings: PreprocessSettings, out_dir: Union[s
     Returns:
         The case's manifest entry (``n_slices`` 0 and ``file`` None when cleaning left no label).
 
+    The files go through :func:`~MedSAMSlicerLib.volumes.read_volume`'s checks (truncated or
+    damaged files, NaN or infinite voxels, a blank image), so a bad case fails here and is never
+    turned into training data. An image the window shows next to nothing of (e.g. CT without its
+    rescale to Hounsfield units) is prepared, with a warning in its entry (``"warnings"``).
+
     Raises:
-        MedSAMError: unreadable image or label, different grids, non-integer or all-zero labels.
+        MedSAMError: unreadable, truncated or damaged image or label, NaN/infinite voxels, a blank
+            image, different grids, non-integer or all-zero labels.
     """
     fingerprint = _fingerprint(case)
     label_vol = _read(case.label, "label", case.name)
@@ -436,6 +446,11 @@ def process_case(case: CaseFiles, settings: PreprocessSettings, out_dir: Union[s
     }
     if z_index.size == 0:
         return entry
+    from ..preprocessing import window_note
+
+    note = window_note(image_vol.array, settings.window(), stretch=bool(settings.stretch))
+    if note:
+        entry["warnings"] = [f"case '{case.name}': {note}"]
     windowed = window_volume(image_vol.array, settings)
     labels = cleaned[z_index]
     for value in present:

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from ..checkpoints import check_finite_weights
 from ..errors import MedSAMError
 from ..preprocessing import box_to_model, logits_to_mask
 from ..progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
@@ -70,7 +71,8 @@ AMP_CHOICES = ("none", "bf16", "fp16")
 
 # Fields that may change between a run and its resume (they do not change what is computed).
 _RESUMABLE_CHANGES = {"epochs", "max_steps", "device", "num_workers", "val_every", "save_every", "log_every",
-                      "out", "checkpoint", "embedding_cache_gb", "validate_at_start", "validation"}
+                      "out", "checkpoint", "embedding_cache_gb", "validate_at_start", "validation",
+                      "allow_incomplete"}
 
 
 @dataclass
@@ -101,6 +103,8 @@ class TrainConfig:
         validate_at_start: validate the initial weights first (the baseline in ``log.csv``).
         validation: validate at all (``False``: no validation and no ``best.pth``).
         embedding_cache_gb: with a frozen encoder, memory for cached slice embeddings.
+        allow_incomplete: train on a preparation whose ``manifest.json`` says ``complete: false``
+            (cases failed or the run was interrupted); refused otherwise.
     """
 
     data: str = ""
@@ -126,6 +130,7 @@ class TrainConfig:
     validate_at_start: bool = True
     validation: bool = True
     embedding_cache_gb: float = 4.0
+    allow_incomplete: bool = False
 
     def validate(self) -> None:
         """Raise :class:`MedSAMError` for values that cannot work."""
@@ -605,6 +610,7 @@ def export(checkpoint: PathLike, out: PathLike) -> Path:
     ckpt = load_checkpoint(checkpoint)
     state = ckpt["model"]
     check_state_dict(ckpt["architecture"], state, source=f"checkpoint {Path(checkpoint).name}")
+    check_finite_weights(state, source=f"checkpoint {Path(checkpoint).name}")
     return torch_save(out, {k: v.contiguous() for k, v in state.items()})
 
 
@@ -632,6 +638,51 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # training
+
+
+def check_preparation(manifest: Dict[str, Any], config: TrainConfig) -> List[str]:
+    """Refuse a preparation that cannot give what the config asks; return warnings to show.
+
+    - ``complete: false`` (cases failed, or preprocessing was interrupted) is refused unless
+      ``config.allow_incomplete``: the model would silently train (and validate) on part of the
+      data;
+    - with ``config.validation``, a held-out split without slices (none held out, its cases
+      failed, or none has ``config.labels``) is refused: there would be no validation and no
+      ``best.pth``, without a word.
+    """
+    warnings: List[str] = []
+    cases = manifest.get("cases") or {}
+    if not manifest.get("complete", False):
+        failed = manifest.get("failed") or {}
+        names = sorted(failed)
+        what = (f"{len(failed)} case(s) could not be prepared ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                if failed else "its preprocessing did not finish (interrupted, or still running)")
+        if not config.allow_incomplete:
+            raise MedSAMError(
+                f"the prepared dataset '{config.data}' is incomplete: {what}; {len(cases)} case(s) are prepared. Fix "
+                "them and run 'medsam-train preprocess' again (finished cases are kept), or pass --allow-incomplete "
+                "to train on the prepared cases only"
+            )
+        warnings.append(f"training on an incomplete preparation (--allow-incomplete): {what}")
+    if config.validation:
+        planned = list((manifest.get("split") or {}).get("val") or [])
+        val = [e for e in cases.values() if e.get("split") == "val" and e.get("file")]
+        wanted = None if config.labels is None else {str(v) for v in config.labels}
+        n = sum(e.get("n_slices", 0) if wanted is None else
+                max([int(c) for k, c in (e.get("label_slices") or {}).items() if k in wanted] or [0]) for e in val)
+        if n == 0:
+            if not planned:
+                why = "no case is held out"
+            elif not val:
+                why = f"its held-out case(s) ({', '.join(planned[:5])}) are not prepared"
+            else:
+                why = f"its held-out cases have no slice with label(s) {sorted(config.labels or [])}"
+            raise MedSAMError(
+                f"the held-out (validation) split of '{config.data}' is empty: {why}, so there would be no "
+                "validation and no best.pth. Hold out cases when preparing ('medsam-train preprocess --holdout N' or "
+                "--holdout-cases), or pass --no-validation to train without validation"
+            )
+    return warnings
 
 
 def _check_resume_config(saved: Dict[str, Any], config: TrainConfig, world: int, saved_world: int) -> None:
@@ -669,7 +720,7 @@ def train(
         cancel: checked before each optimizer step; when set, ``latest.pth`` is saved for the
             current step (the previous one stays intact until the new one is complete) and
             :class:`~MedSAMSlicerLib.progress.Cancelled` is raised.
-        on_event: called with dicts ``{"event": "step"|"validation"|"checkpoint"|"start"|"done", ...}``.
+        on_event: called with dicts ``{"event": "step"|"validation"|"checkpoint"|"start"|"done"|"warning", ...}``.
 
     Returns:
         :class:`TrainResult`.
@@ -698,6 +749,7 @@ def train(
         torch.manual_seed(config.seed)
         train_ds = SliceDataset(config.data, "train", spec.preprocessing, spec.input_size, config.jitter,
                                 config.seed, config.labels)
+        preparation_warnings = check_preparation(train_ds.manifest, config)
         sampler = DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
                                      seed=config.seed, drop_last=True)
         if len(train_ds) == 0:
@@ -719,6 +771,7 @@ def train(
             total_steps = min(total_steps, int(config.max_steps))
 
         if ckpt is not None:
+            check_finite_weights(ckpt["model"], source=f"'{latest_path}'")
             model = _build(spec, None, device)
             model.load_state_dict(ckpt["model"], strict=True)
         else:
@@ -759,8 +812,6 @@ def train(
         if dist.is_main and config.validation:
             validator = Validator(config.data, spec.preprocessing, spec.input_size, "val", config.labels,
                                   cache_bytes=cache_bytes)
-            if len(validator) == 0:
-                validator = None
         val_labels = validator.labels if validator is not None else []
 
         if dist.is_main:
@@ -834,6 +885,8 @@ def train(
                     emit({"event": "checkpoint", "path": str(best_path), "step": state["step"]})
             dist.barrier()
 
+        for text in preparation_warnings:
+            emit({"event": "warning", "message": text})
         emit({"event": "start", "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
               "train_slices": len(train_ds), "val_slices": len(validator) if validator else 0,
               "step": state["step"], "device": str(device), "world_size": dist.world})
@@ -998,6 +1051,7 @@ def evaluate(
             state = ckpt["model"]
     spec = get_spec(name or "litemedsam")
     if state is not None:
+        check_finite_weights(state, source=f"checkpoint {Path(checkpoint).name}")
         net = _build(spec, None, dev)
         net.load_state_dict(state, strict=True)
     else:
