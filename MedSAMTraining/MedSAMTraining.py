@@ -221,8 +221,11 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             dice = event.get("mean_dice")
             if dice is not None:
                 self.ui.statusLabel.text = f"Validation at step {event.get('step')}: mean Dice {dice:.3f}"
-        elif kind in ("error", "cancelled"):
+        elif kind in ("error", "cancelled", "warning"):
+            # Warnings: e.g. training on an incomplete preparation, a window that shows next to nothing.
             self.ui.statusLabel.text = f"{kind.capitalize()}: {event.get('message', '')}"
+            if kind == "warning":
+                logging.warning(f"MedSAM Training: {event.get('message', '')}")
         if kind in ("validation", "checkpoint", "done", "exit"):
             self._showPlot()
 

@@ -40,7 +40,7 @@ def test_script_end_to_end(ct_scene, ct_sm_path, tmp_path, record_property):
            "--output", str(out), "--segment-name", "spleen", "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "spleen:" in done.stdout and "slices 15..17" in done.stdout, done.stdout
+    assert "spleen:" in done.stdout and "segmented k 15..17" in done.stdout, done.stdout
 
     seg = load_segmentation(str(out), "result")
     segmentation = seg.GetSegmentation()

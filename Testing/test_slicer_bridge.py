@@ -171,6 +171,20 @@ def test_bad_source_volumes(ct_scene):
         B.source_volume(ct_scene.labels)
 
 
+def test_nan_and_blank_volume_nodes_are_refused(ct_scene):
+    """A Slicer volume does not go through the file checks: the bridge checks its voxels (once per
+    voxels and geometry), naming the voxel in the node's (i, j, k)."""
+    voxels = slicer.util.arrayFromVolume(ct_scene.ct).astype(np.float32)
+    voxels[7, 20, 30] = np.nan
+    node = slicer.util.addVolumeFromArray(voxels, ijk_to_ras(ct_scene.ct), "CT with a NaN")
+    with pytest.raises(MedSAMError, match=r"'CT with a NaN' has 1 voxel\(s\) that are NaN \(the first at i=30, j=20, k=7\)"):
+        B.source_volume(node)
+    blank = slicer.util.addVolumeFromArray(np.full((4, 20, 20), -1000, np.int16), ijk_to_ras(ct_scene.ct), "blank")
+    with pytest.raises(MedSAMError, match="'blank' is blank"):
+        B.source_volume(blank)
+    B.source_volume(ct_scene.ct)  # the real CT passes
+
+
 # ---------------------------------------------------------------------------------------------
 # With the model
 

@@ -117,12 +117,16 @@ def run(args):
         progress=TerminalProgress("MedSAM"),
     )
     headless.save_node(segmentation, output)
-    p = prediction.prompt
+    # Slices named as the volume's own index (what Slicer's Data Probe shows), not our canonical z.
+    name_slice = prediction.source.orientation.slice_to_index
+    axis, k = name_slice(prediction.prompt.z)
+    where = f"box on slice {axis}={k}"
+    if prediction.covered:
+        ends = sorted(name_slice(z)[1] for z in (prediction.covered[0], prediction.covered[-1]))
+        where += f", segmented {axis} {ends[0]}..{ends[1]}"
     print(
         f"{args.segment_name}: {prediction.voxel_count} voxels on {len(prediction.covered)} slice(s) "
-        f"(box x {p.box[0]}..{p.box[2]}, y {p.box[1]}..{p.box[3]} on slice {p.z}"
-        + (f", slices {p.z_range[0]}..{p.z_range[1]}" if p.z_range else "")
-        + f") in {time.perf_counter() - start:.1f} s -> {output}"
+        f"({where}) in {time.perf_counter() - start:.1f} s -> {output}"
     )
     for direction, note in prediction.notes.items():
         print(f"  {direction}: {note}")

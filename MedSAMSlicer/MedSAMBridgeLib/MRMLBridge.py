@@ -54,7 +54,7 @@ from vtk.util import numpy_support
 from MedSAMSlicerLib.background import BackgroundTask, run_in_background
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
-from MedSAMSlicerLib.volumes import AxialOrientation
+from MedSAMSlicerLib.volumes import AxialOrientation, check_array_values
 
 from .choices import COMBINE_MODES, DIRECTIONS, MODES, WINDOW_CHOICES  # noqa: F401  (re-exported)
 
@@ -82,6 +82,8 @@ WindowLike = Union[None, str, Tuple[float, float], "object"]
 # ---------------------------------------------------------------------------------------------
 # Shared models
 
+# Volume keys whose voxels passed check_array_values (NaN/inf, blank).
+_CHECKED_VOLUMES: set = set()
 # id(segmenter) -> key of the volume and window it was last given (see MedSAMBridge.request).
 _LOADED_VOLUME: Dict[int, str] = {}
 _LOADED_LOCK = threading.Lock()
@@ -188,7 +190,8 @@ def source_volume(volume_node, copy: bool = False) -> SourceVolume:
             otherwise the array is a read-only view of the node's voxels where the axes allow.
 
     Raises:
-        MedSAMError: no volume, no voxels, not a scalar volume, a non-linear transform.
+        MedSAMError: no volume, no voxels, not a scalar volume, a non-linear transform, NaN or
+            infinite voxels, a blank (constant) volume.
     """
     if volume_node is None:
         raise MedSAMError(
@@ -222,7 +225,11 @@ def source_volume(volume_node, copy: bool = False) -> SourceVolume:
         # A view of the node's own buffer: make sure nothing downstream can write through it.
         array = array.view()
     array.flags.writeable = False
-    return SourceVolume(volume_node, orientation, ijk_to_world, array, _volume_key(volume_node, ijk_to_world))
+    key = _volume_key(volume_node, ijk_to_world)
+    if key not in _CHECKED_VOLUMES:  # a full pass over the voxels: once per voxels and geometry
+        check_array_values(array, orientation, f"The volume '{volume_node.GetName()}'")
+        _CHECKED_VOLUMES.add(key)
+    return SourceVolume(volume_node, orientation, ijk_to_world, array, key)
 
 
 def _volume_key(volume_node, ijk_to_world: np.ndarray) -> str:

@@ -437,13 +437,19 @@ def check_voxel_values(volume: Volume, labels: bool = False) -> None:
         MedSAMError: non-finite voxels; an image whose voxels all have the same value.
     """
     source = f"'{volume.path}'" if volume.path is not None else "The volume"
-    array = volume.array
+    check_array_values(volume.array, volume.orientation, source, labels)
+
+
+def check_array_values(array: np.ndarray, orientation: AxialOrientation, source: str, labels: bool = False) -> None:
+    """:func:`check_voxel_values` for a canonical ``(z, y, x)`` array (e.g. a Slicer volume node's
+    voxels); ``orientation`` maps it back to the user's ``(i, j, k)`` for the message and ``source``
+    names it ("'ct.nii.gz'", "The volume 'CT'")."""
     if array.size and np.issubdtype(array.dtype, np.inexact):
         finite = np.isfinite(array)
         if not finite.all():
             bad = int(finite.size - np.count_nonzero(finite))
             # The first in the file's own order (k, then j, then i), as the user's viewer counts.
-            k, j, i = (int(v) for v in np.argwhere(volume.orientation.from_canonical(~finite))[0])
+            k, j, i = (int(v) for v in np.argwhere(orientation.from_canonical(~finite))[0])
             kinds = [name for name, test in (("NaN", np.isnan), ("infinite", np.isinf)) if test(array).any()]
             raise MedSAMError(
                 f"{source} has {bad} voxel(s) that are {' or '.join(kinds)} (the first at i={i}, j={j}, k={k}); "
