@@ -9,9 +9,9 @@ decided here, so it can be tested without the Slicer application:
   so every canonical voxel is one voxel of the node. The node's voxels are never written.
 * **RAS <-> IJK** happens here (and in the engine's ``volumes.py`` for files), nowhere else. A
   box from corner points, from a markups ROI or from a rectangle drawn in a slice view becomes a
-  :class:`BoxPrompt` in canonical voxel indices, with the same rule as the command line
-  (``volumes.ras_box_to_canonical``): voxels whose centres lie inside, and along an axis where the
-  box is thinner than a voxel, the voxel nearest its middle.
+  :class:`~MedSAMSlicerLib.boxes.BoxPrompt` in canonical voxel indices, by the engine's one rule
+  (:func:`MedSAMSlicerLib.boxes.voxel_box`, which the command line uses too): voxels whose centres
+  lie inside, and along an axis where the box is thinner than a voxel, the voxel nearest its middle.
 * **Mask -> segment.** A canonical mask goes back to ``(k, j, i)``, becomes a labelmap in the
   volume's geometry (parent transforms included), is resampled onto the Segment Editor's modifier
   labelmap geometry and is written with the Segment Editor's own rules (``ModifySegmentByLabelmap``:
@@ -52,6 +52,7 @@ import vtk
 from vtk.util import numpy_support
 
 from MedSAMSlicerLib.background import BackgroundTask, run_in_background
+from MedSAMSlicerLib.boxes import BoxOutside, BoxPrompt, voxel_box
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
 from MedSAMSlicerLib.volumes import AxialOrientation, check_array_values
@@ -298,50 +299,17 @@ def window_for(volume_node, window: WindowLike = None):
 # Prompts
 
 
-@dataclass(frozen=True)
-class BoxPrompt:
-    """A box in canonical voxel indices.
-
-    Attributes:
-        z: the slice the 2D box is on.
-        box: ``(x0, y0, x1, y1)`` on that slice, inclusive.
-        z_range: inclusive ``(z0, z1)`` bounding 3D propagation, or ``None`` (automatic extent).
-    """
-
-    z: int
-    box: Tuple[int, int, int, int]
-    z_range: Optional[Tuple[int, int]] = None
-
-    @property
-    def box3d(self) -> Tuple[int, int, int, int, int, int]:
-        """``(x0, y0, z0, x1, y1, z1)`` (the z-range, or the box's slice)."""
-        z0, z1 = self.z_range if self.z_range is not None else (self.z, self.z)
-        return (self.box[0], self.box[1], z0, self.box[2], self.box[3], z1)
-
-
 def _canonical_box(src: SourceVolume, xyz: np.ndarray, what: str) -> Tuple[List[int], List[int]]:
-    """Inclusive canonical voxel box of continuous canonical points (the engine's rule).
-
-    Voxels whose centres lie inside (0.001-voxel tolerance); along an axis thinner than a voxel,
-    the voxel nearest the middle. Clipped to the volume.
-    """
-    lo, hi = xyz.min(axis=0), xyz.max(axis=0)
-    n_xyz = src.shape[::-1]
-    first, last = [], []
-    for c in range(3):
-        f = math.ceil(lo[c] - 1e-3)
-        la = math.floor(hi[c] + 1e-3)
-        if f > la:
-            f = la = int(round((lo[c] + hi[c]) / 2.0))
-        if la < 0 or f > n_xyz[c] - 1:
-            ras_lo, ras_hi = src.world_extent()
-            raise MedSAMError(
-                f"The {what} lies outside the volume '{src.name}', which spans RAS "
-                f"{_fmt(ras_lo)} to {_fmt(ras_hi)} mm. Draw the box on this volume."
-            )
-        first.append(max(f, 0))
-        last.append(min(la, n_xyz[c] - 1))
-    return first, last
+    """The engine's voxel-box rule (:func:`MedSAMSlicerLib.boxes.voxel_box`), with the message in
+    RAS for a box outside the volume."""
+    try:
+        return voxel_box(xyz, src.shape)
+    except BoxOutside:
+        ras_lo, ras_hi = src.world_extent()
+        raise MedSAMError(
+            f"The {what} lies outside the volume '{src.name}', which spans RAS "
+            f"{_fmt(ras_lo)} to {_fmt(ras_hi)} mm. Draw the box on this volume."
+        ) from None
 
 
 def _fmt(p) -> str:
@@ -397,7 +365,7 @@ def prompt_from_points(src: SourceVolume, points_world, slice_normal_world=None)
         xyz = xyz.copy()
         xyz[:, 2] = z
     first, last = _canonical_box(src, xyz, "box")
-    return _prompt(first, last)
+    return BoxPrompt.from_voxel_box(first, last)
 
 
 def prompt_from_roi(src: SourceVolume, roi_node) -> BoxPrompt:
@@ -425,17 +393,7 @@ def prompt_from_roi(src: SourceVolume, roi_node) -> BoxPrompt:
     )
     xyz = src.world_to_canonical(corners)
     first, last = _canonical_box(src, xyz, f"ROI '{roi_node.GetName()}'")
-    return _prompt(first, last)
-
-
-def _prompt(first: Sequence[int], last: Sequence[int]) -> BoxPrompt:
-    x0, y0, z0 = first
-    x1, y1, z1 = last
-    box = (int(x0), int(y0), int(x1), int(y1))
-    if z0 == z1:
-        return BoxPrompt(int(z0), box)
-    z_mid = int((z1 - z0) / 2 + z0)
-    return BoxPrompt(z_mid, box, (int(z0), int(z1)))
+    return BoxPrompt.from_voxel_box(first, last)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .allocator import reuse_freed_memory
+from .boxes import middle_slice as box3d_middle_slice
 from .errors import MedSAMError
 from .predictor import Predictor, SliceResult
 from .preprocessing import box_to_model, check_box, mask_box_in_model
@@ -266,13 +267,6 @@ def propagate(
         zs = np.nonzero(out.any(axis=(1, 2)))[0]
         extent = (int(zs.min()), int(zs.max())) if zs.size else None
         return PropagationResult(mask=out, z_extent=extent, stop_reasons=reasons, slices=records)
-
-
-def box3d_middle_slice(z0: int, z1: int) -> int:
-    """The slice a 3D box's 2D box goes on: ``int((z1 - z0) / 2 + z0)`` for ``z0 <= z1``, as
-    LiteMedSAM's 3D inference (the lower of the two middle slices when their count is even)."""
-    lo, hi = sorted((int(z0), int(z1)))
-    return int((hi - lo) / 2 + lo)
 
 
 def propagate_box3d(

@@ -40,6 +40,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .boxes import BoxOutside, voxel_box
 from .errors import MedSAMError
 from .training._atomic import atomic_write, check_destination, split_extension
 
@@ -1074,10 +1075,9 @@ def _fmt_point(p: np.ndarray) -> str:
 def ras_box_to_canonical(volume: Volume, ras_corner_a: Sequence[float], ras_corner_b: Sequence[float]) -> Box3D:
     """An RAS-aligned box (two opposite corners, mm) -> canonical voxel box, inclusive.
 
-    The box holds the voxels whose centres lie inside it (with a 0.001-voxel tolerance, so corners
-    placed on voxel centres include those voxels).  Along an axis where the box is thinner than a
-    voxel (e.g. a flat box drawn on one slice), the voxel nearest to its middle is taken.  For an
-    oblique volume, the eight corners are mapped and their canonical bounding box is used.
+    The voxels are chosen by :func:`~MedSAMSlicerLib.boxes.voxel_box` (centres inside, the nearest
+    voxel along an axis thinner than one); for an oblique volume the eight corners are mapped and
+    their canonical bounding box is used.
 
     Returns:
         ``(x0, y0, z0, x1, y1, z1)``, sorted and clipped to the volume.
@@ -1090,25 +1090,15 @@ def ras_box_to_canonical(volume: Volume, ras_corner_a: Sequence[float], ras_corn
     if a.shape != (3,) or b.shape != (3,) or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise MedSAMError(f"A box needs two RAS corners of three finite numbers each; got {a.tolist()} and {b.tolist()}.")
     corners = np.array([[(a, b)[s[c]][c] for c in range(3)] for s in itertools.product((0, 1), repeat=3)])
-    xyz = ras_to_canonical_index(volume, corners)
-    lo, hi = xyz.min(axis=0), xyz.max(axis=0)
-    n_xyz = volume.shape[::-1]
-    tol = 1e-3
-    first, last = [], []
-    for c in range(3):
-        f = math.ceil(lo[c] - tol)
-        la = math.floor(hi[c] + tol)
-        if f > la:
-            f = la = int(round((lo[c] + hi[c]) / 2.0))
-        if la < 0 or f > n_xyz[c] - 1:
-            ras_lo, ras_hi = _ras_extent(volume)
-            raise MedSAMError(
-                f"The box from RAS {_fmt_point(a)} to {_fmt_point(b)} mm lies outside the volume "
-                f"(along {_RAS_AXIS_NAMES[c]}); the volume spans RAS {_fmt_point(ras_lo)} to "
-                f"{_fmt_point(ras_hi)} mm. Draw the box on this volume."
-            )
-        first.append(max(f, 0))
-        last.append(min(la, n_xyz[c] - 1))
+    try:
+        first, last = voxel_box(ras_to_canonical_index(volume, corners), volume.shape)
+    except BoxOutside as outside:
+        ras_lo, ras_hi = _ras_extent(volume)
+        raise MedSAMError(
+            f"The box from RAS {_fmt_point(a)} to {_fmt_point(b)} mm lies outside the volume "
+            f"(along {_RAS_AXIS_NAMES[outside.axis]}); the volume spans RAS {_fmt_point(ras_lo)} to "
+            f"{_fmt_point(ras_hi)} mm. Draw the box on this volume."
+        ) from None
     return (first[0], first[1], first[2], last[0], last[1], last[2])
 
 
