@@ -55,7 +55,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_window_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("intensity window").add_mutually_exclusive_group()
     g.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), help="CT window, e.g. 40 400")
-    g.add_argument("--preset", help="abdomen (default, L40/W400), lung, bone, brain, or mr (percentile scaling)")
+    g.add_argument("--preset", default="auto",
+                   help="auto (default: CT abdomen window L40/W400 for CT, percentile scaling for MR), "
+                        "abdomen, lung, bone, brain, or mr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,9 +104,9 @@ def _window(args: argparse.Namespace):
 
     if getattr(args, "window", None):
         return Window(level=args.window[0], width=args.window[1])
-    if getattr(args, "preset", None):
+    if getattr(args, "preset", None) and args.preset.lower() != "auto":
         return Window.preset(args.preset)
-    return Window.preset("abdomen")
+    return None  # automatic: chosen from the volume by Segmenter.set_volume (Window.automatic)
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -144,7 +146,6 @@ def segment_file(
     """
     import numpy as np
 
-    from .preprocessing import Window
     from .segmenter import Segmenter
     from .volumes import (
         ijk_box_to_canonical,
@@ -156,7 +157,6 @@ def segment_file(
 
     out = Path(output)
     _check_output(out, overwrite)
-    window = window or Window.preset("abdomen")
     volume = read_volume(volume_path)
     if (box_ijk is None) == (box_ras is None):
         raise MedSAMError("give exactly one box: --box-ijk or --box-ras")

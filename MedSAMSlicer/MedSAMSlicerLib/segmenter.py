@@ -2,7 +2,7 @@
 the headless script, the benchmark and the training's evaluation.
 
 >>> seg = Segmenter("litemedsam")                       # loads the model once
->>> seg.set_volume(ct_zyx, Window.preset("abdomen"))   # canonical (z, y, x) raw intensities
+>>> seg.set_volume(ct_zyx)                              # raw (z, y, x); window: auto (CT/MR)
 >>> seg.segment_slice(60, (30, 20, 70, 60)).mask       # (y, x) bool
 >>> seg.segment_3d(60, (30, 20, 70, 60)).mask          # (z, y, x) bool, automatic extent
 """
@@ -21,7 +21,7 @@ from .devices import select_device, select_precision
 from .errors import MedSAMError
 from .optimize import cpu_has_native_bfloat16, optimize_for_inference
 from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
-from .preprocessing import Window, apply_window
+from .preprocessing import Window, apply_window, resolve_window
 from .progress import CancelToken, ProgressCallback
 from .propagation import PropagationResult, StopRule, propagate, propagate_box3d
 from .registry import ModelSpec, get_spec, resolve_weights
@@ -95,13 +95,20 @@ class Segmenter:
         self.window: Optional[Window] = None
 
     # -- volume -------------------------------------------------------------------------------
-    def set_volume(self, array_zyx: np.ndarray, window: Optional[Window] = None, key: Optional[str] = None) -> None:
+    def set_volume(
+        self,
+        array_zyx: np.ndarray,
+        window: Union[None, str, Window, Tuple[float, float]] = None,
+        key: Optional[str] = None,
+    ) -> None:
         """Work on a volume.
 
         Args:
             array_zyx: raw intensities in canonical axial order ``(z, y, x)`` (see
                 ``volumes.read_volume`` / the Slicer bridge).
-            window: intensity window; default abdomen (L40/W400).
+            window: intensity window: ``None``/``"auto"`` (default) chooses it from the volume
+                (:meth:`Window.automatic`: CT abdomen window for CT, MR percentile scaling
+                otherwise), or a preset name, ``(level, width)`` or a :class:`Window`.
             key: a name for the volume in the embedding cache (default: a content hash).
         """
         arr = np.asarray(array_zyx)
@@ -111,7 +118,7 @@ class Segmenter:
             raise MedSAMError(f"the volume of shape {arr.shape} is too small to segment")
         if not np.issubdtype(arr.dtype, np.number):
             raise MedSAMError(f"the volume must hold numbers; got dtype {arr.dtype}")
-        window = window or Window.preset("abdomen")
+        window = resolve_window(window, arr)
         base = key if key is not None else volume_key(arr)
         self.window = window
         self.predictor.set_volume(apply_window(arr, window), key=f"{base}|{window.key}")
