@@ -1,7 +1,8 @@
 """``medsam-slicer``: box-prompted MedSAM / LiteMedSAM segmentation from the command line.
 
 Subcommands: ``segment`` (one structure from one box), ``demo`` (the shipped CT, five organs),
-``models`` (what is installed), ``bench`` (speed against the reference pipeline).
+``models`` (what is installed), ``bench`` (speed against the reference pipeline), ``evaluate``
+(quality on labelled volumes, :mod:`MedSAMSlicerLib.evaluation`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,20 @@ height bounds the propagation (LiteMedSAM's 3D inference).
 The output format follows the file name: .seg.nrrd (a 3D Slicer segmentation with the segment's
 name and colour), or .nii.gz / .nii / .nrrd / .mha (a labelmap, value 1). An existing output file
 is never replaced unless --overwrite is given.
+"""
+
+
+EVALUATE_HELP = """\
+Measure segmentation quality on labelled volumes. For each structure a simulated user draws the
+label's bounding box on the middle slice of its extent; the structure is segmented with its true
+z-range ("3d") and from the box alone, its extent found automatically ("2d"). Per structure:
+Dice, normalised surface Dice (FLARE22's NSD; FLARE22's tolerance for its organs, else 3 mm),
+slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png.
+
+Variants compare settings in one run (slices are encoded once for all of them):
+  medsam-slicer evaluate --variant default --variant original
+  medsam-slicer evaluate --variant default --variant narrow wider_box=0 --include 'ct/*'
+Settings: margin, wider_box, confidence_gain, auto_stop, stop.<field> (see StopRule), window.
 """
 
 
@@ -90,6 +105,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
 
     sub.add_parser("models", help="list the models, where their weights come from, and whether they are installed")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure segmentation quality on labelled volumes, as a user would draw boxes",
+        description=EVALUATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("inputs", nargs="*", help="evaluation set files (.toml/.json) or FLARE22-layout folders "
+                    "(none: the set built from the shipped data, Testing/Data/evaluation_set.toml)")
+    ev.add_argument("--image", action="append", default=[], help="an image to evaluate on (with --labels; repeatable)")
+    ev.add_argument("--labels", action="append", default=[], help="its labelmap or .seg.nrrd (one per --image)")
+    ev.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="a variant to compare (repeatable): 'default', 'original' (LiteMedSAM's own 3D "
+                         "algorithm), or a new name followed by settings, e.g. --variant strict stop.min_overlap=0.7")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="common",
+                    help="a setting for every variant (repeatable)")
+    ev.add_argument("--modes", default="3d,2d", help="3d (true z-range), 2d (automatic extent) or both (default 3d,2d)")
+    ev.add_argument("--box-margin", type=int, default=0, help="pixels around the label's box (default 0: tight)")
+    ev.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                    help="only structures matching case/structure glob patterns, e.g. 'mr/*' (repeatable)")
+    ev.add_argument("--min-slices", type=int, default=5, help="skip structures on fewer slices (default 5)")
+    ev.add_argument("--out", default="medsam-evaluation", help="output folder (default ./medsam-evaluation)")
+    ev.add_argument("--embedding-cache", metavar="DIR", help="keep slice embeddings in DIR between runs")
+    _add_model_args(ev)
 
     bench = sub.add_parser("bench", help="time our pipeline against the reference pipeline on the shipped CT")
     bench.add_argument("--models", default="litemedsam", help="comma-separated: litemedsam,medsam")
@@ -208,6 +247,21 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``medsam-slicer evaluate``: a thin wrapper of :func:`MedSAMSlicerLib.evaluation.run_evaluation`."""
+    from .evaluation import run_evaluation
+
+    if len(args.image) != len(args.labels):
+        raise MedSAMError(f"give one --labels per --image; got {len(args.image)} images and {len(args.labels)} labels")
+    run_evaluation(
+        inputs=args.inputs, pairs=list(zip(args.image, args.labels)), variants=args.variant, common=args.common,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,
+        include=args.include, min_slices=args.min_slices, out=args.out, embedding_cache=args.embedding_cache,
+        model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """``medsam-slicer models``."""
     from .registry import list_specs, resolve_weights
@@ -239,6 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_demo(Path(args.out), model=args.model, checkpoint=args.checkpoint, device=args.device,
                      precision=args.precision, download=args.download)
             return 0
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         if args.command == "bench":
             from .bench import run_bench
 

@@ -148,6 +148,36 @@ WIDER_BOX_PX = 6.0  # at 256 input
 CONFIDENCE_GAIN = 0.02
 
 
+@dataclass(frozen=True)
+class PropagationSettings:
+    """Every choice 3D propagation makes, in one object (``medsam-slicer evaluate --set`` names
+    these fields; ``stop.<field>`` names a :class:`StopRule` field).
+
+    Attributes:
+        margin: growth of each slice's box around the previous mask, in model-input pixels at
+            256 input (``None``: LiteMedSAM's 3 px; scaled for MedSAM's 1024).
+        wider_box: extra growth (px at 256 input) of a second prompt per slice, kept when the
+            decoder is more confident in it by ``confidence_gain`` and it contains the first
+            mask; 0 reproduces LiteMedSAM's 3D inference exactly.
+        confidence_gain: how much higher the wider box's predicted IoU must be.
+        auto_stop: apply ``stop`` without a z-range; ``False`` runs to the volume's edges, as
+            LiteMedSAM's own algorithm does when it is given no z-range.
+        stop: the :class:`StopRule`.
+    """
+
+    margin: Optional[float] = None
+    wider_box: float = WIDER_BOX_PX
+    confidence_gain: float = CONFIDENCE_GAIN
+    auto_stop: bool = True
+    stop: StopRule = field(default_factory=StopRule)
+
+    @classmethod
+    def original(cls) -> PropagationSettings:
+        """LiteMedSAM's own 3D algorithm (``CVPR24_LiteMedSAM_infer.py``): 3 px margin, one box
+        per slice, never stops early (only a z-range bounds it)."""
+        return cls(wider_box=0.0, auto_stop=False)
+
+
 def _extends(wide: np.ndarray, narrow: np.ndarray, fraction: float = 0.9) -> bool:
     """Whether ``wide`` keeps (nearly) all of ``narrow``: the same structure, not a neighbour."""
     area = int(narrow.sum())
@@ -169,7 +199,8 @@ def propagate(
     margin: Optional[float] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
-    wider_box: float = WIDER_BOX_PX,
+    wider_box: Optional[float] = None,
+    settings: Optional[PropagationSettings] = None,
 ) -> PropagationResult:
     """Segment a structure in 3D from a 2D box on slice ``z``.
 
@@ -180,12 +211,12 @@ def propagate(
         z_range: inclusive ``(z_min, z_max)`` that bounds the propagation (a 3D box); ``None``
             finds the extent with ``stop``.
         direction: ``"both"``, ``"up"`` (increasing z, toward superior) or ``"down"``.
-        stop: the :class:`StopRule` for automatic extent (default rule when ``None``).
-        margin: box growth in model-input pixels (default 3 px at 256 input).
-        wider_box: extra growth (px at 256 input) of a second prompt per slice, kept when the
-            decoder is more confident in it; 0 reproduces LiteMedSAM's 3D inference exactly.
+        stop: the :class:`StopRule` for automatic extent (overrides ``settings.stop``).
+        margin: box growth in model-input pixels (overrides ``settings.margin``).
+        wider_box: extra growth of a second prompt (overrides ``settings.wider_box``).
         progress: ``progress(done, total, message)``.
         cancel: a :class:`CancelToken`; cancelling raises :class:`Cancelled` between slices.
+        settings: :class:`PropagationSettings` (defaults when ``None``).
 
     Returns:
         A :class:`PropagationResult`; its mask is ``(z, y, x)`` like the volume.
@@ -202,8 +233,14 @@ def propagate(
             raise MedSAMError(f"the box's slice {z} is outside its z-range {lo}..{hi}")
     else:
         lo, hi = 0, depth - 1
-    rule = stop or StopRule()
-    margin = _default_margin(predictor) if margin is None else float(margin)
+    settings = settings or PropagationSettings()
+    rule = stop or settings.stop
+    if margin is None:
+        scale = predictor.input_size / 256.0
+        margin = _default_margin(predictor) if settings.margin is None else float(settings.margin) * scale
+    margin = float(margin)
+    wider_box = settings.wider_box if wider_box is None else float(wider_box)
+    auto_stop = z_range is None and settings.auto_stop
 
     prepared = predictor.prepared(z)
     first_box = box_to_model(check_box(box, prepared.original_hw), prepared)
@@ -212,7 +249,7 @@ def propagate(
         passes.append(("up", list(range(z + 1, hi + 1))))
     if direction in ("both", "down"):
         passes.append(("down", list(range(z - 1, lo - 1, -1))))
-    if z_range is None:
+    if auto_stop:
         passes = [(name, seq[: rule.max_slices]) for name, seq in passes]
     total = 1 + sum(len(seq) for _, seq in passes)
 
@@ -248,9 +285,11 @@ def propagate(
                     wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
                                      min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
                     alternative = predictor.predict_model_box(zz, wide)
-                    if alternative.score > result.score + CONFIDENCE_GAIN and _extends(alternative.mask, result.mask):
+                    if alternative.score > result.score + settings.confidence_gain and _extends(
+                        alternative.mask, result.mask
+                    ):
                         result = alternative
-                reason = rule.check(previous, result, volume[zz], history) if z_range is None else None
+                reason = rule.check(previous, result, volume[zz], history) if auto_stop else None
                 records.append(SliceRecord(zz, int(result.mask.sum()), result.score, reason is None, reason or ""))
                 done += 1
                 if reason is not None:
@@ -274,7 +313,8 @@ def propagate_box3d(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     margin: Optional[float] = None,
-    wider_box: float = WIDER_BOX_PX,
+    wider_box: Optional[float] = None,
+    settings: Optional[PropagationSettings] = None,
 ) -> PropagationResult:
     """LiteMedSAM's 3D-box inference: ``(x0, y0, z0, x1, y1, z1)`` (inclusive voxel indices).
 
@@ -290,5 +330,5 @@ def propagate_box3d(
     z_mid = int((z1 - z0) / 2 + z0)
     return propagate(
         predictor, z_mid, (x0, y0, x1, y1), z_range=(z0, z1), progress=progress, cancel=cancel, margin=margin,
-        wider_box=wider_box,
+        wider_box=wider_box, settings=settings,
     )

@@ -23,7 +23,7 @@ from .optimize import cpu_has_native_bfloat16, optimize_for_inference
 from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
 from .preprocessing import Window, apply_window, resolve_window
 from .progress import CancelToken, ProgressCallback
-from .propagation import PropagationResult, StopRule, propagate, propagate_box3d
+from .propagation import PropagationResult, PropagationSettings, StopRule, propagate, propagate_box3d
 from .registry import ModelSpec, get_spec, resolve_weights
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -93,6 +93,8 @@ class Segmenter:
             cache=EmbeddingCache(int(cache_mb) << 20),
         )
         self.window: Optional[Window] = None
+        #: The propagation settings :meth:`segment_3d` and :meth:`segment_box3d` use by default.
+        self.propagation = PropagationSettings()
 
     # -- volume -------------------------------------------------------------------------------
     def set_volume(
@@ -142,10 +144,15 @@ class Segmenter:
         stop: Optional[StopRule] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
     ) -> PropagationResult:
-        """3D from a 2D box on slice ``z``; ``z_range`` bounds it, else the extent is found."""
+        """3D from a 2D box on slice ``z``; ``z_range`` bounds it, else the extent is found.
+
+        ``settings`` (default :attr:`propagation`) holds every propagation choice.
+        """
         return propagate(
-            self.predictor, z, box, z_range=z_range, direction=direction, stop=stop, progress=progress, cancel=cancel
+            self.predictor, z, box, z_range=z_range, direction=direction, stop=stop, progress=progress, cancel=cancel,
+            settings=settings or self.propagation,
         )
 
     def segment_box3d(
@@ -153,9 +160,11 @@ class Segmenter:
         box3d: Sequence[float],
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
     ) -> PropagationResult:
         """3D from ``(x0, y0, z0, x1, y1, z1)``: the 2D box on the middle slice, bounded in z."""
-        return propagate_box3d(self.predictor, box3d, progress=progress, cancel=cancel)
+        return propagate_box3d(self.predictor, box3d, progress=progress, cancel=cancel,
+                               settings=settings or self.propagation)
 
     def prefetch(self, zs: Sequence[int]) -> None:
         """Encode slices ``zs`` in the background so later boxes on them answer at once."""
