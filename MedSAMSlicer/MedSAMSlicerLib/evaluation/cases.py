@@ -319,12 +319,12 @@ def load_inputs(
     cases: List[Case] = []
     for item in inputs:
         p = Path(item)
+        if not p.exists():
+            raise MedSAMError(f"input not found: '{p}'")
         if p.is_dir():
             cases += load_folder(p, min_slices=min_slices)
         elif p.suffix.lower() in (".toml", ".json"):
             cases += load_set(p)
-        elif not p.exists():
-            raise MedSAMError(f"input not found: '{p}'")
         else:
             raise MedSAMError(
                 f"'{p}' is neither an evaluation set (.toml/.json) nor a FLARE22 folder; "

@@ -64,6 +64,8 @@ def setting_names() -> List[str]:
 
 def _parse_value(text: str, current: object, key: str) -> object:
     raw = text.strip()
+    if isinstance(current, str):
+        return raw
     if isinstance(current, bool):
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -128,7 +130,8 @@ class EvaluationRow:
 
     ``slices_true``/``slices_found`` count the labelled / segmented slices; ``z_true``/``z_found``
     are their ``first-last`` slice indices; ``seconds`` is the wall time of the segmentation
-    (the first variant to reach a slice also pays for encoding it: ``encoded`` slices).
+    (the first variant to reach a slice also pays for encoding it: ``encoded`` slices). When both
+    modes run, they share one walk; its time is shared out by the slices each mode predicted.
     """
 
     case: str
@@ -238,11 +241,7 @@ def evaluate(
                     if embedding_store is not None:
                         embedding_store.load(seg.predictor)
                     loaded = (case.name, window)
-                for mode in modes:
-                    before = seg.predictor.encoded_slices
-                    t0 = time.perf_counter()
-                    result = seg.segment_3d(z, box, z_range=z_range if mode == "3d" else None, settings=variant.settings)
-                    seconds = time.perf_counter() - t0
+                for mode, result, seconds, encoded in _run_modes(seg, z, box, z_range, modes, variant.settings):
                     row = EvaluationRow(
                         case=case.name, structure=structure.name, variant=variant.name, mode=mode,
                         dice=dice(result.mask, ref),
@@ -251,16 +250,41 @@ def evaluate(
                         slices_true=labelled_slices(ref), slices_found=labelled_slices(result.mask),
                         z_true=_fmt_extent(z_range), z_found=_fmt_extent(result.z_extent),
                         box_slice=z, box=" ".join(str(v) for v in box), seconds=seconds,
-                        encoded=seg.predictor.encoded_slices - before,
+                        encoded=encoded,
                         stopped="; ".join(f"{k}: {v}" for k, v in result.stop_reasons.items()),
                     )
                     rows.append(row)
                     if log is not None:
                         log(f"{case.name}/{structure.name} [{variant.name}, {mode}] Dice {row.dice:.3f} NSD {row.nsd:.3f} "
                             f"slices {row.z_found} (true {row.z_true}) {seconds:.1f} s")
+            if embedding_store is not None:
+                embedding_store.save(seg.predictor)  # after each structure: an interrupted run keeps its work
         if embedding_store is not None:
             embedding_store.save(seg.predictor)
     return rows
+
+
+def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str], settings: PropagationSettings):
+    """``(mode, result, seconds, slices encoded)`` per mode. Both modes come from one walk
+    (:func:`~MedSAMSlicerLib.propagation.propagate_both`, the same masks as two runs); its time
+    and encoding are shared out in proportion to the slices each mode predicted."""
+    from ..propagation import propagate_both
+
+    before = seg.predictor.encoded_slices
+    t0 = time.perf_counter()
+    if len(modes) == 1:
+        mode = modes[0]
+        result = seg.segment_3d(z, box, z_range=z_range if mode == "3d" else None, settings=settings)
+        return [(mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before)]
+    ranged, auto = propagate_both(seg.predictor, z, box, z_range, settings=settings)
+    seconds, encoded = time.perf_counter() - t0, seg.predictor.encoded_slices - before
+    walked = len({r.z for r in ranged.slices} | {r.z for r in auto.slices})
+    out = []
+    for mode in modes:
+        result = ranged if mode == "3d" else auto
+        share = len(result.slices) / max(1, walked)
+        out.append((mode, result, seconds * share, int(round(encoded * share))))
+    return out
 
 
 def _window_arg(window: Optional[str]):

@@ -1,0 +1,153 @@
+"""``medsam-slicer evaluate``: metrics, the evaluation set, variants, and quality floors.
+
+The floors test runs the real model on the shipped data through the same code path as the
+command (``evaluate``), on the session's shared LiteMedSAM segmenter, so slices other tests
+encoded are not encoded again. Measured values are printed (``-s``) and are in the README.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from MedSAMSlicerLib import metrics
+from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.evaluation import cases as C
+from MedSAMSlicerLib.evaluation import runner as E
+from MedSAMSlicerLib.propagation import PropagationSettings, StopRule
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_dice_basics():
+    a = np.zeros((4, 5, 6), bool)
+    assert metrics.dice(a, a) == 1.0
+    b = a.copy()
+    b[1, 1:3, 1:3] = True
+    assert metrics.dice(a, b) == 0.0
+    c = b.copy()
+    c[1, 3, 1:3] = True  # 4 of 6 shared
+    assert metrics.dice(b, c) == pytest.approx(2 * 4 / (4 + 6))
+
+
+def test_surface_dice_against_flare22_reference_values():
+    # Values from FLARE22's own SurfaceDice.py (flare22-dsc-nsd-test 0.0.2) on the same shapes:
+    # it weights surface elements by marching-cubes areas, we by a gradient estimate (metrics.py).
+    z, y, x = np.mgrid[:40, :40, :40]
+    ball = (z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 <= 64
+    shifted = np.roll(ball, 2, axis=2)
+    assert metrics.surface_dice(shifted, ball, (1, 1, 1), 1.0) == pytest.approx(0.7832, abs=0.03)
+    assert metrics.surface_dice(shifted, ball, (1, 1, 1), 2.0) == pytest.approx(1.0)
+    box = np.zeros((20, 30, 30), bool)
+    box[5:15, 8:20, 8:22] = True
+    grown = ndi.binary_dilation(box)
+    assert metrics.surface_dice(grown, box, (3, 0.8, 0.8), 1.0) == pytest.approx(0.8647, abs=0.01)
+    assert metrics.surface_dice(grown, box, (3, 0.8, 0.8), 2.0) == pytest.approx(0.8791, abs=0.01)
+    assert metrics.surface_dice(grown, box, (3, 0.8, 0.8), 5.0) == pytest.approx(1.0)
+    # Symmetric, 1 for identical masks, 0 against an empty one; spacing matters.
+    assert metrics.surface_dice(ball, shifted, (1, 1, 1), 1.0) == pytest.approx(
+        metrics.surface_dice(shifted, ball, (1, 1, 1), 1.0))
+    assert metrics.surface_dice(ball, ball, (3, 1, 1), 0.0) == 1.0
+    assert metrics.surface_dice(ball, np.zeros_like(ball), (1, 1, 1), 2.0) == 0.0
+    assert metrics.surface_dice(shifted, ball, (1, 1, 0.4), 1.0) == 1.0
+    assert metrics.tolerance_for("liver") == 5.0 and metrics.tolerance_for("rib_left_7") == 3.0
+
+
+# -- the evaluation set, inputs, variants --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped_set():
+    return {c.name: c for c in C.load_inputs()}
+
+
+def test_shipped_evaluation_set(shipped_set):
+    assert list(shipped_set) == ["ct", "ct_5mm", "mr", "dicom_ct"]
+    ct, thick, mr, dicom = (shipped_set[n] for n in ("ct", "ct_5mm", "mr", "dicom_ct"))
+    names = {s.name for s in ct.structures}
+    # Every labelled structure on >= 5 slices (small ones included), and the split aorta.
+    for name in ("adrenal_gland_left", "gallbladder", "pancreas", "inferior_vena_cava", "rib_right_12",
+                 "aorta_iliac_arteries"):
+        assert name in names
+    assert "vertebrae_T11" not in names  # 3 slices: left out
+    labels = ct.layers[0]
+    for value in np.unique(labels[labels > 0]):
+        on = C.labelled_slices(labels == value)
+        assert (on >= 5) == any(s.labels == (int(value),) for s in ct.structures)
+    joined = next(s for s in ct.structures if s.name == "aorta_iliac_arteries")
+    assert joined.labels == (52, 65, 66) and C.labelled_slices(ct.mask(joined)) == 109
+    # Thick slices: 5 mm, image interpolated, labels nearest, first slice in place.
+    assert thick.spacing == (5.0, 3.0, 3.0) and thick.image.shape == (67, 101, 122)
+    assert np.array_equal(thick.image[0], ct.image[0].astype(np.float32))
+    assert np.array_equal(thick.layers[0][3], ct.layers[0][5])  # 15 mm = old slice 5
+    assert [s.name for s in mr.structures] == ["spleen", "kidney_right", "kidney_left", "liver"]
+    # The DICOM labels are stored flipped: read onto the image's grid, they cover the liver.
+    assert dicom.image.shape == (20, 512, 512) and dicom.spacing[0] == pytest.approx(2.0)
+    liver = dicom.mask(next(s for s in dicom.structures if s.name == "liver"))
+    assert np.median(dicom.image[liver]) > 30  # liver HU, not fat or air
+
+
+def test_case_from_seg_nrrd_and_labelmap_on_another_grid(tmp_path, ct_sm_path, ct_sm_seg_path):
+    import SimpleITK as sitk
+
+    from MedSAMSlicerLib.volumes import read_volume, write_seg_nrrd
+
+    volume = read_volume(ct_sm_path)
+    labels = read_volume(ct_sm_seg_path).array
+    liver, spleen = labels == 5, labels == 1
+    overlap = ndi.binary_dilation(spleen, iterations=2)  # overlaps the spleen: a second layer
+    write_seg_nrrd([("liver", liver, (1, 0, 0)), ("spleen", spleen, (0, 1, 0)), ("near_spleen", overlap, (0, 0, 1))],
+                   volume, tmp_path / "s.seg.nrrd")
+    case = C.load_case(ct_sm_path, tmp_path / "s.seg.nrrd", min_slices=1)
+    assert [s.name for s in case.structures] == ["liver", "spleen", "near_spleen"]
+    for s, ref in zip(case.structures, (liver, spleen, overlap)):
+        assert np.array_equal(case.mask(s), ref)
+    # A labelmap cropped and on its own grid is resampled onto the image's voxels exactly.
+    image = sitk.ReadImage(str(ct_sm_seg_path))
+    cropped = image[10:110, 5:95, 2:28]
+    sitk.WriteImage(cropped, str(tmp_path / "cropped.nii.gz"))
+    case = C.load_case(ct_sm_path, tmp_path / "cropped.nii.gz", structures={"liver": 5}, min_slices=1)
+    whole = sitk.GetArrayFromImage(image) == 5
+    expected = np.zeros_like(whole)
+    expected[2:28, 5:95, 10:110] = whole[2:28, 5:95, 10:110]
+    assert np.array_equal(case.mask(case.structures[0]), volume.orientation.to_canonical(expected))
+
+
+def test_set_file_errors(tmp_path):
+    bad = tmp_path / "set.toml"
+    bad.write_text('[[case]]\nname = "x"\nimage = "missing.nii.gz"\n')
+    with pytest.raises(MedSAMError, match="needs labels"):
+        C.load_set(bad)
+    bad.write_text("[[case]\n")
+    with pytest.raises(MedSAMError, match="not valid TOML"):
+        C.load_set(bad)
+    with pytest.raises(MedSAMError, match="not found"):
+        C.load_inputs([tmp_path / "nope.toml"])
+    with pytest.raises(MedSAMError, match="FLARE22"):
+        C.load_inputs([tmp_path])
+
+
+def test_variants_and_settings():
+    builtin = E.builtin_variants()
+    assert builtin["original"].settings == PropagationSettings(wider_box=0.0, auto_stop=False)
+    v = E.parse_variant(["strict", "stop.min_overlap=0.7", "wider_box=0", "window=mr", "follow_parts=true"])
+    assert v.settings.stop.min_overlap == 0.7 and v.settings.wider_box == 0.0 and v.settings.follow_parts
+    assert v.window == "mr"
+    assert E.parse_variant(["original", "margin=5"]).settings.margin == 5.0
+    assert E.apply_assignments(v, ["stop.max_slices=7"]).settings.stop.max_slices == 7
+    for tokens, match in ((["nonesuch"], "unknown variant"), (["x", "colour=red"], "unknown setting"),
+                          (["x", "wider_box=wide"], "number"), (["x", "follow_parts=maybe"], "true or false"),
+                          (["x", "stop.intensity_scale=hu"], "intensity_scale"), (["x", "nokeyvalue"], "key=value")):
+        with pytest.raises(MedSAMError, match=match):
+            E.parse_variant(tokens)
+    assert "stop.max_intensity_shift" in E.setting_names() and "window" in E.setting_names()
+    assert StopRule() == PropagationSettings().stop
+
+
+def test_simulated_box_is_the_middle_slice():
+    m = np.zeros((30, 20, 20), bool)
+    m[4:25, 5:9, 6:12] = True
+    m[14] = False  # the middle slice int((24 - 4) / 2 + 4) = 14 is empty: nearest labelled one
+    z, box, extent = E.simulated_box(m, margin=2)
+    assert extent == (4, 24) and z == 13 and box == (4, 3, 13, 10)
