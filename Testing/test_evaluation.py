@@ -7,6 +7,9 @@ encoded are not encoded again. Measured values are printed (``-s``) and are in t
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -14,6 +17,7 @@ from scipy import ndimage as ndi
 from MedSAMSlicerLib import metrics
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.evaluation import cases as C
+from MedSAMSlicerLib.evaluation import report as R
 from MedSAMSlicerLib.evaluation import runner as E
 from MedSAMSlicerLib.propagation import PropagationSettings, StopRule
 
@@ -151,3 +155,26 @@ def test_simulated_box_is_the_middle_slice():
     m[14] = False  # the middle slice int((24 - 4) / 2 + 4) = 14 is empty: nearest labelled one
     z, box, extent = E.simulated_box(m, margin=2)
     assert extent == (4, 24) and z == 13 and box == (4, 3, 13, 10)
+
+
+def test_report_files(tmp_path):
+    rows = [
+        E.EvaluationRow("ct", name, variant, mode, d, d - 0.05, 3.0, slices, slices, "1-9", "1-9", 5, "1 2 3 4", 1.5,
+                        2, "")
+        for name, d, slices in (("liver", 0.9, 40), ("rib", 0.5, 12), ("tiny", 0.4, 6))
+        for variant in ("default", "original") for mode in ("3d", "2d")
+    ]
+    R.write_csv(rows, tmp_path / "e.csv")
+    back = R.read_csv(tmp_path / "e.csv")
+    assert back == [dataclasses.replace(r, dice=round(r.dice, 4), nsd=round(r.nsd, 4)) for r in rows]
+    with open(tmp_path / "e.csv", newline="") as handle:
+        assert next(csv.reader(handle))[:4] == ["case", "structure", "variant", "mode"]
+    summary = R.summarize(rows)
+    top = [s for s in summary if s.group == "all"]
+    assert [(s.variant, s.mode) for s in top] == [("default", "3d"), ("default", "2d"), ("original", "3d"),
+                                                  ("original", "2d")]
+    assert top[0].mean_dice == pytest.approx(0.6) and top[0].worst == "ct/tiny" and top[0].low == 1
+    table = R.format_summary(summary, groups=["all"])
+    assert "ct/tiny (0.400)" in table and table.count("\n") == 5
+    assert "| ct | rib | 12 | 0.500 | 0.500 |" in R.format_structures(rows, "3d")
+    assert R.plot(rows, tmp_path / "e.png").stat().st_size > 10_000

@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--min-slices", type=int, default=5, help="skip structures on fewer slices (default 5)")
     ev.add_argument("--out", default="medsam-evaluation", help="output folder (default ./medsam-evaluation)")
     ev.add_argument("--embedding-cache", metavar="DIR", help="keep slice embeddings in DIR between runs")
+    ev.add_argument("--threads", type=int, help="CPU threads (default: all; 1 is fastest on a busy machine)")
     _add_model_args(ev)
 
     bench = sub.add_parser("bench", help="time our pipeline against the reference pipeline on the shipped CT")
@@ -258,6 +259,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,
         include=args.include, min_slices=args.min_slices, out=args.out, embedding_cache=args.embedding_cache,
         model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+        threads=args.threads,
     )
     return 0
 
