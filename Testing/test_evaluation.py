@@ -178,3 +178,29 @@ def test_report_files(tmp_path):
     assert "ct/tiny (0.400)" in table and table.count("\n") == 5
     assert "| ct | rib | 12 | 0.500 | 0.500 |" in R.format_structures(rows, "3d")
     assert R.plot(rows, tmp_path / "e.png").stat().st_size > 10_000
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def test_evaluate_command(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "MedSAMSlicerLib.cli", "evaluate", "--include", "mr/kidney_left", "--modes", "3d",
+           "--variant", "default", "--variant", "original", "--out", str(out), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "| default | 3d | 1 |" in done.stdout and "| original | 3d | 1 |" in done.stdout
+    rows = R.read_csv(out / "evaluation.csv")
+    assert [(r.structure, r.variant, r.mode) for r in rows] == [("kidney_left", "default", "3d"),
+                                                               ("kidney_left", "original", "3d")]
+    assert all(r.slices_true == 11 and r.z_true == "0-10" and r.z_found == "0-10" and r.dice > 0.7 for r in rows)
+    assert (out / "summary.md").read_text().count("| mr") == 2 and (out / "evaluation.png").stat().st_size > 10_000
+    # Bad input: one line, exit code 2, nothing loaded.
+    for extra, message in ((["--variant", "nonesuch"], "unknown variant"), (["--set", "stop.colour=1"], "unknown setting"),
+                           (["--include", "nothing/*"], "no structure to evaluate"), (["--modes", "4d"], "modes")):
+        bad = subprocess.run([sys.executable, "-m", "MedSAMSlicerLib.cli", "evaluate", "--out", str(tmp_path / "x"),
+                              *extra], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr

@@ -192,6 +192,8 @@ class PropagationSettings:
             at least ``part_min_fraction`` of the largest piece and ``part_min_px`` pixels at 256
             input), prompt each part with its own box and join the masks; parts whose boxes
             overlap are prompted together (they are meeting).
+        box_jitter: > 0 averages each prompt's logits over the box and four copies grown,
+            shrunk and shifted by this many pixels at 256 input (:meth:`Predictor.predict_model_box`).
     """
 
     margin: Optional[float] = None
@@ -203,6 +205,7 @@ class PropagationSettings:
     follow_parts: bool = False
     part_min_fraction: float = 0.2
     part_min_px: float = 16.0
+    box_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if self.wider_box_when not in WIDER_BOX_WHEN:
@@ -225,14 +228,15 @@ def _predict_box(
     predictor: Predictor, z: int, box_m: np.ndarray, wider_box: float, settings: PropagationSettings
 ) -> SliceResult:
     """One box on slice ``z`` (model pixels), with the wider second prompt where it applies."""
-    result = predictor.predict_model_box(z, box_m)
+    jitter = settings.box_jitter * predictor.input_size / 256.0
+    result = predictor.predict_model_box(z, box_m, jitter)
     if wider_box <= 0 or (settings.wider_box_when == "touching" and not _touches_box(result, predictor, z)):
         return result
     grow = wider_box * predictor.input_size / 256.0
     size = float(predictor.input_size)
     wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
                      min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
-    alternative = predictor.predict_model_box(z, wide)
+    alternative = predictor.predict_model_box(z, wide, jitter)
     if alternative.score > result.score + settings.confidence_gain and _extends(alternative.mask, result.mask):
         return alternative
     return result
@@ -430,7 +434,7 @@ def _propagate(
     with reuse_freed_memory():
         check_cancel(cancel)
         shape = predictor.volume.shape
-        first = predictor.predict_model_box(z, first_box)
+        first = predictor.predict_model_box(z, first_box, settings.box_jitter * predictor.input_size / 256.0)
         outs = {m: np.zeros(shape, dtype=bool) for m in modes}
         records: Dict[str, List[SliceRecord]] = {}
         reasons: Dict[str, Dict[str, str]] = {m: {} for m in modes}

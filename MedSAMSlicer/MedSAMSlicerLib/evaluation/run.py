@@ -11,7 +11,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 from ..errors import MedSAMError
 from .cases import DEFAULT_MIN_SLICES, load_inputs
 from .report import format_summary, plot, summarize, write_csv
-from .runner import EvaluationRow, Variant, apply_assignments, builtin_variants, evaluate, parse_variant
+from .runner import (
+    EvaluationRow,
+    Variant,
+    apply_assignments,
+    builtin_variants,
+    check_modes,
+    evaluate,
+    parse_variant,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -64,6 +72,7 @@ def run_evaluation(
             raise MedSAMError(f"--threads must be at least 1; got {threads}")
         torch.set_num_threads(int(threads))
 
+    check_modes(modes)
     chosen: List[Variant] = [parse_variant(v) for v in variants] or [builtin_variants()["default"]]
     chosen = [apply_assignments(v, common) for v in chosen]
     cases = load_inputs(inputs, pairs, min_slices=min_slices)

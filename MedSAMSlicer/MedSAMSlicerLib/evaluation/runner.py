@@ -213,9 +213,7 @@ def evaluate(
     from ..preprocessing import resolve_window
     from ..segmenter import Segmenter
 
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise MedSAMError(f"modes are {' and '.join(MODES)}; got {', '.join(modes) or 'none'}")
+    check_modes(modes)
     if not variants:
         raise MedSAMError("nothing to evaluate: give at least one variant")
     names = [v.name for v in variants]
@@ -262,6 +260,13 @@ def evaluate(
         if embedding_store is not None:
             embedding_store.save(seg.predictor)
     return rows
+
+
+def check_modes(modes: Sequence[str]) -> None:
+    """Raise :class:`MedSAMError` unless ``modes`` are some of :data:`MODES`."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise MedSAMError(f"modes are {' and '.join(MODES)}; got {', '.join(modes) or 'none'}")
 
 
 def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str], settings: PropagationSettings):
