@@ -169,6 +169,15 @@ class Predictor:
             self._key = key if key is not None else volume_key(vol)
             self._prepared = {}
 
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> Predictor:
+        """A predictor for the region ``[y0:y1, x0:x1]`` of every slice, sharing this one's model
+        and embedding cache (the region is enlarged to the model's input like any small slice,
+        so a small structure is seen larger). Its embeddings are keyed by this volume and the
+        region."""
+        sub = Predictor(self.model, self.method, self.model_key, self.device, self.dtype, self.batch_size, self.cache)
+        sub.set_volume(np.ascontiguousarray(self.volume[:, y0:y1, x0:x1]), key=f"{self._key}|crop{y0},{y1},{x0},{x1}")
+        return sub
+
     @property
     def volume(self) -> np.ndarray:
         """The windowed ``(z, y, x)`` volume."""

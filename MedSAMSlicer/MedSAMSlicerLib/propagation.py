@@ -194,6 +194,11 @@ class PropagationSettings:
             overlap are prompted together (they are meeting).
         box_jitter: > 0 averages each prompt's logits over the box and four copies grown,
             shrunk and shifted by this many pixels at 256 input (:meth:`Predictor.predict_model_box`).
+        zoom_below: > 0: when the box's longer side is below this many pixels at the model's
+            input, work on a square crop of every slice around the box instead of the whole slice
+            (``zoom_context`` times the box's longer side, at least 8 px, kept inside the slice),
+            so the model sees the structure larger; each slice of the crop is encoded for this
+            structure alone. 0: off.
     """
 
     margin: Optional[float] = None
@@ -206,6 +211,8 @@ class PropagationSettings:
     part_min_fraction: float = 0.2
     part_min_px: float = 16.0
     box_jitter: float = 0.0
+    zoom_below: float = 0.0
+    zoom_context: float = 3.0
 
     def __post_init__(self) -> None:
         if self.wider_box_when not in WIDER_BOX_WHEN:
@@ -350,8 +357,8 @@ def propagate(
     Returns:
         A :class:`PropagationResult`; its mask is ``(z, y, x)`` like the volume.
     """
-    runs = _propagate(predictor, z, box, z_range, direction, stop, margin, progress, cancel, wider_box, settings,
-                      modes=("range",) if z_range is not None else ("auto",))
+    runs = _zoomed(predictor, z, box, z_range, direction, stop, margin, progress, cancel, wider_box, settings,
+                   modes=("range",) if z_range is not None else ("auto",))
     return runs["range"] if z_range is not None else runs["auto"]
 
 
@@ -372,9 +379,54 @@ def propagate_both(
     until both have (the evaluation's "3d" and "2d" modes at the cost of the longer one). The
     results are exactly those of the two separate calls.
     """
-    runs = _propagate(predictor, z, box, z_range, direction, None, None, progress, cancel, None, settings,
-                      modes=("range", "auto"))
+    runs = _zoomed(predictor, z, box, z_range, direction, None, None, progress, cancel, None, settings,
+                   modes=("range", "auto"))
     return runs["range"], runs["auto"]
+
+
+def zoom_region(
+    predictor: Predictor, z: int, box: Sequence[float], settings: PropagationSettings
+) -> Optional[Tuple[int, int, int, int]]:
+    """The crop ``(y0, y1, x0, x1)`` :attr:`PropagationSettings.zoom_below` asks for, or ``None``.
+
+    The rule: the box's longer side, in model-input pixels at 256 input, below ``zoom_below``;
+    then a square of ``zoom_context`` times that side (in slice pixels, at least 8) centred on the
+    box, moved inside the slice (smaller only when the slice is).
+    """
+    if settings.zoom_below <= 0:
+        return None
+    prepared = predictor.prepared(z)
+    b = check_box(box, prepared.original_hw)
+    side = max(b[2] - b[0] + 1, b[3] - b[1] + 1)
+    if side * prepared.box_scale[0] * 256.0 / predictor.input_size >= settings.zoom_below:
+        return None
+    h, w = prepared.original_hw
+    size = int(min(max(8, round(side * settings.zoom_context)), h, w))
+    cy, cx = (b[1] + b[3]) / 2.0, (b[0] + b[2]) / 2.0
+    y0 = int(min(max(0, round(cy - size / 2.0)), h - size))
+    x0 = int(min(max(0, round(cx - size / 2.0)), w - size))
+    return y0, y0 + size, x0, x0 + size
+
+
+def _zoomed(predictor: Predictor, z: int, box: Sequence[float], z_range, direction, stop, margin, progress, cancel,
+            wider_box, settings: Optional[PropagationSettings], modes: Sequence[str]) -> Dict[str, PropagationResult]:
+    """:func:`_propagate`, on a crop around the box when the zoom rule applies (masks pasted back)."""
+    settings = settings or PropagationSettings()
+    region = zoom_region(predictor, predictor.check_slice_index(z), box, settings)
+    if region is None:
+        return _propagate(predictor, z, box, z_range, direction, stop, margin, progress, cancel, wider_box, settings,
+                          modes)
+    y0, y1, x0, x1 = region
+    sub = predictor.crop(y0, y1, x0, x1)
+    shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    runs = _propagate(sub, z, shifted, z_range, direction, stop, margin, progress, cancel, wider_box, settings, modes)
+    for result in runs.values():
+        full = np.zeros(predictor.volume.shape, dtype=bool)
+        full[:, y0:y1, x0:x1] = result.mask
+        result.mask = full
+        result.stop_reasons = {k: f"{v} (zoomed on x {x0}..{x1 - 1}, y {y0}..{y1 - 1})" for k, v in
+                               result.stop_reasons.items()}
+    return runs
 
 
 def _propagate(
