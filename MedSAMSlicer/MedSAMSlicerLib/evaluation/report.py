@@ -30,13 +30,33 @@ def write_csv(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
         writer = csv.DictWriter(handle, fieldnames=names)
         writer.writeheader()
         for row in rows:
-            values = dataclasses.asdict(row)
-            for key in ("dice", "nsd"):
-                values[key] = f"{values[key]:.4f}"
-            values["seconds"] = f"{values['seconds']:.2f}"
-            writer.writerow(values)
+            writer.writerow(_formatted(row))
     tmp.replace(p)
     return p
+
+
+class CsvLog:
+    """Rows appended to a CSV as they are measured, so an interrupted run keeps what it measured
+    (``evaluation.partial.csv`` until the run ends)."""
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._names = [f.name for f in dataclasses.fields(EvaluationRow)]
+        with open(self.path, "w", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=self._names).writeheader()
+
+    def __call__(self, row: EvaluationRow) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=self._names).writerow(_formatted(row))
+
+
+def _formatted(row: EvaluationRow) -> dict:
+    values = dataclasses.asdict(row)
+    for key in ("dice", "nsd"):
+        values[key] = f"{values[key]:.4f}"
+    values["seconds"] = f"{values['seconds']:.2f}"
+    return values
 
 
 def read_csv(path: PathLike) -> List[EvaluationRow]:

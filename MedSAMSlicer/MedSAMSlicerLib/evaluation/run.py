@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from ..errors import MedSAMError
 from .cases import DEFAULT_MIN_SLICES, load_inputs
-from .report import format_summary, plot, summarize, write_csv
+from .report import CsvLog, format_summary, plot, summarize, write_csv
 from .runner import (
     EvaluationRow,
     Variant,
@@ -89,12 +89,14 @@ def run_evaluation(
     say(f"{seg.describe()}\n{total} structures in {len(cases)} cases; variants: "
         f"{', '.join(v.name for v in chosen)}; modes: {', '.join(modes)}")
     store = EmbeddingStore(embedding_cache) if embedding_cache else None
+    partial = CsvLog(Path(out) / "evaluation.partial.csv") if out is not None else None
     rows = evaluate(cases, chosen, segmenter=seg, modes=modes, box_margin=box_margin, include=wanted,
-                    embedding_store=store, log=say)
+                    embedding_store=store, log=say, on_row=partial)
     summary = summarize(rows)
     if out is not None:
         folder = Path(out)
         write_csv(rows, folder / "evaluation.csv")
+        (folder / "evaluation.partial.csv").unlink(missing_ok=True)
         (folder / "summary.md").write_text(format_summary(summary) + "\n", encoding="utf-8")
         plot(rows, folder / "evaluation.png")
     if not quiet:

@@ -192,6 +192,7 @@ def evaluate(
     include: Optional[Callable[[Case, Structure], bool]] = None,
     embedding_store=None,
     log: Optional[Callable[[str], None]] = None,
+    on_row: Optional[Callable[[EvaluationRow], None]] = None,
 ) -> List[EvaluationRow]:
     """Segment every structure of ``cases`` with every variant in every mode; measure each.
 
@@ -205,6 +206,7 @@ def evaluate(
         include: ``include(case, structure)`` picks structures (all when ``None``).
         embedding_store: an :class:`~.store.EmbeddingStore` to reuse embeddings across runs.
         log: called with one line per structure.
+        on_row: called with each row as soon as it is measured (e.g. to write it at once).
 
     Returns:
         One :class:`EvaluationRow` per structure, variant and mode, in that nesting order
@@ -252,6 +254,8 @@ def evaluate(
                         stopped="; ".join(f"{k}: {v}" for k, v in result.stop_reasons.items()),
                     )
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
                     if log is not None:
                         log(f"{case.name}/{structure.name} [{variant.name}, {mode}] Dice {row.dice:.3f} NSD {row.nsd:.3f} "
                             f"slices {row.z_found} (true {row.z_true}) {seconds:.1f} s")
