@@ -192,6 +192,8 @@ class PropagationSettings:
             at least ``part_min_fraction`` of the largest piece and ``part_min_px`` pixels at 256
             input), prompt each part with its own box and join the masks; parts whose boxes
             overlap are prompted together (they are meeting).
+        wider_max_growth: > 0 keeps the wider box's mask only when it is at most this fraction
+            larger than the first mask (0: no limit).
         box_jitter: > 0 averages each prompt's logits over the box and four copies grown,
             shrunk and shifted by this many pixels at 256 input (:meth:`Predictor.predict_model_box`).
         zoom_below: > 0: when the box's longer side is below this many pixels at the model's
@@ -211,6 +213,7 @@ class PropagationSettings:
     part_min_fraction: float = 0.2
     part_min_px: float = 16.0
     box_jitter: float = 0.0
+    wider_max_growth: float = 0.0
     zoom_below: float = 0.0
     zoom_context: float = 3.0
 
@@ -245,6 +248,9 @@ def _predict_box(
                      min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
     alternative = predictor.predict_model_box(z, wide, jitter)
     if alternative.score > result.score + settings.confidence_gain and _extends(alternative.mask, result.mask):
+        if settings.wider_max_growth > 0 and alternative.mask.sum() > (1 + settings.wider_max_growth) * max(
+                1, int(result.mask.sum())):
+            return result
         return alternative
     return result
 
