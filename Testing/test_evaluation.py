@@ -277,3 +277,30 @@ def test_quality_floors_whole_set(lite_segmenter):
     """All 152 structures of the shipped set (about 20 minutes on 2 idle cores)."""
     rows = _measure(lite_segmenter, ["*"], cases=C.load_inputs())
     _floors(rows, **FULL_REACHED)
+
+
+def test_zoom_rule_and_zoomed_propagation(lite_segmenter, mr_path, mr_seg_path):
+    """The zoom option's crop rule, and a zoomed 3D run that lands on the full slice's grid."""
+    from MedSAMSlicerLib.propagation import propagate, zoom_region
+    from MedSAMSlicerLib.volumes import read_volume
+
+    image, labels = read_volume(mr_path).array, read_volume(mr_seg_path).array
+    lite_segmenter.set_volume(image)
+    predictor = lite_segmenter.predictor
+    settings = PropagationSettings(zoom_below=32, zoom_context=3)
+    kidney = labels == 3
+    z, box, _ = E.simulated_box(kidney)
+    side = max(box[2] - box[0] + 1, box[3] - box[1] + 1)  # ~20 px of a 117 px slice: ~44 px at 256
+    assert zoom_region(predictor, z, box, settings) is None
+    assert zoom_region(predictor, z, box, PropagationSettings(zoom_below=side * 256 / 117 + 1)) is not None
+    small = (60, 40, 66, 45)  # 7 px: 15 px at 256 -> a 21 px square around it, inside the slice
+    y0, y1, x0, x1 = zoom_region(predictor, 5, small, settings)
+    assert y1 - y0 == x1 - x0 == 21 and y0 <= 40 and y1 > 45 and x0 <= 60 and x1 > 66
+    y0, y1, x0, x1 = zoom_region(predictor, 5, (0, 0, 6, 6), settings)
+    assert (y0, x0) == (0, 0)  # moved inside the slice
+    assert zoom_region(predictor, 5, small, PropagationSettings()) is None
+    # A zoomed run: the crop's masks pasted back at the right place (the kidney's own voxels).
+    zoomed = propagate(predictor, z, box, z_range=(z - 1, z + 1),
+                       settings=PropagationSettings(zoom_below=64, zoom_context=2.5))
+    assert zoomed.mask.shape == image.shape and "zoomed on" in zoomed.stop_reasons["up"]
+    assert metrics.dice(zoomed.mask[z - 1 : z + 2], kidney[z - 1 : z + 2]) > 0.6
