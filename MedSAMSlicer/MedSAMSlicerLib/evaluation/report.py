@@ -168,6 +168,8 @@ def plot(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
         x = np.arange(len(order))
         for i, variant in enumerate(variants):
             values = {r.key: r.dice for r in rows if r.mode == mode and r.variant == variant}
+            if not values:
+                continue
             ys = [values.get(k, np.nan) for k in order]
             ax.plot(x, ys, markers[i % len(markers)], markersize=3.5, alpha=0.8,
                     label=f"{variant} (mean {np.nanmean(ys):.3f})")
