@@ -54,7 +54,10 @@ slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.
 Variants compare settings in one run (slices are encoded once for all of them):
   medsam-slicer evaluate --variant default --variant original
   medsam-slicer evaluate --variant default --variant narrow wider_box=0 --include 'ct/*'
-Settings: margin, wider_box, confidence_gain, auto_stop, stop.<field> (see StopRule), window.
+Settings (PropagationSettings): margin, wider_box, confidence_gain, auto_stop, wider_box_when,
+wider_max_growth, follow_parts, part_min_fraction, part_min_px, box_jitter, zoom_below,
+zoom_context; stop.<field> (StopRule: min_pixels, max_intensity_shift, intensity_scale,
+min_spread, min_area_fraction, min_overlap, grow_px, min_score, max_slices); window.
 """
 
 
