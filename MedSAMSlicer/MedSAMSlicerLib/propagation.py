@@ -47,7 +47,11 @@ class StopRule:
       differs by more than ``max_intensity_shift`` from the median of the medians of the slices
       accepted so far. When an organ ends, MedSAM moves to a neighbour inside the box (fat, bowel,
       another organ), which nearly always looks different; 25 grey levels are ~40 HU with the
-      abdomen window (L40/W400);
+      abdomen window (L40/W400). With ``intensity_scale="spread"`` the threshold is instead in
+      units of the structure's own spread (the interquartile range under the first mask, at
+      least ``min_spread`` grey levels), the same meaning under any window; measured with
+      ``medsam-slicer evaluate`` it let the CT liver drift (README, "Evaluation"), so grey levels
+      stay the default;
     - it has shrunk below ``min_area_fraction`` (15%) of the largest accepted slice: below that a
       box prompt no longer holds the model on the tapering tip, and it drifts to a neighbour of
       similar intensity (the liver's lower tip on the shipped CT: 22 slices of drift at 5%);
