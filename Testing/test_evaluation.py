@@ -262,11 +262,10 @@ ISSUE_FLOORS = dict(mean_3d=0.86, mean_2d=0.83, low_3d=0.70, low_2d=0.70, aorta_
 # iliac arteries 0.670 (2d); MR organs >= 0.815 (2d); at most 0.064 below the original (duodenum).
 CORE_REACHED = dict(mean_3d=0.77, mean_2d=0.74, low_3d=0.45, low_2d=0.32, aorta_iliac_2d=0.65, mr_2d=0.80,
                     max_loss_vs_original=0.07)
-# The whole set was measured on 121 of its 152 structures in this session (README): mean 3D Dice
-# 0.544 (3d) / 0.431 (2d), up to 0.171 below the original (ct/vertebrae_L1), some structures at
-# 0.00 (the lungs at the abdomen window). The mean floors assume the 31 unmeasured structures at
-# Dice 0 (0.544 x 121 / 152 = 0.433), so they hold if the measured part does.
-FULL_REACHED = dict(mean_3d=0.43, mean_2d=0.34, low_3d=0.0, low_2d=0.0, aorta_iliac_2d=0.65,
+# The whole set (152 structures, 2026-12-01): mean 3D Dice 0.484 (3d) / 0.389 (2d), some structures
+# at 0.00 (the lungs at the abdomen window, ribs on the DICOM CT); against the original algorithm
+# (measured on 77 of the structures) at most 0.171 below it (ct/vertebrae_L1).
+FULL_REACHED = dict(mean_3d=0.47, mean_2d=0.37, low_3d=0.0, low_2d=0.0, aorta_iliac_2d=0.65,
                     mr_2d=0.80, max_loss_vs_original=0.25)
 
 
