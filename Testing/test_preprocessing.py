@@ -165,3 +165,28 @@ def test_window_presets_and_bad_windows():
 def test_bad_boxes(box, match):
     with pytest.raises(MedSAMError, match=match):
         P.check_box(box, (101, 122))
+
+
+def test_automatic_window_ct_and_mr(ct_volume, mr_volume, dicom_dir, lite_segmenter):
+    from MedSAMSlicerLib.volumes import read_volume
+
+    abdomen, mr = P.Window.preset("abdomen"), P.Window.preset("mr")
+    assert P.Window.automatic(ct_volume.array) == abdomen
+    assert P.Window.automatic(read_volume(dicom_dir).array) == abdomen  # another scanner, DICOM
+    assert P.Window.automatic(mr_volume.array) == mr  # MR: -47..833, no air values
+    # The rule is the air threshold: CT shifted above it reads as "not CT".
+    assert P.Window.automatic(ct_volume.array - ct_volume.array.min() + P.CT_AIR_THRESHOLD) == mr
+    # resolve_window: None/"auto" -> automatic; names, pairs and Windows as given.
+    assert P.resolve_window(None, mr_volume.array) == mr
+    assert P.resolve_window("AUTO", ct_volume.array) == abdomen
+    assert P.resolve_window("lung", mr_volume.array) == P.Window.preset("lung")
+    assert P.resolve_window((50, 350), mr_volume.array) == P.Window(level=50, width=350)
+    with pytest.raises(MedSAMError, match="auto"):
+        P.Window.preset("auto")
+    with pytest.raises(MedSAMError, match="window"):
+        P.resolve_window(("a", "b"), mr_volume.array)
+    # The engine's default is the automatic window (no encoding happens in set_volume).
+    lite_segmenter.set_volume(mr_volume.array)
+    assert lite_segmenter.window == mr
+    lite_segmenter.set_volume(ct_volume.array)
+    assert lite_segmenter.window == abdomen

@@ -261,38 +261,34 @@ def window_for(volume_node, window: WindowLike = None):
 
     Args:
         window: ``None`` or ``"auto"``: the view's window/level if the user set one (the display
-            node's automatic window/level is off), else what the models were trained with: the
-            CT abdomen window for CT (values down to air, below -500), MR percentile scaling for
-            anything else. (Slicer's automatic window on CT is about 1500 HU wide, which
-            washes out soft tissue and halves the Dice of small organs.)
+            node's automatic window/level is off), else the engine's automatic window
+            (:meth:`Window.automatic <MedSAMSlicerLib.preprocessing.Window.automatic>`, the same rule
+            as the command line: CT abdomen window for CT, MR percentile scaling otherwise).
+            (Slicer's automatic window on CT is about 1500 HU wide, which washes out soft tissue and
+            halves the Dice of small organs.)
             ``"display"``: the display node's window/level as shown, whatever it is.
             A preset name (``"abdomen"``, ``"lung"``, ``"bone"``, ``"brain"``, ``"mr"``), a
-            ``(level, width)`` pair, or a ``Window``.
+            ``(level, width)`` pair, or a ``Window`` (:func:`~MedSAMSlicerLib.preprocessing.resolve_window`).
     """
-    from MedSAMSlicerLib.preprocessing import Window
+    from MedSAMSlicerLib.preprocessing import Window, resolve_window
 
     if isinstance(window, Window):
         return window
     display = volume_node.GetDisplayNode() if volume_node is not None else None
     has_display = display is not None and hasattr(display, "GetWindow") and display.GetWindow() > 0
-    if window is None or (isinstance(window, str) and window.lower() == "auto"):
-        if has_display and not display.GetAutoWindowLevel():
-            return Window(level=float(display.GetLevel()), width=float(display.GetWindow()))
-        image = volume_node.GetImageData() if volume_node is not None else None
-        low = image.GetScalarRange()[0] if image is not None else 0.0
-        # Air in CT is about -1000 HU; MR (and other modalities) has no such values.
-        return Window.preset("abdomen" if low < -500.0 else "mr")
+    shown = Window(level=float(display.GetLevel()), width=float(display.GetWindow())) if has_display else None
+    is_auto = window is None or (isinstance(window, str) and window.lower() == "auto")
+    if is_auto and shown is not None and not display.GetAutoWindowLevel():
+        return shown
     if isinstance(window, str) and window.lower() == "display":
-        if not has_display:
-            return Window.preset("abdomen")
-        return Window(level=float(display.GetLevel()), width=float(display.GetWindow()))
-    if isinstance(window, str):
-        return Window.preset(window)
+        window = shown or "auto"
+    voxels = slicer.util.arrayFromVolume(volume_node) if volume_node is not None else np.zeros(1)
     try:
-        level, width = (float(v) for v in window)
-    except (TypeError, ValueError):
+        return resolve_window(window, voxels)
+    except MedSAMError:
+        if isinstance(window, str):
+            raise  # the engine's message lists the presets
         raise MedSAMError(f"a window is 'auto', 'display', a preset name or (level, width); got {window!r}") from None
-    return Window(level=level, width=width)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """``medsam-slicer``: box-prompted MedSAM / LiteMedSAM segmentation from the command line.
 
 Subcommands: ``segment`` (one structure from one box), ``demo`` (the shipped CT, five organs),
-``models`` (what is installed), ``bench`` (speed against the reference pipeline).
+``models`` (what is installed), ``bench`` (speed against the reference pipeline), ``evaluate``
+(quality on labelled volumes, :mod:`MedSAMSlicerLib.evaluation`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,23 @@ output that cannot be written. A window that shows next to nothing of the image 
 """
 
 
+EVALUATE_HELP = """\
+Measure segmentation quality on labelled volumes. For each structure a simulated user draws the
+label's bounding box on the middle slice of its extent; the structure is segmented with its true
+z-range ("3d") and from the box alone, its extent found automatically ("2d"). Per structure:
+Dice, normalised surface Dice (FLARE22's NSD; FLARE22's tolerance for its organs, else 3 mm),
+slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png.
+
+Variants compare settings in one run (slices are encoded once for all of them):
+  medsam-slicer evaluate --variant default --variant original
+  medsam-slicer evaluate --variant default --variant narrow wider_box=0 --include 'ct/*'
+Settings (PropagationSettings): margin, wider_box, confidence_gain, auto_stop, wider_box_when,
+wider_max_growth, follow_parts, part_min_fraction, part_min_px, box_jitter, zoom_below,
+zoom_context; stop.<field> (StopRule: min_pixels, max_intensity_shift, intensity_scale,
+min_spread, min_area_fraction, min_overlap, grow_px, min_score, max_slices); window.
+"""
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="litemedsam", help="litemedsam (fast on a CPU, default) or medsam (ViT-B, for a GPU)")
@@ -61,7 +79,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_window_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("intensity window").add_mutually_exclusive_group()
     g.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"), help="CT window, e.g. 40 400")
-    g.add_argument("--preset", help="abdomen (default, L40/W400), lung, bone, brain, or mr (percentile scaling)")
+    g.add_argument("--preset", default="auto",
+                   help="auto (default: CT abdomen window L40/W400 for CT, percentile scaling for MR), "
+                        "abdomen, lung, bone, brain, or mr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the models, where their weights come from, and whether they are installed")
 
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure segmentation quality on labelled volumes, as a user would draw boxes",
+        description=EVALUATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("inputs", nargs="*", help="evaluation set files (.toml/.json) or FLARE22-layout folders "
+                    "(none: the set built from the shipped data, Testing/Data/evaluation_set.toml)")
+    ev.add_argument("--image", action="append", default=[], help="an image to evaluate on (with --labels; repeatable)")
+    ev.add_argument("--labels", action="append", default=[], help="its labelmap or .seg.nrrd (one per --image)")
+    ev.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="a variant to compare (repeatable): 'default', 'original' (LiteMedSAM's own 3D "
+                         "algorithm), or a new name followed by settings, e.g. --variant strict stop.min_overlap=0.7")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="common",
+                    help="a setting for every variant (repeatable)")
+    ev.add_argument("--modes", default="3d,2d", help="3d (true z-range), 2d (automatic extent) or both (default 3d,2d)")
+    ev.add_argument("--box-margin", type=int, default=0, help="pixels around the label's box (default 0: tight)")
+    ev.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                    help="only structures matching case/structure glob patterns, e.g. 'mr/*' (repeatable)")
+    ev.add_argument("--min-slices", type=int, default=5, help="skip structures on fewer slices (default 5)")
+    ev.add_argument("--out", default="medsam-evaluation", help="output folder (default ./medsam-evaluation)")
+    ev.add_argument("--embedding-cache", metavar="DIR", help="keep slice embeddings in DIR between runs")
+    ev.add_argument("--threads", type=int, help="CPU threads (default: all; 1 is fastest on a busy machine)")
+    _add_model_args(ev)
+
     bench = sub.add_parser("bench", help="time our pipeline against the reference pipeline on the shipped CT")
     bench.add_argument("--models", default="litemedsam", help="comma-separated: litemedsam,medsam")
     bench.add_argument("--device", default="auto")
@@ -112,9 +157,9 @@ def _window(args: argparse.Namespace):
 
     if getattr(args, "window", None):
         return Window(level=args.window[0], width=args.window[1])
-    if getattr(args, "preset", None):
+    if getattr(args, "preset", None) and args.preset.lower() != "auto":
         return Window.preset(args.preset)
-    return Window.preset("abdomen")
+    return None  # automatic: chosen from the volume by Segmenter.set_volume (Window.automatic)
 
 
 #: Embedding-cache cap of a one-shot ``segment`` run. The propagation needs only the batch of
@@ -239,7 +284,7 @@ def segment_file(
     from .volumes import write_labelmap, write_seg_nrrd
 
     window = window() if callable(window) else window
-    window = window or Window.preset("abdomen")
+    window = window or Window.automatic(volume.array)
     warning = window_note(volume.array, window)
     if warning:
         print(f"medsam-slicer: warning: {warning}", file=sys.stderr)
@@ -286,6 +331,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``medsam-slicer evaluate``: a thin wrapper of :func:`MedSAMSlicerLib.evaluation.run_evaluation`."""
+    from .evaluation import run_evaluation
+
+    if len(args.image) != len(args.labels):
+        raise MedSAMError(f"give one --labels per --image; got {len(args.image)} images and {len(args.labels)} labels")
+    run_evaluation(
+        inputs=args.inputs, pairs=list(zip(args.image, args.labels)), variants=args.variant, common=args.common,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,
+        include=args.include, min_slices=args.min_slices, out=args.out, embedding_cache=args.embedding_cache,
+        model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+        threads=args.threads,
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """``medsam-slicer models``."""
     from .registry import list_specs, resolve_weights
@@ -317,6 +378,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_demo(Path(args.out), model=args.model, checkpoint=args.checkpoint, device=args.device,
                      precision=args.precision, download=args.download)
             return 0
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
         if args.command == "bench":
             from .bench import run_bench
 

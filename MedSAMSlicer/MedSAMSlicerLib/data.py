@@ -51,3 +51,11 @@ def example_ct() -> Path:
 def example_ct_labels() -> Path:
     """TotalSegmentator's labels for :func:`example_ct`."""
     return data_dir() / "example_seg_fast_force_split.nii.gz"
+
+
+def evaluation_set() -> Path:
+    """The evaluation set built from the shipped data (``Testing/Data/evaluation_set.toml``)."""
+    path = data_dir().parent / "evaluation_set.toml"
+    if not path.is_file():
+        raise MedSAMError(f"the shipped evaluation set was not found at '{path}': run from a clone of the repository")
+    return path

@@ -16,14 +16,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .data import DEMO_STRUCTURES, STRUCTURE_COLORS, example_ct, example_ct_labels
+from .metrics import dice
 from .progress import TerminalProgress
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice coefficient of two boolean arrays (1.0 when both are empty)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
 def reference_box(mask_zyx: np.ndarray, pad: int = 0) -> Tuple[int, Tuple[int, int, int, int]]:

@@ -158,6 +158,15 @@ class Predictor:
             self._key = key if key is not None else volume_key(vol)
             self._prepared = {}
 
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> Predictor:
+        """A predictor for the region ``[y0:y1, x0:x1]`` of every slice, sharing this one's model
+        and embedding cache (the region is enlarged to the model's input like any small slice,
+        so a small structure is seen larger). Its embeddings are keyed by this volume and the
+        region."""
+        sub = Predictor(self.model, self.method, self.model_key, self.device, self.dtype, self.batch_size, self.cache)
+        sub.set_volume(np.ascontiguousarray(self.volume[:, y0:y1, x0:x1]), key=f"{self._key}|crop{y0},{y1},{x0},{x1}")
+        return sub
+
     @property
     def volume(self) -> np.ndarray:
         """The windowed ``(z, y, x)`` volume."""
@@ -255,15 +264,28 @@ class Predictor:
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict_model_box(self, z: int, box_model: Sequence[float]) -> SliceResult:
-        """Predict slice ``z`` from a box already in model-input pixels ``(x0, y0, x1, y1)``."""
+    def predict_model_box(self, z: int, box_model: Sequence[float], jitter: float = 0.0) -> SliceResult:
+        """Predict slice ``z`` from a box already in model-input pixels ``(x0, y0, x1, y1)``.
+
+        ``jitter`` > 0 (model pixels) also decodes the box grown, shrunk and shifted by that much
+        (five boxes in one decoder call) and averages the five logit maps before thresholding: a
+        mask less sensitive to where exactly the box edges fall on the enlarged slice.
+        """
         prepared = self.prepared(z)
         emb = self.embedding(z).to(self.device)
-        boxes = torch.as_tensor(np.asarray(box_model, dtype=np.float32)[None], device=self.device)
+        box = np.asarray(box_model, dtype=np.float32)
+        if jitter > 0:
+            j = float(jitter)
+            offsets = np.array([[0, 0, 0, 0], [-j, -j, j, j], [j, j, -j, -j], [-j, -j, -j, -j], [j, j, j, j]],
+                               dtype=np.float32)
+            batch = np.clip(box[None] + offsets, 0.0, float(self.input_size))
+        else:
+            batch = box[None]
+        boxes = torch.as_tensor(batch, device=self.device)
         with reuse_freed_memory():
             logits, iou = self.model.decode(emb, boxes)
-            mask = logits_to_mask(logits, prepared)
-        return SliceResult(mask=mask, score=float(iou.reshape(-1)[0]), box_model=np.asarray(box_model))
+            mask = logits_to_mask(logits.mean(dim=0, keepdim=True), prepared)
+        return SliceResult(mask=mask, score=float(iou.reshape(-1).mean()), box_model=np.asarray(box_model))
 
     def predict(self, z: int, box: Sequence[float]) -> SliceResult:
         """Predict slice ``z`` from a box ``(x0, y0, x1, y1)`` in the slice's pixel indices.

@@ -20,7 +20,7 @@ Arrays: a slice is ``(H, W)`` = ``(y, x)``; a volume is ``(z, y, x)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,6 +37,13 @@ WINDOW_PRESETS = {
     "bone": (400.0, 1000.0),
     "brain": (40.0, 80.0),
 }
+
+
+#: Raw values below this mean CT (air is about -1000 HU); see :meth:`Window.automatic`.
+CT_AIR_THRESHOLD = -500.0
+
+#: Names accepted wherever a window preset is named; ``auto`` is resolved per volume.
+PRESET_NAMES = ("auto", *WINDOW_PRESETS, "mr")
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,13 @@ class Window:
 
     @classmethod
     def preset(cls, name: str) -> Window:
-        """A named preset: ``abdomen``, ``lung``, ``bone``, ``brain`` (CT) or ``mr``."""
+        """A named preset: ``abdomen``, ``lung``, ``bone``, ``brain`` (CT) or ``mr``.
+
+        ``auto`` depends on the volume: use :meth:`automatic` (or :func:`resolve_window`).
+        """
         key = name.lower()
+        if key == "auto":
+            raise MedSAMError("the 'auto' window depends on the volume: use Window.automatic(volume)")
         if key == "mr":
             return cls(percentiles=(0.5, 99.5))
         if key not in WINDOW_PRESETS:
@@ -77,12 +89,46 @@ class Window:
         level, width = WINDOW_PRESETS[key]
         return cls(level=level, width=width)
 
+    @classmethod
+    def automatic(cls, volume: np.ndarray) -> Window:
+        """The window the models were trained with, chosen from the intensities of ``volume``.
+
+        CT (any value below ``CT_AIR_THRESHOLD``, -500: air is about -1000 HU, and no MR or other
+        modality has such values) gets the CT abdomen window (L40/W400); anything else gets MR
+        percentile scaling (0.5-99.5 percentiles of the non-zero voxels), as ``pre_CT_MR.py``.
+        This is the one home of the rule: the command line, :meth:`Segmenter.set_volume
+        <MedSAMSlicerLib.segmenter.Segmenter.set_volume>` and the Slicer bridge all call it.
+
+        Args:
+            volume: raw intensities, any shape (``(z, y, x)`` for a volume).
+        """
+        data = np.asarray(volume)
+        if data.size and float(data.min()) < CT_AIR_THRESHOLD:
+            return cls.preset("abdomen")
+        return cls.preset("mr")
+
     @property
     def key(self) -> str:
         """A short string that identifies the window (used in embedding-cache keys)."""
         if self.percentiles is not None:
             return f"pct{self.percentiles[0]:g}-{self.percentiles[1]:g}"
         return f"L{self.level:g}W{self.width:g}"
+
+
+def resolve_window(window: Union[None, str, Window, Tuple[float, float]], volume: np.ndarray) -> Window:
+    """A :class:`Window` from what a user gave: ``None`` or ``"auto"`` (:meth:`Window.automatic`
+    on ``volume``), a preset name, a ``(level, width)`` pair, or a ``Window``."""
+    if isinstance(window, Window):
+        return window
+    if window is None or (isinstance(window, str) and window.lower() == "auto"):
+        return Window.automatic(volume)
+    if isinstance(window, str):
+        return Window.preset(window)
+    try:
+        level, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise MedSAMError(f"a window is 'auto', a preset name or (level, width); got {window!r}") from None
+    return Window(level=level, width=width)
 
 
 def apply_window(volume: np.ndarray, window: Window, stretch: bool = False) -> np.ndarray:

@@ -33,6 +33,8 @@ from .preprocessing import box_to_model, check_box, mask_box_in_model
 from .progress import CancelToken, ProgressCallback, check_cancel, report
 
 DIRECTIONS = ("both", "up", "down")
+INTENSITY_SCALES = ("grey", "spread")
+WIDER_BOX_WHEN = ("always", "touching")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,11 @@ class StopRule:
       differs by more than ``max_intensity_shift`` from the median of the medians of the slices
       accepted so far. When an organ ends, MedSAM moves to a neighbour inside the box (fat, bowel,
       another organ), which nearly always looks different; 25 grey levels are ~40 HU with the
-      abdomen window (L40/W400);
+      abdomen window (L40/W400). With ``intensity_scale="spread"`` the threshold is instead in
+      units of the structure's own spread (the interquartile range under the first mask, at
+      least ``min_spread`` grey levels), the same meaning under any window; measured with
+      ``medsam-slicer evaluate`` it let the CT liver drift (README, "Evaluation"), so grey levels
+      stay the default;
     - it has shrunk below ``min_area_fraction`` (15%) of the largest accepted slice: below that a
       box prompt no longer holds the model on the tapering tip, and it drifts to a neighbour of
       similar intensity (the liver's lower tip on the shipped CT: 22 slices of drift at 5%);
@@ -61,11 +67,17 @@ class StopRule:
 
     min_pixels: int = 4
     max_intensity_shift: float = 25.0
+    intensity_scale: str = "grey"
+    min_spread: float = 4.0
     min_area_fraction: float = 0.15
     min_overlap: float = 0.6
     grow_px: int = 2
     min_score: float = 0.5
     max_slices: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.intensity_scale not in INTENSITY_SCALES:
+            raise MedSAMError(f"stop.intensity_scale is one of {', '.join(INTENSITY_SCALES)}; got '{self.intensity_scale}'")
 
     def check(self, previous: np.ndarray, current: SliceResult, image: np.ndarray, history: _PassHistory) -> Optional[str]:
         """Return why the pass stops at ``current`` (``None`` to go on).
@@ -81,7 +93,12 @@ class StopRule:
             return f"empty mask ({area} px)"
         median = float(np.median(image[current.mask]))
         shift = abs(median - history.reference_intensity)
-        if shift > self.max_intensity_shift:
+        if self.intensity_scale == "spread":
+            unit = max(history.spread, self.min_spread)
+            if shift > self.max_intensity_shift * unit:
+                return (f"intensity changed by {shift / unit:.1f} x the structure's spread ({unit:.0f} grey levels)"
+                        f" > {self.max_intensity_shift:g}")
+        elif shift > self.max_intensity_shift:
             return f"intensity changed by {shift:.0f} grey levels > {self.max_intensity_shift:g}"
         if area < self.min_area_fraction * history.max_area:
             return f"area {area} px < {self.min_area_fraction:g} of the largest slice ({history.max_area} px)"
@@ -99,6 +116,15 @@ class _PassHistory:
 
     medians: List[float]
     max_area: int
+    spread: float = 0.0  # interquartile range of the intensities under the first mask
+
+    @classmethod
+    def start(cls, mask: np.ndarray, image: np.ndarray) -> _PassHistory:
+        if not mask.any():
+            return cls([0.0], 0, 0.0)
+        values = image[mask]
+        q1, q3 = np.percentile(values, [25, 75])
+        return cls([float(np.median(values))], int(mask.sum()), float(q3 - q1))
 
     @property
     def reference_intensity(self) -> float:
@@ -149,10 +175,160 @@ WIDER_BOX_PX = 6.0  # at 256 input
 CONFIDENCE_GAIN = 0.02
 
 
+@dataclass(frozen=True)
+class PropagationSettings:
+    """Every choice 3D propagation makes, in one object (``medsam-slicer evaluate --set`` names
+    these fields; ``stop.<field>`` names a :class:`StopRule` field).
+
+    Attributes:
+        margin: growth of each slice's box around the previous mask, in model-input pixels at
+            256 input (``None``: LiteMedSAM's 3 px; scaled for MedSAM's 1024).
+        wider_box: extra growth (px at 256 input) of a second prompt per slice, kept when the
+            decoder is more confident in it by ``confidence_gain`` and it contains the first
+            mask; 0 reproduces LiteMedSAM's 3D inference exactly.
+        confidence_gain: how much higher the wider box's predicted IoU must be.
+        auto_stop: apply ``stop`` without a z-range; ``False`` runs to the volume's edges, as
+            LiteMedSAM's own algorithm does when it is given no z-range.
+        stop: the :class:`StopRule`.
+        wider_box_when: ``"always"`` tries the wider box on every slice; ``"touching"`` only when
+            the first mask reaches the edge of its box (within 1.5 px at 256 input), the case
+            the wider box exists for (a structure clipped by a box that follows it too tightly).
+        follow_parts: when the previous slice's mask has split into parts (connected pieces of
+            at least ``part_min_fraction`` of the largest piece and ``part_min_px`` pixels at 256
+            input), prompt each part with its own box and join the masks; parts whose boxes
+            overlap are prompted together (they are meeting).
+        wider_max_growth: > 0 keeps the wider box's mask only when it is at most this fraction
+            larger than the first mask (0: no limit).
+        box_jitter: > 0 averages each prompt's logits over the box and four copies grown,
+            shrunk and shifted by this many pixels at 256 input (:meth:`Predictor.predict_model_box`).
+        zoom_below: > 0: when the box's longer side is below this many pixels at the model's
+            input, work on a square crop of every slice around the box instead of the whole slice
+            (``zoom_context`` times the box's longer side, at least 8 px, kept inside the slice),
+            so the model sees the structure larger; each slice of the crop is encoded for this
+            structure alone. 0: off.
+    """
+
+    margin: Optional[float] = None
+    wider_box: float = WIDER_BOX_PX
+    confidence_gain: float = CONFIDENCE_GAIN
+    auto_stop: bool = True
+    stop: StopRule = field(default_factory=StopRule)
+    wider_box_when: str = "always"
+    follow_parts: bool = False
+    part_min_fraction: float = 0.2
+    part_min_px: float = 16.0
+    box_jitter: float = 0.0
+    wider_max_growth: float = 0.0
+    zoom_below: float = 0.0
+    zoom_context: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.wider_box_when not in WIDER_BOX_WHEN:
+            raise MedSAMError(f"wider_box_when is one of {', '.join(WIDER_BOX_WHEN)}; got '{self.wider_box_when}'")
+
+    @classmethod
+    def original(cls) -> PropagationSettings:
+        """LiteMedSAM's own 3D algorithm (``CVPR24_LiteMedSAM_infer.py``): 3 px margin, one box
+        per slice, never stops early (only a z-range bounds it)."""
+        return cls(wider_box=0.0, auto_stop=False)
+
+
 def _extends(wide: np.ndarray, narrow: np.ndarray, fraction: float = 0.9) -> bool:
     """Whether ``wide`` keeps (nearly) all of ``narrow``: the same structure, not a neighbour."""
     area = int(narrow.sum())
     return area == 0 or int((wide & narrow).sum()) >= fraction * area
+
+
+def _predict_box(
+    predictor: Predictor, z: int, box_m: np.ndarray, wider_box: float, settings: PropagationSettings
+) -> SliceResult:
+    """One box on slice ``z`` (model pixels), with the wider second prompt where it applies."""
+    jitter = settings.box_jitter * predictor.input_size / 256.0
+    result = predictor.predict_model_box(z, box_m, jitter)
+    if wider_box <= 0 or (settings.wider_box_when == "touching" and not _touches_box(result, predictor, z)):
+        return result
+    grow = wider_box * predictor.input_size / 256.0
+    size = float(predictor.input_size)
+    wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
+                     min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
+    alternative = predictor.predict_model_box(z, wide, jitter)
+    if alternative.score > result.score + settings.confidence_gain and _extends(alternative.mask, result.mask):
+        if settings.wider_max_growth > 0 and alternative.mask.sum() > (1 + settings.wider_max_growth) * max(
+                1, int(result.mask.sum())):
+            return result
+        return alternative
+    return result
+
+
+def _touches_box(result: SliceResult, predictor: Predictor, z: int) -> bool:
+    """Whether the mask reaches (within 1.5 px at 256 input) a side of its box inside the image."""
+    if not result.mask.any():
+        return False
+    prepared = predictor.prepared(z)
+    tight = mask_box_in_model(result.mask, prepared, 0.0)
+    if tight is None:
+        return False
+    tol = 1.5 * predictor.input_size / 256.0
+    box = result.box_model
+    limit_x, limit_y = prepared.resized_hw[1], prepared.resized_hw[0]
+    near = [tight[0] - box[0] <= tol and box[0] > 0, tight[1] - box[1] <= tol and box[1] > 0,
+            box[2] - tight[2] <= tol and box[2] < limit_x, box[3] - tight[3] <= tol and box[3] < limit_y]
+    return any(near)
+
+
+def _part_boxes(
+    previous: np.ndarray, predictor: Predictor, z: int, margin: float, settings: PropagationSettings
+) -> Optional[List[np.ndarray]]:
+    """One box (model pixels) per part of ``previous`` when it has split, else ``None``."""
+    from scipy import ndimage as ndi
+
+    labels, n = ndi.label(previous, structure=np.ones((3, 3), bool))
+    if n < 2:
+        return None
+    prepared = predictor.prepared(z)
+    areas = np.bincount(labels.ravel())[1:]
+    scale = prepared.box_scale[0] * prepared.box_scale[1]
+    keep = [i + 1 for i, a in enumerate(areas)
+            if a >= settings.part_min_fraction * areas.max() and a * scale >= settings.part_min_px]
+    boxes = [b for b in (mask_box_in_model(labels == i, prepared, margin) for i in keep) if b is not None]
+    # Parts whose boxes overlap are meeting: one box for them.
+    merged = True
+    while merged and len(boxes) > 1:
+        merged = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                a, b = boxes[i], boxes[j]
+                if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
+                    boxes[i] = np.array([min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])])
+                    del boxes[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return boxes if len(boxes) > 1 else None
+
+
+def _predict_next(
+    predictor: Predictor,
+    z: int,
+    previous: np.ndarray,
+    first_box: np.ndarray,
+    margin: float,
+    wider_box: float,
+    settings: PropagationSettings,
+) -> SliceResult:
+    """Slice ``z`` prompted from the previous slice's mask (LiteMedSAM's rule, plus our options)."""
+    boxes = _part_boxes(previous, predictor, z, margin, settings) if settings.follow_parts else None
+    if boxes is None:
+        box_m = mask_box_in_model(previous, predictor.prepared(z), margin)
+        return _predict_box(predictor, z, first_box if box_m is None else box_m, wider_box, settings)
+    results = [_predict_box(predictor, z, b, wider_box, settings) for b in boxes]
+    mask = np.logical_or.reduce([r.mask for r in results])
+    areas = np.array([max(1, int(r.mask.sum())) for r in results], dtype=float)
+    score = float(np.dot(areas, [r.score for r in results]) / areas.sum())
+    union = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                      max(b[3] for b in boxes)])
+    return SliceResult(mask=mask, score=score, box_model=union)
 
 
 def _default_margin(predictor: Predictor) -> float:
@@ -170,7 +346,8 @@ def propagate(
     margin: Optional[float] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
-    wider_box: float = WIDER_BOX_PX,
+    wider_box: Optional[float] = None,
+    settings: Optional[PropagationSettings] = None,
 ) -> PropagationResult:
     """Segment a structure in 3D from a 2D box on slice ``z``.
 
@@ -181,92 +358,200 @@ def propagate(
         z_range: inclusive ``(z_min, z_max)`` that bounds the propagation (a 3D box); ``None``
             finds the extent with ``stop``.
         direction: ``"both"``, ``"up"`` (increasing z, toward superior) or ``"down"``.
-        stop: the :class:`StopRule` for automatic extent (default rule when ``None``).
-        margin: box growth in model-input pixels (default 3 px at 256 input).
-        wider_box: extra growth (px at 256 input) of a second prompt per slice, kept when the
-            decoder is more confident in it; 0 reproduces LiteMedSAM's 3D inference exactly.
+        stop: the :class:`StopRule` for automatic extent (overrides ``settings.stop``).
+        margin: box growth in model-input pixels (overrides ``settings.margin``).
+        wider_box: extra growth of a second prompt (overrides ``settings.wider_box``).
         progress: ``progress(done, total, message)``.
         cancel: a :class:`CancelToken`; cancelling raises :class:`Cancelled` between slices.
+        settings: :class:`PropagationSettings` (defaults when ``None``).
 
     Returns:
         A :class:`PropagationResult`; its mask is ``(z, y, x)`` like the volume.
     """
+    runs = _zoomed(predictor, z, box, z_range, direction, stop, margin, progress, cancel, wider_box, settings,
+                   modes=("range",) if z_range is not None else ("auto",))
+    return runs["range"] if z_range is not None else runs["auto"]
+
+
+def propagate_both(
+    predictor: Predictor,
+    z: int,
+    box: Sequence[float],
+    z_range: Tuple[int, int],
+    direction: str = "both",
+    settings: Optional[PropagationSettings] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Tuple[PropagationResult, PropagationResult]:
+    """``(propagate(..., z_range=z_range), propagate(..., z_range=None))`` from one walk per direction.
+
+    Each slice's prompt depends only on the previous slice's mask, and the stop rule only
+    truncates, so the two runs predict the same slices until one of them ends; the walk goes on
+    until both have (the evaluation's "3d" and "2d" modes at the cost of the longer one). The
+    results are exactly those of the two separate calls.
+    """
+    runs = _zoomed(predictor, z, box, z_range, direction, None, None, progress, cancel, None, settings,
+                   modes=("range", "auto"))
+    return runs["range"], runs["auto"]
+
+
+def zoom_region(
+    predictor: Predictor, z: int, box: Sequence[float], settings: PropagationSettings
+) -> Optional[Tuple[int, int, int, int]]:
+    """The crop ``(y0, y1, x0, x1)`` :attr:`PropagationSettings.zoom_below` asks for, or ``None``.
+
+    The rule: the box's longer side, in model-input pixels at 256 input, below ``zoom_below``;
+    then a square of ``zoom_context`` times that side (in slice pixels, at least 8) centred on the
+    box, moved inside the slice (smaller only when the slice is).
+    """
+    if settings.zoom_below <= 0:
+        return None
+    prepared = predictor.prepared(z)
+    b = check_box(box, prepared.original_hw)
+    side = max(b[2] - b[0] + 1, b[3] - b[1] + 1)
+    if side * prepared.box_scale[0] * 256.0 / predictor.input_size >= settings.zoom_below:
+        return None
+    h, w = prepared.original_hw
+    size = int(min(max(8, round(side * settings.zoom_context)), h, w))
+    cy, cx = (b[1] + b[3]) / 2.0, (b[0] + b[2]) / 2.0
+    y0 = int(min(max(0, round(cy - size / 2.0)), h - size))
+    x0 = int(min(max(0, round(cx - size / 2.0)), w - size))
+    return y0, y0 + size, x0, x0 + size
+
+
+def _zoomed(predictor: Predictor, z: int, box: Sequence[float], z_range, direction, stop, margin, progress, cancel,
+            wider_box, settings: Optional[PropagationSettings], modes: Sequence[str]) -> Dict[str, PropagationResult]:
+    """:func:`_propagate`, on a crop around the box when the zoom rule applies (masks pasted back)."""
+    settings = settings or PropagationSettings()
+    region = zoom_region(predictor, predictor.check_slice_index(z), box, settings)
+    if region is None:
+        return _propagate(predictor, z, box, z_range, direction, stop, margin, progress, cancel, wider_box, settings,
+                          modes)
+    y0, y1, x0, x1 = region
+    sub = predictor.crop(y0, y1, x0, x1)
+    shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    runs = _propagate(sub, z, shifted, z_range, direction, stop, margin, progress, cancel, wider_box, settings, modes)
+    for result in runs.values():
+        full = np.zeros(predictor.volume.shape, dtype=bool)
+        full[:, y0:y1, x0:x1] = result.mask
+        result.mask = full
+        result.stop_reasons = {k: f"{v} (zoomed on x {x0}..{x1 - 1}, y {y0}..{y1 - 1})" for k, v in
+                               result.stop_reasons.items()}
+    return runs
+
+
+def _propagate(
+    predictor: Predictor,
+    z: int,
+    box: Sequence[float],
+    z_range: Optional[Tuple[int, int]],
+    direction: str,
+    stop: Optional[StopRule],
+    margin: Optional[float],
+    progress: Optional[ProgressCallback],
+    cancel: Optional[CancelToken],
+    wider_box: Optional[float],
+    settings: Optional[PropagationSettings],
+    modes: Sequence[str],
+) -> Dict[str, PropagationResult]:
+    """The walk behind :func:`propagate` and :func:`propagate_both`: ``"range"`` bounded by
+    ``z_range``, ``"auto"`` ended by the stop rule (or the volume's edges without ``auto_stop``)."""
     if direction not in DIRECTIONS:
         raise MedSAMError(f"unknown direction '{direction}'; choose one of: {', '.join(DIRECTIONS)}")
     depth = predictor.depth
     z = predictor.check_slice_index(z)
+    lo, hi = 0, depth - 1
     if z_range is not None:
         lo, hi = sorted(int(v) for v in z_range)
         if lo < 0 or hi >= depth:
             raise MedSAMError(f"z-range {lo}..{hi} is outside the volume's slices 0..{depth - 1}")
         if not lo <= z <= hi:
             raise MedSAMError(f"the box's slice {z} is outside its z-range {lo}..{hi}")
-    else:
-        lo, hi = 0, depth - 1
-    rule = stop or StopRule()
-    margin = _default_margin(predictor) if margin is None else float(margin)
+    settings = settings or PropagationSettings()
+    rule = stop or settings.stop
+    if margin is None:
+        scale = predictor.input_size / 256.0
+        margin = _default_margin(predictor) if settings.margin is None else float(settings.margin) * scale
+    margin = float(margin)
+    wider_box = settings.wider_box if wider_box is None else float(wider_box)
+    want_range, want_auto = "range" in modes, "auto" in modes
+    auto_stop = want_auto and settings.auto_stop
 
     prepared = predictor.prepared(z)
     first_box = box_to_model(check_box(box, prepared.original_hw), prepared)
     passes: List[Tuple[str, List[int]]] = []
     if direction in ("both", "up"):
-        passes.append(("up", list(range(z + 1, hi + 1))))
+        passes.append(("up", list(range(z + 1, depth))))
     if direction in ("both", "down"):
-        passes.append(("down", list(range(z - 1, lo - 1, -1))))
-    if z_range is None:
-        passes = [(name, seq[: rule.max_slices]) for name, seq in passes]
-    total = 1 + sum(len(seq) for _, seq in passes)
+        passes.append(("down", list(range(z - 1, -1, -1))))
+
+    def reach(seq: List[int]) -> int:
+        # Slices a pass may predict: within the range, and up to max_slices for the stop rule.
+        n_range = sum(1 for v in seq if lo <= v <= hi) if want_range else 0
+        n_auto = (min(len(seq), rule.max_slices) if auto_stop else len(seq)) if want_auto else 0
+        return max(n_range, n_auto)
+
+    total = 1 + sum(reach(seq) for _, seq in passes)
 
     # One allocator scope for the whole run: each slice reuses the previous slice's freed buffers.
     with reuse_freed_memory():
         check_cancel(cancel)
         shape = predictor.volume.shape
-        out = np.zeros(shape, dtype=bool)
-        first = predictor.predict_model_box(z, first_box)
-        out[z] = first.mask
-        records = [SliceRecord(z, int(first.mask.sum()), first.score, True, "start")]
-        reasons: Dict[str, str] = {}
+        first = predictor.predict_model_box(z, first_box, settings.box_jitter * predictor.input_size / 256.0)
+        outs = {m: np.zeros(shape, dtype=bool) for m in modes}
+        records: Dict[str, List[SliceRecord]] = {}
+        reasons: Dict[str, Dict[str, str]] = {m: {} for m in modes}
+        for m in modes:
+            outs[m][z] = first.mask
+            records[m] = [SliceRecord(z, int(first.mask.sum()), first.score, True, "start")]
         done = 1
         report(progress, done, total, f"slice {z}")
 
         volume = predictor.volume
         for name, seq in passes:
             previous = first.mask
-            history = _PassHistory([float(np.median(volume[z][first.mask]))] if first.mask.any() else [0.0],
-                                   int(first.mask.sum()))
-            reasons[name] = "reached the end of the z-range" if z_range is not None else "reached the volume's edge"
+            history = _PassHistory.start(first.mask, volume[z])
+            if want_range:
+                reasons["range"][name] = "reached the end of the z-range"
+            if want_auto:
+                reasons["auto"][name] = "reached the volume's edge"
+            range_on, auto_on = want_range, want_auto
             for i, zz in enumerate(seq):
+                range_on = range_on and lo <= zz <= hi
+                if auto_stop and i >= rule.max_slices:
+                    auto_on = False
+                if not (range_on or auto_on):
+                    break
                 check_cancel(cancel)
                 if not predictor.is_encoded(zz):
                     # Encode ahead in the pass direction, a batch at a time.
                     predictor.encode(seq[i : i + predictor.batch_size], cancel=cancel)
-                box_m = mask_box_in_model(previous, predictor.prepared(zz), margin)
-                box_m = first_box if box_m is None else box_m
-                result = predictor.predict_model_box(zz, box_m)
-                if wider_box > 0:
-                    grow = wider_box * predictor.input_size / 256.0
-                    size = float(predictor.input_size)
-                    wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
-                                     min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
-                    alternative = predictor.predict_model_box(zz, wide)
-                    if alternative.score > result.score + CONFIDENCE_GAIN and _extends(alternative.mask, result.mask):
-                        result = alternative
-                reason = rule.check(previous, result, volume[zz], history) if z_range is None else None
-                records.append(SliceRecord(zz, int(result.mask.sum()), result.score, reason is None, reason or ""))
-                done += 1
-                if reason is not None:
-                    reasons[name] = f"stopped at slice {zz}: {reason}"
-                    break
-                out[zz] = result.mask
+                result = _predict_next(predictor, zz, previous, first_box, margin, wider_box, settings)
+                area = int(result.mask.sum())
+                if range_on:
+                    outs["range"][zz] = result.mask
+                    records["range"].append(SliceRecord(zz, area, result.score, True))
+                if auto_on:
+                    reason = rule.check(previous, result, volume[zz], history) if auto_stop else None
+                    records["auto"].append(SliceRecord(zz, area, result.score, reason is None, reason or ""))
+                    if reason is not None:
+                        reasons["auto"][name] = f"stopped at slice {zz}: {reason}"
+                        auto_on = False
+                    else:
+                        outs["auto"][zz] = result.mask
+                        if result.mask.any():
+                            history.accept(result.mask, volume[zz])
                 previous = result.mask
-                if result.mask.any():
-                    history.accept(result.mask, volume[zz])
+                done += 1
                 report(progress, done, total, f"slice {zz} ({name})")
         check_cancel(cancel)
         report(progress, total, total, "done")
-        zs = np.nonzero(out.any(axis=(1, 2)))[0]
-        extent = (int(zs.min()), int(zs.max())) if zs.size else None
-        return PropagationResult(mask=out, z_extent=extent, stop_reasons=reasons, slices=records)
+        results = {}
+        for m in modes:
+            zs = np.nonzero(outs[m].any(axis=(1, 2)))[0]
+            extent = (int(zs.min()), int(zs.max())) if zs.size else None
+            results[m] = PropagationResult(mask=outs[m], z_extent=extent, stop_reasons=reasons[m], slices=records[m])
+        return results
 
 
 def propagate_box3d(
@@ -275,7 +560,8 @@ def propagate_box3d(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     margin: Optional[float] = None,
-    wider_box: float = WIDER_BOX_PX,
+    wider_box: Optional[float] = None,
+    settings: Optional[PropagationSettings] = None,
 ) -> PropagationResult:
     """LiteMedSAM's 3D-box inference: ``(x0, y0, z0, x1, y1, z1)`` (inclusive voxel indices).
 
@@ -291,5 +577,5 @@ def propagate_box3d(
     z_mid = box3d_middle_slice(z0, z1)
     return propagate(
         predictor, z_mid, (x0, y0, x1, y1), z_range=(z0, z1), progress=progress, cancel=cancel, margin=margin,
-        wider_box=wider_box,
+        wider_box=wider_box, settings=settings,
     )

@@ -2,7 +2,7 @@
 the headless script, the benchmark and the training's evaluation.
 
 >>> seg = Segmenter("litemedsam")                       # loads the model once
->>> seg.set_volume(ct_zyx, Window.preset("abdomen"))   # canonical (z, y, x) raw intensities
+>>> seg.set_volume(ct_zyx)                              # raw (z, y, x); window: auto (CT/MR)
 >>> seg.segment_slice(60, (30, 20, 70, 60)).mask       # (y, x) bool
 >>> seg.segment_3d(60, (30, 20, 70, 60)).mask          # (z, y, x) bool, automatic extent
 """
@@ -23,9 +23,9 @@ from .devices import select_device, select_precision
 from .errors import MedSAMError
 from .optimize import cpu_has_native_bfloat16, optimize_for_inference
 from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
-from .preprocessing import Window, apply_window
+from .preprocessing import Window, apply_window, resolve_window
 from .progress import CancelToken, ProgressCallback
-from .propagation import PropagationResult, StopRule, propagate, propagate_box3d
+from .propagation import PropagationResult, PropagationSettings, StopRule, propagate, propagate_box3d
 from .registry import ModelSpec, get_spec, resolve_weights
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -95,15 +95,24 @@ class Segmenter:
             cache=EmbeddingCache(int(cache_mb) << 20),
         )
         self.window: Optional[Window] = None
+        #: The propagation settings :meth:`segment_3d` and :meth:`segment_box3d` use by default.
+        self.propagation = PropagationSettings()
 
     # -- volume -------------------------------------------------------------------------------
-    def set_volume(self, array_zyx: np.ndarray, window: Optional[Window] = None, key: Optional[str] = None) -> None:
+    def set_volume(
+        self,
+        array_zyx: np.ndarray,
+        window: Union[None, str, Window, Tuple[float, float]] = None,
+        key: Optional[str] = None,
+    ) -> None:
         """Work on a volume.
 
         Args:
             array_zyx: raw intensities in canonical axial order ``(z, y, x)`` (see
                 ``volumes.read_volume`` / the Slicer bridge).
-            window: intensity window; default abdomen (L40/W400).
+            window: intensity window: ``None``/``"auto"`` (default) chooses it from the volume
+                (:meth:`Window.automatic`: CT abdomen window for CT, MR percentile scaling
+                otherwise), or a preset name, ``(level, width)`` or a :class:`Window`.
             key: a name for the volume in the embedding cache (default: a content hash).
         """
         arr = np.asarray(array_zyx)
@@ -113,7 +122,7 @@ class Segmenter:
             raise MedSAMError(f"the volume of shape {arr.shape} is too small to segment")
         if not np.issubdtype(arr.dtype, np.number):
             raise MedSAMError(f"the volume must hold numbers; got dtype {arr.dtype}")
-        window = window or Window.preset("abdomen")
+        window = resolve_window(window, arr)
         base = key if key is not None else volume_key(arr)
         self.window = window
         self.predictor.set_volume(apply_window(arr, window), key=f"{base}|{window.key}")
@@ -137,10 +146,15 @@ class Segmenter:
         stop: Optional[StopRule] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
     ) -> PropagationResult:
-        """3D from a 2D box on slice ``z``; ``z_range`` bounds it, else the extent is found."""
+        """3D from a 2D box on slice ``z``; ``z_range`` bounds it, else the extent is found.
+
+        ``settings`` (default :attr:`propagation`) holds every propagation choice.
+        """
         return propagate(
-            self.predictor, z, box, z_range=z_range, direction=direction, stop=stop, progress=progress, cancel=cancel
+            self.predictor, z, box, z_range=z_range, direction=direction, stop=stop, progress=progress, cancel=cancel,
+            settings=settings or self.propagation,
         )
 
     def segment_box3d(
@@ -148,9 +162,11 @@ class Segmenter:
         box3d: Sequence[float],
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
     ) -> PropagationResult:
         """3D from ``(x0, y0, z0, x1, y1, z1)``: the 2D box on the middle slice, bounded in z."""
-        return propagate_box3d(self.predictor, box3d, progress=progress, cancel=cancel)
+        return propagate_box3d(self.predictor, box3d, progress=progress, cancel=cancel,
+                               settings=settings or self.propagation)
 
     def prefetch(self, zs: Sequence[int]) -> BackgroundTask:
         """Encode slices ``zs`` in a background task so later boxes on them answer at once."""

@@ -1,0 +1,324 @@
+"""Simulate a user on labelled volumes and measure what the engine gives.
+
+For each structure the box is the label's bounding box on the middle slice of its extent
+(LiteMedSAM's ``z_mid = int((z1 - z0) / 2 + z0)``; the nearest labelled slice when that one is
+empty), grown by ``box_margin`` pixels. Each structure is then segmented in two modes:
+
+- ``3d``: with the true z-range (a 3D box: the propagation stays within the label's extent);
+- ``2d``: the 2D box alone, the extent found automatically (the stop rule).
+
+and for each *variant*: a named :class:`~MedSAMSlicerLib.propagation.PropagationSettings` (plus
+an optional intensity window), so alternatives are compared in one run on one embedding cache:
+each slice is encoded once per window and preprocessing, whatever the number of variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import MedSAMError
+from ..metrics import dice, surface_dice, z_extent
+from ..propagation import PropagationSettings, StopRule
+from .cases import Case, Structure, labelled_slices
+
+MODES = ("3d", "2d")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named way of running the engine.
+
+    Attributes:
+        name: its name in reports.
+        settings: the propagation settings.
+        window: intensity window name (``None``/``"auto"``: automatic), a preset name, or
+            ``"LEVEL,WIDTH"``.
+    """
+
+    name: str
+    settings: PropagationSettings = dataclasses.field(default_factory=PropagationSettings)
+    window: Optional[str] = None
+
+
+def builtin_variants() -> Dict[str, Variant]:
+    """``default``: the engine's defaults. ``original``: LiteMedSAM's own 3D algorithm on the same
+    boxes (no wider box; no stop rule, so without a z-range it runs to the volume's ends)."""
+    return {
+        "default": Variant("default"),
+        "original": Variant("original", PropagationSettings.original()),
+    }
+
+
+def setting_names() -> List[str]:
+    """Every name ``--set`` accepts: the fields of :class:`PropagationSettings`, ``stop.<field>``
+    for :class:`StopRule`, and ``window``."""
+    names = [f.name for f in dataclasses.fields(PropagationSettings) if f.name != "stop"]
+    names += [f"stop.{f.name}" for f in dataclasses.fields(StopRule)]
+    return names + ["window"]
+
+
+def _parse_value(text: str, current: object, key: str) -> object:
+    raw = text.strip()
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise MedSAMError(f"{key} takes true or false; got '{text}'")
+    if raw.lower() == "none":
+        return None
+    try:
+        if isinstance(current, int):
+            return int(raw)
+        return float(raw)
+    except ValueError:
+        raise MedSAMError(f"{key} takes a number; got '{text}'") from None
+
+
+def apply_assignments(variant: Variant, assignments: Sequence[str]) -> Variant:
+    """``variant`` with ``key=value`` assignments applied (names from :func:`setting_names`)."""
+    settings, window = variant.settings, variant.window
+    stop_fields = {f.name for f in dataclasses.fields(StopRule)}
+    top_fields = {f.name for f in dataclasses.fields(PropagationSettings)} - {"stop"}
+    for item in assignments:
+        if "=" not in item:
+            raise MedSAMError(f"a setting is key=value; got '{item}' (settings: {', '.join(setting_names())})")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if key == "window":
+            window = value
+        elif key.startswith("stop.") and key[5:] in stop_fields:
+            field = key[5:]
+            stop = settings.stop
+            stop = dataclasses.replace(stop, **{field: _parse_value(value, getattr(stop, field), key)})
+            settings = dataclasses.replace(settings, stop=stop)
+        elif key in top_fields:
+            current = getattr(settings, key)
+            if current is None:  # optional numbers (margin)
+                current = 0.0
+            settings = dataclasses.replace(settings, **{key: _parse_value(value, current, key)})
+        else:
+            raise MedSAMError(f"unknown setting '{key}'; settings: {', '.join(setting_names())}")
+    return Variant(variant.name, settings, window)
+
+
+def parse_variant(tokens: Sequence[str]) -> Variant:
+    """A variant from ``NAME [key=value ...]``: a built-in name alone, or any new name with
+    assignments on top of the defaults (``BUILTIN key=value`` starts from that built-in)."""
+    if not tokens:
+        raise MedSAMError("a variant needs a name")
+    name, *assignments = tokens
+    if "=" in name:
+        raise MedSAMError(f"a variant starts with its name, then key=value settings; got '{name}' first")
+    builtins = builtin_variants()
+    base = builtins.get(name, Variant(name))
+    if name not in builtins and not assignments:
+        raise MedSAMError(f"unknown variant '{name}': built-in variants are {', '.join(builtins)}; "
+                          "a new one needs key=value settings")
+    return apply_assignments(Variant(name, base.settings, base.window), assignments)
+
+
+@dataclass
+class EvaluationRow:
+    """One structure, one variant, one mode.
+
+    ``slices_true``/``slices_found`` count the labelled / segmented slices; ``z_true``/``z_found``
+    are their ``first-last`` slice indices; ``seconds`` is the wall time of the segmentation
+    (the first variant to reach a slice also pays for encoding it: ``encoded`` slices). When both
+    modes run, they share one walk; its time is shared out by the slices each mode predicted.
+    """
+
+    case: str
+    structure: str
+    variant: str
+    mode: str
+    dice: float
+    nsd: float
+    tolerance_mm: float
+    slices_true: int
+    slices_found: int
+    z_true: str
+    z_found: str
+    box_slice: int
+    box: str
+    seconds: float
+    encoded: int
+    stopped: str
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        """``(case, structure)``."""
+        return (self.case, self.structure)
+
+
+def simulated_box(mask_zyx: np.ndarray, margin: int = 0) -> Tuple[int, Tuple[int, int, int, int], Tuple[int, int]]:
+    """The user's box for a structure: ``(z, (x0, y0, x1, y1), (z_first, z_last))``.
+
+    ``z`` is the middle slice of the label's extent as LiteMedSAM computes it (or the nearest
+    labelled slice if that one is empty); the box is the label's bounding box there, grown by
+    ``margin`` pixels and clipped to the slice.
+    """
+    extent = z_extent(mask_zyx)
+    if extent is None:
+        raise MedSAMError("the structure is empty")
+    z0, z1 = extent
+    z = int((z1 - z0) / 2 + z0)
+    labelled = np.nonzero(mask_zyx.any(axis=(1, 2)))[0]
+    if not mask_zyx[z].any():
+        z = int(labelled[np.argmin(np.abs(labelled - z))])
+    ys, xs = np.nonzero(mask_zyx[z])
+    h, w = mask_zyx.shape[1:]
+    box = (max(0, int(xs.min()) - margin), max(0, int(ys.min()) - margin),
+           min(w - 1, int(xs.max()) + margin), min(h - 1, int(ys.max()) + margin))
+    return z, box, (z0, z1)
+
+
+def _fmt_extent(extent: Optional[Tuple[int, int]]) -> str:
+    return "-" if extent is None else f"{extent[0]}-{extent[1]}"
+
+
+def evaluate(
+    cases: Sequence[Case],
+    variants: Sequence[Variant],
+    segmenter=None,
+    modes: Sequence[str] = MODES,
+    box_margin: int = 0,
+    include: Optional[Callable[[Case, Structure], bool]] = None,
+    embedding_store=None,
+    log: Optional[Callable[[str], None]] = None,
+    on_row: Optional[Callable[[EvaluationRow], None]] = None,
+) -> List[EvaluationRow]:
+    """Segment every structure of ``cases`` with every variant in every mode; measure each.
+
+    Args:
+        cases: the labelled volumes (:mod:`.cases`).
+        variants: what to compare (:func:`builtin_variants`, :func:`parse_variant`).
+        segmenter: a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter` (LiteMedSAM on the
+            CPU when ``None``); its embedding cache is shared by all variants and modes.
+        modes: ``"3d"`` (true z-range) and/or ``"2d"`` (automatic extent).
+        box_margin: pixels added around the label's box on its middle slice.
+        include: ``include(case, structure)`` picks structures (all when ``None``).
+        embedding_store: an :class:`~.store.EmbeddingStore` to reuse embeddings across runs.
+        log: called with one line per structure.
+        on_row: called with each row as soon as it is measured (e.g. to write it at once).
+
+    Returns:
+        One :class:`EvaluationRow` per structure, variant and mode, in that nesting order
+        within each case.
+    """
+    from ..preprocessing import resolve_window
+    from ..segmenter import Segmenter
+
+    check_modes(modes)
+    if not variants:
+        raise MedSAMError("nothing to evaluate: give at least one variant")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise MedSAMError(f"variant names must differ; got {', '.join(names)}")
+    seg = segmenter if segmenter is not None else Segmenter("litemedsam", device="cpu")
+    rows: List[EvaluationRow] = []
+    for case in cases:
+        structures = [s for s in case.structures if include is None or include(case, s)]
+        if not structures:
+            continue
+        windows = {v.name: resolve_window(_window_arg(v.window), case.image) for v in variants}
+        loaded: Optional[Tuple] = None
+        for structure in structures:
+            ref = case.mask(structure)
+            z, box, z_range = simulated_box(ref, box_margin)
+            for variant in variants:
+                window = windows[variant.name]
+                if loaded != (case.name, window):
+                    if embedding_store is not None and loaded is not None:
+                        embedding_store.save(seg.predictor)
+                    seg.set_volume(case.image, window)  # keyed by content: shared with other users
+                    if embedding_store is not None:
+                        embedding_store.load(seg.predictor)
+                    loaded = (case.name, window)
+                for mode, result, seconds, encoded in _run_modes(seg, z, box, z_range, modes, variant.settings):
+                    row = EvaluationRow(
+                        case=case.name, structure=structure.name, variant=variant.name, mode=mode,
+                        dice=dice(result.mask, ref),
+                        nsd=surface_dice(result.mask, ref, case.spacing, structure.tolerance_mm),
+                        tolerance_mm=structure.tolerance_mm,
+                        slices_true=labelled_slices(ref), slices_found=labelled_slices(result.mask),
+                        z_true=_fmt_extent(z_range), z_found=_fmt_extent(result.z_extent),
+                        box_slice=z, box=" ".join(str(v) for v in box), seconds=seconds,
+                        encoded=encoded,
+                        stopped="; ".join(f"{k}: {v}" for k, v in result.stop_reasons.items()),
+                    )
+                    rows.append(row)
+                    if on_row is not None:
+                        on_row(row)
+                    if log is not None:
+                        log(f"{case.name}/{structure.name} [{variant.name}, {mode}] Dice {row.dice:.3f} NSD {row.nsd:.3f} "
+                            f"slices {row.z_found} (true {row.z_true}) {seconds:.1f} s")
+            if embedding_store is not None:
+                embedding_store.save(seg.predictor)  # after each structure: an interrupted run keeps its work
+        if embedding_store is not None:
+            embedding_store.save(seg.predictor)
+    return rows
+
+
+def check_modes(modes: Sequence[str]) -> None:
+    """Raise :class:`MedSAMError` unless ``modes`` are some of :data:`MODES`."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise MedSAMError(f"modes are {' and '.join(MODES)}; got {', '.join(modes) or 'none'}")
+
+
+def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str], settings: PropagationSettings):
+    """``(mode, result, seconds, slices encoded)`` per mode. Both modes come from one walk
+    (:func:`~MedSAMSlicerLib.propagation.propagate_both`, the same masks as two runs); its time
+    and encoding are shared out in proportion to the slices each mode predicted."""
+    from ..propagation import propagate_both
+
+    before = seg.predictor.encoded_slices
+    t0 = time.perf_counter()
+    if len(modes) == 1:
+        mode = modes[0]
+        result = seg.segment_3d(z, box, z_range=z_range if mode == "3d" else None, settings=settings)
+        return [(mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before)]
+    ranged, auto = propagate_both(seg.predictor, z, box, z_range, settings=settings)
+    seconds, encoded = time.perf_counter() - t0, seg.predictor.encoded_slices - before
+    walked = len({r.z for r in ranged.slices} | {r.z for r in auto.slices})
+    out = []
+    for mode in modes:
+        result = ranged if mode == "3d" else auto
+        share = len(result.slices) / max(1, walked)
+        out.append((mode, result, seconds * share, int(round(encoded * share))))
+    return out
+
+
+def _window_arg(window: Optional[str]):
+    if window is None or window.lower() == "auto":
+        return None
+    if "," in window:
+        parts = window.split(",")
+        try:
+            return (float(parts[0]), float(parts[1]))
+        except (ValueError, IndexError):
+            raise MedSAMError(f"a window is a preset name or LEVEL,WIDTH; got '{window}'") from None
+    return window
+
+
+def rows_by(rows: Sequence[EvaluationRow], variant: str, mode: str) -> Dict[Tuple[str, str], EvaluationRow]:
+    """The rows of one variant and mode, keyed by ``(case, structure)``."""
+    return {r.key: r for r in rows if r.variant == variant and r.mode == mode}
+
+
+def mean(values: Sequence[float]) -> float:
+    """Arithmetic mean (NaN for none)."""
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def compare(rows: Sequence[EvaluationRow], a: str, b: str, mode: str) -> Mapping[Tuple[str, str], float]:
+    """Dice of variant ``a`` minus variant ``b`` per structure, in ``mode``."""
+    ra, rb = rows_by(rows, a, mode), rows_by(rows, b, mode)
+    return {k: ra[k].dice - rb[k].dice for k in ra if k in rb}
