@@ -6,8 +6,14 @@ Plain Python over numpy, SimpleITK, cc3d and torch (no Slicer imports). The part
   (``preprocess_dataset``, ``PreprocessSettings``, ``load_manifest``, ``load_case``);
 - :mod:`.dataset`: ``SliceDataset``, one axial slice + one structure + one jittered box per sample,
   transformed exactly as the model's inference does;
-- :mod:`.trainer`: ``TrainConfig``, ``train`` (exact resume, DDP under ``torchrun``),
-  ``evaluate``, ``export``, ``dice_bce_loss``;
+- :mod:`.config`: ``TrainConfig`` (saved as ``config.json``), ``TrainResult``;
+- :mod:`.trainer`: ``train`` and the ``TrainingRun`` it performs (exact resume, DDP under
+  ``torchrun``), ``dice_bce_loss``;
+- :mod:`.model`: the model as trained (which parameters train, mixed precision, frozen-encoder
+  embeddings cached per slice); :mod:`.distributed`: one process or many behind one interface;
+- :mod:`.validation`: held-out Dice (``Validator``) and ``evaluate``;
+- :mod:`.runfiles`: what a run folder holds (``load_checkpoint``, ``export``, ``log.csv`` and its
+  plot) and the checks of a preparation and of a resume;
 - :mod:`.flare22`: FLARE22 label names and ``TOTALSEG_TO_FLARE22``;
 - :mod:`.cli`: the ``medsam-train`` command (``preprocess``, ``train``, ``evaluate``, ``export``).
 
@@ -26,13 +32,13 @@ _EXPORTS = {
     "load_case": "preprocess",
     "split_cases": "preprocess",
     "SliceDataset": "dataset",
-    "TrainConfig": "trainer",
-    "TrainResult": "trainer",
+    "TrainConfig": "config",
+    "TrainResult": "config",
     "train": "trainer",
-    "evaluate": "trainer",
-    "export": "trainer",
+    "evaluate": "validation",
+    "export": "runfiles",
     "dice_bce_loss": "trainer",
-    "load_checkpoint": "trainer",
+    "load_checkpoint": "runfiles",
     "FLARE22_LABELS": "flare22",
     "TOTALSEG_TO_FLARE22": "flare22",
 }
