@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml Makefile
 .PHONY: setup demo test lint bench
 setup: $(STAMP)
 
+# The example data lives in the repository, not in the installed package.
+DATA := $(CURDIR)/Testing/Data/totalsegmentator
+
 demo: $(STAMP)
-	$(BIN)/medsam-slicer demo
+	$(BIN)/medsam-slicer demo --data $(DATA)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -31,4 +34,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q Testing
 
 bench: $(STAMP)
-	$(BIN)/medsam-slicer bench
+	MEDSAM_SLICER_DATA=$(DATA) $(BIN)/medsam-slicer bench

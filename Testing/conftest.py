@@ -7,11 +7,15 @@ append fixtures that several test files need.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 DATA_DIR = Path(__file__).resolve().parent / "Data" / "totalsegmentator"
+# The engine does not know the repository's layout: the demo, the benchmark and `evaluate` (also
+# as subprocesses) find the example data through this variable, as `make demo` passes it.
+os.environ.setdefault("MEDSAM_SLICER_DATA", str(DATA_DIR))
 #: The small CT and its labels ship with the module (its self-test uses them in Slicer).
 MODULE_DATA_DIR = Path(__file__).resolve().parent.parent / "MedSAMSlicer" / "Resources" / "TestData"
 

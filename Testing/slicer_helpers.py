@@ -14,6 +14,8 @@ if str(MODULE_DIR) not in sys.path:
     sys.path.insert(0, str(MODULE_DIR))
 
 slicer = pytest.importorskip("slicer")
+from MedSAMSlicerLib.metrics import dice  # noqa: E402,F401  (re-exported for the MRML tests)
+
 vtk = pytest.importorskip("vtk")
 
 #: Slices of example_ct_sm.nii.gz the model tests use (embeddings computed once).
@@ -65,14 +67,6 @@ def roi_around(scene, matrix: np.ndarray, lo_ijk, hi_ijk, name: str = "ROI", rot
         roi.SetCenter(0.0, 0.0, 0.0)
         roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(object_to_node))
     return roi
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice coefficient of two boolean arrays."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
 
 
 def segment_kji(segmentation_node, segment_id: str, reference_node) -> np.ndarray:

@@ -25,6 +25,7 @@ from MedSAMSlicerLib import allocator
 from MedSAMSlicerLib import optimize as O
 from MedSAMSlicerLib.checkpoints import load_model
 from MedSAMSlicerLib.files import package_file
+from MedSAMSlicerLib.metrics import dice
 from MedSAMSlicerLib.modeling import build_model, image_encoder, tiny_vit
 from MedSAMSlicerLib.modeling.common import LayerNorm2d
 from MedSAMSlicerLib.predictor import EmbeddingCache, Predictor
@@ -33,11 +34,6 @@ from MedSAMSlicerLib.registry import get_spec
 
 #: (label id, slice) pairs of example_ct_sm / example_seg: liver and right kidney.
 CASES = [(5, 24), (2, 8)]
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +92,7 @@ def _check_against_plain(pred: Predictor, plain, boxes, atol: float = 1e-4) -> N
         assert err <= atol, f"slice {z}: embedding differs by {err:.2e}"
         mask = pred.predict(z, boxes[z]).mask
         assert masks[z].sum() > 50  # a real organ, not an empty mask
-        assert _dice(mask, masks[z]) >= 0.99, f"slice {z}: Dice {_dice(mask, masks[z]):.4f}"
+        assert dice(mask, masks[z]) >= 0.99, f"slice {z}: Dice {dice(mask, masks[z]):.4f}"
 
 
 # -- exactness of the building blocks ----------------------------------------------------------------
@@ -212,7 +208,7 @@ def test_bfloat16_path_stays_close(optimized, plain, ct_case):
     dices = []
     for z in sorted(boxes):
         assert pred.embedding(z).dtype == torch.float32
-        dices.append(_dice(pred.predict(z, boxes[z]).mask, masks[z]))
+        dices.append(dice(pred.predict(z, boxes[z]).mask, masks[z]))
     assert min(dices) >= 0.95 and float(np.mean(dices)) >= 0.98, dices
 
 

@@ -33,6 +33,8 @@ def _add_module_path():
 
 
 def build_parser():
+    from MedSAMSlicerLib.boxes import DIRECTIONS  # main() has put the engine on sys.path
+
     parser = argparse.ArgumentParser(
         prog="medsam_headless.py",
         description="Segment one structure with MedSAM from a box in RAS and save a .seg.nrrd.",
@@ -48,7 +50,7 @@ def build_parser():
     parser.add_argument("--model", default="litemedsam", help="litemedsam (default) or medsam")
     parser.add_argument("--checkpoint", help="weights file to use instead of the registry's (e.g. fine-tuned)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    parser.add_argument("--direction", default="both", choices=["both", "up", "down"],
+    parser.add_argument("--direction", default="both", choices=DIRECTIONS,
                         help="propagation direction for a flat box")
     parser.add_argument("--slice-only", action="store_true", help="segment only the box's slice (2D)")
     window = parser.add_mutually_exclusive_group()
@@ -135,10 +137,6 @@ def run(args):
 
 def main(argv=None):
     """Exit status: 0 done, 1 bad input or failure (message on stderr), 2 command-line error."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse already printed the usage
-        return int(exc.code or 0)
     _add_module_path()
     try:
         from MedSAMSlicerLib.errors import MedSAMError
@@ -146,6 +144,10 @@ def main(argv=None):
         print(f"error: cannot import the MedSAM engine ({exc}); run from the source tree or install the extension",
               file=sys.stderr)
         return 1
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage
+        return int(exc.code or 0)
     try:
         run(args)
     except MedSAMError as exc:

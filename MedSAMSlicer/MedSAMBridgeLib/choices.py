@@ -1,11 +1,13 @@
 """The choices the MedSAM panels offer, as ``(value, label)`` pairs in menu order.
 
-Plain data (and the standard library): the module files read these at Slicer's start-up, before
-torch or the engine's other dependencies may be installed. ``MRMLBridge`` checks values against them.
+Plain data (the standard library, and the engine's torch-free ``boxes``): the module files read
+these at Slicer's start-up, before torch or the engine's other dependencies may be installed. ``MRMLBridge`` checks values against them.
 """
 
 import enum
 from typing import Sequence, Tuple
+
+from MedSAMSlicerLib.boxes import DIRECTIONS as ENGINE_DIRECTIONS  # numpy only: safe at start-up
 
 
 def choice_enum(name: str, choices: Sequence[Tuple[str, str]]) -> type:
@@ -37,8 +39,9 @@ COMBINE_CHOICES = (
     ("add", "Add to segment"),
     ("replace", "Replace whole segment"),
 )
-#: 3D propagation directions from the box's slice (value, label), in menu order.
-DIRECTION_CHOICES = (("both", "Up and down"), ("up", "Up (superior)"), ("down", "Down (inferior)"))
+#: 3D propagation directions from the box's slice (value, label), in the engine's order.
+_DIRECTION_LABELS = {"both": "Up and down", "up": "Up (superior)", "down": "Down (inferior)"}
+DIRECTION_CHOICES = tuple((value, _DIRECTION_LABELS[value]) for value in ENGINE_DIRECTIONS)
 #: Where the model runs (value for the engine's ``device``, label), in menu order.
 DEVICE_CHOICES = (
     ("auto", "Automatic (CUDA, then Apple MPS, then CPU)"),

@@ -20,6 +20,10 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+#: Which way 3D propagation goes from the box's slice: both ways, up (superior, z increasing) or
+#: down (inferior).
+DIRECTIONS = ("both", "up", "down")
+
 #: Voxel centres within this fraction of a voxel of a box face count as inside.
 TOLERANCE_VOXELS = 1e-3
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .boxes import DIRECTIONS
 from .errors import MedSAMError
 from .progress import Cancelled, TerminalProgress
 
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     box.add_argument("--box-ras", nargs=6, type=float, metavar=("R0", "A0", "S0", "R1", "A1", "S1"), help="box corners in RAS millimetres")
     seg.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
     seg.add_argument("--name", default="segment", help="segment name (in .seg.nrrd)")
-    seg.add_argument("--direction", default="both", choices=["both", "up", "down"], help="propagation direction (2D box)")
+    seg.add_argument("--direction", default="both", choices=DIRECTIONS, help="propagation direction (2D box)")
     seg.add_argument("--slice-only", action="store_true",
                      help="segment only the box's slice (a 3D box: its middle slice), no propagation")
     seg.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="segment five organs of the shipped CT and compare with its reference labels")
     demo.add_argument("--out", default="medsam-demo", help="output folder (default ./medsam-demo)")
+    demo.add_argument("--data", help="the example data folder (default $MEDSAM_SLICER_DATA; in a clone of the "
+                                     "repository: Testing/Data/totalsegmentator)")
     _add_model_args(demo)
 
     sub.add_parser("models", help="list the models, where their weights come from, and whether they are installed")
@@ -376,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo import run_demo
 
             run_demo(Path(args.out), model=args.model, checkpoint=args.checkpoint, device=args.device,
-                     precision=args.precision, download=args.download)
+                     precision=args.precision, download=args.download, data=args.data)
             return 0
         if args.command == "evaluate":
             return cmd_evaluate(args)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional, Union
 
 from .errors import MedSAMError
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 # TotalSegmentator "total" label ids of the structures the demo segments.
 DEMO_STRUCTURES = {
@@ -29,33 +32,44 @@ STRUCTURE_COLORS = {
 }
 
 
-def data_dir() -> Path:
-    """The folder with the example volumes (``MEDSAM_SLICER_DATA`` overrides it)."""
-    env = os.environ.get("MEDSAM_SLICER_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "Testing" / "Data" / "totalsegmentator")
-    for candidate in candidates:
-        if (candidate / "example_ct.nii.gz").is_file():
-            return candidate
-    raise MedSAMError(
-        "the example data was not found: run from a clone of the repository (Testing/Data), "
-        "or set MEDSAM_SLICER_DATA to a folder with example_ct.nii.gz"
-    )
+#: Environment variable naming the example data folder (``make demo`` and the tests set it).
+DATA_ENV = "MEDSAM_SLICER_DATA"
 
 
-def example_ct() -> Path:
+def data_dir(folder: Optional[PathLike] = None) -> Path:
+    """The folder with the example volumes: ``folder``, else ``$MEDSAM_SLICER_DATA``.
+
+    The data is not part of the installed package; a clone of the repository has it in
+    ``Testing/Data/totalsegmentator`` (what ``make demo`` and the test suite pass).
+
+    Raises:
+        MedSAMError: no folder given, or it has no ``example_ct.nii.gz``.
+    """
+    chosen = folder if folder is not None else os.environ.get(DATA_ENV)
+    if not chosen:
+        raise MedSAMError(
+            f"no example data folder: pass --data FOLDER or set {DATA_ENV} (in a clone of the repository: "
+            "Testing/Data/totalsegmentator, which 'make demo' uses)"
+        )
+    path = Path(chosen).expanduser()
+    if not (path / "example_ct.nii.gz").is_file():
+        raise MedSAMError(f"the example data folder '{path}' has no example_ct.nii.gz")
+    return path
+
+
+def example_ct(folder: Optional[PathLike] = None) -> Path:
     """The 122x101x112 abdominal CT (3 mm)."""
-    return data_dir() / "example_ct.nii.gz"
+    return data_dir(folder) / "example_ct.nii.gz"
 
 
-def example_ct_labels() -> Path:
+def example_ct_labels(folder: Optional[PathLike] = None) -> Path:
     """TotalSegmentator's labels for :func:`example_ct`."""
-    return data_dir() / "example_seg_fast_force_split.nii.gz"
+    return data_dir(folder) / "example_seg_fast_force_split.nii.gz"
 
 
-def evaluation_set() -> Path:
-    """The evaluation set built from the shipped data (``Testing/Data/evaluation_set.toml``)."""
-    path = data_dir().parent / "evaluation_set.toml"
+def evaluation_set(folder: Optional[PathLike] = None) -> Path:
+    """The evaluation set built from the example data (``evaluation_set.toml`` beside its folder)."""
+    path = data_dir(folder).parent / "evaluation_set.toml"
     if not path.is_file():
-        raise MedSAMError(f"the shipped evaluation set was not found at '{path}': run from a clone of the repository")
+        raise MedSAMError(f"the evaluation set was not found at '{path}'; give a set file or --image/--labels")
     return path

@@ -53,25 +53,27 @@ def run_demo(
     structures: Optional[Dict[str, int]] = None,
     quiet: bool = False,
     segmenter=None,
+    data: Optional[Path] = None,
 ) -> List[DemoRow]:
     """Run the demo; write ``demo.seg.nrrd`` and ``demo.png`` to ``out_dir``; return the rows.
 
     ``structures`` maps names to TotalSegmentator label ids (default: five organs); ``segmenter``
-    reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`.
+    reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`; ``data`` is the example data
+    folder (default ``$MEDSAM_SLICER_DATA``, see :func:`~MedSAMSlicerLib.data.data_dir`).
     """
     from .preprocessing import Window
     from .segmenter import Segmenter
     from .volumes import read_volume, write_seg_nrrd
 
     structures = structures or DEMO_STRUCTURES
-    volume = read_volume(example_ct())
-    labels = read_volume(example_ct_labels(), labels=True).array
+    volume = read_volume(example_ct(data))
+    labels = read_volume(example_ct_labels(data), labels=True).array
     t0 = time.perf_counter()
     seg = segmenter or Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download)
     seg.set_volume(volume.array, Window.preset("abdomen"))
     if not quiet:
         print(f"{seg.describe()} (loaded in {time.perf_counter() - t0:.1f} s)")
-        print(f"volume {example_ct().name}: {volume.array.shape[::-1]} voxels (x, y, z), spacing {volume.spacing} mm")
+        print(f"volume {example_ct(data).name}: {volume.array.shape[::-1]} voxels (x, y, z), spacing {volume.spacing} mm")
     rows: List[DemoRow] = []
     for name, label in structures.items():
         ref = labels == label

@@ -26,13 +26,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .allocator import reuse_freed_memory
+from .boxes import DIRECTIONS
 from .boxes import middle_slice as box3d_middle_slice
 from .errors import MedSAMError
 from .predictor import Predictor, SliceResult
 from .preprocessing import box_to_model, check_box, mask_box_in_model
 from .progress import CancelToken, ProgressCallback, check_cancel, report
 
-DIRECTIONS = ("both", "up", "down")
 INTENSITY_SCALES = ("grey", "spread")
 WIDER_BOX_WHEN = ("always", "touching")
 
