@@ -26,9 +26,9 @@ import pytest
 import SimpleITK as sitk
 
 from MedSAMSlicerLib import registry
+from MedSAMSlicerLib.atomic import TEMP_MARK, atomic_write, write_json
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.preprocessing import Window, window_note
-from MedSAMSlicerLib.training._atomic import TEMP_MARK, atomic_write, write_json
 from MedSAMSlicerLib.volumes import check_file_complete, read_volume, write_labelmap
 
 BIN = Path(sys.executable).parent
@@ -331,7 +331,7 @@ _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from MedSAMSlicerLib.errors import MedSAMError
-    from MedSAMSlicerLib.training._atomic import atomic_write
+    from MedSAMSlicerLib.atomic import atomic_write
     target, go, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
     def write(tmp):
@@ -381,7 +381,7 @@ def test_write_labelmap_never_replaces_without_overwrite(tmp_path, ct_sm_path):
 _KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from MedSAMSlicerLib.training._atomic import atomic_write
+    from MedSAMSlicerLib.atomic import atomic_write
 
     def write(tmp):
         tmp.write_bytes(b"x" * 1000000)

@@ -70,7 +70,7 @@ def download(
 ) -> Path:
     """Download ``url`` to ``dest`` safely.
 
-    Streams to a temporary file beside ``dest`` (``training._atomic.atomic_write``), calls
+    Streams to a temporary file beside ``dest`` (``atomic.atomic_write``), calls
     ``progress(done_bytes, total_bytes, message)`` (``total_bytes`` is 0 when the server does not
     say), checks ``cancel`` between chunks, verifies ``sha256`` (and ``md5``) when given, then
     renames it onto ``dest``.  On any failure or cancellation the temporary file is deleted and
@@ -83,7 +83,7 @@ def download(
         MedSAMError: network/HTTP error, short read, or digest mismatch.
         Cancelled: ``cancel`` was set.
     """
-    from .training._atomic import atomic_write
+    from .atomic import atomic_write
 
     dest = Path(os.fspath(dest)).expanduser()
     done = 0

@@ -214,7 +214,7 @@ def _read_cache() -> Dict[str, Any]:
 
 
 def _write_cache(data: Dict[str, Any]) -> None:
-    from .training._atomic import write_json
+    from .atomic import write_json
 
     try:
         write_json(_cache_path(), data)

@@ -40,9 +40,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write, check_destination, split_extension
 from .boxes import BoxOutside, voxel_box
 from .errors import MedSAMError
-from .training._atomic import atomic_write, check_destination, split_extension
 
 PathLike = Union[str, "os.PathLike[str]"]
 Box3D = Tuple[int, int, int, int, int, int]
@@ -1167,7 +1167,7 @@ def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLi
 
     Refuses (:class:`MedSAMError`): an extension not in ``formats``; a path that is one of the
     ``inputs`` (or a detached data file of one: writing there would destroy the image); and
-    everything :func:`~MedSAMSlicerLib.training._atomic.check_destination` refuses (a folder at
+    everything :func:`~MedSAMSlicerLib.atomic.check_destination` refuses (a folder at
     that path, a name too long, a folder where nothing can be written, an existing file without
     ``overwrite``).
     """

@@ -324,7 +324,7 @@ def _export_run(run_dir: Path, target: str, out: _Output) -> Optional[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> Dict[str, Any]:
-    from ._atomic import write_json
+    from ..atomic import write_json
     from .flare22 import label_name
     from .trainer import evaluate
 

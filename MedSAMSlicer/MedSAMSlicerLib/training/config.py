@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from ..atomic import write_text
 from ..errors import MedSAMError
-from ._atomic import write_text
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -52,9 +52,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from ..atomic import atomic_write, write_json
 from ..errors import MedSAMError
 from ..progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
-from ._atomic import atomic_write, write_json
 
 if TYPE_CHECKING:
     from ..preprocessing import Window

@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 
+from ..atomic import torch_save, write_text
 from ..checkpoints import check_finite_weights
 from ..errors import MedSAMError
-from ._atomic import torch_save, write_text
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .flare22 import label_name
 
@@ -88,7 +88,7 @@ def plot_log(rows: Sequence[Dict[str, Any]], path: PathLike, labels: Sequence[in
         with open(tmp, "wb") as fh:
             fig.savefig(fh, format="png")
 
-    from ._atomic import atomic_write
+    from ..atomic import atomic_write
 
     return atomic_write(path, _write)
 

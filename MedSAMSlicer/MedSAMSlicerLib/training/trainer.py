@@ -42,10 +42,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from ..atomic import torch_save
 from ..checkpoints import check_finite_weights
 from ..errors import MedSAMError
 from ..progress import Cancelled, CancelToken, ProgressCallback, report
-from ._atomic import torch_save
 from .config import TrainConfig, TrainResult
 from .dataset import SliceDataset
 from .distributed import Distributed

@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple, Union
 
-from ..errors import MedSAMError
+from .errors import MedSAMError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
