@@ -15,7 +15,8 @@ import torch
 
 from MedSAMSlicerLib.cli import main, segment_file
 from MedSAMSlicerLib.demo import dice, run_demo
-from MedSAMSlicerLib.volumes import AxialOrientation, read_volume
+from MedSAMSlicerLib.orientation import AxialOrientation
+from MedSAMSlicerLib.volumes import read_volume
 
 BIN = Path(sys.executable).parent
 

@@ -28,8 +28,9 @@ import SimpleITK as sitk
 from MedSAMSlicerLib import registry
 from MedSAMSlicerLib.atomic import TEMP_MARK, atomic_write, write_json
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.integrity import check_file_complete
 from MedSAMSlicerLib.preprocessing import Window, window_note
-from MedSAMSlicerLib.volumes import check_file_complete, read_volume, write_labelmap
+from MedSAMSlicerLib.volumes import read_volume, write_labelmap
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "medsam-slicer")

@@ -143,7 +143,7 @@ def test_icon_and_screenshot_urls_point_at_files_in_this_repository():
     from MedSAMBridgeLib.compat import MINIMUM_SLICER_VERSION
 
     stated = "Slicer {}.{} or later".format(*MINIMUM_SLICER_VERSION)
-    assert stated in meta["EXTENSION_DESCRIPTION"] and stated in (ROOT / "README.md").read_text()
+    assert stated in meta["EXTENSION_DESCRIPTION"] and stated in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _classes(path: Path) -> dict:

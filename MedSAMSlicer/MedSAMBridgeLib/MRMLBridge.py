@@ -5,7 +5,7 @@ decided here, so it can be tested without the Slicer application:
 
 * **Source volume -> engine array.** The volume node's voxels ``(k, j, i)`` are put in the
   engine's canonical axial order ``(z, y, x)`` (x toward Left, y toward Posterior, z toward
-  Superior) by :class:`MedSAMSlicerLib.volumes.AxialOrientation`: axis permutation and flips only,
+  Superior) by :class:`MedSAMSlicerLib.orientation.AxialOrientation`: axis permutation and flips only,
   so every canonical voxel is one voxel of the node. The node's voxels are never written.
 * **RAS <-> IJK** happens here (and in the engine's ``volumes.py`` for files), nowhere else. A
   box from corner points, from a markups ROI or from a rectangle drawn in a slice view becomes a
@@ -54,8 +54,9 @@ from vtk.util import numpy_support
 from MedSAMSlicerLib.background import BackgroundTask, run_in_background
 from MedSAMSlicerLib.boxes import BoxOutside, BoxPrompt, voxel_box
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.orientation import AxialOrientation
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
-from MedSAMSlicerLib.volumes import AxialOrientation, check_array_values
+from MedSAMSlicerLib.volumes import check_array_values
 
 from .choices import COMBINE_MODES, DIRECTIONS, MODES, WINDOW_CHOICES  # noqa: F401  (re-exported)
 

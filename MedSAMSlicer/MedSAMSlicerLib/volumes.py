@@ -6,8 +6,11 @@ Conventions (see ``docs/CONTRACT.md``):
   shape ``(k, j, i)``.
 * The engine works on *canonical* arrays of shape ``(z, y, x)``: ``x`` runs toward the patient's
   Left, ``y`` toward Posterior, ``z`` toward Superior (the LPS voxel order of DICOM).
-  :class:`AxialOrientation` maps between the two by an axis permutation and flips only, never by
-  resampling, so every canonical voxel is exactly one file voxel.
+  :class:`~MedSAMSlicerLib.orientation.AxialOrientation` (``orientation.py``) maps between the two
+  by an axis permutation and flips only, never by resampling, so every canonical voxel is exactly
+  one file voxel.
+* Before SimpleITK reads a file, ``integrity.check_file_complete`` checks that every voxel byte its
+  header promises is there.
 * SimpleITK's physical space is LPS; Slicer's is RAS = ``(-L, -P, S)``.  RAS <-> index conversion
   happens here (for files) and in the Slicer bridge (for MRML nodes), nowhere else.
 * Boxes are ``(x0, y0, z0, x1, y1, z1)`` in canonical voxel indices, inclusive.
@@ -28,14 +31,12 @@ import math
 import operator
 import os
 import re
-import struct
 import sys
 import tempfile
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,16 +44,16 @@ import SimpleITK as sitk
 from .atomic import atomic_write, check_destination, split_extension
 from .boxes import BoxOutside, voxel_box
 from .errors import MedSAMError
+from .integrity import check_file_complete, input_files
+from .orientation import LPS_RAS_SIGN, AxialOrientation
 
 PathLike = Union[str, "os.PathLike[str]"]
 Box3D = Tuple[int, int, int, int, int, int]
 Segment = Tuple[str, np.ndarray, Tuple[float, float, float]]
 
 __all__ = [
-    "AxialOrientation",
     "Volume",
     "read_volume",
-    "check_file_complete",
     "check_voxel_values",
     "check_output",
     "ras_to_canonical_index",
@@ -67,10 +68,8 @@ __all__ = [
 #: File extensions :func:`write_labelmap` writes (``.seg.nrrd`` goes to :func:`write_seg_nrrd`).
 LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 
-_LPS_RAS_SIGN = np.array([-1.0, -1.0, 1.0])
 # How a canonical axis is named to the user, who gives boxes in RAS: x runs along R, y along A, z along S.
 _RAS_AXIS_NAMES = ("R (right-left)", "A (anterior-posterior)", "S (superior-inferior)")
-_INDEX_NAMES = ("i", "j", "k")
 _IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _SUPPORTED_INPUTS = (
     "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
@@ -92,231 +91,6 @@ _DEFAULT_COLORS = (
     (0.600, 0.450, 0.800),
 )
 _DICOM_TAG = re.compile(r"^[0-9a-fA-F]{4}\|[0-9a-fA-F]{4}$")
-
-
-# --------------------------------------------------------------------------------------------
-# Orientation
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AxialOrientation:
-    """How a file's ``(i, j, k)`` voxel axes map onto the canonical ``(x, y, z)`` axes.
-
-    Canonical ``x`` runs toward patient Left, ``y`` toward Posterior, ``z`` toward Superior.
-    For each canonical axis ``c`` (0 = x, 1 = y, 2 = z), ``axes[c]`` is the index axis
-    (0 = i, 1 = j, 2 = k) most aligned with it and ``flips[c]`` says whether that index axis runs
-    the opposite way (then canonical coordinate = ``n - 1 - index``).  The permutation is chosen
-    jointly over the six possible ones, maximising the summed ``|cos|`` between each index axis
-    and its canonical axis, so flipped, permuted (sagittal or coronal acquisitions) and oblique
-    volumes (up to 45 degrees; an exact 45-degree tie goes to the unpermuted order) all map to an
-    axial-first array without resampling.
-
-    Build it with :meth:`from_lps_direction` (SimpleITK's ``GetDirection()``),
-    :meth:`from_ras_direction` (Slicer's IJKToRAS directions) or :meth:`from_image`.
-
-    Attributes:
-        axes: ``axes[c]`` = index axis (0 = i, 1 = j, 2 = k) along canonical axis ``c``.
-        flips: ``flips[c]`` = True when that index axis points against canonical axis ``c``.
-        shape_ijk: ``(ni, nj, nk)``, the file's size in SimpleITK's order.
-        direction_lps: unit direction columns of the i, j, k axes in LPS, as a row-major 3x3.
-    """
-
-    axes: Tuple[int, int, int]
-    flips: Tuple[bool, bool, bool]
-    shape_ijk: Tuple[int, int, int]
-    direction_lps: Tuple[Tuple[float, float, float], Tuple[float, float, float], Tuple[float, float, float]]
-
-    # -- construction ------------------------------------------------------------------------
-
-    @classmethod
-    def from_lps_direction(cls, direction: Sequence, shape_ijk: Sequence[int]) -> AxialOrientation:
-        """Build from a direction matrix in LPS.
-
-        Args:
-            direction: 3x3 matrix (nested or flat row-major, as ``sitk.Image.GetDirection()``)
-                whose COLUMNS are the directions of the i, j, k index axes in LPS.  Columns may
-                include the spacing (they are normalised).
-            shape_ijk: ``(ni, nj, nk)``, the image size in SimpleITK order (``GetSize()``).
-        """
-        matrix = _direction_matrix(direction)
-        shape = tuple(int(operator.index(n)) for n in shape_ijk)
-        if len(shape) != 3 or min(shape) < 1:
-            raise MedSAMError(f"Volume size must be three positive numbers (i, j, k); got {tuple(shape_ijk)}.")
-        best: Optional[Tuple[int, ...]] = None
-        best_score = -1.0
-        for perm in itertools.permutations(range(3)):
-            score = sum(abs(matrix[c, perm[c]]) for c in range(3))
-            if score > best_score + 1e-9:
-                best, best_score = perm, score
-        assert best is not None
-        axes = (best[0], best[1], best[2])
-        flips = tuple(bool(matrix[c, axes[c]] < 0) for c in range(3))
-        rows = tuple(tuple(float(v) for v in row) for row in matrix)
-        return cls(axes=axes, flips=flips, shape_ijk=shape, direction_lps=rows)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_ras_direction(cls, direction: Sequence, shape_ijk: Sequence[int]) -> AxialOrientation:
-        """Build from a direction matrix in RAS (e.g. the 3x3 part of Slicer's IJKToRAS).
-
-        Args:
-            direction: 3x3 matrix (nested or flat row-major) whose COLUMNS are the directions of
-                the i, j, k index axes in RAS.  Columns may include the spacing.
-            shape_ijk: ``(ni, nj, nk)``.
-        """
-        matrix = _direction_matrix(direction)
-        return cls.from_lps_direction(_LPS_RAS_SIGN[:, None] * matrix, shape_ijk)
-
-    @classmethod
-    def from_image(cls, image: sitk.Image) -> AxialOrientation:
-        """Build from a 3D SimpleITK image's direction and size."""
-        return cls.from_lps_direction(image.GetDirection(), image.GetSize())
-
-    # -- shapes --------------------------------------------------------------------------------
-
-    @property
-    def shape_kji(self) -> Tuple[int, int, int]:
-        """Shape of the file's numpy array, ``(nk, nj, ni)``."""
-        ni, nj, nk = self.shape_ijk
-        return (nk, nj, ni)
-
-    @property
-    def canonical_shape(self) -> Tuple[int, int, int]:
-        """Shape of canonical arrays, ``(nz, ny, nx)`` (numpy order, axial slice first)."""
-        n = self.shape_ijk
-        return (n[self.axes[2]], n[self.axes[1]], n[self.axes[0]])
-
-    @property
-    def obliqueness_degrees(self) -> float:
-        """Largest angle, in degrees, between an index axis and the canonical axis it maps to.
-
-        0 for volumes aligned with the patient axes (flips and permutations included); callers
-        may warn above a degree or so, since canonical slices are then tilted planes.
-        """
-        matrix = np.asarray(self.direction_lps)
-        cosines = [min(1.0, abs(matrix[c, self.axes[c]])) for c in range(3)]
-        return float(max(math.degrees(math.acos(v)) for v in cosines))
-
-    def describe(self) -> str:
-        """One line such as ``"x <- -i, y <- -j, z <- k"`` (a minus means flipped)."""
-        parts = []
-        for c, name in enumerate("xyz"):
-            sign = "-" if self.flips[c] else ""
-            parts.append(f"{name} <- {sign}{_INDEX_NAMES[self.axes[c]]}")
-        return ", ".join(parts)
-
-    # -- arrays --------------------------------------------------------------------------------
-
-    @property
-    def _to_canonical_transpose(self) -> Tuple[int, int, int]:
-        # Output numpy axis n holds canonical axis c = 2 - n, i.e. index axis axes[c], which is
-        # numpy axis 2 - axes[c] of a (k, j, i) array.
-        return tuple(2 - self.axes[2 - n] for n in range(3))  # type: ignore[return-value]
-
-    @property
-    def _canonical_flip_slices(self) -> Tuple[slice, slice, slice]:
-        return tuple(slice(None, None, -1) if self.flips[2 - n] else slice(None) for n in range(3))  # type: ignore[return-value]
-
-    def to_canonical(self, array_kji: np.ndarray) -> np.ndarray:
-        """File array ``(nk, nj, ni)`` (as SimpleITK/Slicer give it) -> canonical ``(nz, ny, nx)``.
-
-        Returns a C-contiguous array of the same dtype (a copy unless no change was needed).
-        """
-        array = np.asarray(array_kji)
-        if array.shape != self.shape_kji:
-            raise MedSAMError(
-                f"Array shape {array.shape} does not match the volume: expected (k, j, i) = {self.shape_kji}."
-            )
-        out = np.transpose(array, self._to_canonical_transpose)[self._canonical_flip_slices]
-        return np.ascontiguousarray(out)
-
-    def from_canonical(self, array_zyx: np.ndarray) -> np.ndarray:
-        """Canonical array ``(nz, ny, nx)`` -> file array ``(nk, nj, ni)``; exact inverse of
-        :meth:`to_canonical`.  Returns a C-contiguous array of the same dtype."""
-        array = np.asarray(array_zyx)
-        if array.shape != self.canonical_shape:
-            raise MedSAMError(
-                f"Array shape {array.shape} does not match the volume: expected canonical "
-                f"(z, y, x) = {self.canonical_shape}."
-            )
-        inverse = tuple(int(a) for a in np.argsort(self._to_canonical_transpose))
-        out = np.transpose(array[self._canonical_flip_slices], inverse)
-        return np.ascontiguousarray(out)
-
-    # -- indices -------------------------------------------------------------------------------
-
-    def ijk_to_canonical(self, ijk: Sequence[int]) -> Tuple[int, int, int]:
-        """File voxel index ``(i, j, k)`` -> canonical voxel index ``(x, y, z)`` (integers).
-
-        A flipped axis maps ``v`` to ``n - 1 - v``.  No range check (see
-        :func:`ijk_box_to_canonical` for a checked box).
-        """
-        values = [int(operator.index(v)) for v in ijk]
-        out = []
-        for c in range(3):
-            a = self.axes[c]
-            v = values[a]
-            out.append(self.shape_ijk[a] - 1 - v if self.flips[c] else v)
-        return (out[0], out[1], out[2])
-
-    def canonical_to_ijk(self, xyz: Sequence[int]) -> Tuple[int, int, int]:
-        """Canonical voxel index ``(x, y, z)`` -> file voxel index ``(i, j, k)`` (integers)."""
-        values = [int(operator.index(v)) for v in xyz]
-        out = [0, 0, 0]
-        for c in range(3):
-            a = self.axes[c]
-            v = values[c]
-            out[a] = self.shape_ijk[a] - 1 - v if self.flips[c] else v
-        return (out[0], out[1], out[2])
-
-    def ijk_points_to_canonical(self, points_ijk: np.ndarray) -> np.ndarray:
-        """Continuous file indices, shape ``(N, 3)`` as ``(i, j, k)`` -> ``(N, 3)`` as ``(x, y, z)``.
-
-        Voxel centres are at integer coordinates, so a flip maps ``v`` to ``n - 1 - v``.
-        """
-        pts = np.asarray(points_ijk, dtype=float).reshape(-1, 3)
-        out = np.empty_like(pts)
-        for c in range(3):
-            a = self.axes[c]
-            out[:, c] = self.shape_ijk[a] - 1 - pts[:, a] if self.flips[c] else pts[:, a]
-        return out
-
-    def canonical_points_to_ijk(self, points_xyz: np.ndarray) -> np.ndarray:
-        """Continuous canonical indices ``(N, 3)`` as ``(x, y, z)`` -> ``(N, 3)`` as ``(i, j, k)``."""
-        pts = np.asarray(points_xyz, dtype=float).reshape(-1, 3)
-        out = np.empty_like(pts)
-        for c in range(3):
-            a = self.axes[c]
-            out[:, a] = self.shape_ijk[a] - 1 - pts[:, c] if self.flips[c] else pts[:, c]
-        return out
-
-    def slice_to_index(self, z: int) -> Tuple[str, int]:
-        """Canonical slice ``z`` -> the file's index axis along it and the index there, e.g.
-        ``("k", 21)``: how a slice is named to the user (their viewer shows file indices)."""
-        axis = self.axes[2]
-        n = self.shape_ijk[axis]
-        return _INDEX_NAMES[axis], (n - 1 - int(z)) if self.flips[2] else int(z)
-
-    def canonical_spacing(self, spacing_ijk: Sequence[float]) -> Tuple[float, float, float]:
-        """Voxel spacing ``(si, sj, sk)`` in file order -> ``(sx, sy, sz)`` in canonical order (mm)."""
-        s = [float(v) for v in spacing_ijk]
-        return (s[self.axes[0]], s[self.axes[1]], s[self.axes[2]])
-
-
-def _direction_matrix(direction: Sequence) -> np.ndarray:
-    """A 3x3 matrix with unit columns from a nested or flat row-major direction."""
-    try:
-        matrix = np.asarray(direction, dtype=float)
-        matrix = matrix.reshape(3, 3)
-    except (TypeError, ValueError) as exc:
-        raise MedSAMError(f"A direction matrix must be 3x3 (9 numbers); got {direction!r}.") from exc
-    norms = np.linalg.norm(matrix, axis=0)
-    if not np.all(np.isfinite(matrix)) or np.any(norms < 1e-12):
-        raise MedSAMError(f"The direction matrix {matrix.tolist()} has a zero or invalid column.")
-    matrix = matrix / norms
-    if abs(np.linalg.det(matrix)) < 1e-6:
-        raise MedSAMError(f"The direction matrix {matrix.tolist()} is singular: two voxel axes are parallel.")
-    return matrix
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,249 +378,6 @@ def _read_image_file(p: Path, notes: List[str], allow_gaps: bool = False) -> sit
 
 
 # --------------------------------------------------------------------------------------------
-# Are all the voxel bytes there?  (SimpleITK zero-fills truncated NIfTI files and reads damaged
-# compressed data of every format without an error, so the bytes are checked here first.)
-# --------------------------------------------------------------------------------------------
-
-_CHUNK = 1 << 20
-_GZIP_WBITS = 31
-_ZLIB_OR_GZIP_WBITS = 47
-_NRRD_TYPE_BYTES = {
-    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
-    **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
-                     "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
-    **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t",
-                     "float"), 4),
-    **dict.fromkeys(("longlong", "long long", "long long int", "signed long long", "signed long long int",
-                     "int64", "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64",
-                     "uint64_t", "double"), 8),
-}
-# MetaIO's MET_ValueTypeSize (MET_LONG is 4 bytes there).
-_MET_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-                   "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
-                   "MET_DOUBLE": 8}
-
-
-@dataclass(frozen=True)
-class _DataLayout:
-    """Where a file's voxel bytes are and how many its header promises."""
-
-    data_file: Path
-    offset: int  # where the voxel data start: in the file, or in the decompressed stream (inside)
-    expected: int
-    encoding: str  # "raw", "gzip", "zlib" (zlib or gzip), "bzip2"
-    inside: bool = False  # the whole file is one compressed stream holding header and data (.nii.gz)
-
-
-def _inflated_size(handle, wbits: int) -> Tuple[int, Optional[str]]:
-    """Decompress a stream without keeping it: ``(bytes, None)``, or a problem: ``"truncated"``
-    (it stops before its end marker) or ``"damaged"`` (bad data or checksum).  Gzip streams of
-    several members (pigz, bgzip) are followed to the end."""
-    total = 0
-    inflater = zlib.decompressobj(wbits)
-    data = b""
-    try:
-        while True:
-            if not data:
-                data = handle.read(_CHUNK)
-                if not data:
-                    return total, None if inflater.eof else "truncated"
-            out = inflater.decompress(data, 4 * _CHUNK)
-            total += len(out)
-            data = inflater.unconsumed_tail
-            if inflater.eof:
-                rest = inflater.unused_data or handle.read(_CHUNK)
-                if wbits == _GZIP_WBITS and rest[:2] == b"\x1f\x8b":
-                    inflater, data = zlib.decompressobj(wbits), rest
-                    continue
-                return total, None
-    except zlib.error:
-        return total, "damaged"
-
-
-def _bz2_size(handle) -> Tuple[int, Optional[str]]:
-    import bz2
-
-    total = 0
-    inflater = bz2.BZ2Decompressor()
-    try:
-        while not inflater.eof:
-            data = handle.read(_CHUNK)
-            if not data:
-                return total, "truncated"
-            total += len(inflater.decompress(data))
-    except (OSError, ValueError):
-        return total, "damaged"
-    return total, None
-
-
-def _nifti_layout(p: Path) -> Optional[_DataLayout]:
-    compressed = p.name.lower().endswith(".gz")
-    try:
-        with (gzip.open(p, "rb") if compressed else open(p, "rb")) as handle:
-            head = handle.read(540)
-    except (OSError, EOFError, zlib.error):
-        return None  # not readable as such: SimpleITK's own error says why
-    for endian in "<>":
-        if len(head) >= 348 and struct.unpack_from(endian + "i", head, 0)[0] == 348:
-            if head[344:347] != b"n+1":
-                return None  # a .hdr/.img pair: the data are elsewhere
-            dims = struct.unpack_from(endian + "8h", head, 40)
-            bitpix = struct.unpack_from(endian + "h", head, 72)[0]
-            offset = int(struct.unpack_from(endian + "f", head, 108)[0])
-            break
-        if len(head) >= 540 and struct.unpack_from(endian + "i", head, 0)[0] == 540:
-            if head[4:7] != b"n+2":
-                return None
-            bitpix = struct.unpack_from(endian + "h", head, 14)[0]
-            dims = struct.unpack_from(endian + "8q", head, 16)
-            offset = int(struct.unpack_from(endian + "q", head, 168)[0])
-            break
-    else:
-        return None
-    n = int(dims[0])
-    if not 1 <= n <= 7 or bitpix <= 0 or bitpix % 8:
-        return None
-    count = 1
-    for d in dims[1 : n + 1]:
-        count *= max(int(d), 1)
-    return _DataLayout(p, max(offset, 0), count * bitpix // 8, "gzip" if compressed else "raw", compressed)
-
-
-def _text_header(p: Path, separator: str) -> Tuple[Dict[str, str], int]:
-    """``key -> value`` of a text header and its length in bytes.
-
-    NRRD (``separator=":"``): ``key: value`` lines up to the first blank line.  MetaImage
-    (``"="``): ``Key = Value`` lines up to and including ``ElementDataFile``.
-    """
-    fields: Dict[str, str] = {}
-    length = 0
-    with open(p, "rb") as handle:
-        for raw in iter(lambda: handle.readline(1 << 16), b""):
-            length += len(raw)
-            line = raw.decode("latin-1").strip()
-            if separator == ":" and not line:
-                break
-            if separator == ":" and line.startswith("#"):
-                continue
-            key, sep, value = line.partition(separator)
-            if sep:
-                fields[key.strip().lower().replace(" ", "")] = value.strip()
-            if separator == "=" and key.strip().lower() == "elementdatafile":
-                break
-            if length > (1 << 20):
-                break
-    return fields, length
-
-
-def _nrrd_layout(p: Path) -> Optional[_DataLayout]:
-    fields, header_bytes = _text_header(p, ":")
-    try:
-        sizes = [int(v) for v in fields.get("sizes", "").split()]
-        item = _NRRD_TYPE_BYTES[fields.get("type", "").lower()]
-    except (KeyError, ValueError):
-        return None
-    encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}.get(
-        fields.get("encoding", "").lower())
-    skip = int(fields.get("byteskip", "0") or 0)
-    if not sizes or encoding is None or skip < 0 or int(fields.get("lineskip", "0") or 0) != 0:
-        return None  # text encodings, data at the end of the file, or skipped lines: not checked
-    data_file, offset = p, header_bytes
-    detached = fields.get("datafile") or fields.get("data_file")
-    if detached:
-        if detached.upper().startswith("LIST") or "%" in detached or " " in detached:
-            return None
-        data_file, offset = (p.parent / detached), 0
-    expected = int(np.prod(sizes, dtype=np.int64)) * item
-    if encoding == "raw":
-        offset += skip
-    return _DataLayout(data_file, offset, expected, encoding)
-
-
-def _metaimage_layout(p: Path) -> Optional[_DataLayout]:
-    fields, header_bytes = _text_header(p, "=")
-    try:
-        sizes = [int(v) for v in fields["dimsize"].split()]
-        item = _MET_TYPE_BYTES[fields["elementtype"].upper()] * int(fields.get("elementnumberofchannels", "1"))
-        where = fields["elementdatafile"]
-    except (KeyError, ValueError):
-        return None
-    if fields.get("binarydata", "True").lower() != "true" or where.upper().startswith("LIST") or "%" in where:
-        return None
-    data_file, offset = (p, header_bytes) if where.upper() == "LOCAL" else (p.parent / where, 0)
-    skip = int(fields.get("headersize", "0") or 0)
-    if skip < 0:
-        return None  # "data at the end of the file": nothing to compare with
-    compressed = fields.get("compresseddata", "False").lower() == "true"
-    expected = int(np.prod(sizes, dtype=np.int64)) * item
-    return _DataLayout(data_file, offset + (0 if compressed else skip), expected, "zlib" if compressed else "raw")
-
-
-def check_file_complete(path: PathLike) -> None:
-    """Refuse an image file whose voxel data are shorter than its header says, or whose
-    compressed data are damaged.
-
-    NIfTI (``.nii``, ``.nii.gz``), NRRD (raw, gzip, bzip2; attached or detached data) and
-    MetaImage (``.mha``, ``.mhd``; raw or compressed): raw data must have at least the bytes the
-    header implies (file size minus header); compressed data are decompressed once, without
-    keeping them (about a quarter of SimpleITK's own reading time), which also verifies the
-    stream's checksum. Text encodings and other formats are left to SimpleITK.
-
-    Raises:
-        MedSAMError: naming the file, how many bytes it holds of how many, and what to do.
-    """
-    p = Path(path)
-    name = p.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        layout = _nifti_layout(p)
-    elif name.endswith((".nrrd", ".nhdr")):
-        layout = _nrrd_layout(p)
-    elif name.endswith((".mha", ".mhd")):
-        layout = _metaimage_layout(p)
-    else:
-        return
-    if layout is None or layout.expected <= 0:
-        return
-    data = layout.data_file
-    try:
-        if layout.encoding == "raw":
-            have, problem = max(0, data.stat().st_size - layout.offset), None
-        elif layout.inside:
-            with open(data, "rb") as handle:
-                total, problem = _inflated_size(handle, _GZIP_WBITS)
-            have = max(0, total - layout.offset)
-        else:
-            with open(data, "rb") as handle:
-                handle.seek(layout.offset)
-                if layout.encoding == "bzip2":
-                    have, problem = _bz2_size(handle)
-                else:
-                    have, problem = _inflated_size(handle, _GZIP_WBITS if layout.encoding == "gzip" else _ZLIB_OR_GZIP_WBITS)
-    except OSError as exc:
-        raise MedSAMError(
-            f"The voxel data of '{p}' cannot be read from '{data}' ({exc.strerror or exc}). Check that the file is "
-            "there and readable."
-        ) from None
-    where = f"'{p}'" if data == p else f"'{data}' (the voxel data of '{p}')"
-    if problem == "damaged":
-        raise MedSAMError(
-            f"{where} is damaged: its compressed voxel data fail their integrity check (after {have:,} of "
-            f"{layout.expected:,} bytes), so some voxels would be wrong. Copy or export the file again."
-        )
-    if problem == "truncated" and have >= layout.expected:
-        raise MedSAMError(
-            f"{where} is truncated: its compressed data stop before their end and checksum, so they cannot be "
-            "verified. Copy or export the file again (an interrupted download or copy?)."
-        )
-    if problem == "truncated" or have < layout.expected:
-        raise MedSAMError(
-            f"{where} is truncated: it holds {min(have, layout.expected):,} of the {layout.expected:,} bytes of voxel "
-            f"data its header promises ({100.0 * min(have, layout.expected) / layout.expected:.0f}%); the rest "
-            "would be read as zeros. Copy or export the file again (an interrupted download or copy?)."
-        )
-
-
-# --------------------------------------------------------------------------------------------
 # DICOM series
 # --------------------------------------------------------------------------------------------
 
@@ -925,7 +456,7 @@ DICOM_SPACING_TOLERANCE_FRACTION = 0.05
 def _position_label(normal_lps: np.ndarray) -> Tuple[str, float]:
     """The RAS axis name closest to a slice normal (LPS) and the sign turning LPS into it."""
     axis = int(np.argmax(np.abs(normal_lps)))
-    sign = float(np.sign(normal_lps[axis])) * float(_LPS_RAS_SIGN[axis])
+    sign = float(np.sign(normal_lps[axis])) * float(LPS_RAS_SIGN[axis])
     return "RAS"[axis], sign
 
 
@@ -1034,7 +565,7 @@ def ras_to_canonical_index(volume: Volume, ras_points: np.ndarray) -> np.ndarray
     pts = np.asarray(ras_points, dtype=float)
     if pts.shape[-1:] != (3,) or pts.ndim > 2:
         raise MedSAMError(f"RAS points must have shape (3,) or (N, 3); got {pts.shape}.")
-    lps = pts.reshape(-1, 3) * _LPS_RAS_SIGN
+    lps = pts.reshape(-1, 3) * LPS_RAS_SIGN
     ijk = np.array([volume.image.TransformPhysicalPointToContinuousIndex([float(v) for v in p]) for p in lps],
                    dtype=float).reshape(-1, 3)
     xyz = volume.orientation.ijk_points_to_canonical(ijk)
@@ -1057,7 +588,7 @@ def canonical_index_to_ras(volume: Volume, xyz_points: np.ndarray) -> np.ndarray
     ijk = volume.orientation.canonical_points_to_ijk(pts.reshape(-1, 3))
     lps = np.array([volume.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in p]) for p in ijk],
                    dtype=float).reshape(-1, 3)
-    return (lps * _LPS_RAS_SIGN).reshape(pts.shape)
+    return (lps * LPS_RAS_SIGN).reshape(pts.shape)
 
 
 def _ras_extent(volume: Volume) -> Tuple[np.ndarray, np.ndarray]:
@@ -1145,22 +676,6 @@ def _extension(path: Path) -> str:
     return split_extension(path.name)[1].lower()
 
 
-def _input_files(path: Path) -> List[Path]:
-    """The files a volume was read from: the file itself and, for a header with detached
-    voxel data (``.nhdr``, ``.mhd``), its data file (a DICOM folder: none can be an output)."""
-    try:
-        if not path.is_file():
-            return []
-    except OSError:  # unreadable: read_volume will say so
-        return []
-    files = [path]
-    name = path.name.lower()
-    layout = _nrrd_layout(path) if name.endswith(".nhdr") else _metaimage_layout(path) if name.endswith(".mhd") else None
-    if layout is not None and layout.data_file != path:
-        files.append(layout.data_file)
-    return files
-
-
 def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLike] = (),
                  formats: Sequence[str] = LABELMAP_EXTENSIONS) -> Path:
     """Check, before any work, that a result can be written to ``path``; return it.
@@ -1173,7 +688,7 @@ def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLi
     """
     p = Path(os.path.expanduser(os.fspath(path)))
     for source in inputs:
-        for f in _input_files(Path(os.path.expanduser(os.fspath(source)))):
+        for f in input_files(Path(os.path.expanduser(os.fspath(source)))):
             try:
                 same = p.exists() and f.exists() and os.path.samefile(p, f)
             except OSError:
@@ -1400,8 +915,8 @@ def _write_seg_nrrd_file(path: Path, layers_kji: List[np.ndarray], infos: List[_
     vectors = " ".join("(" + ",".join(_num(v) for v in columns[:, a]) + ")" for a in range(3))
 
     ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = _LPS_RAS_SIGN[:, None] * columns
-    ijk_to_ras[:3, 3] = _LPS_RAS_SIGN * origin
+    ijk_to_ras[:3, :3] = LPS_RAS_SIGN[:, None] * columns
+    ijk_to_ras[:3, 3] = LPS_RAS_SIGN * origin
     geometry = "".join(f"{_num(v)};" for v in ijk_to_ras.reshape(-1))
     geometry += "".join(f"{v};" for v in (0, ni - 1, 0, nj - 1, 0, nk - 1))
     parameters = list(_CONVERSION_PARAMETERS)
