@@ -79,9 +79,9 @@ def test_source_volume_is_canonical_and_read_only(ct_scene):
     with pytest.raises(ValueError):
         src.array[0, 0, 0] = 0
     # Canonical axes point Left, Posterior, Superior in RAS.
-    np.testing.assert_allclose(src.axis_direction_world(0), [-1, 0, 0], atol=1e-9)
-    np.testing.assert_allclose(src.axis_direction_world(1), [0, -1, 0], atol=1e-9)
-    np.testing.assert_allclose(src.axis_direction_world(2), [0, 0, 1], atol=1e-9)
+    np.testing.assert_allclose(src.axis_direction_ras(0), [-1, 0, 0], atol=1e-9)
+    np.testing.assert_allclose(src.axis_direction_ras(1), [0, -1, 0], atol=1e-9)
+    np.testing.assert_allclose(src.axis_direction_ras(2), [0, 0, 1], atol=1e-9)
 
 
 def test_ras_box_matches_the_command_line_rule(ct_scene, ct_sm_path):

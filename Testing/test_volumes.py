@@ -17,10 +17,8 @@ from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.volumes import (
     AxialOrientation,
     Volume,
-    canonical_index_to_ras,
     ijk_box_to_canonical,
     ras_box_to_canonical,
-    ras_to_canonical_index,
     read_volume,
     write_labelmap,
     write_seg_nrrd,
@@ -202,10 +200,10 @@ def test_ct_canonical_orientation(ct, ct_path):
         expected[c] = 3.0
         np.testing.assert_allclose(step, expected, atol=1e-6)
     # Canonical (0, 0, 0) is the right-anterior-inferior corner.
-    ras0 = canonical_index_to_ras(ct, [0, 0, 0])
-    ras1 = canonical_index_to_ras(ct, [121, 100, 111])
+    ras0 = ct.canonical_to_ras([0, 0, 0])
+    ras1 = ct.canonical_to_ras([121, 100, 111])
     assert ras0[0] > ras1[0] and ras0[1] > ras1[1] and ras0[2] < ras1[2]
-    np.testing.assert_allclose(ras_to_canonical_index(ct, ras1), [121, 100, 111], atol=1e-6)
+    np.testing.assert_allclose(ct.ras_to_canonical(ras1), [121, 100, 111], atol=1e-6)
 
 
 VARIANTS = {
@@ -316,22 +314,22 @@ def test_variant_reads_to_same_canonical_array(name, variant_files, ct, ct_label
 def test_ras_points_round_trip_oblique(variant_files):
     vol = read_volume(variant_files["oblique10_tilted"][0])
     xyz = np.array([[0, 0, 0], [10.5, 20.25, 30], [121, 100, 111]], dtype=float)
-    ras = canonical_index_to_ras(vol, xyz)
-    np.testing.assert_allclose(ras_to_canonical_index(vol, ras), xyz, atol=1e-6)
+    ras = vol.canonical_to_ras(xyz)
+    np.testing.assert_allclose(vol.ras_to_canonical(ras), xyz, atol=1e-6)
     with pytest.raises(MedSAMError, match="shape"):
-        ras_to_canonical_index(vol, np.zeros((2, 2)))
+        vol.ras_to_canonical(np.zeros((2, 2)))
 
 
 def test_ras_box_clipping_and_errors(ct):
-    lo_ras = canonical_index_to_ras(ct, [0, 0, 0])
-    hi_ras = canonical_index_to_ras(ct, [121, 100, 111])
+    lo_ras = ct.canonical_to_ras([0, 0, 0])
+    hi_ras = ct.canonical_to_ras([121, 100, 111])
     # Partly outside: clipped to the volume.
-    inside = canonical_index_to_ras(ct, [10, 20, 30])
+    inside = ct.canonical_to_ras([10, 20, 30])
     assert ras_box_to_canonical(ct, inside, lo_ras + np.array([50.0, 50.0, -50.0])) == (0, 0, 0, 10, 20, 30)
     assert ras_box_to_canonical(ct, lo_ras + [30, 30, -30], hi_ras + [-30, -30, 30]) == (0, 0, 0, 121, 100, 111)
     # A flat box (zero thickness along S) picks the nearest slice.
-    a = canonical_index_to_ras(ct, [10, 20, 40.2])
-    b = canonical_index_to_ras(ct, [30, 50, 40.2])
+    a = ct.canonical_to_ras([10, 20, 40.2])
+    b = ct.canonical_to_ras([30, 50, 40.2])
     assert ras_box_to_canonical(ct, a, b) == (10, 20, 40, 30, 50, 40)
     # Entirely outside: a clear error that names the volume's extent.
     far = hi_ras + np.array([0.0, 0.0, 100.0])
@@ -369,7 +367,7 @@ def test_dicom_folder_matches_its_labels(dicom_dir, dicom_seg_path):
     # The label file stores j flipped; in canonical order both share one grid.
     assert seg.orientation.flips != vol.orientation.flips
     corners = np.array(list(itertools.product((0, 511), (0, 511), (0, 19))), dtype=float)
-    np.testing.assert_allclose(canonical_index_to_ras(seg, corners), canonical_index_to_ras(vol, corners), atol=1e-3)
+    np.testing.assert_allclose(seg.canonical_to_ras(corners), vol.canonical_to_ras(corners), atol=1e-3)
     # ...and the labels sit on the right tissue: liver is soft tissue, not air or bone.
     liver = seg.array == LIVER
     assert liver.sum() > 1000

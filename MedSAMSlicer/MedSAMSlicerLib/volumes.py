@@ -56,8 +56,6 @@ __all__ = [
     "read_volume",
     "check_voxel_values",
     "check_output",
-    "ras_to_canonical_index",
-    "canonical_index_to_ras",
     "ras_box_to_canonical",
     "ijk_box_to_canonical",
     "write_labelmap",
@@ -123,6 +121,42 @@ class Volume:
     def shape(self) -> Tuple[int, int, int]:
         """Canonical shape ``(nz, ny, nx)``."""
         return self.orientation.canonical_shape
+
+    def ras_to_canonical(self, ras_points: np.ndarray) -> np.ndarray:
+        """RAS points in mm -> continuous canonical voxel coordinates ``(x, y, z)``.
+
+        Args:
+            ras_points: shape ``(3,)`` or ``(N, 3)``, ``(R, A, S)`` in mm (Slicer's world).
+
+        Returns:
+            Same shape as the input: ``(x, y, z)`` with voxel centres at integers (not rounded,
+            not clipped).
+        """
+        pts = np.asarray(ras_points, dtype=float)
+        if pts.shape[-1:] != (3,) or pts.ndim > 2:
+            raise MedSAMError(f"RAS points must have shape (3,) or (N, 3); got {pts.shape}.")
+        lps = pts.reshape(-1, 3) * LPS_RAS_SIGN
+        ijk = np.array([self.image.TransformPhysicalPointToContinuousIndex([float(v) for v in p]) for p in lps],
+                       dtype=float).reshape(-1, 3)
+        return self.orientation.ijk_points_to_canonical(ijk).reshape(pts.shape)
+
+    def canonical_to_ras(self, xyz_points: np.ndarray) -> np.ndarray:
+        """Continuous canonical voxel coordinates ``(x, y, z)``, shape ``(3,)`` or ``(N, 3)`` -> RAS
+        points in mm, same shape."""
+        pts = np.asarray(xyz_points, dtype=float)
+        if pts.shape[-1:] != (3,) or pts.ndim > 2:
+            raise MedSAMError(f"Canonical points must have shape (3,) or (N, 3); got {pts.shape}.")
+        ijk = self.orientation.canonical_points_to_ijk(pts.reshape(-1, 3))
+        lps = np.array([self.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in p]) for p in ijk],
+                       dtype=float).reshape(-1, 3)
+        return (lps * LPS_RAS_SIGN).reshape(pts.shape)
+
+    def ras_extent(self) -> Tuple[np.ndarray, np.ndarray]:
+        """RAS bounding box ``(lo, hi)`` of the volume's voxel centres."""
+        nz, ny, nx = self.shape
+        corners = np.array(list(itertools.product((0, nx - 1), (0, ny - 1), (0, nz - 1))), dtype=float)
+        ras = self.canonical_to_ras(corners)
+        return ras.min(axis=0), ras.max(axis=0)
 
     @classmethod
     def from_image(
@@ -551,54 +585,6 @@ def _check_dicom_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image, file
 # --------------------------------------------------------------------------------------------
 
 
-def ras_to_canonical_index(volume: Volume, ras_points: np.ndarray) -> np.ndarray:
-    """RAS points in mm -> continuous canonical voxel coordinates ``(x, y, z)``.
-
-    Args:
-        volume: the volume whose grid is used.
-        ras_points: shape ``(3,)`` or ``(N, 3)``, ``(R, A, S)`` in mm (Slicer's world).
-
-    Returns:
-        Same shape as the input: ``(x, y, z)`` with voxel centres at integers (not rounded, not
-        clipped).
-    """
-    pts = np.asarray(ras_points, dtype=float)
-    if pts.shape[-1:] != (3,) or pts.ndim > 2:
-        raise MedSAMError(f"RAS points must have shape (3,) or (N, 3); got {pts.shape}.")
-    lps = pts.reshape(-1, 3) * LPS_RAS_SIGN
-    ijk = np.array([volume.image.TransformPhysicalPointToContinuousIndex([float(v) for v in p]) for p in lps],
-                   dtype=float).reshape(-1, 3)
-    xyz = volume.orientation.ijk_points_to_canonical(ijk)
-    return xyz.reshape(pts.shape)
-
-
-def canonical_index_to_ras(volume: Volume, xyz_points: np.ndarray) -> np.ndarray:
-    """Continuous canonical voxel coordinates ``(x, y, z)`` -> RAS points in mm.
-
-    Args:
-        volume: the volume whose grid is used.
-        xyz_points: shape ``(3,)`` or ``(N, 3)``.
-
-    Returns:
-        Same shape as the input, ``(R, A, S)`` in mm.
-    """
-    pts = np.asarray(xyz_points, dtype=float)
-    if pts.shape[-1:] != (3,) or pts.ndim > 2:
-        raise MedSAMError(f"Canonical points must have shape (3,) or (N, 3); got {pts.shape}.")
-    ijk = volume.orientation.canonical_points_to_ijk(pts.reshape(-1, 3))
-    lps = np.array([volume.image.TransformContinuousIndexToPhysicalPoint([float(v) for v in p]) for p in ijk],
-                   dtype=float).reshape(-1, 3)
-    return (lps * LPS_RAS_SIGN).reshape(pts.shape)
-
-
-def _ras_extent(volume: Volume) -> Tuple[np.ndarray, np.ndarray]:
-    """RAS bounding box of the volume's voxel centres."""
-    nz, ny, nx = volume.shape
-    corners = np.array(list(itertools.product((0, nx - 1), (0, ny - 1), (0, nz - 1))), dtype=float)
-    ras = canonical_index_to_ras(volume, corners)
-    return ras.min(axis=0), ras.max(axis=0)
-
-
 def _fmt_point(p: np.ndarray) -> str:
     return "(" + ", ".join(f"{float(v):.1f}" for v in p) + ")"
 
@@ -622,9 +608,9 @@ def ras_box_to_canonical(volume: Volume, ras_corner_a: Sequence[float], ras_corn
         raise MedSAMError(f"A box needs two RAS corners of three finite numbers each; got {a.tolist()} and {b.tolist()}.")
     corners = np.array([[(a, b)[s[c]][c] for c in range(3)] for s in itertools.product((0, 1), repeat=3)])
     try:
-        first, last = voxel_box(ras_to_canonical_index(volume, corners), volume.shape)
+        first, last = voxel_box(volume.ras_to_canonical(corners), volume.shape)
     except BoxOutside as outside:
-        ras_lo, ras_hi = _ras_extent(volume)
+        ras_lo, ras_hi = volume.ras_extent()
         raise MedSAMError(
             f"The box from RAS {_fmt_point(a)} to {_fmt_point(b)} mm lies outside the volume "
             f"(along {_RAS_AXIS_NAMES[outside.axis]}); the volume spans RAS {_fmt_point(ras_lo)} to "

@@ -462,7 +462,7 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         }
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            edits = MRMLBridge.MedSAMBridge.modifications(
+            edits = MRMLBridge.modifications(
                 self.prediction,
                 segmentationNode,
                 self.scriptedEffect.defaultModifierLabelmap(),
