@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from .errors import MedSAMError
 from .progress import Cancelled, TerminalProgress
+from .speed import SPEED_TIERS
 
 DESCRIPTION = """\
 Segment a structure in a CT or MR volume with MedSAM or LiteMedSAM from one box.
@@ -50,6 +51,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda or mps")
     g.add_argument("--precision", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16")
     g.add_argument("--download", action="store_true", help="allow downloading the model's weights if they are missing")
+    g.add_argument("--speed", default="exact", choices=list(SPEED_TIERS),
+                   help="; ".join(f"{t.name}: {t.note}" for t in SPEED_TIERS.values()))
 
 
 def _add_window_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--out", default="medsam-bench.json", help="JSON results file")
     bench.add_argument("--quick", action="store_true", help="fewer slices and repeats (a smoke run)")
+    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "all"],
+                       help="reference: ours against the reference pipelines (default); alternatives: LiteMedSAM's "
+                            "CPU speed alternatives (OpenVINO, ONNX Runtime, bfloat16, every 2nd slice) against our "
+                            "exact path, on the CPU; all: both")
     return parser
 
 
@@ -132,12 +139,14 @@ def segment_file(
     precision: str = "auto",
     download: bool = False,
     progress: bool = True,
+    speed: str = "exact",
 ) -> str:
     """Segment one structure of a volume file and write it on the file's grid.
 
     Everything that can be checked without the model (output name, the volume, the box) is
     checked first; nothing is written unless the whole run succeeds. ``segmenter`` reuses a
-    loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter` (and its embedding cache).
+    loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter` (and its embedding cache); ``speed`` is
+    a :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name for a new one.
 
     Returns:
         A one-line summary.
@@ -172,7 +181,8 @@ def segment_file(
     t0 = time.perf_counter()
     if segmenter is None:
         segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision,
-                              download=download, progress=TerminalProgress("weights") if progress else None)
+                              download=download, progress=TerminalProgress("weights") if progress else None,
+                              speed=speed)
         print(segmenter.describe(), file=sys.stderr)
     segmenter.set_volume(volume.array, window)
     bar = TerminalProgress("propagating") if progress else None
@@ -202,7 +212,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         args.volume, Path(args.output), box_ijk=args.box_ijk, box_ras=args.box_ras, name=args.name,
         direction=args.direction, slice_only=args.slice_only, window=_window(args), overwrite=args.overwrite,
         model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-        download=args.download,
+        download=args.download, speed=args.speed,
     )
     print(summary)
     return 0
@@ -237,13 +247,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo import run_demo
 
             run_demo(Path(args.out), model=args.model, checkpoint=args.checkpoint, device=args.device,
-                     precision=args.precision, download=args.download)
+                     precision=args.precision, download=args.download, speed=args.speed)
             return 0
         if args.command == "bench":
             from .bench import run_bench
 
             run_bench(models=[m.strip() for m in args.models.split(",") if m.strip()], device=args.device,
-                      out=Path(args.out), quick=args.quick)
+                      out=Path(args.out), quick=args.quick, compare=args.compare)
             return 0
     except MedSAMError as exc:
         print(f"medsam-slicer: error: {exc}", file=sys.stderr)

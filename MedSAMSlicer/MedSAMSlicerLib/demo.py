@@ -59,11 +59,13 @@ def run_demo(
     structures: Optional[Dict[str, int]] = None,
     quiet: bool = False,
     segmenter=None,
+    speed: str = "exact",
 ) -> List[DemoRow]:
     """Run the demo; write ``demo.seg.nrrd`` and ``demo.png`` to ``out_dir``; return the rows.
 
     ``structures`` maps names to TotalSegmentator label ids (default: five organs); ``segmenter``
-    reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`.
+    reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`; ``speed`` is a
+    :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name for a new one.
     """
     from .preprocessing import Window
     from .segmenter import Segmenter
@@ -73,7 +75,8 @@ def run_demo(
     volume = read_volume(example_ct())
     labels = read_volume(example_ct_labels()).array
     t0 = time.perf_counter()
-    seg = segmenter or Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download)
+    seg = segmenter or Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
+                                 speed=speed)
     seg.set_volume(volume.array, Window.preset("abdomen"))
     if not quiet:
         print(f"{seg.describe()} (loaded in {time.perf_counter() - t0:.1f} s)")

@@ -1,0 +1,104 @@
+"""Speed settings: what a user may trade for speed, chosen from measured alternatives.
+
+A :class:`SpeedTier` is a recipe: which runtime computes the image encoder on a CPU
+(:mod:`.encoder_runtimes`), at which precision, and whether 3D propagation computes every slice
+or every ``stride``-th slice and fills the others (:mod:`.strided`). The named tiers users choose
+from are :data:`SPEED_TIERS`; each one's speed and its measured agreement with the exact tier are
+in its ``note`` (the numbers come from ``medsam-slicer bench --compare alternatives``, README
+"Speed settings"). ``Segmenter(speed=...)`` and ``medsam-slicer segment --speed`` take a name.
+
+The encoder runtime and precision apply on the CPU only: on a GPU the encoder is torch's there
+(already batched and in bfloat16) and a tier changes only the stride.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+from .errors import MedSAMError
+
+ENCODERS = ("torch", "openvino", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class SpeedTier:
+    """One speed recipe.
+
+    Attributes:
+        name: the value front ends pass (``"exact"``, ``"fast"``, ``"fastest"``).
+        label: what a user interface shows for it.
+        encoder: the CPU encoder runtime, ``"torch"``, ``"openvino"`` or ``"onnxruntime"``.
+        precision: ``"f32"``, or ``"bf16"`` (OpenVINO: bfloat16 inference where the CPU has it;
+            torch: the transformer stages' matrix products in bfloat16, see ``optimize.py``).
+        stride: 3D propagation runs the model on every ``stride``-th slice (1: every slice).
+        note: the measured cost in accuracy and the gain in speed, for the user.
+    """
+
+    name: str
+    label: str
+    encoder: str = "torch"
+    precision: str = "f32"
+    stride: int = 1
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise MedSAMError(f"unknown encoder runtime '{self.encoder}'; choose one of: {', '.join(ENCODERS)}")
+        if self.precision not in ("f32", "bf16"):
+            raise MedSAMError(f"unknown precision '{self.precision}'; choose f32 or bf16")
+        if self.encoder == "onnxruntime" and self.precision != "f32":
+            raise MedSAMError("ONNX Runtime is used in float32 only")
+        if int(self.stride) != self.stride or self.stride < 1:
+            raise MedSAMError(f"the stride must be a whole number >= 1; got {self.stride}")
+
+    def missing(self) -> Optional[str]:
+        """``None`` when this tier can run here, else why not and what to install (one line)."""
+        if self.encoder == "torch":
+            return None
+        from .encoder_runtimes import runtime_missing
+
+        return runtime_missing(self.encoder)
+
+    def describe(self) -> str:
+        """E.g. ``"fast (OpenVINO f32 encoder, every slice)"``."""
+        runtime = {"torch": "torch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}[self.encoder]
+        slices = "every slice" if self.stride == 1 else f"every {self.stride}{_ordinal(self.stride)} slice, the others interpolated"
+        return f"{self.name} ({runtime} {self.precision} encoder, {slices})"
+
+
+def _ordinal(n: int) -> str:
+    return {2: "nd", 3: "rd"}.get(n, "th")
+
+
+#: The tiers users choose from, in order of speed. The measurements behind each ``note`` are in
+#: the README ("Speed settings") and ``docs/perf/``.
+SPEED_TIERS: Dict[str, SpeedTier] = {
+    tier.name: tier
+    for tier in (
+        SpeedTier("exact", "Exact", note="the model on every slice in float32: the reference masks"),
+        SpeedTier("fast", "Fast (OpenVINO)", encoder="openvino", precision="f32", stride=1,
+                  note="PLACEHOLDER"),
+        SpeedTier("fastest", "Fastest (every 2nd slice)", encoder="openvino", precision="f32", stride=2,
+                  note="PLACEHOLDER"),
+    )
+}
+DEFAULT_SPEED = "exact"
+
+
+def get_speed(speed: Union[str, SpeedTier, None]) -> SpeedTier:
+    """The :class:`SpeedTier` for a name (or the tier itself); unknown names raise :class:`MedSAMError`."""
+    if speed is None:
+        return SPEED_TIERS[DEFAULT_SPEED]
+    if isinstance(speed, SpeedTier):
+        return speed
+    tier = SPEED_TIERS.get(str(speed).strip().lower())
+    if tier is None:
+        raise MedSAMError(f"unknown speed '{speed}'; choose one of: {', '.join(SPEED_TIERS)}")
+    return tier
+
+
+def speed_choices() -> List[Tuple[str, str, str, Optional[str]]]:
+    """``(name, label, note, missing)`` per tier, for a user interface: ``missing`` is ``None`` when
+    the tier can run here, else why not and what to install."""
+    return [(t.name, t.label, t.note, t.missing()) for t in SPEED_TIERS.values()]
