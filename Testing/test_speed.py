@@ -95,14 +95,20 @@ def test_exact_tier_gives_the_plain_propagation(seg, kidney):
 # -- every 2nd slice --------------------------------------------------------------------------------
 def test_interpolation_moves_a_shape_between_its_neighbours():
     yy, xx = np.mgrid[:40, :60]
-    a = (yy - 20) ** 2 + (xx - 15) ** 2 <= 36
-    b = (yy - 20) ** 2 + (xx - 35) ** 2 <= 36
+    a = (yy - 20) ** 2 + (xx - 15) ** 2 <= 100
+    b = (yy - 20) ** 2 + (xx - 27) ** 2 <= 100
     (mid,) = interpolate_masks(a, b, 1)
     ys, xs = np.nonzero(mid)
-    assert abs(xs.mean() - 25) < 0.5 and abs(ys.mean() - 20) < 0.5  # halfway, not a union
-    assert 0.7 * a.sum() <= mid.sum() <= 1.3 * a.sum()
+    assert abs(xs.mean() - 21) < 0.5 and abs(ys.mean() - 20) < 0.5  # halfway: neither a union nor an overlap
+    assert 0.9 * a.sum() <= mid.sum() <= 1.1 * a.sum()
     thirds = interpolate_masks(a, b, 2)
-    assert [round(float(np.nonzero(m)[1].mean())) for m in thirds] == [22, 28]
+    assert [round(float(np.nonzero(m)[1].mean())) for m in thirds] == [19, 23]
+    small = (yy - 20) ** 2 + (xx - 15) ** 2 <= 16
+    (shrinking,) = interpolate_masks(a, small, 1)
+    assert small.sum() < shrinking.sum() < a.sum() and (shrinking <= a).all()
+    far = (yy - 20) ** 2 + (xx - 45) ** 2 <= 100  # no overlap with a: still a shape between them
+    (between,) = interpolate_masks(a, far, 1)
+    assert abs(np.nonzero(between)[1].mean() - 30) < 0.5 and 0.9 * a.sum() <= between.sum() <= 1.1 * a.sum()
     assert not any(m.any() for m in interpolate_masks(a, np.zeros_like(a), 3))  # a structure's end
 
 

@@ -15,9 +15,7 @@ slices), and the difference of the latter from the exact path's. Per alternative
 encoder latency (interleaved), the first-use setup time (model conversion into an empty folder)
 and the setup time once converted, and the installed size of the runtime's packages.
 
-A further fill of skipped slices (``"decode"``, :mod:`.strided`) is measured for accuracy only,
-on the exact path's cached embeddings (it costs the same as ``"interpolate"`` up to a decoder
-call per skipped slice).
+The every-2nd-slice recipes are measured with both fills of the skipped slices (:mod:`.strided`).
 """
 
 from __future__ import annotations
@@ -51,16 +49,19 @@ def alternatives(native_bfloat16: bool) -> List[SpeedTier]:
         SpeedTier("exact", "torch float32 (ours, exact)"),
         SpeedTier("onnxruntime", "ONNX Runtime float32", encoder="onnxruntime"),
         SpeedTier("openvino", "OpenVINO float32", encoder="openvino"),
-        SpeedTier("stride2", "every 2nd slice, interpolated (torch float32)", stride=2),
-        SpeedTier("openvino+stride2", "OpenVINO float32, every 2nd slice", encoder="openvino", stride=2),
+        SpeedTier("stride2-interpolate", "every 2nd slice, the others interpolated (torch float32)", stride=2,
+                  fill="interpolate"),
+        SpeedTier("stride2-decode", "every 2nd slice, the others decoded (torch float32)", stride=2, fill="decode"),
+        SpeedTier("openvino+stride2-decode", "OpenVINO float32, every 2nd slice, the others decoded",
+                  encoder="openvino", stride=2, fill="decode"),
     ]
     if native_bfloat16:
         tiers[3:3] = [
             SpeedTier("torch-bf16", "torch, bfloat16 matmuls", precision="bf16"),
             SpeedTier("openvino-bf16", "OpenVINO bfloat16", encoder="openvino", precision="bf16"),
         ]
-        tiers.append(SpeedTier("openvino-bf16+stride2", "OpenVINO bfloat16, every 2nd slice", encoder="openvino",
-                               precision="bf16", stride=2))
+        tiers.append(SpeedTier("openvino-bf16+stride2-decode", "OpenVINO bfloat16, every 2nd slice, the others decoded",
+                               encoder="openvino", precision="bf16", stride=2, fill="decode"))
     return tiers
 
 
@@ -85,7 +86,6 @@ def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print) 
     from .encoder_runtimes import EXPORT_DIR_ENV
     from .optimize import cpu_has_native_bfloat16
     from .segmenter import Segmenter
-    from .strided import propagate_box3d_strided
 
     q = 1 if quick else 0
     cases = [Case(QUICK_SLICES[name] if quick else n, label, name) for name, label, n in CASES]
@@ -165,47 +165,37 @@ def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print) 
                 masks[case.name][name] = seg.segment_box3d(case.box3d).mask
                 times[case.name][name].append(time.perf_counter() - t0)
 
-    # Accuracy only: the decoder fill on the exact path's embeddings (cached by the last round).
-    for case in cases:
-        exact = segmenters["exact"]
-        exact.set_volume(case.raw, case.window, key=f"alternatives-{case.name}")
-        masks[case.name]["stride2-decode"] = propagate_box3d_strided(exact.predictor, case.box3d, stride=2,
-                                                                     fill="decode").mask
-
-    names = list(segmenters) + ["stride2-decode"]
-    for name in names:
-        tier = next((t for t in tiers if t.name == name), None)
-        row: Dict[str, Any] = {"label": tier.label if tier else "every 2nd slice, skipped slices decoded "
-                               "from the neighbours' mean embedding (accuracy only)"}
-        if tier is not None:
-            row["recipe"] = {"encoder": tier.encoder, "precision": tier.precision, "stride": tier.stride}
-            row["setup_s"] = setup[name]
-            row["describe"] = segmenters[name].describe()
-            runtime_dists = RUNTIME_DISTRIBUTIONS.get(tier.encoder)
-            row["installed_mb"] = installed_mb(runtime_dists) if runtime_dists else 0.0
-            if name in enc_times:
-                row["encoder_s"] = _metric(enc_times["exact"], enc_times[name], "s")
-                row["encoder_vs_reference"] = _metric(enc_times["reference"], enc_times[name], "s")
+    for tier in tiers:
+        name = tier.name
+        runtime_dists = RUNTIME_DISTRIBUTIONS.get(tier.encoder)
+        row: Dict[str, Any] = {
+            "label": tier.label,
+            "recipe": {"encoder": tier.encoder, "precision": tier.precision, "stride": tier.stride, "fill": tier.fill},
+            "setup_s": setup[name],
+            "describe": segmenters[name].describe(),
+            "installed_mb": installed_mb(runtime_dists) if runtime_dists else 0.0,
+        }
+        if name in enc_times:
+            row["encoder_s"] = _metric(enc_times["exact"], enc_times[name], "s")
+            row["encoder_vs_reference"] = _metric(enc_times["reference"], enc_times[name], "s")
         per_case: Dict[str, Any] = {}
         for case in cases:
             zs = case.zs
             m, e = masks[case.name][name], masks[case.name]["exact"]
+            t = times[case.name]
             entry: Dict[str, Any] = {
                 "dice_vs_exact": dice(m[zs], e[zs]),
                 "dice_vs_labels": dice(m[zs], case.truth[zs]),
                 "exact_dice_vs_labels": dice(e[zs], case.truth[zs]),
+                "propagation_s": _metric(t["exact"], t[name], "s"),
+                "propagation_vs_reference": _metric(t["reference"], t[name], "s"),
             }
             entry["dice_vs_labels_change"] = entry["dice_vs_labels"] - entry["exact_dice_vs_labels"]
-            if tier is not None:
-                t = times[case.name]
-                entry["propagation_s"] = _metric(t["exact"], t[name], "s")
-                entry["propagation_vs_reference"] = _metric(t["reference"], t[name], "s")
             per_case[case.name] = entry
         row["cases"] = per_case
         row["worst_dice_vs_labels_change"] = min(v["dice_vs_labels_change"] for v in per_case.values())
         row["min_dice_vs_exact"] = min(v["dice_vs_exact"] for v in per_case.values())
-        if tier is not None:
-            row["min_speedup"] = min(v["propagation_s"]["speedup"] for v in per_case.values())
+        row["min_speedup"] = min(v["propagation_s"]["speedup"] for v in per_case.values())
         result["alternatives"][name] = row
     result["reference_dice_vs_labels"] = {c.name: dice(masks[c.name]["reference"][c.zs], c.truth[c.zs]) for c in cases}
     result["rounds"] = rounds
@@ -228,15 +218,10 @@ def markdown_table(result: Dict[str, Any]) -> str:
             cells.append("-")
         for c in cases:
             e = row["cases"][c]
-            speed = (f"{e['propagation_s']['speedup']:.2f}x ({e['propagation_vs_reference']['speedup']:.2f}x)"
-                     if "propagation_s" in e else "-")
-            cells.append(f"{speed}, {e['dice_vs_exact']:.4f}, {e['dice_vs_labels']:.4f} "
-                         f"({e['dice_vs_labels_change']:+.4f})")
-        if "setup_s" in row:
-            cells.append(f"{row['setup_s']['first_use_s']:.1f} / {row['setup_s']['converted_s']:.1f}")
-            cells.append(f"{row['installed_mb']:.0f}" if row.get("installed_mb") is not None else "-")
-        else:
-            cells += ["-", "-"]
+            cells.append(f"{e['propagation_s']['speedup']:.2f}x ({e['propagation_vs_reference']['speedup']:.2f}x), "
+                         f"{e['dice_vs_exact']:.4f}, {e['dice_vs_labels']:.4f} ({e['dice_vs_labels_change']:+.4f})")
+        cells.append(f"{row['setup_s']['first_use_s']:.1f} / {row['setup_s']['converted_s']:.1f}")
+        cells.append(f"{row['installed_mb']:.0f}" if row.get("installed_mb") is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     ref = ", ".join(f"{c} {v:.4f}" for c, v in result["reference_dice_vs_labels"].items())
     lines.append(f"\nReference pipeline's Dice vs labels: {ref}.")

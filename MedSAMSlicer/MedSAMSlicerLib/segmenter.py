@@ -167,11 +167,11 @@ class Segmenter:
         """3D from a 2D box on slice ``z``; ``z_range`` bounds it, else the extent is found.
 
         With a speed tier whose stride is above 1 the model runs on every ``stride``-th slice and
-        the slices between are interpolated (:func:`~MedSAMSlicerLib.strided.propagate_strided`).
+        the slices between are filled (:func:`~MedSAMSlicerLib.strided.propagate_strided`).
         """
         return propagate_strided(
             self.predictor, z, box, stride=self.speed.stride, z_range=z_range, direction=direction, stop=stop,
-            progress=progress, cancel=cancel,
+            progress=progress, cancel=cancel, fill=self.speed.fill,
         )
 
     def segment_box3d(
@@ -192,7 +192,8 @@ class Segmenter:
         """One line: model, weights, device and precision."""
         mixed = " (bfloat16 transformer matmuls)" if self.bfloat16_matmuls else ""
         runtime = f", encoder by {self.encoder_runtime}" if self.encoder_runtime else ""
-        every = "" if self.speed.stride == 1 else f", every {self.speed.stride} slices computed in 3D"
+        every = ("" if self.speed.stride == 1
+                 else f", every {self.speed.stride} slices computed in 3D (the others by {self.speed.fill})")
         return (
             f"{self.spec.title} ({self.spec.architecture}, {self.spec.input_size}px) on {self.device}"
             f" in {str(self.dtype).replace('torch.', '')}{mixed}{runtime}; speed {self.speed.name}{every};"

@@ -32,6 +32,7 @@ class SpeedTier:
         precision: ``"f32"``, or ``"bf16"`` (OpenVINO: bfloat16 inference where the CPU has it;
             torch: the transformer stages' matrix products in bfloat16, see ``optimize.py``).
         stride: 3D propagation runs the model on every ``stride``-th slice (1: every slice).
+        fill: how the slices between are filled, ``"interpolate"`` or ``"decode"`` (:mod:`.strided`).
         note: the measured cost in accuracy and the gain in speed, for the user.
     """
 
@@ -40,6 +41,7 @@ class SpeedTier:
     encoder: str = "torch"
     precision: str = "f32"
     stride: int = 1
+    fill: str = "decode"
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -51,6 +53,10 @@ class SpeedTier:
             raise MedSAMError("ONNX Runtime is used in float32 only")
         if int(self.stride) != self.stride or self.stride < 1:
             raise MedSAMError(f"the stride must be a whole number >= 1; got {self.stride}")
+        from .strided import FILLS
+
+        if self.fill not in FILLS:
+            raise MedSAMError(f"unknown fill '{self.fill}'; choose one of: {', '.join(FILLS)}")
 
     def missing(self) -> Optional[str]:
         """``None`` when this tier can run here, else why not and what to install (one line)."""
@@ -63,7 +69,8 @@ class SpeedTier:
     def describe(self) -> str:
         """E.g. ``"fast (OpenVINO f32 encoder, every slice)"``."""
         runtime = {"torch": "torch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}[self.encoder]
-        slices = "every slice" if self.stride == 1 else f"every {self.stride}{_ordinal(self.stride)} slice, the others interpolated"
+        slices = ("every slice" if self.stride == 1
+                  else f"every {self.stride}{_ordinal(self.stride)} slice, the others by {self.fill}")
         return f"{self.name} ({runtime} {self.precision} encoder, {slices})"
 
 
