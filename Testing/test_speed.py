@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from MedSAMSlicerLib.demo import dice, reference_box
-from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV, RuntimeEncoder, runtime_missing
+from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV, RuntimeEncoder
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.preprocessing import Window
 from MedSAMSlicerLib.propagation import propagate
 from MedSAMSlicerLib.segmenter import Segmenter
-from MedSAMSlicerLib.speed import SPEED_TIERS, SpeedTier, get_speed, speed_choices
+from MedSAMSlicerLib.speed import SPEED_TIERS, SpeedTier, get_speed, runtime_missing, speed_choices
 from MedSAMSlicerLib.strided import SliceSubset, computed_slices, interpolate_masks, propagate_strided
 from MedSAMSlicerLib.volumes import read_volume
 

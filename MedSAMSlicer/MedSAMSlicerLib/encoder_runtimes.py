@@ -23,52 +23,25 @@ the model, torch's version and the runtime.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import MedSAMError
+from .speed import runtime_missing
 
-#: Runtime name -> (the Python modules it needs, the pip command that installs them).
-RUNTIMES: Dict[str, Tuple[Tuple[str, ...], str]] = {
-    "openvino": (("openvino",), "pip install openvino"),
-    "onnxruntime": (("onnxruntime", "onnx"), "pip install onnxruntime onnx"),
-}
 PRECISIONS = ("f32", "bf16")
 #: Bump when the conversion changes, so old files on users' disks are not reused.
 FORMAT_VERSION = 1
 
 
-def runtime_missing(runtime: str) -> Optional[str]:
-    """``None`` when ``runtime`` can be used here, else a one-line reason with the install command."""
-    if runtime not in RUNTIMES:
-        raise MedSAMError(f"unknown encoder runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
-    modules, command = RUNTIMES[runtime]
-    absent = [m for m in modules if not _importable(m)]
-    if absent:
-        return f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed ({command})"
-    return None
-
-
 EXPORT_DIR_ENV = "MEDSAM_SLICER_EXPORT_DIR"
-
-
-def _importable(module: str) -> bool:
-    # A None entry in sys.modules is Python's way of blocking an import: count it as absent.
-    if module in sys.modules:
-        return sys.modules[module] is not None
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def exported_dir() -> Path:

@@ -13,12 +13,42 @@ The encoder runtime and precision apply on the CPU only: on a GPU the encoder is
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import MedSAMError
 
 ENCODERS = ("torch", "openvino", "onnxruntime")
+#: How the slices between computed ones are filled (:mod:`.strided`).
+FILLS = ("decode", "interpolate")
+#: Encoder runtime -> (the Python modules it needs, the pip command that installs them).
+RUNTIMES: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "openvino": (("openvino",), "pip install openvino"),
+    "onnxruntime": (("onnxruntime", "onnx"), "pip install onnxruntime onnx"),
+}
+
+
+def _importable(module: str) -> bool:
+    # A None entry in sys.modules is Python's way of blocking an import: count it as absent.
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def runtime_missing(runtime: str) -> Optional[str]:
+    """``None`` when encoder ``runtime`` can be used here, else a one-line reason with the install command."""
+    if runtime not in RUNTIMES:
+        raise MedSAMError(f"unknown encoder runtime '{runtime}'; choose one of: {', '.join(RUNTIMES)}")
+    modules, command = RUNTIMES[runtime]
+    absent = [m for m in modules if not _importable(m)]
+    if absent:
+        return f"{' and '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed ({command})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,18 +83,12 @@ class SpeedTier:
             raise MedSAMError("ONNX Runtime is used in float32 only")
         if int(self.stride) != self.stride or self.stride < 1:
             raise MedSAMError(f"the stride must be a whole number >= 1; got {self.stride}")
-        from .strided import FILLS
-
         if self.fill not in FILLS:
             raise MedSAMError(f"unknown fill '{self.fill}'; choose one of: {', '.join(FILLS)}")
 
     def missing(self) -> Optional[str]:
         """``None`` when this tier can run here, else why not and what to install (one line)."""
-        if self.encoder == "torch":
-            return None
-        from .encoder_runtimes import runtime_missing
-
-        return runtime_missing(self.encoder)
+        return None if self.encoder == "torch" else runtime_missing(self.encoder)
 
     def describe(self) -> str:
         """E.g. ``"fast (OpenVINO f32 encoder, every slice)"``."""

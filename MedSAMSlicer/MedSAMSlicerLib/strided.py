@@ -43,8 +43,7 @@ from .propagation import (
     propagate,
     split_box3d,
 )
-
-FILLS = ("interpolate", "decode")
+from .speed import FILLS
 
 
 class SliceSubset(Predictor):
