@@ -193,7 +193,7 @@ class Segmenter:
         mixed = " (bfloat16 transformer matmuls)" if self.bfloat16_matmuls else ""
         runtime = f", encoder by {self.encoder_runtime}" if self.encoder_runtime else ""
         every = ("" if self.speed.stride == 1
-                 else f", every {self.speed.stride} slices computed in 3D (the others by {self.speed.fill})")
+                 else f", in 3D every {self.speed.stride} slices computed, the others {self.speed.fill}d")
         return (
             f"{self.spec.title} ({self.spec.architecture}, {self.spec.input_size}px) on {self.device}"
             f" in {str(self.dtype).replace('torch.', '')}{mixed}{runtime}; speed {self.speed.name}{every};"

@@ -22,7 +22,7 @@ from .errors import MedSAMError
 
 ENCODERS = ("torch", "openvino", "onnxruntime")
 #: How the slices between computed ones are filled (:mod:`.strided`).
-FILLS = ("decode", "interpolate")
+FILLS = ("interpolate", "decode")
 #: Encoder runtime -> (the Python modules it needs, the pip command that installs them).
 RUNTIMES: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "openvino": (("openvino",), "pip install openvino"),
@@ -71,7 +71,7 @@ class SpeedTier:
     encoder: str = "torch"
     precision: str = "f32"
     stride: int = 1
-    fill: str = "decode"
+    fill: str = "interpolate"
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -94,7 +94,7 @@ class SpeedTier:
         """E.g. ``"fast (OpenVINO f32 encoder, every slice)"``."""
         runtime = {"torch": "torch", "openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}[self.encoder]
         slices = ("every slice" if self.stride == 1
-                  else f"every {self.stride}{_ordinal(self.stride)} slice, the others by {self.fill}")
+                  else f"every {self.stride}{_ordinal(self.stride)} slice, the others {self.fill}d")
         return f"{self.name} ({runtime} {self.precision} encoder, {slices})"
 
 
@@ -107,11 +107,14 @@ def _ordinal(n: int) -> str:
 SPEED_TIERS: Dict[str, SpeedTier] = {
     tier.name: tier
     for tier in (
-        SpeedTier("exact", "Exact", note="the model on every slice in float32: the reference masks"),
-        SpeedTier("fast", "Fast (OpenVINO)", encoder="openvino", precision="f32", stride=1,
-                  note="PLACEHOLDER"),
-        SpeedTier("fastest", "Fastest (every 2nd slice)", encoder="openvino", precision="f32", stride=2,
-                  note="PLACEHOLDER"),
+        SpeedTier("exact", "Exact", note="the model on every slice in float32 (torch): the reference masks"),
+        SpeedTier("fast", "Fast (OpenVINO)", encoder="openvino",
+                  note="OpenVINO computes the encoder: the same masks as exact (3D Dice 1.0000 on the liver, "
+                       "a kidney and the aorta), about 2x faster encoding on a CPU; needs OpenVINO"),
+        SpeedTier("fastest", "Fastest (OpenVINO, every 2nd slice)", encoder="openvino", stride=2, fill="interpolate",
+                  note="OpenVINO, and in 3D only every 2nd slice computed, the others interpolated: about 3x "
+                       "faster; masks differ from exact (3D Dice 0.88-0.96), Dice against reference labels "
+                       "up to 0.007 lower (liver; kidney and aorta 0.004-0.007 higher); needs OpenVINO"),
     )
 }
 DEFAULT_SPEED = "exact"

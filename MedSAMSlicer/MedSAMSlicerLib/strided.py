@@ -16,8 +16,9 @@ the whole volume and the slices between two computed ones are filled:
   neighbours, OR-ing or AND-ing them cannot). An empty neighbour (the structure ends there)
   leaves the slices between empty.
 - ``"decode"``: the mask decoder on the mean of the two neighbours' embeddings, prompted with the
-  box around both neighbours' masks. Measured on the shipped CT it agrees less with the labels
-  than ``"interpolate"`` (README, "Speed settings"), so it is kept only for the benchmark.
+  box around both neighbours' masks. On the shipped CT its worst structure lost more against the
+  labels than with ``"interpolate"`` (README, "Speed settings"), and it costs a decoder call per
+  skipped slice, so the speed settings interpolate; it stays for the benchmark.
 
 Without a z-range the extent is found on the computed slices; the slices past the last accepted
 one stay empty (the structure's ends are therefore found to within ``stride - 1`` slices).
