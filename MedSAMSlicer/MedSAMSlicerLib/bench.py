@@ -217,36 +217,49 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 # -- the case -------------------------------------------------------------------------------------
 class Case:
-    """The volume, window and liver box both pipelines get.
+    """The volume, window and 3D box (by default the liver's) both pipelines get.
+
+    Args:
+        n_slices: slices in the box, a run around the structure's middle; ``None``: the
+            structure's whole extent (within slices ``1 .. depth - 2``, as the original's loop
+            skips both end slices of its box).
+        label: the TotalSegmentator label id of the structure (default the liver).
+        name: the structure's name.
 
     Attributes:
         raw: ``(z, y, x)`` CT in HU (canonical axial order).
         image: the windowed ``uint8`` volume (L40/W400), the reference pipelines' input.
-        box3d: ``(x0, y0, z0, x1, y1, z1)`` inclusive, for ours.
+        truth: ``(z, y, x)`` boolean reference label of the structure.
+        box3d: ``(x0, y0, z0, x1, y1, z1)`` inclusive, for ours: the x/y extent is the label's
+            bounding box on the middle slice.
         ref_box3d: the same box as the original's loop takes it (``z0 - 1``, ``z1 + 1``: it skips
             both end slices of its box).
     """
 
-    def __init__(self, n_slices: int) -> None:
+    def __init__(self, n_slices: Optional[int], label: int = LIVER_LABEL, name: str = "liver") -> None:
         from .data import example_ct, example_ct_labels
         from .preprocessing import Window, apply_window
         from .volumes import read_volume
 
+        self.name = name
         self.raw = read_volume(example_ct()).array
         labels = read_volume(example_ct_labels(), labels=True).array
         self.window = Window.preset("abdomen")
         self.image = apply_window(self.raw, self.window)
-        liver = labels == LIVER_LABEL
-        zs = np.nonzero(liver.any(axis=(1, 2)))[0]
+        self.truth = labels == label
+        zs = np.nonzero(self.truth.any(axis=(1, 2)))[0]
         if zs.size == 0:
-            raise MedSAMError("the example CT's labels have no liver")
-        zc = int((zs.min() + zs.max()) // 2)
+            raise MedSAMError(f"the example CT's labels have no {name}")
         depth = self.raw.shape[0]
-        z0 = max(1, zc - (n_slices - 1) // 2)
-        z1 = min(depth - 2, z0 + n_slices - 1)
-        z0 = max(1, z1 - n_slices + 1)
+        if n_slices is None:
+            z0, z1 = max(1, int(zs.min())), min(depth - 2, int(zs.max()))
+        else:
+            zc = int((zs.min() + zs.max()) // 2)
+            z0 = max(1, zc - (n_slices - 1) // 2)
+            z1 = min(depth - 2, z0 + n_slices - 1)
+            z0 = max(1, z1 - n_slices + 1)
         z_mid = int((z1 - z0) / 2 + z0)
-        ys, xs = np.nonzero(liver[z_mid])
+        ys, xs = np.nonzero(self.truth[z_mid])
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
         self.box3d = (x0, y0, z0, x1, y1, z1)
         self.ref_box3d = (x0, y0, z0 - 1, x1, y1, z1 + 1)
@@ -259,7 +272,7 @@ class Case:
         return {
             "volume": "example_ct.nii.gz (TotalSegmentator test data, 122x101x112, 3 mm)",
             "window": "L40/W400",
-            "structure": "liver",
+            "structure": self.name,
             "box3d_inclusive": list(self.box3d),
             "slices": len(self.zs),
             "middle_slice": self.z_mid,
@@ -706,10 +719,7 @@ def _bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
     row["dice_per_slice_min"] = float(min(per_slice))
     row["voxels"] = {"reference": int(masks["reference"].sum()), "ours": int(masks["ours"].sum())}
     if model == "litemedsam":
-        from .data import example_ct_labels
-        from .volumes import read_volume
-
-        liver = read_volume(example_ct_labels(), labels=True).array[zs] == LIVER_LABEL
+        liver = case.truth[zs]
         row["dice_vs_labels"] = {"reference": dice(masks["reference"][zs], liver),
                                  "ours": dice(masks["ours"][zs], liver)}
 
@@ -801,14 +811,17 @@ def markdown_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _command_line(models: List[str], device: str, out: Path, quick: bool) -> str:
+COMPARISONS = ("reference", "alternatives", "all")
+
+
+def _command_line(models: List[str], device: str, out: Path, quick: bool, compare: str) -> str:
     if Path(sys.argv[0]).name.startswith("medsam-slicer") or sys.argv[1:2] == ["bench"]:
         return "medsam-slicer " + " ".join(sys.argv[1:])
-    return f"run_bench(models={models!r}, device={device!r}, out={str(out)!r}, quick={quick})"
+    return f"run_bench(models={models!r}, device={device!r}, out={str(out)!r}, quick={quick}, compare={compare!r})"
 
 
 def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-bench.json"),
-              quick: bool = False) -> Dict[str, Any]:
+              quick: bool = False, compare: str = "reference") -> Dict[str, Any]:
     """Time the reference pipelines and ours side by side; print a markdown table, write ``out`` (JSON).
 
     Args:
@@ -816,38 +829,53 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         device: ``auto|cpu|cuda|mps``.
         out: the JSON results file.
         quick: fewer slices and repeats (a smoke run).
+        compare: ``reference`` (ours against the reference pipelines, per model), ``alternatives``
+            (LiteMedSAM's CPU speed alternatives against our exact path and the reference:
+            :mod:`.bench_alternatives`; always on the CPU) or ``all``.
 
     Returns:
         The results (also written to ``out``): ``machine``, ``command``, ``models`` (one row per
         model with ``encoder_s``, ``box_to_mask_ms``, ``propagation_3d_s``, ``peak_memory_mb``,
         each with ``reference``, ``ours``, ``ratio`` (ours / reference) and ``speedup``, and
-        ``dice_3d``).
+        ``dice_3d``); with alternatives, ``alternatives`` (see :mod:`.bench_alternatives`).
     """
     from .devices import select_device
 
+    if compare not in COMPARISONS:
+        raise MedSAMError(f"unknown comparison '{compare}'; choose one of: {', '.join(COMPARISONS)}")
     unknown = [m for m in models if m not in SLICES]
     if unknown or not models:
         raise MedSAMError(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(SLICES)}")
     dev = select_device(device)
     result: Dict[str, Any] = {
         "machine": machine_info(dev),
-        "command": _command_line(models, device, out, quick),
+        "command": _command_line(models, device, out, quick, compare),
         "quick": quick,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "models": {},
     }
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="medsam-bench-") as tmp:
-        for model in models:
-            result["models"][model] = bench_model(model, dev, quick, Path(tmp))
+    tables = []
+    if compare in ("reference", "all"):
+        with tempfile.TemporaryDirectory(prefix="medsam-bench-") as tmp:
+            for model in models:
+                result["models"][model] = bench_model(model, dev, quick, Path(tmp))
+        tables.append(markdown_table(result))
+        result["table_markdown"] = tables[-1]
+    if compare in ("alternatives", "all"):
+        from .bench_alternatives import bench_alternatives
+        from .bench_alternatives import markdown_table as alternatives_table
+
+        result["alternatives"] = bench_alternatives(quick)
+        tables.append(alternatives_table(result["alternatives"]))
+        result["alternatives"]["table_markdown"] = tables[-1]
     result["seconds"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    table = markdown_table(result)
-    result["table_markdown"] = table
     m = result["machine"]
-    print()
-    print(table)
+    for table in tables:
+        print()
+        print(table)
     print(f"\n{m['cpu']}, {m['physical_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
           f"device {m['device_name']}")
     out = Path(out)

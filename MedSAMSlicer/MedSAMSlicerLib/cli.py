@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from .boxes import DIRECTIONS
 from .errors import MedSAMError
 from .progress import Cancelled, TerminalProgress
+from .speed import SPEED_TIERS
 
 DESCRIPTION = """\
 Segment a structure in a CT or MR volume with MedSAM or LiteMedSAM from one box.
@@ -75,6 +76,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda or mps")
     g.add_argument("--precision", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16")
     g.add_argument("--download", action="store_true", help="allow downloading the model's weights if they are missing")
+    g.add_argument("--speed", default="exact", choices=list(SPEED_TIERS),
+                   help="; ".join(f"{t.name}: {t.note}" for t in SPEED_TIERS.values()))
 
 
 def _add_window_args(p: argparse.ArgumentParser) -> None:
@@ -152,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--out", default="medsam-bench.json", help="JSON results file")
     bench.add_argument("--quick", action="store_true", help="fewer slices and repeats (a smoke run)")
+    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "all"],
+                       help="reference: ours against the reference pipelines (default); alternatives: LiteMedSAM's "
+                            "CPU speed alternatives (OpenVINO, ONNX Runtime, bfloat16, every 2nd slice) against our "
+                            "exact path, on the CPU; all: both")
     return parser
 
 
@@ -235,6 +242,7 @@ def segment_file(
     download: bool = False,
     progress: bool = True,
     allow_gaps: bool = False,
+    speed: str = "exact",
 ) -> str:
     """Segment one structure of a volume file and write it on the file's grid.
 
@@ -245,7 +253,8 @@ def segment_file(
     even one created while the model ran. ``window`` is a
     :class:`~MedSAMSlicerLib.preprocessing.Window`, or a function returning one (called after
     the checks). ``segmenter`` reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`
-    (and its embedding cache); otherwise one is made with a small cache (one-shot run).
+    (and its embedding cache); otherwise one is made with a small cache (one-shot run) and
+    ``speed``, a :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name.
 
     ``slice_only`` segments one slice: the box's slice, or a 3D box's middle slice (the slice its
     3D inference starts from). Slices are reported as the file's indices (e.g. ``k=21``).
@@ -294,7 +303,7 @@ def segment_file(
     t0 = time.perf_counter()
     if segmenter is None:
         segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
-                              cache_mb=ONE_SHOT_CACHE_MB,
+                              cache_mb=ONE_SHOT_CACHE_MB, speed=speed,
                               progress=TerminalProgress("weights") if progress else None)
         print(segmenter.describe(), file=sys.stderr)
     segmenter.set_volume(volume.array, window)
@@ -328,7 +337,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         args.volume, Path(args.output), box_ijk=args.box_ijk, box_ras=args.box_ras, name=args.name,
         direction=args.direction, slice_only=args.slice_only, window=lambda: _window(args), overwrite=args.overwrite,
         model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-        download=args.download, allow_gaps=args.allow_gaps,
+        download=args.download, allow_gaps=args.allow_gaps, speed=args.speed,
     )
     print(summary)
     return 0
@@ -379,7 +388,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo import run_demo
 
             run_demo(Path(args.out), model=args.model, checkpoint=args.checkpoint, device=args.device,
-                     precision=args.precision, download=args.download, data=args.data)
+                     precision=args.precision, download=args.download, data=args.data,
+                     speed=args.speed)
             return 0
         if args.command == "evaluate":
             return cmd_evaluate(args)
@@ -387,7 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .bench import run_bench
 
             run_bench(models=[m.strip() for m in args.models.split(",") if m.strip()], device=args.device,
-                      out=Path(args.out), quick=args.quick)
+                      out=Path(args.out), quick=args.quick, compare=args.compare)
             return 0
     except MedSAMError as exc:
         print(f"medsam-slicer: error: {exc}", file=sys.stderr)

@@ -54,12 +54,14 @@ def run_demo(
     quiet: bool = False,
     segmenter=None,
     data: Optional[Path] = None,
+    speed: str = "exact",
 ) -> List[DemoRow]:
     """Run the demo; write ``demo.seg.nrrd`` and ``demo.png`` to ``out_dir``; return the rows.
 
     ``structures`` maps names to TotalSegmentator label ids (default: five organs); ``segmenter``
     reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`; ``data`` is the example data
-    folder (default ``$MEDSAM_SLICER_DATA``, see :func:`~MedSAMSlicerLib.data.data_dir`).
+    folder (default ``$MEDSAM_SLICER_DATA``, see :func:`~MedSAMSlicerLib.data.data_dir`);
+    ``speed`` is a :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name for a new segmenter.
     """
     from .preprocessing import Window
     from .segmenter import Segmenter
@@ -69,7 +71,8 @@ def run_demo(
     volume = read_volume(example_ct(data))
     labels = read_volume(example_ct_labels(data), labels=True).array
     t0 = time.perf_counter()
-    seg = segmenter or Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download)
+    seg = segmenter or Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
+                                 speed=speed)
     seg.set_volume(volume.array, Window.preset("abdomen"))
     if not quiet:
         print(f"{seg.describe()} (loaded in {time.perf_counter() - t0:.1f} s)")

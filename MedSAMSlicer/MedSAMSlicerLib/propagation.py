@@ -569,13 +569,19 @@ def propagate_box3d(
     ``z0..z1``. A box with ``z0 == z1`` is a 2D box on that slice. ``wider_box=0`` gives the
     original algorithm exactly (the benchmark compares against it).
     """
+    z_mid, box, z_range = split_box3d(box3d)
+    return propagate(
+        predictor, z_mid, box, z_range=z_range, progress=progress, cancel=cancel, margin=margin,
+        wider_box=wider_box, settings=settings,
+    )
+
+
+def split_box3d(box3d: Sequence[float]) -> Tuple[int, Tuple[float, float, float, float], Tuple[int, int]]:
+    """A 3D box ``(x0, y0, z0, x1, y1, z1)`` as LiteMedSAM's 3D inference prompts it:
+    ``(z_mid, (x0, y0, x1, y1), (z0, z1))`` with ``z_mid`` from :func:`~MedSAMSlicerLib.boxes.middle_slice`."""
     b = [float(v) for v in box3d]
     if len(b) != 6:
         raise MedSAMError(f"a 3D box needs six numbers x0 y0 z0 x1 y1 z1; got {len(b)}")
     x0, y0, z0, x1, y1, z1 = b
     z0, z1 = sorted((int(round(z0)), int(round(z1))))
-    z_mid = box3d_middle_slice(z0, z1)
-    return propagate(
-        predictor, z_mid, (x0, y0, x1, y1), z_range=(z0, z1), progress=progress, cancel=cancel, margin=margin,
-        wider_box=wider_box, settings=settings,
-    )
+    return box3d_middle_slice(z0, z1), (x0, y0, x1, y1), (z0, z1)

@@ -25,8 +25,10 @@ from .optimize import cpu_has_native_bfloat16, optimize_for_inference
 from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
 from .preprocessing import Window, apply_window, resolve_window
 from .progress import CancelToken, ProgressCallback
-from .propagation import PropagationResult, PropagationSettings, StopRule, propagate, propagate_box3d
+from .propagation import PropagationResult, PropagationSettings, StopRule, split_box3d
 from .registry import ModelSpec, get_spec, resolve_weights
+from .speed import SpeedTier, get_speed
+from .strided import propagate_strided
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -51,6 +53,10 @@ class Segmenter:
         bfloat16_matmuls: opt-in, LiteMedSAM on a CPU with native bfloat16 (AVX512-BF16/AMX) in
             float32: the transformer stages' linear layers as bfloat16 products, ~1.25x faster
             encoding; masks close to but not the same as float32 (see ``optimize.py``).
+        speed: a :class:`~MedSAMSlicerLib.speed.SpeedTier` or its name, ``"exact"`` (default),
+            ``"fast"`` or ``"fastest"`` (:data:`~MedSAMSlicerLib.speed.SPEED_TIERS` says what each
+            costs in accuracy). A tier whose runtime is not installed raises :class:`MedSAMError`
+            with the install command.
     """
 
     def __init__(
@@ -65,10 +71,20 @@ class Segmenter:
         progress: Optional[ProgressCallback] = None,
         optimize: bool = True,
         bfloat16_matmuls: bool = False,
+        speed: Union[str, SpeedTier, None] = None,
     ) -> None:
         self.spec: ModelSpec = get_spec(model)
+        self.speed: SpeedTier = get_speed(speed)
         self.device = select_device(device)
         self.dtype = select_precision(precision, self.device)
+        # The tier's encoder runtime and precision are for CPUs in float32 (speed.py).
+        cpu_recipe = self.device.type == "cpu" and self.dtype == torch.float32
+        runtime = self.speed.encoder if cpu_recipe else "torch"
+        if runtime != "torch":
+            missing = self.speed.missing()
+            if missing:
+                raise MedSAMError(f"the '{self.speed.name}' speed cannot be used: {missing}")
+        bfloat16_matmuls = bfloat16_matmuls or (cpu_recipe and runtime == "torch" and self.speed.precision == "bf16")
         self.weights: Path = resolve_weights(self.spec, checkpoint=checkpoint, download=download, progress=progress)
         self.model = load_model(self.spec, self.weights, device=self.device)
         self.model.eval()
@@ -76,10 +92,20 @@ class Segmenter:
             optimize and bfloat16_matmuls and self.device.type == "cpu" and self.dtype == torch.float32
             and self.spec.architecture == "tiny_vit" and cpu_has_native_bfloat16()
         )
-        if optimize:
-            optimize_for_inference(self.model, self.device, self.dtype, bfloat16_matmuls=self.bfloat16_matmuls)
         stat = self.weights.stat()
         model_key = f"{self.spec.name}:{self.weights.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        self.encoder_runtime: Optional[str] = None
+        if runtime != "torch":
+            from .encoder_runtimes import RuntimeEncoder
+
+            # Converted from the plain encoder: the runtimes do their own fusing.
+            encoder = RuntimeEncoder(self.model.image_encoder, model_key, self.spec.input_size, runtime=runtime,
+                                     precision=self.speed.precision)
+            self.model.image_encoder = encoder
+            self.encoder_runtime = encoder.describe()
+            model_key += f"|{runtime}:{self.speed.precision}"
+        elif optimize:
+            optimize_for_inference(self.model, self.device, self.dtype, bfloat16_matmuls=self.bfloat16_matmuls)
         if batch_size is None:
             # On a CPU a batch is no faster per slice (LiteMedSAM, 8 slices, idle 2-core EPYC: 6.9 s
             # at batch 1, 7.8 s at 2, 7.6 s at 4) and costs memory (20-slice 3D box: peak +346 MB at
@@ -150,11 +176,13 @@ class Segmenter:
     ) -> PropagationResult:
         """3D from a 2D box on slice ``z``; ``z_range`` bounds it, else the extent is found.
 
-        ``settings`` (default :attr:`propagation`) holds every propagation choice.
+        ``settings`` (default :attr:`propagation`) holds every propagation choice. With a speed
+        tier whose stride is above 1 the model runs on every ``stride``-th slice and the slices
+        between are filled (:func:`~MedSAMSlicerLib.strided.propagate_strided`).
         """
-        return propagate(
-            self.predictor, z, box, z_range=z_range, direction=direction, stop=stop, progress=progress, cancel=cancel,
-            settings=settings or self.propagation,
+        return propagate_strided(
+            self.predictor, z, box, stride=self.speed.stride, z_range=z_range, direction=direction, stop=stop,
+            progress=progress, cancel=cancel, fill=self.speed.fill, settings=settings or self.propagation,
         )
 
     def segment_box3d(
@@ -165,8 +193,8 @@ class Segmenter:
         settings: Optional[PropagationSettings] = None,
     ) -> PropagationResult:
         """3D from ``(x0, y0, z0, x1, y1, z1)``: the 2D box on the middle slice, bounded in z."""
-        return propagate_box3d(self.predictor, box3d, progress=progress, cancel=cancel,
-                               settings=settings or self.propagation)
+        z_mid, box, z_range = split_box3d(box3d)
+        return self.segment_3d(z_mid, box, z_range=z_range, progress=progress, cancel=cancel, settings=settings)
 
     def prefetch(self, zs: Sequence[int]) -> BackgroundTask:
         """Encode slices ``zs`` in a background task so later boxes on them answer at once."""
@@ -175,31 +203,36 @@ class Segmenter:
     def describe(self) -> str:
         """One line: model, weights, device and precision."""
         mixed = " (bfloat16 transformer matmuls)" if self.bfloat16_matmuls else ""
+        runtime = f", encoder by {self.encoder_runtime}" if self.encoder_runtime else ""
+        every = ("" if self.speed.stride == 1
+                 else f", in 3D every {self.speed.stride} slices computed, the others {self.speed.fill}d")
         return (
             f"{self.spec.title} ({self.spec.architecture}, {self.spec.input_size}px) on {self.device}"
-            f" in {str(self.dtype).replace('torch.', '')}{mixed}, weights {self.weights}"
+            f" in {str(self.dtype).replace('torch.', '')}{mixed}{runtime}; speed {self.speed.name}{every};"
+            f" weights {self.weights}"
         )
 
 
 
 # -- one model per (model, checkpoint, device), shared by the front ends of one process -----------
-_SHARED: Dict[Tuple[str, str, str], Segmenter] = {}
+_SHARED: Dict[Tuple[str, str, str, str], Segmenter] = {}
 _SHARED_LOCK = threading.Lock()
 
 
 def shared_segmenter(model: str = "litemedsam", checkpoint: Optional[PathLike] = None, device: str = "auto",
-                     progress: Optional[ProgressCallback] = None) -> Segmenter:
-    """The one :class:`Segmenter` per ``(model, checkpoint, device)`` in this process.
+                     progress: Optional[ProgressCallback] = None, speed: Optional[str] = None) -> Segmenter:
+    """The one :class:`Segmenter` per ``(model, checkpoint, device, speed)`` in this process.
 
     The Slicer effect, the module and the headless script share it, so the weights are loaded once
     and the slice embeddings computed for one are reused by the others. Thread-safe: a worker
     thread may be the first to ask (the model then loads off the GUI thread).
     """
-    key = (str(model), os.path.abspath(os.fspath(checkpoint)) if checkpoint else "", str(device))
+    tier = get_speed(speed)
+    key = (str(model), os.path.abspath(os.fspath(checkpoint)) if checkpoint else "", str(device), tier.name)
     with _SHARED_LOCK:
         segmenter = _SHARED.get(key)
         if segmenter is None:
-            segmenter = Segmenter(model=model, checkpoint=checkpoint, device=device, progress=progress)
+            segmenter = Segmenter(model=model, checkpoint=checkpoint, device=device, progress=progress, speed=tier)
             _SHARED[key] = segmenter
         return segmenter
 
