@@ -1,10 +1,10 @@
 """``medsam-slicer bench --compare alternatives``: CPU speed alternatives against our exact path.
 
 LiteMedSAM on the CPU, in one process, on the same real cases: 3D boxes on the shipped CT
-(:class:`~.bench.Case`) around the liver (a 20-slice run, the standard benchmark's case), the
+(:class:`~.cases.Case`) around the liver (a 20-slice run, the standard benchmark's case), the
 left kidney (its whole extent) and the aorta (a 20-slice run). Each alternative is a
 :class:`~.speed.SpeedTier` recipe run through :meth:`~.segmenter.Segmenter.segment_box3d`, as
-users get it; the reference pipeline (``CVPR24_LiteMedSAM_infer.py``'s loop, :mod:`.bench`) runs
+users get it; the reference pipeline (``CVPR24_LiteMedSAM_infer.py``'s loop, :mod:`.reference`) runs
 in the same rounds on the liver case. Every round runs every pipeline once per case, interleaved,
 with the embedding cache cleared; speed-ups are the median over rounds of per-round ratios, so a
 busy machine slows both sides of a ratio alike.
@@ -29,8 +29,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .bench import Case, ReferenceLiteMedSAM, _metric, dice
-from .speed import SpeedTier
+from ..metrics import dice
+from ..speed import SpeedTier
+from .cases import Case
+from .measure import metric
+from .reference import ReferenceLiteMedSAM
 
 #: The cases: (name, TotalSegmentator label id, slices in the box (None: whole extent)), and
 #: their quick-run slice counts.
@@ -85,9 +88,9 @@ def installed_mb(distributions: List[str]) -> Optional[float]:
 
 def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the comparison (LiteMedSAM, CPU); returns the JSON-ready results (module docstring)."""
-    from .encoder_runtimes import EXPORT_DIR_ENV
-    from .optimize import cpu_has_native_bfloat16
-    from .segmenter import Segmenter
+    from ..encoder_runtimes import EXPORT_DIR_ENV
+    from ..optimize import cpu_has_native_bfloat16
+    from ..segmenter import Segmenter
 
     q = 1 if quick else 0
     cases = [Case(QUICK_SLICES[name] if quick else n, label, name) for name, label, n in CASES]
@@ -180,8 +183,8 @@ def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print) 
             "installed_mb": installed_mb(runtime_dists) if runtime_dists else 0.0,
         }
         if name in enc_times:
-            row["encoder_s"] = _metric(enc_times["exact"], enc_times[name], "s")
-            row["encoder_vs_reference"] = _metric(enc_times["reference"], enc_times[name], "s")
+            row["encoder_s"] = metric(enc_times["exact"], enc_times[name], "s")
+            row["encoder_vs_reference"] = metric(enc_times["reference"], enc_times[name], "s")
         per_case: Dict[str, Any] = {}
         for case in cases:
             zs = case.zs
@@ -191,10 +194,10 @@ def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print) 
                 "dice_vs_exact": dice(m[zs], e[zs]),
                 "dice_vs_labels": dice(m[zs], case.truth[zs]),
                 "exact_dice_vs_labels": dice(e[zs], case.truth[zs]),
-                "propagation_s": _metric(t["exact"], t[name], "s"),
+                "propagation_s": metric(t["exact"], t[name], "s"),
             }
             if case.name in with_reference:
-                entry["propagation_vs_reference"] = _metric(t["reference"], t[name], "s")
+                entry["propagation_vs_reference"] = metric(t["reference"], t[name], "s")
             entry["dice_vs_labels_change"] = entry["dice_vs_labels"] - entry["exact_dice_vs_labels"]
             per_case[case.name] = entry
         row["cases"] = per_case

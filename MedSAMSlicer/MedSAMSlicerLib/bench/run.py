@@ -1,0 +1,90 @@
+"""``run_bench``: the whole ``medsam-slicer bench`` run, written as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from ..errors import MedSAMError
+from .compare import SLICES, bench_model
+from .measure import machine_info
+from .report import markdown_table
+
+COMPARISONS = ("reference", "alternatives", "all")
+
+
+def _command_line(models: List[str], device: str, out: Path, quick: bool, compare: str) -> str:
+    if Path(sys.argv[0]).name.startswith("medsam-slicer") or sys.argv[1:2] == ["bench"]:
+        return "medsam-slicer " + " ".join(sys.argv[1:])
+    return f"run_bench(models={models!r}, device={device!r}, out={str(out)!r}, quick={quick}, compare={compare!r})"
+
+
+def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-bench.json"),
+              quick: bool = False, compare: str = "reference") -> Dict[str, Any]:
+    """Time the reference pipelines and ours side by side; print a markdown table, write ``out`` (JSON).
+
+    Args:
+        models: ``litemedsam`` and/or ``medsam``.
+        device: ``auto|cpu|cuda|mps``.
+        out: the JSON results file.
+        quick: fewer slices and repeats (a smoke run).
+        compare: ``reference`` (ours against the reference pipelines, per model), ``alternatives``
+            (LiteMedSAM's CPU speed alternatives against our exact path and the reference:
+            :mod:`.alternatives`; always on the CPU) or ``all``.
+
+    Returns:
+        The results (also written to ``out``): ``machine``, ``command``, ``models`` (one row per
+        model with ``encoder_s``, ``box_to_mask_ms``, ``propagation_3d_s``, ``peak_memory_mb``,
+        each with ``reference``, ``ours``, ``ratio`` (ours / reference) and ``speedup``, and
+        ``dice_3d``); with alternatives, ``alternatives`` (see :mod:`.alternatives`).
+    """
+    from ..devices import select_device
+
+    if compare not in COMPARISONS:
+        raise MedSAMError(f"unknown comparison '{compare}'; choose one of: {', '.join(COMPARISONS)}")
+    unknown = [m for m in models if m not in SLICES]
+    if unknown or not models:
+        raise MedSAMError(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(SLICES)}")
+    dev = select_device(device)
+    result: Dict[str, Any] = {
+        "machine": machine_info(dev),
+        "command": _command_line(models, device, out, quick, compare),
+        "quick": quick,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "models": {},
+    }
+    t0 = time.perf_counter()
+    tables = []
+    if compare in ("reference", "all"):
+        with tempfile.TemporaryDirectory(prefix="medsam-bench-") as tmp:
+            for model in models:
+                result["models"][model] = bench_model(model, dev, quick, Path(tmp))
+        tables.append(markdown_table(result))
+        result["table_markdown"] = tables[-1]
+    if compare in ("alternatives", "all"):
+        from .alternatives import bench_alternatives
+        from .alternatives import markdown_table as alternatives_table
+
+        result["alternatives"] = bench_alternatives(quick)
+        tables.append(alternatives_table(result["alternatives"]))
+        result["alternatives"]["table_markdown"] = tables[-1]
+    result["seconds"] = time.perf_counter() - t0
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    m = result["machine"]
+    for table in tables:
+        print()
+        print(table)
+    print(f"\n{m['cpu']}, {m['physical_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"device {m['device_name']}")
+    out = Path(out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
