@@ -245,23 +245,9 @@ class MedSAMBridge:
         if cancel is not None:
             cancel.raise_if_cancelled()
         self._load_volume(request)
-        src, prompt = request.source, request.prompt
-        if request.mode == "2d":
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            result = self.segmenter.segment_slice(prompt.z, prompt.box)
-            mask = np.zeros(src.shape, dtype=bool)
-            mask[prompt.z] = result.mask
-            if progress is not None:
-                progress(1, 1, f"slice {prompt.z}")
-            return Prediction(src, prompt, request.mode, mask, [prompt.z], float(result.score))
-        result = self.segmenter.segment_3d(
-            prompt.z, prompt.box, z_range=prompt.z_range, direction=request.direction, progress=progress, cancel=cancel
-        )
-        covered = sorted({r.z for r in result.slices if r.accepted})
-        score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
-        return Prediction(src, prompt, request.mode, np.asarray(result.mask, dtype=bool), covered, score,
-                          dict(result.stop_reasons))
+        done = self.segmenter.segment(request.prompt, request.mode, request.direction, progress, cancel)
+        return Prediction(request.source, request.prompt, request.mode, done.mask, done.covered, done.score,
+                          done.stop_reasons)
 
     def start(self, request: PredictionRequest) -> BackgroundTask:
         """:meth:`compute` in a started :class:`~MedSAMSlicerLib.background.BackgroundTask`; its

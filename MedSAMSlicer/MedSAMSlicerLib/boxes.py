@@ -24,6 +24,10 @@ import numpy as np
 #: down (inferior).
 DIRECTIONS = ("both", "up", "down")
 
+#: What a box asks for: ``"3d"`` (the structure through the slices: the box's z-range, or an
+#: automatic extent) or ``"2d"`` (the box's slice only).
+MODES = ("3d", "2d")
+
 #: Voxel centres within this fraction of a voxel of a box face count as inside.
 TOLERANCE_VOXELS = 1e-3
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .boxes import DIRECTIONS
+from .boxes import DIRECTIONS, BoxPrompt
 from .errors import MedSAMError
 from .progress import Cancelled, TerminalProgress
 from .speed import SPEED_TIERS
@@ -291,7 +291,6 @@ def segment_file(
     import numpy as np
 
     from .preprocessing import Window, window_note
-    from .propagation import box3d_middle_slice
     from .segmenter import Segmenter
     from .volumes import write_labelmap, write_seg_nrrd
 
@@ -308,18 +307,14 @@ def segment_file(
         print(segmenter.describe(), file=sys.stderr)
     segmenter.set_volume(volume.array, window)
     bar = TerminalProgress("propagating") if progress else None
+    prompt = BoxPrompt.from_voxel_box((x0, y0, z0), (x1, y1, z1))
+    done = segmenter.segment(prompt, "2d" if slice_only else "3d", direction=direction, progress=bar)
+    mask = done.mask
     if slice_only:
-        z = box3d_middle_slice(z0, z1)
-        mask = np.zeros(volume.array.shape, dtype=bool)
-        mask[z] = segmenter.segment_slice(z, (x0, y0, x1, y1)).mask
-        how = f"slice {_slices_text(volume, [z])} only" + ("" if z0 == z1 else ", the 3D box's middle slice")
-    elif z0 == z1:
-        result = segmenter.segment_3d(z0, (x0, y0, x1, y1), direction=direction, progress=bar)
-        mask = result.mask
-        how = _stops_text(volume, result, z0)
+        how = f"slice {_slices_text(volume, [prompt.z])} only" + ("" if z0 == z1 else ", the 3D box's middle slice")
+    elif prompt.z_range is None:
+        how = _stops_text(volume, done.result, z0)
     else:
-        result = segmenter.segment_box3d(box, progress=bar)
-        mask = result.mask
         how = f"3D box, slices {_slices_text(volume, [z0, z1])}"
     if out.name.lower().endswith(".seg.nrrd"):
         write_seg_nrrd([(name, mask, (0.85, 0.35, 0.25))], volume, out, overwrite=overwrite)

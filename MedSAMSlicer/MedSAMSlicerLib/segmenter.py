@@ -5,19 +5,22 @@ the headless script, the benchmark and the training's evaluation.
 >>> seg.set_volume(ct_zyx)                              # raw (z, y, x); window: auto (CT/MR)
 >>> seg.segment_slice(60, (30, 20, 70, 60)).mask       # (y, x) bool
 >>> seg.segment_3d(60, (30, 20, 70, 60)).mask          # (z, y, x) bool, automatic extent
+>>> seg.segment(BoxPrompt(60, (30, 20, 70, 60)), "3d")  # what the front ends call: a Segmentation
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .background import BackgroundTask
+from .boxes import DIRECTIONS, MODES, BoxPrompt
 from .checkpoints import load_model
 from .devices import select_device, select_precision
 from .errors import MedSAMError
@@ -31,6 +34,30 @@ from .speed import SpeedTier, get_speed
 from .strided import propagate_strided
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class Segmentation:
+    """What one prompt gave, in the whole volume (:meth:`Segmenter.segment`).
+
+    Attributes:
+        prompt: the :class:`~MedSAMSlicerLib.boxes.BoxPrompt`.
+        mode: ``"3d"`` or ``"2d"``.
+        mask: ``(z, y, x)`` bool, the volume's shape.
+        covered: the slices the model segmented and accepted (``"2d"``: the box's slice).
+        score: the decoder's predicted IoU on the box's slice.
+        stop_reasons: ``"3d"`` without a z-range: why each direction's pass ended.
+        result: the :class:`~MedSAMSlicerLib.propagation.PropagationResult` (``"3d"``), with the
+            per-slice records; ``None`` for ``"2d"``.
+    """
+
+    prompt: BoxPrompt
+    mode: str
+    mask: np.ndarray
+    covered: List[int]
+    score: float = float("nan")
+    stop_reasons: Dict[str, str] = field(default_factory=dict)
+    result: Optional[PropagationResult] = None
 
 
 class Segmenter:
@@ -184,6 +211,38 @@ class Segmenter:
             self.predictor, z, box, stride=self.speed.stride, z_range=z_range, direction=direction, stop=stop,
             progress=progress, cancel=cancel, fill=self.speed.fill, settings=settings or self.propagation,
         )
+
+    def segment(
+        self,
+        prompt: BoxPrompt,
+        mode: str = "3d",
+        direction: str = "both",
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
+    ) -> Segmentation:
+        """The one dispatch every front end uses: ``"2d"`` segments the prompt's slice only;
+        ``"3d"`` propagates from it, within the prompt's z-range when it has one (a 3D box),
+        else to an automatic extent in ``direction`` (``"both"``, ``"up"``, ``"down"``)."""
+        if mode not in MODES:
+            raise MedSAMError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
+        if direction not in DIRECTIONS:
+            raise MedSAMError(f"unknown direction '{direction}'; choose one of: {', '.join(DIRECTIONS)}")
+        if mode == "2d":
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            one = self.segment_slice(prompt.z, prompt.box)
+            mask = np.zeros(self.shape, dtype=bool)
+            mask[prompt.z] = one.mask
+            if progress is not None:
+                progress(1, 1, f"slice {prompt.z}")
+            return Segmentation(prompt, mode, mask, [prompt.z], float(one.score))
+        result = self.segment_3d(prompt.z, prompt.box, z_range=prompt.z_range, direction=direction,
+                                 progress=progress, cancel=cancel, settings=settings)
+        covered = sorted({r.z for r in result.slices if r.accepted})
+        score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
+        return Segmentation(prompt, mode, np.asarray(result.mask, dtype=bool), covered, score,
+                            dict(result.stop_reasons), result)
 
     def segment_box3d(
         self,
