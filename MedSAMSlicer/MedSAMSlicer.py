@@ -30,6 +30,7 @@ HOMEPAGE = "https://github.com/medsam-slicer/SlicerMedSAM"
 SETTINGS_MODEL = "MedSAM/Model"
 SETTINGS_CHECKPOINT = "MedSAM/Checkpoint"
 SETTINGS_DEVICE = "MedSAM/Device"
+SETTINGS_SPEED = "MedSAM/Speed"
 SETTINGS_CHECKPOINT_FOLDER = "MedSAM/CheckpointFolder"
 #: Kept in Slicer's revision-specific settings: each Slicer installation has its own Python, so
 #: agreeing to install packages into one must not silence the question in another.
@@ -56,6 +57,20 @@ def setupPanel(widget, uiFile):
     widget.layout.addWidget(uiWidget)
     uiWidget.setMRMLScene(slicer.mrmlScene)
     return slicer.util.childWidgetVariables(uiWidget)
+
+
+def fillSpeedSelector(combo, current):
+    """Fill a combo box with the speed settings (data: the setting's name; tooltip: what it costs
+    in accuracy, or what to install) and select ``current``. The module and the effect use it."""
+    from MedSAMBridgeLib.choices import speed_items
+
+    wasBlocked = combo.blockSignals(True)
+    combo.clear()
+    for index, (value, label, note, missing) in enumerate(speed_items()):
+        combo.addItem(label + (" - needs installing" if missing else ""), value)
+        combo.setItemData(index, note + (f" Not installed: {missing}." if missing else ""), qt.Qt.ToolTipRole)
+    combo.setCurrentIndex(max(combo.findData(current), 0))
+    combo.blockSignals(wasBlocked)
 
 
 #
@@ -154,6 +169,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkpointSelector.nameFilters = ["Weights (*.pth *.pt)"]
         for value, label in DEVICE_CHOICES:
             self.ui.deviceSelector.addItem(label, value)
+        fillSpeedSelector(self.ui.speedSelector, self.logic.speed())
 
         # A folder typed by hand is applied once the typing pauses, not on every keystroke.
         self.folderTimer = qt.QTimer()
@@ -167,6 +183,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceSelector.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.speedSelector.connect("currentIndexChanged(int)", self.onSpeedChanged)
         self.ui.checkpointFolderSelector.connect("currentPathChanged(QString)", lambda _path: self.folderTimer.start())
         self.ui.useCheckpointButton.connect("clicked()", self.onUseCheckpoint)
         self.ui.getWeightsButton.connect("clicked()", self.onGetWeights)
@@ -258,6 +275,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeviceChanged(self, index):
         self.logic.setDevice(self.ui.deviceSelector.itemData(index))
 
+    def onSpeedChanged(self, index):
+        self.logic.chooseSpeed(self.ui.speedSelector.itemData(index))
+        fillSpeedSelector(self.ui.speedSelector, self.logic.speed())
+
     def onCheckpointFolderSettled(self):
         path = self.ui.checkpointFolderSelector.currentPath
         if path and os.path.isdir(path):
@@ -338,7 +359,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """While a run goes, the controls that would change its inputs are disabled."""
         for widget in (self.ui.volumeSelector, self.ui.roiSelector, self.ui.segmentationSelector,
                        self.ui.segmentNameEdit, self.ui.windowSelector, self.ui.modelSelector,
-                       self.ui.deviceSelector, self.ui.useCheckpointButton, self.ui.getWeightsButton,
+                       self.ui.deviceSelector, self.ui.speedSelector, self.ui.useCheckpointButton, self.ui.getWeightsButton,
                        self.ui.checkpointFolderSelector, self.ui.checkpointSelector):
             widget.enabled = not running
         self.ui.progressBar.setVisible(running)
@@ -393,6 +414,44 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def setDevice(self, device):
         self._settings().setValue(SETTINGS_DEVICE, device)
         self._configureBridge()
+
+    def speed(self):
+        """The speed setting (a ``MedSAMSlicerLib.speed.SPEED_TIERS`` name) the effect and the module share."""
+        from MedSAMSlicerLib.speed import DEFAULT_SPEED, SPEED_TIERS
+
+        speed = str(self._settings().value(SETTINGS_SPEED, DEFAULT_SPEED))
+        return speed if speed in SPEED_TIERS else DEFAULT_SPEED
+
+    def setSpeed(self, speed):
+        from MedSAMSlicerLib.speed import get_speed
+
+        self._settings().setValue(SETTINGS_SPEED, get_speed(speed).name)
+        self._configureBridge()
+
+    def chooseSpeed(self, speed, askConfirmation=True):
+        """Use speed setting ``speed``; when it needs a package that is not installed (OpenVINO),
+        offer to install it first. Returns True when the setting is in use."""
+        from MedSAMSlicerLib.speed import RUNTIMES, get_speed
+
+        tier = get_speed(speed)
+        missing = tier.missing()
+        if missing:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                f"The '{tier.label}' speed setting needs a Python package that is not installed: {missing}. "
+                "Install it now? This needs a network connection and may take a few minutes.",
+                "MedSAM: speed setting",
+            ):
+                return False
+            for module in RUNTIMES[tier.encoder][0]:
+                slicer.util.pip_install(module)
+            import importlib
+
+            importlib.invalidate_caches()
+            if tier.missing():
+                slicer.util.errorDisplay(f"'{tier.label}' still cannot be used: {tier.missing()}")
+                return False
+        self.setSpeed(tier.name)
+        return True
 
     def checkpointFolder(self):
         from MedSAMSlicerLib.model_choice import default_checkpoint_dir
@@ -538,7 +597,8 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def _configureBridge(self):
         if _BRIDGE is not None:
             choice = self.modelChoice()
-            _BRIDGE.configure(model=choice.model, checkpoint=choice.checkpoint or "", device=self.device())
+            _BRIDGE.configure(model=choice.model, checkpoint=choice.checkpoint or "", device=self.device(),
+                              speed=self.speed())
 
     def bridge(self, create=True):
         """The shared :class:`MRMLBridge.MedSAMBridge` (the effect uses the same one)."""
@@ -547,7 +607,8 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
 
             choice = self.modelChoice()
-            _BRIDGE = MedSAMBridge(model=choice.model, checkpoint=choice.checkpoint, device=self.device())
+            _BRIDGE = MedSAMBridge(model=choice.model, checkpoint=choice.checkpoint, device=self.device(),
+                                   speed=self.speed())
         return _BRIDGE
 
     def process(self, volumeNode, roiNode, segmentationNode, segmentName="MedSAM", window="auto",

@@ -114,3 +114,27 @@ def test_script_adds_to_an_existing_segmentation(shared_segmenter, ct_scene, ct_
     kept = segment_kji(result, segmentation.GetNthSegmentID(0), ct_scene.ct)
     assert medsam.any()
     np.testing.assert_array_equal(kept, reference & ~medsam)
+
+
+def test_script_speed_setting_reaches_the_engine(shared_segmenter, ct_scene, ct_sm_path, tmp_path, capsys,
+                                                   monkeypatch):
+    """--speed fast: the bridge's segmenter runs the encoder through OpenVINO and the spleen comes
+    out as with the exact setting (the 'fast' tier's claim, README "Speed settings")."""
+    pytest.importorskip("openvino")
+    from MedSAMBridgeLib.headless import load_segmentation
+    from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV
+
+    monkeypatch.setenv(EXPORT_DIR_ENV, str(tmp_path / "exported"))
+    masks = {}
+    for speed in ("exact", "fast"):
+        out = tmp_path / f"{speed}.seg.nrrd"
+        argv = ["--volume", str(ct_sm_path), "--box-ras", *map(str, _spleen_box_ras(ct_scene)), "--output", str(out),
+                "--device", "cpu", "--speed", speed]
+        assert _script_module().main(argv) == 0, capsys.readouterr().err
+        result = load_segmentation(str(out), speed)
+        masks[speed] = segment_kji(result, result.GetSegmentation().GetNthSegmentID(0), ct_scene.ct)
+    assert masks["fast"].any()
+    assert dice(masks["fast"], masks["exact"]) >= 0.999
+    assert _script_module().main(["--volume", str(ct_sm_path), "--box-ras", "0", "0", "0", "1", "1", "1",
+                                  "--output", str(tmp_path / "x.seg.nrrd"), "--speed", "turbo"]) == 2
+    assert "invalid choice: 'turbo'" in capsys.readouterr().err

@@ -617,3 +617,26 @@ def test_requirements_and_versions():
     assert problems == {"missing": ["scipy>=1.10,<2", "cc3d"], "mismatched": ["torch 1.13.1 (needs >=2.1)"]}
     # This environment's own packages satisfy what the engine asks for.
     assert compat.requirement_problems(compat.runtime_requirements()) == {"missing": [], "mismatched": []}
+
+
+def test_speed_setting_choices_and_bridge_configuration(shared_segmenter, monkeypatch):
+    """The panels' speed menu is the engine's tiers (default marked, a missing runtime named with
+    its install command); changing the speed makes the bridge load a segmenter of that tier."""
+    from MedSAMBridgeLib.choices import speed_items
+    from MedSAMSlicerLib.speed import DEFAULT_SPEED, SPEED_TIERS
+
+    items = speed_items()
+    assert [value for value, *_ in items] == list(SPEED_TIERS)
+    assert [label for value, label, *_ in items if value == DEFAULT_SPEED][0].endswith("(default)")
+    monkeypatch.setitem(__import__("sys").modules, "openvino", None)  # as if OpenVINO were not installed
+    missing = {value: why for value, _, _, why in speed_items()}
+    assert missing["exact"] is None
+    assert "pip install openvino" in missing["fast"] and "pip install openvino" in missing["fastest"]
+
+    bridge = B.MedSAMBridge(model="litemedsam", device="cpu", segmenter=shared_segmenter)
+    bridge.configure(speed="exact", device="cpu")
+    assert bridge.segmenter is shared_segmenter  # nothing changed: the loaded model is kept
+    bridge.configure(speed="fastest")
+    assert bridge.speed == "fastest"
+    with pytest.raises(MedSAMError, match="'fastest' speed cannot be used: openvino is not installed"):
+        bridge.segmenter  # noqa: B018 (loading is what is tested)

@@ -34,6 +34,7 @@ def _add_module_path():
 
 def build_parser():
     from MedSAMSlicerLib.boxes import DIRECTIONS  # main() has put the engine on sys.path
+    from MedSAMSlicerLib.speed import DEFAULT_SPEED, SPEED_TIERS
 
     parser = argparse.ArgumentParser(
         prog="medsam_headless.py",
@@ -50,6 +51,9 @@ def build_parser():
     parser.add_argument("--model", default="litemedsam", help="litemedsam (default) or medsam")
     parser.add_argument("--checkpoint", help="weights file to use instead of the registry's (e.g. fine-tuned)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    parser.add_argument("--speed", default=DEFAULT_SPEED, choices=list(SPEED_TIERS),
+                        help="exact (default), fast or fastest: what the model may trade for speed on a CPU "
+                             "(fast and fastest need OpenVINO; README, 'Speed settings')")
     parser.add_argument("--direction", default="both", choices=DIRECTIONS,
                         help="propagation direction for a flat box")
     parser.add_argument("--slice-only", action="store_true", help="segment only the box's slice (2D)")
@@ -104,7 +108,7 @@ def run(args):
 
     window = tuple(args.window) if args.window else args.preset
     r = args.box_ras
-    bridge = MedSAMBridge(model=args.model, checkpoint=args.checkpoint, device=args.device)
+    bridge = MedSAMBridge(model=args.model, checkpoint=args.checkpoint, device=args.device, speed=args.speed)
     start = time.perf_counter()
     segment_id, prediction = bridge.segment(
         volume,

@@ -152,23 +152,30 @@ class MedSAMBridge:
     engine and may run in a worker (:meth:`start`).
     """
 
-    def __init__(self, model: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto", segmenter=None):
+    def __init__(self, model: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto",
+                 segmenter=None, speed: str = "exact"):
         self.model = model
         self.checkpoint = checkpoint
         self.device = device
+        #: The speed setting (a :data:`MedSAMSlicerLib.speed.SPEED_TIERS` name).
+        self.speed = speed
         self._segmenter = segmenter
 
     # -- model ----------------------------------------------------------------------------------
-    def configure(self, model: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None) -> None:
-        """Switch model, checkpoint or device (loaded on next use)."""
+    def configure(self, model: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
+                  speed: Optional[str] = None) -> None:
+        """Switch model, checkpoint, device or speed setting (loaded on next use)."""
+        current = {"model": self.model, "checkpoint": self.checkpoint, "device": self.device, "speed": self.speed}
         wanted = {
             "model": self.model if model is None else model,
             # An empty string clears the checkpoint (back to the registry's weights).
             "checkpoint": self.checkpoint if checkpoint is None else (checkpoint or None),
             "device": self.device if device is None else device,
+            "speed": self.speed if speed is None else speed,
         }
-        if wanted != {"model": self.model, "checkpoint": self.checkpoint, "device": self.device}:
-            self.model, self.checkpoint, self.device = wanted["model"], wanted["checkpoint"], wanted["device"]
+        if wanted != current:
+            self.model, self.checkpoint, self.device, self.speed = (
+                wanted["model"], wanted["checkpoint"], wanted["device"], wanted["speed"])
             self._segmenter = None
 
     @property
@@ -177,7 +184,7 @@ class MedSAMBridge:
         if self._segmenter is None:
             from MedSAMSlicerLib.segmenter import shared_segmenter
 
-            self._segmenter = shared_segmenter(self.model, self.checkpoint, self.device)
+            self._segmenter = shared_segmenter(self.model, self.checkpoint, self.device, speed=self.speed)
         return self._segmenter
 
     # -- volume ---------------------------------------------------------------------------------

@@ -5,9 +5,11 @@ these at Slicer's start-up, before torch or the engine's other dependencies may 
 """
 
 import enum
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from MedSAMSlicerLib.boxes import DIRECTIONS as ENGINE_DIRECTIONS  # numpy only: safe at start-up
+from MedSAMSlicerLib.boxes import MODES as ENGINE_MODES
+from MedSAMSlicerLib.speed import DEFAULT_SPEED, speed_choices  # standard library only
 
 
 def choice_enum(name: str, choices: Sequence[Tuple[str, str]]) -> type:
@@ -49,7 +51,20 @@ DEVICE_CHOICES = (
     ("cuda", "CUDA (NVIDIA GPU)"),
     ("mps", "Apple MPS"),
 )
-MODE_CHOICES = (("3d", "3D (propagate)"), ("2d", "2D (this slice only)"))
+_MODE_LABELS = {"3d": "3D (propagate)", "2d": "2D (this slice only)"}
+MODE_CHOICES = tuple((value, _MODE_LABELS[value]) for value in ENGINE_MODES)
 MODES = tuple(value for value, _ in MODE_CHOICES)
 DIRECTIONS = tuple(value for value, _ in DIRECTION_CHOICES)
 COMBINE_MODES = tuple(value for value, _ in COMBINE_CHOICES)
+
+
+def speed_items() -> List[Tuple[str, str, str, Optional[str]]]:
+    """The speed settings a panel offers, fastest last: ``(value, label, tooltip, missing)``;
+    ``missing`` is ``None`` when the setting can run here, else why not and what to install.
+    The tooltip states what the setting costs in accuracy (measured; README "Speed settings")."""
+    items = []
+    for value, label, note, missing in speed_choices():
+        if value == DEFAULT_SPEED:
+            label += " (default)"
+        items.append((value, label, note[:1].upper() + note[1:] + ".", missing))
+    return items

@@ -85,6 +85,8 @@ window/level you set in the view, or, while the view's window is still Slicer's 
 the CT abdomen window (CT) or percentile scaling (MR), as the models were trained.
 The model runs in the background: Slicer stays usable, and the options are locked until it ends.
 Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSAM</b> module.
+<b>Speed</b>: <i>Exact</i> runs the model as trained; the faster settings use OpenVINO and (fastest)
+interpolate every 2nd slice; each one's tooltip says what it costs.
 </html>"""
 
     # -- options ------------------------------------------------------------------------------
@@ -92,6 +94,9 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         self.modelSelector = qt.QComboBox()
         self.modelSelector.setToolTip("Model and weights (fine-tuned checkpoints from MedSAM Training are listed too).")
         self.scriptedEffect.addLabeledOptionsWidget("Model:", self.modelSelector)
+        self.speedSelector = qt.QComboBox()
+        self.speedSelector.setToolTip("What the model may trade for speed on a CPU (each setting's tooltip says the cost).")
+        self.scriptedEffect.addLabeledOptionsWidget("Speed:", self.speedSelector)
 
         self.windowSelector = self._combo(WINDOW_CHOICES, "Intensity window the model sees.")
         self.scriptedEffect.addLabeledOptionsWidget("Intensity window:", self.windowSelector)
@@ -136,6 +141,7 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         for combo in (self.windowSelector, self.modeSelector, self.directionSelector, self.combineSelector):
             self._connect(combo, "currentIndexChanged(int)", self.updateMRMLFromGUI)
         self._connect(self.modelSelector, "currentIndexChanged(int)", self.onModelChanged)
+        self._connect(self.speedSelector, "currentIndexChanged(int)", self.onSpeedChanged)
         self._connect(self.roiSelector, "currentNodeChanged(vtkMRMLNode*)", self.updateMRMLFromGUI)
         self._connect(self.previewButton, "clicked()", self.onPreview)
         self._connect(self.applyButton, "clicked()", self.onApply)
@@ -202,10 +208,19 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
         if 0 <= index < len(self.choices):
             self._logic().setModelChoice(self.choices[index])
 
+    def _fillSpeeds(self):
+        import MedSAMSlicer
+
+        MedSAMSlicer.fillSpeedSelector(self.speedSelector, self._logic().speed())
+
+    def onSpeedChanged(self, index):
+        self._logic().chooseSpeed(self.speedSelector.itemData(index))
+        self._fillSpeeds()  # shows the setting in use (unchanged when the user declined an install)
+
     def _updateWidgets(self):
         running = self.taskKind == "predict" and self.task is not None
         # While the model runs, nothing that would change its inputs can be touched.
-        for widget in (self.modelSelector, self.windowSelector, self.modeSelector, self.directionSelector,
+        for widget in (self.modelSelector, self.speedSelector, self.windowSelector, self.modeSelector, self.directionSelector,
                        self.combineSelector, self.roiSelector, self.previewButton):
             widget.enabled = not running
         self.directionSelector.enabled = not running and self.scriptedEffect.parameter("MODE") == "3d"
@@ -216,6 +231,7 @@ Models, weights and the device (CPU, CUDA, Apple MPS) are chosen in the <b>MedSA
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self):
         self._fillModels()
+        self._fillSpeeds()
         if self.sceneObserver is None:
             self.sceneObserver = slicer.mrmlScene.AddObserver(slicer.mrmlScene.StartCloseEvent, self._onSceneClose)
         self.statusLabel.text = "Drag a box around the structure in an axial view."
