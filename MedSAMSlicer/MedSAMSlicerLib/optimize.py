@@ -371,31 +371,11 @@ class FastTinyViTBlock(nn.Module):
         self.fc2 = block.mlp.fc2
         self.fused = fused
 
-    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.input_resolution
-        b, n, c = x.shape
-        ws = self.window_size
-        if h == ws and w == ws:
-            return self.attn(x)
-        y = x.view(b, h, w, c)
-        pad_b = (ws - h % ws) % ws
-        pad_r = (ws - w % ws) % ws
-        if pad_b or pad_r:
-            y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = h + pad_b, w + pad_r
-        nh, nw = hp // ws, wp // ws
-        y = y.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-        y = self.attn(y)
-        y = y.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
-        if pad_b or pad_r:
-            y = y[:, :h, :w]
-        return y.reshape(b, n, c)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: BxLxC with ``L == H*W`` -> BxLxC."""
         h, w = self.input_resolution
         b, n, c = x.shape
-        x = x + self._window_attention(x)
+        x = x + tiny_vit.window_attention(self.attn, x, h, w, self.window_size)
         # BxLxC contiguous is a channels-last BxCxHxW map: no copies on the way in or out.
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
         if isinstance(self.fc1, BFloat16Linear):

@@ -23,7 +23,7 @@ rounding).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Type
+from typing import Callable, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +226,29 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dh))
 
 
+def window_attention(attn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, h: int, w: int,
+                     ws: int) -> torch.Tensor:
+    """TinyViT's windowed attention: ``x`` ``(B, h*w, C)`` tokens of an ``h x w`` map, padded at
+    the bottom/right to whole ``ws x ws`` windows, ``attn`` on each window's ``ws*ws`` tokens,
+    unpadded -> ``(B, h*w, C)``. A map of exactly one window is attended as it is."""
+    b, n, c = x.shape
+    if h == ws and w == ws:
+        return attn(x)
+    y = x.view(b, h, w, c)
+    pad_b = (ws - h % ws) % ws
+    pad_r = (ws - w % ws) % ws
+    if pad_b or pad_r:
+        y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
+    hp, wp = h + pad_b, w + pad_r
+    nh, nw = hp // ws, wp // ws
+    y = y.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
+    y = attn(y)
+    y = y.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
+    if pad_b or pad_r:
+        y = y[:, :h, :w]
+    return y.reshape(b, n, c)
+
+
 class TinyViTBlock(nn.Module):
     """Window attention, depthwise 3x3 ``local_conv``, then MLP, on BxLxC tokens of an HxW grid."""
 
@@ -255,24 +278,7 @@ class TinyViTBlock(nn.Module):
         b, n, c = x.shape
         if n != h * w:
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {n}")
-        ws = self.window_size
-        if h == ws and w == ws:
-            y = self.attn(x)
-        else:
-            y = x.view(b, h, w, c)
-            pad_b = (ws - h % ws) % ws
-            pad_r = (ws - w % ws) % ws
-            if pad_b or pad_r:
-                y = F.pad(y, (0, 0, 0, pad_r, 0, pad_b))
-            hp, wp = h + pad_b, w + pad_r
-            nh, nw = hp // ws, wp // ws
-            y = y.view(b, nh, ws, nw, ws, c).transpose(2, 3).reshape(b * nh * nw, ws * ws, c)
-            y = self.attn(y)
-            y = y.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, hp, wp, c)
-            if pad_b or pad_r:
-                y = y[:, :h, :w]
-            y = y.reshape(b, n, c)
-        x = x + y
+        x = x + window_attention(self.attn, x, h, w, self.window_size)
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
         return x + self.mlp(x)
 
