@@ -58,6 +58,12 @@ class TerminalProgress:
 
     Use it as the ``progress`` callback: ``TerminalProgress("encoding")(done, total, msg)``.
     It redraws at most ten times a second and ends the line when ``done == total``.
+
+    Why not ``tqdm`` (issue 14 asked): every long task here reports through the engine's own
+    ``progress(done, total, message)`` callback (the Slicer panels and the worker-thread pump use
+    the same one), so ``tqdm`` would still need an adapter of about this size (a bar created per
+    task, ``total`` that may change, ``n`` set rather than incremented, ``refresh`` rate), and it
+    would be one more package to install into Slicer's Python for the command line alone.
     """
 
     def __init__(self, label: str = "", stream: Optional[TextIO] = None, width: int = 30) -> None:
