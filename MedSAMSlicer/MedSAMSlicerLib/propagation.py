@@ -195,14 +195,18 @@ class PropagationResult:
     Attributes:
         mask: ``(z, y, x)`` boolean mask of the whole volume.
         z_extent: ``(z_first, z_last)`` of the non-empty slices, or ``None`` if empty.
-        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended.
+        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended (a correction's
+            passes between two locked slices are named ``"up 41..50"``, ``"down 59..51"``).
         slices: one :class:`SliceRecord` per predicted slice, in prediction order.
+        locked: the slices the user drew a box on or accepted, sorted: a correction
+            (:func:`~MedSAMSlicerLib.corrections.correct`) never changes them.
     """
 
     mask: np.ndarray
     z_extent: Optional[Tuple[int, int]]
     stop_reasons: Dict[str, str] = field(default_factory=dict)
     slices: List[SliceRecord] = field(default_factory=list)
+    locked: Tuple[int, ...] = ()
 
 
 WIDER_BOX_PX = 6.0  # at 256 input
@@ -437,6 +441,35 @@ def _default_margin(predictor: Predictor) -> float:
     return 3.0 * predictor.input_size / 256.0
 
 
+def resolve_margins(predictor: Predictor, settings: PropagationSettings) -> Tuple[float, float]:
+    """``(margin, wider_box)`` as the walk uses them: the margin in model-input pixels (LiteMedSAM's
+    3 px at 256 input by default), the wider box in pixels at 256 input."""
+    scale = predictor.input_size / 256.0
+    margin = _default_margin(predictor) if settings.margin is None else float(settings.margin) * scale
+    return float(margin), float(settings.wider_box)
+
+
+def check_prompt(predictor: Predictor, z: int, box: Sequence[float],
+                 z_range: Optional[Tuple[int, int]] = None) -> Tuple[int, np.ndarray, Tuple[int, int]]:
+    """Check a box prompt against the volume: ``(z, first box in model pixels, (lo, hi))``, where
+    ``lo..hi`` is the z-range or the whole volume.
+
+    Raises:
+        MedSAMError: the slice, the box or the z-range does not fit the volume.
+    """
+    depth = predictor.depth
+    z = predictor.check_slice_index(z)
+    lo, hi = 0, depth - 1
+    if z_range is not None:
+        lo, hi = sorted(int(v) for v in z_range)
+        if lo < 0 or hi >= depth:
+            raise MedSAMError(f"z-range {lo}..{hi} is outside the volume's slices 0..{depth - 1}")
+        if not lo <= z <= hi:
+            raise MedSAMError(f"the box's slice {z} is outside its z-range {lo}..{hi}")
+    prepared = predictor.prepared(z)
+    return z, box_to_model(check_box(box, prepared.original_hw), prepared), (lo, hi)
+
+
 def propagate(
     predictor: Predictor,
     z: int,
@@ -560,26 +593,14 @@ def _propagate(
     if direction not in DIRECTIONS:
         raise MedSAMError(f"unknown direction '{direction}'; choose one of: {', '.join(DIRECTIONS)}")
     depth = predictor.depth
-    z = predictor.check_slice_index(z)
-    lo, hi = 0, depth - 1
-    if z_range is not None:
-        lo, hi = sorted(int(v) for v in z_range)
-        if lo < 0 or hi >= depth:
-            raise MedSAMError(f"z-range {lo}..{hi} is outside the volume's slices 0..{depth - 1}")
-        if not lo <= z <= hi:
-            raise MedSAMError(f"the box's slice {z} is outside its z-range {lo}..{hi}")
+    z, first_box, (lo, hi) = check_prompt(predictor, z, box, z_range)
     settings = settings or PropagationSettings()
     rule = stop or settings.stop
-    if margin is None:
-        scale = predictor.input_size / 256.0
-        margin = _default_margin(predictor) if settings.margin is None else float(settings.margin) * scale
-    margin = float(margin)
-    wider_box = settings.wider_box if wider_box is None else float(wider_box)
+    default_margin, default_wider = resolve_margins(predictor, settings)
+    margin = default_margin if margin is None else float(margin)
+    wider_box = default_wider if wider_box is None else float(wider_box)
     want_range, want_auto = "range" in modes, "auto" in modes
     auto_stop = want_auto and settings.auto_stop
-
-    prepared = predictor.prepared(z)
-    first_box = box_to_model(check_box(box, prepared.original_hw), prepared)
     passes: List[Tuple[str, List[int]]] = []
     if direction in ("both", "up"):
         passes.append(("up", list(range(z + 1, depth))))
@@ -652,7 +673,8 @@ def _propagate(
         for m in modes:
             zs = np.nonzero(outs[m].any(axis=(1, 2)))[0]
             extent = (int(zs.min()), int(zs.max())) if zs.size else None
-            results[m] = PropagationResult(mask=outs[m], z_extent=extent, stop_reasons=reasons[m], slices=records[m])
+            results[m] = PropagationResult(mask=outs[m], z_extent=extent, stop_reasons=reasons[m], slices=records[m],
+                                           locked=(z,))
         return results
 
 
