@@ -95,7 +95,8 @@ def test_shipped_evaluation_set(shipped_set):
 def test_case_from_seg_nrrd_and_labelmap_on_another_grid(tmp_path, ct_sm_path, ct_sm_seg_path):
     import SimpleITK as sitk
 
-    from MedSAMSlicerLib.volumes import read_volume, write_seg_nrrd
+    from MedSAMSlicerLib.segnrrd import write_seg_nrrd
+    from MedSAMSlicerLib.volumes import read_volume
 
     volume = read_volume(ct_sm_path)
     labels = read_volume(ct_sm_seg_path).array

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from MedSAMSlicerLib import volumes
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.segnrrd import write_seg_nrrd
 from MedSAMSlicerLib.volumes import (
     AxialOrientation,
     Volume,
@@ -21,7 +22,6 @@ from MedSAMSlicerLib.volumes import (
     ras_box_to_canonical,
     read_volume,
     write_labelmap,
-    write_seg_nrrd,
 )
 
 LIVER = 5
@@ -659,3 +659,35 @@ def test_seg_nrrd_loads_in_slicer(variant_files, ct_labels, tmp_path):
         full = np.zeros(vol.orientation.shape_kji, dtype=bool)
         full[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1] = values > 0
         np.testing.assert_array_equal(vol.orientation.to_canonical(full), mask)
+
+
+def test_read_seg_nrrd_round_trip_with_tags(ct, ct_labels, tmp_path):
+    """Our reader gives back what we wrote: names (not ASCII too), colours, tags in Slicer's
+    ``key:value|`` form, layers, masks on the file's grid; tags that Slicer cannot store are refused."""
+    from MedSAMSlicerLib.segnrrd import parse_tags, read_seg_nrrd
+
+    liver = ct_labels.array == LIVER
+    stomach = ct_labels.array == STOMACH
+    tags = {"MedSAM.Model": "litemedsam", "MedSAM.Box": "a:b:c (colons are fine)"}
+    segments = [("foie \u00e9", liver, (1.0, 0.5, 0.0), tags), ("liver+stomach", liver | stomach, (0.0, 0.5, 1.0))]
+    out = write_seg_nrrd(segments, ct, tmp_path / "tags.seg.nrrd")
+    header = out.read_bytes().split(b"\n\n", 1)[0].decode("utf-8")
+    assert "Segment0_Tags:=MedSAM.Box:a:b:c (colons are fine)|MedSAM.Model:litemedsam|" in header.splitlines()
+    assert "Segment1_Tags:=|" in header.splitlines()
+    seg = read_seg_nrrd(out)
+    assert [s.name for s in seg.segments] == ["foie \u00e9", "liver+stomach"]
+    assert seg.segments[0].tags == tags and seg.segments[1].tags == {}
+    assert [s.layer for s in seg.segments] == [0, 1]
+    np.testing.assert_allclose(seg.segments[1].color, (0.0, 0.5, 1.0))
+    for (_, mask, *_), entry in zip(segments, seg.segments):
+        np.testing.assert_array_equal(ct.orientation.to_canonical(seg.mask_kji(entry)), mask)
+    assert seg.image.GetSize() == ct.image.GetSize()
+    np.testing.assert_allclose(seg.image.GetDirection(), ct.image.GetDirection(), atol=1e-9)
+    # Slicer's reading rule: split at '|', then at the first ':'; pieces without ':' are skipped.
+    assert parse_tags("a:1|junk|b:x:y|") == {"a": "1", "b": "x:y"}
+    for bad in ({"a|b": "1"}, {"a:b": "1"}, {"a": "x|y"}, {"a": "two\nlines"}):
+        with pytest.raises(MedSAMError, match="foie"):
+            write_seg_nrrd([("foie \u00e9", liver, (1, 0, 0), bad)], ct, tmp_path / "bad.seg.nrrd")
+    assert not (tmp_path / "bad.seg.nrrd").exists()
+    with pytest.raises(MedSAMError, match="no segments"):
+        read_seg_nrrd(ct.path)

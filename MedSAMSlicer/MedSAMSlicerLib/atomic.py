@@ -15,7 +15,8 @@ half-written result under the target's name:
   (:func:`remove_stale_temporaries`: its process is gone, or it is a day old).
 
 :func:`check_destination` does, before any work starts, every check that can fail at the end
-(folder writable, name length, a folder in the way, an existing file).
+(folder writable, name length, a folder in the way, an existing file); :func:`check_output` adds,
+for a result made from input files, that it is not one of them and has an extension we write.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 from .errors import MedSAMError
+from .integrity import input_files
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -178,6 +180,35 @@ def check_destination(path: PathLike, overwrite: bool = True, what: str = "outpu
             "Choose a folder you can write to"
         ) from None
     return target
+
+
+def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLike] = (),
+                 formats: Sequence[str] = ()) -> Path:
+    """Check, before any work, that a result made from ``inputs`` can be written to ``path``; return it.
+
+    Refuses (:class:`MedSAMError`): an extension not in ``formats`` (when given); a path that is one
+    of the ``inputs`` (or a detached data file of one: writing there would destroy the image); and
+    everything :func:`check_destination` refuses (a folder at that path, a name too long, a folder
+    where nothing can be written, an existing file without ``overwrite``).
+    """
+    p = Path(os.path.expanduser(os.fspath(path)))
+    for source in inputs:
+        for f in input_files(Path(os.path.expanduser(os.fspath(source)))):
+            try:
+                same = p.exists() and f.exists() and os.path.samefile(p, f)
+            except OSError:
+                same = False
+            if same:
+                raise MedSAMError(
+                    f"The output '{p}' is the input image{'' if f == Path(source) else f' data ({f})'}; writing "
+                    "the result there would destroy the image. Choose another output name."
+                )
+    if formats and split_extension(p.name)[1].lower() not in formats and not p.is_dir():
+        raise MedSAMError(
+            f"Cannot write to '{p.name}': the name must end in one of {', '.join(formats)} "
+            "(.mhd is not supported because it writes two files)."
+        )
+    return check_destination(p, overwrite=overwrite)
 
 
 def _publish(tmp: Path, target: Path, overwrite: bool) -> None:

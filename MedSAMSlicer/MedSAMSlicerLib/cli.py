@@ -264,7 +264,8 @@ def segment_file(
     """
     import warnings
 
-    from .volumes import check_output, ijk_box_to_canonical, ras_box_to_canonical, read_volume
+    from .atomic import check_output
+    from .volumes import LABELMAP_EXTENSIONS, ijk_box_to_canonical, ras_box_to_canonical, read_volume
 
     if (box_ijk is None) == (box_ras is None):
         raise MedSAMError("give exactly one box: --box-ijk or --box-ras")
@@ -272,7 +273,7 @@ def segment_file(
         raise MedSAMError(f"--box-ijk needs six numbers I0 J0 K0 I1 J1 K1; got {len(box_ijk)}")
     if box_ras is not None and len(box_ras) != 6:
         raise MedSAMError(f"--box-ras needs six numbers R0 A0 S0 R1 A1 S1; got {len(box_ras)}")
-    out = check_output(output, overwrite, inputs=[volume_path])
+    out = check_output(output, overwrite, inputs=[volume_path], formats=LABELMAP_EXTENSIONS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the notes are printed below, in our words
         volume = read_volume(volume_path, allow_gaps=allow_gaps)
@@ -292,7 +293,8 @@ def segment_file(
 
     from .preprocessing import Window, window_note
     from .segmenter import Segmenter
-    from .volumes import write_labelmap, write_seg_nrrd
+    from .segnrrd import write_seg_nrrd
+    from .volumes import write_labelmap
 
     window = window() if callable(window) else window
     window = window or Window.automatic(volume.array)

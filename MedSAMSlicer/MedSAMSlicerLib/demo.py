@@ -65,7 +65,8 @@ def run_demo(
     """
     from .preprocessing import Window
     from .segmenter import Segmenter
-    from .volumes import read_volume, write_seg_nrrd
+    from .segnrrd import write_seg_nrrd
+    from .volumes import read_volume
 
     structures = structures or DEMO_STRUCTURES
     volume = read_volume(example_ct(data))

@@ -163,6 +163,17 @@ class AxialOrientation:
         out = np.transpose(array, self._to_canonical_transpose)[self._canonical_flip_slices]
         return np.ascontiguousarray(out)
 
+    def check_canonical(self, array: np.ndarray, what: str = "array") -> np.ndarray:
+        """``array`` if it has the canonical shape ``(nz, ny, nx)``, else :class:`MedSAMError` saying
+        that results must be on the volume's own grid (``what`` names it: "labelmap", "mask of ...")."""
+        arr = np.asarray(array)
+        if arr.shape != self.canonical_shape:
+            raise MedSAMError(
+                f"The {what} has shape {arr.shape} but the volume's canonical shape (z, y, x) is "
+                f"{self.canonical_shape}; results must be on the volume's own grid."
+            )
+        return arr
+
     def from_canonical(self, array_zyx: np.ndarray) -> np.ndarray:
         """Canonical array ``(nz, ny, nx)`` -> file array ``(nk, nj, ni)``; exact inverse of
         :meth:`to_canonical`.  Returns a C-contiguous array of the same dtype."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +22,14 @@ import torch
 from .allocator import reuse_freed_memory
 from .background import BackgroundTask, run_in_background
 from .errors import MedSAMError
-from .preprocessing import PreparedSlice, box_to_model, check_box, logits_to_mask, prepare_slice
+from .preprocessing import (
+    PreparedSlice,
+    box_to_model,
+    check_box,
+    logits_at_slice,
+    logits_to_mask,
+    prepare_slice,
+)
 from .progress import CancelToken, ProgressCallback, check_cancel, report
 
 
@@ -33,11 +41,15 @@ class SliceResult:
         mask: ``(H, W)`` boolean mask on the slice grid (``y``, ``x``).
         score: the mask decoder's predicted IoU (a confidence, not a measurement).
         box_model: the box as given to the model, in model-input pixels ``(x0, y0, x1, y1)``.
+        logits: ``(H, W)`` float32 logits at slice resolution
+            (:func:`~MedSAMSlicerLib.preprocessing.logits_at_slice`): the per-pixel confidence that
+            settles overlaps between structures; ``None`` where not computed.
     """
 
     mask: np.ndarray
     score: float
     box_model: np.ndarray
+    logits: Optional[np.ndarray] = None
 
 
 class EmbeddingCache:
@@ -140,7 +152,15 @@ class Predictor:
         self._key = ""
         self._prepared: Dict[int, PreparedSlice] = {}
         self._lock = threading.RLock()
+        self._held: Dict[Tuple[str, str, str, int], Optional[torch.Tensor]] = {}
         self.encoded_slices = 0  # slices actually run through the encoder (for tests/benchmarks)
+        self.decoded_boxes = 0  # boxes run through the mask decoder (for tests/benchmarks)
+        #: Decode the boxes of one slice in one decoder call (a batch). On by default on GPUs, where
+        #: one call for B boxes costs about as much as one box. Off on CPUs: there a batch costs what
+        #: its boxes cost one by one, and multi-threaded CPU kernels are chosen by the batch size, so
+        #: a box's logits in a batch differ from its logits alone by ~1e-5 (README, "Several
+        #: structures at once"); one call per box keeps every mask bit-identical to the box alone.
+        self.batch_decode = torch.device(device).type != "cpu"
 
     # -- volume -------------------------------------------------------------------------------
     def set_volume(self, volume_u8: np.ndarray, key: Optional[str] = None) -> None:
@@ -164,6 +184,7 @@ class Predictor:
         so a small structure is seen larger). Its embeddings are keyed by this volume and the
         region."""
         sub = Predictor(self.model, self.method, self.model_key, self.device, self.dtype, self.batch_size, self.cache)
+        sub.batch_decode = self.batch_decode
         sub.set_volume(np.ascontiguousarray(self.volume[:, y0:y1, x0:x1]), key=f"{self._key}|crop{y0},{y1},{x0},{x1}")
         return sub
 
@@ -202,8 +223,26 @@ class Predictor:
 
     # -- encoding -----------------------------------------------------------------------------
     def is_encoded(self, z: int) -> bool:
-        """Whether slice ``z``'s embedding is cached."""
-        return self.cache_key(z) in self.cache
+        """Whether slice ``z``'s embedding is cached (or held)."""
+        key = self.cache_key(z)
+        return self._held.get(key) is not None or key in self.cache
+
+    @contextmanager
+    def holding(self, zs: Iterable[int]) -> Iterator[None]:
+        """Keep the embeddings of slices ``zs`` (of this volume) outside the cache's memory cap
+        while the block runs: once encoded, each is kept until the block ends, whatever the cap,
+        so a job that visits these slices twice encodes each once. Costs 4 MiB per slice."""
+        keys = [self.cache_key(int(z)) for z in zs]
+        with self._lock:
+            added = [k for k in keys if k not in self._held]
+            for k in added:
+                self._held[k] = self.cache.get(k) if k in self.cache else None
+        try:
+            yield
+        finally:
+            with self._lock:
+                for k in added:
+                    self._held.pop(k, None)
 
     @torch.inference_mode()
     def _encode_batch(self, zs: Sequence[int]) -> None:
@@ -216,7 +255,11 @@ class Predictor:
                 emb = self.model.encode(images)
         emb = emb.float()
         for i, z in enumerate(zs):
-            self.cache.put(self.cache_key(z), emb[i : i + 1].clone())
+            key = self.cache_key(z)
+            one = emb[i : i + 1].clone()
+            self.cache.put(key, one)
+            if key in self._held:
+                self._held[key] = one
         self.encoded_slices += len(zs)
 
     def encode(
@@ -242,7 +285,10 @@ class Predictor:
     def embedding(self, z: int) -> torch.Tensor:
         """The ``(1, 256, 64, 64)`` embedding of slice ``z`` (encoded now if not cached)."""
         z = self.check_slice_index(z)
-        emb = self.cache.get(self.cache_key(z))
+        key = self.cache_key(z)
+        emb = self._held.get(key)
+        if emb is None:
+            emb = self.cache.get(key)
         if emb is None:
             with self._lock:
                 emb = self.cache.get(self.cache_key(z))
@@ -264,28 +310,52 @@ class Predictor:
 
     # -- decoding -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict_model_box(self, z: int, box_model: Sequence[float], jitter: float = 0.0) -> SliceResult:
-        """Predict slice ``z`` from a box already in model-input pixels ``(x0, y0, x1, y1)``.
+    def decode_boxes(self, z: int, boxes_model: Sequence[Sequence[float]], jitter: float = 0.0) -> List[SliceResult]:
+        """Predict slice ``z`` from each of several boxes already in model-input pixels
+        ``(x0, y0, x1, y1)``: the slice is encoded once (cached) and the boxes go through the mask
+        decoder together (one call with :attr:`batch_decode`, else one call per box).
 
-        ``jitter`` > 0 (model pixels) also decodes the box grown, shrunk and shifted by that much
-        (five boxes in one decoder call) and averages the five logit maps before thresholding: a
-        mask less sensitive to where exactly the box edges fall on the enlarged slice.
+        ``jitter`` > 0 (model pixels) also decodes each box grown, shrunk and shifted by that much
+        (five boxes per prompt) and averages the five logit maps before thresholding: a mask less
+        sensitive to where exactly the box edges fall on the enlarged slice.
+
+        Returns:
+            One :class:`SliceResult` per box, in order, with its ``logits``.
         """
         prepared = self.prepared(z)
         emb = self.embedding(z).to(self.device)
-        box = np.asarray(box_model, dtype=np.float32)
-        if jitter > 0:
-            j = float(jitter)
-            offsets = np.array([[0, 0, 0, 0], [-j, -j, j, j], [j, j, -j, -j], [-j, -j, -j, -j], [j, j, j, j]],
-                               dtype=np.float32)
-            batch = np.clip(box[None] + offsets, 0.0, float(self.input_size))
-        else:
-            batch = box[None]
-        boxes = torch.as_tensor(batch, device=self.device)
+        per_box = 5 if jitter > 0 else 1
+        rows = []
+        for box_model in boxes_model:
+            box = np.asarray(box_model, dtype=np.float32)
+            if jitter > 0:
+                j = float(jitter)
+                offsets = np.array([[0, 0, 0, 0], [-j, -j, j, j], [j, j, -j, -j], [-j, -j, -j, -j], [j, j, j, j]],
+                                   dtype=np.float32)
+                rows.append(np.clip(box[None] + offsets, 0.0, float(self.input_size)))
+            else:
+                rows.append(box[None])
+        if not rows:
+            return []
+        calls = [np.concatenate(rows)] if self.batch_decode else rows
+        out: List[SliceResult] = []
         with reuse_freed_memory():
-            logits, iou = self.model.decode(emb, boxes)
-            mask = logits_to_mask(logits.mean(dim=0, keepdim=True), prepared)
-        return SliceResult(mask=mask, score=float(iou.reshape(-1).mean()), box_model=np.asarray(box_model))
+            decoded = [self.model.decode(emb, torch.as_tensor(batch, device=self.device)) for batch in calls]
+            logits = torch.cat([d[0] for d in decoded])
+            iou = torch.cat([d[1] for d in decoded]).reshape(-1)
+            self.decoded_boxes += int(logits.shape[0])
+            for i, box_model in enumerate(boxes_model):
+                one = logits[i * per_box : (i + 1) * per_box].mean(dim=0, keepdim=True)
+                mask = logits_to_mask(one, prepared)
+                at_slice = logits_at_slice(one, prepared)[0, 0].cpu().numpy()
+                score = float(iou[i * per_box : (i + 1) * per_box].mean())
+                out.append(SliceResult(mask=mask, score=score, box_model=np.asarray(box_model), logits=at_slice))
+        return out
+
+    def predict_model_box(self, z: int, box_model: Sequence[float], jitter: float = 0.0) -> SliceResult:
+        """Predict slice ``z`` from a box already in model-input pixels ``(x0, y0, x1, y1)``
+        (:meth:`decode_boxes` with one box)."""
+        return self.decode_boxes(z, [box_model], jitter)[0]
 
     def predict(self, z: int, box: Sequence[float]) -> SliceResult:
         """Predict slice ``z`` from a box ``(x0, y0, x1, y1)`` in the slice's pixel indices.

@@ -460,21 +460,30 @@ def box_to_model(box: Sequence[float], prepared: PreparedSlice) -> np.ndarray:
     return b * np.array([sx, sy, sx, sy])
 
 
-def logits_to_probability(logits: torch.Tensor, prepared: PreparedSlice) -> torch.Tensor:
-    """Low-res logits ``(B, 1, 256, 256)`` -> probabilities ``(B, 1, H, W)`` at slice resolution.
-
-    MedSAM: sigmoid, then bilinear resize. LiteMedSAM: crop to the unpadded region, bilinear
-    resize, then sigmoid. (Both orders are kept as in the originals.)
-    """
+def logits_at_slice(logits: torch.Tensor, prepared: PreparedSlice) -> torch.Tensor:
+    """Low-res logits ``(B, 1, 256, 256)`` -> logits ``(B, 1, H, W)`` at slice resolution: the
+    region of the model input that holds the slice (LiteMedSAM's unpadded corner, MedSAM's whole
+    input), resized bilinearly. A confidence per pixel that does not saturate like a probability."""
     h, w = prepared.original_hw
     logits = logits.float()
     if prepared.method == "litemedsam":
         rh, rw = prepared.resized_hw
         low = logits.shape[-1]
         scale = low / prepared.input_size
-        cropped = logits[..., : int(round(rh * scale)), : int(round(rw * scale))]
-        return torch.sigmoid(F.interpolate(cropped, size=(h, w), mode="bilinear", align_corners=False))
-    prob = torch.sigmoid(logits)
+        logits = logits[..., : int(round(rh * scale)), : int(round(rw * scale))]
+    return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def logits_to_probability(logits: torch.Tensor, prepared: PreparedSlice) -> torch.Tensor:
+    """Low-res logits ``(B, 1, 256, 256)`` -> probabilities ``(B, 1, H, W)`` at slice resolution.
+
+    MedSAM: sigmoid, then bilinear resize. LiteMedSAM: crop to the unpadded region, bilinear
+    resize, then sigmoid (:func:`logits_at_slice`). (Both orders are kept as in the originals.)
+    """
+    if prepared.method == "litemedsam":
+        return torch.sigmoid(logits_at_slice(logits, prepared))
+    h, w = prepared.original_hw
+    prob = torch.sigmoid(logits.float())
     return F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)
 
 

@@ -20,6 +20,7 @@ real CT shipped in ``Testing/Data`` (see the README's "Automatic extent" section
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -145,13 +146,46 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
 
 @dataclass
 class SliceRecord:
-    """What happened on one slice during propagation (for reports and tuning)."""
+    """What happened on one slice during propagation (for reports, tuning and the review of
+    doubtful slices, :mod:`~MedSAMSlicerLib.review`).
+
+    Attributes:
+        z: the slice.
+        area: pixels of its mask.
+        score: the decoder's predicted IoU.
+        accepted: kept in the result (``False``: the stop rule rejected it, see ``reason``).
+        reason: why it was rejected, or how a start slice was made (``"start"``: the user's box,
+            ``"box"``/``"accepted"``: a correction).
+        agreement: Dice between the masks of the narrow and the wider box (NaN: no wider box).
+        overlap: fraction of the mask inside the previous slice's mask grown by 2 px (NaN on a
+            start slice).
+        intensity: median of the windowed image (0-255) under the mask (NaN when empty).
+    """
 
     z: int
     area: int
     score: float
     accepted: bool
     reason: str = ""
+    agreement: float = float("nan")
+    overlap: float = float("nan")
+    intensity: float = float("nan")
+
+
+#: Pixels the previous slice's mask is grown by before :attr:`SliceRecord.overlap` is measured.
+OVERLAP_GROW_PX = 2
+
+
+def slice_record(z: int, result: SliceResult, image: np.ndarray, previous: Optional[np.ndarray] = None,
+                 agreement: float = float("nan"), accepted: bool = True, reason: str = "") -> SliceRecord:
+    """The :class:`SliceRecord` of ``result`` on slice ``z`` (``image``: the windowed ``(H, W)`` slice;
+    ``previous``: the mask the prompt came from, ``None`` on a start slice)."""
+    area = int(result.mask.sum())
+    overlap = float("nan")
+    if previous is not None and area:
+        overlap = float((result.mask & _dilate(previous, OVERLAP_GROW_PX)).sum()) / area
+    intensity = float(np.median(image[result.mask])) if area else float("nan")
+    return SliceRecord(int(z), area, float(result.score), accepted, reason, float(agreement), overlap, intensity)
 
 
 @dataclass
@@ -161,14 +195,18 @@ class PropagationResult:
     Attributes:
         mask: ``(z, y, x)`` boolean mask of the whole volume.
         z_extent: ``(z_first, z_last)`` of the non-empty slices, or ``None`` if empty.
-        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended.
+        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended (a correction's
+            passes between two locked slices are named ``"up 41..50"``, ``"down 59..51"``).
         slices: one :class:`SliceRecord` per predicted slice, in prediction order.
+        locked: the slices the user drew a box on or accepted, sorted: a correction
+            (:func:`~MedSAMSlicerLib.corrections.correct`) never changes them.
     """
 
     mask: np.ndarray
     z_extent: Optional[Tuple[int, int]]
     stop_reasons: Dict[str, str] = field(default_factory=dict)
     slices: List[SliceRecord] = field(default_factory=list)
+    locked: Tuple[int, ...] = ()
 
 
 WIDER_BOX_PX = 6.0  # at 256 input
@@ -239,25 +277,62 @@ def _extends(wide: np.ndarray, narrow: np.ndarray, fraction: float = 0.9) -> boo
     return area == 0 or int((wide & narrow).sum()) >= fraction * area
 
 
-def _predict_box(
-    predictor: Predictor, z: int, box_m: np.ndarray, wider_box: float, settings: PropagationSettings
-) -> SliceResult:
-    """One box on slice ``z`` (model pixels), with the wider second prompt where it applies."""
+def _grown(box_m: np.ndarray, grow: float, size: float) -> np.ndarray:
+    """``box_m`` (model pixels) grown by ``grow`` on each side, kept inside the model input."""
+    return np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
+                     min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
+
+
+def _choose_wider(narrow: SliceResult, wide: Optional[SliceResult], settings: PropagationSettings) -> SliceResult:
+    """The wider-box rule: keep the wider box's mask when the decoder is more confident in it by
+    ``confidence_gain`` and it contains the first mask (and, with ``wider_max_growth``, is not too
+    much larger)."""
+    if wide is None:
+        return narrow
+    if wide.score > narrow.score + settings.confidence_gain and _extends(wide.mask, narrow.mask):
+        if settings.wider_max_growth > 0 and wide.mask.sum() > (1 + settings.wider_max_growth) * max(
+                1, int(narrow.mask.sum())):
+            return narrow
+        return wide
+    return narrow
+
+
+def _agreement(narrow: SliceResult, wide: Optional[SliceResult]) -> float:
+    """Dice between the masks of the narrow and the wider box (NaN without a wider box): where they
+    disagree, the mask depends on where exactly the box edges fall."""
+    if wide is None:
+        return float("nan")
+    a, b = int(narrow.mask.sum()), int(wide.mask.sum())
+    return 1.0 if a + b == 0 else 2.0 * int((narrow.mask & wide.mask).sum()) / (a + b)
+
+
+def _predict_boxes(
+    predictor: Predictor, z: int, boxes: Sequence[np.ndarray], wider_box: float, settings: PropagationSettings
+) -> List[Tuple[SliceResult, float]]:
+    """Each box on slice ``z`` (model pixels), with the wider second prompt where it applies; all
+    boxes go to the decoder together (:meth:`Predictor.decode_boxes`). Returns per box the chosen
+    result and the narrow/wide :func:`_agreement`."""
     jitter = settings.box_jitter * predictor.input_size / 256.0
-    result = predictor.predict_model_box(z, box_m, jitter)
-    if wider_box <= 0 or (settings.wider_box_when == "touching" and not _touches_box(result, predictor, z)):
-        return result
+    boxes = [np.asarray(b, dtype=float) for b in boxes]
+    if not boxes:
+        return []
+    if wider_box <= 0:
+        return [(r, float("nan")) for r in predictor.decode_boxes(z, boxes, jitter)]
     grow = wider_box * predictor.input_size / 256.0
     size = float(predictor.input_size)
-    wide = np.array([max(0.0, box_m[0] - grow), max(0.0, box_m[1] - grow),
-                     min(size, box_m[2] + grow), min(size, box_m[3] + grow)])
-    alternative = predictor.predict_model_box(z, wide, jitter)
-    if alternative.score > result.score + settings.confidence_gain and _extends(alternative.mask, result.mask):
-        if settings.wider_max_growth > 0 and alternative.mask.sum() > (1 + settings.wider_max_growth) * max(
-                1, int(result.mask.sum())):
-            return result
-        return alternative
-    return result
+    n = len(boxes)
+    wides: List[Optional[SliceResult]]
+    if settings.wider_box_when == "always":
+        both = predictor.decode_boxes(z, boxes + [_grown(b, grow, size) for b in boxes], jitter)
+        narrow, wides = both[:n], list(both[n:])
+    else:  # "touching": the wider box only where the first mask reaches its box
+        narrow = predictor.decode_boxes(z, boxes, jitter)
+        need = [i for i, r in enumerate(narrow) if _touches_box(r, predictor, z)]
+        decoded = predictor.decode_boxes(z, [_grown(boxes[i], grow, size) for i in need], jitter)
+        wides = [None] * n
+        for i, r in zip(need, decoded):
+            wides[i] = r
+    return [(_choose_wider(a, b, settings), _agreement(a, b)) for a, b in zip(narrow, wides)]
 
 
 def _touches_box(result: SliceResult, predictor: Predictor, z: int) -> bool:
@@ -308,6 +383,46 @@ def _part_boxes(
     return boxes if len(boxes) > 1 else None
 
 
+def _predict_many(
+    predictor: Predictor,
+    z: int,
+    requests: Sequence[Tuple[np.ndarray, np.ndarray]],
+    margin: float,
+    wider_box: float,
+    settings: PropagationSettings,
+) -> List[Tuple[SliceResult, float]]:
+    """Slice ``z`` for several passes at once, each ``(previous mask, first box)``: each prompted
+    from its previous slice's mask (LiteMedSAM's rule, plus our options), all boxes of the slice
+    decoded together. Returns per request the result and the narrow/wide agreement."""
+    prepared = predictor.prepared(z)
+    per_request: List[List[np.ndarray]] = []
+    for previous, first_box in requests:
+        boxes = _part_boxes(previous, predictor, z, margin, settings) if settings.follow_parts else None
+        if boxes is None:
+            box_m = mask_box_in_model(previous, prepared, margin)
+            boxes = [first_box if box_m is None else box_m]
+        per_request.append(boxes)
+    flat = _predict_boxes(predictor, z, [b for boxes in per_request for b in boxes], wider_box, settings)
+    out: List[Tuple[SliceResult, float]] = []
+    i = 0
+    for boxes in per_request:
+        parts = flat[i : i + len(boxes)]
+        i += len(boxes)
+        if len(parts) == 1:
+            out.append(parts[0])
+            continue
+        results = [r for r, _ in parts]
+        mask = np.logical_or.reduce([r.mask for r in results])
+        areas = np.array([max(1, int(r.mask.sum())) for r in results], dtype=float)
+        score = float(np.dot(areas, [r.score for r in results]) / areas.sum())
+        union = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                          max(b[3] for b in boxes)])
+        logits = np.maximum.reduce([r.logits for r in results]) if all(r.logits is not None for r in results) else None
+        agreement = float(np.nanmin([a for _, a in parts])) if any(np.isfinite(a) for _, a in parts) else float("nan")
+        out.append((SliceResult(mask=mask, score=score, box_model=union, logits=logits), agreement))
+    return out
+
+
 def _predict_next(
     predictor: Predictor,
     z: int,
@@ -316,24 +431,43 @@ def _predict_next(
     margin: float,
     wider_box: float,
     settings: PropagationSettings,
-) -> SliceResult:
-    """Slice ``z`` prompted from the previous slice's mask (LiteMedSAM's rule, plus our options)."""
-    boxes = _part_boxes(previous, predictor, z, margin, settings) if settings.follow_parts else None
-    if boxes is None:
-        box_m = mask_box_in_model(previous, predictor.prepared(z), margin)
-        return _predict_box(predictor, z, first_box if box_m is None else box_m, wider_box, settings)
-    results = [_predict_box(predictor, z, b, wider_box, settings) for b in boxes]
-    mask = np.logical_or.reduce([r.mask for r in results])
-    areas = np.array([max(1, int(r.mask.sum())) for r in results], dtype=float)
-    score = float(np.dot(areas, [r.score for r in results]) / areas.sum())
-    union = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
-                      max(b[3] for b in boxes)])
-    return SliceResult(mask=mask, score=score, box_model=union)
+) -> Tuple[SliceResult, float]:
+    """Slice ``z`` prompted from the previous slice's mask (:func:`_predict_many` for one pass)."""
+    return _predict_many(predictor, z, [(previous, first_box)], margin, wider_box, settings)[0]
 
 
 def _default_margin(predictor: Predictor) -> float:
     # 3 px at LiteMedSAM's 256 input; the same physical fraction for MedSAM's 1024.
     return 3.0 * predictor.input_size / 256.0
+
+
+def resolve_margins(predictor: Predictor, settings: PropagationSettings) -> Tuple[float, float]:
+    """``(margin, wider_box)`` as the walk uses them: the margin in model-input pixels (LiteMedSAM's
+    3 px at 256 input by default), the wider box in pixels at 256 input."""
+    scale = predictor.input_size / 256.0
+    margin = _default_margin(predictor) if settings.margin is None else float(settings.margin) * scale
+    return float(margin), float(settings.wider_box)
+
+
+def check_prompt(predictor: Predictor, z: int, box: Sequence[float],
+                 z_range: Optional[Tuple[int, int]] = None) -> Tuple[int, np.ndarray, Tuple[int, int]]:
+    """Check a box prompt against the volume: ``(z, first box in model pixels, (lo, hi))``, where
+    ``lo..hi`` is the z-range or the whole volume.
+
+    Raises:
+        MedSAMError: the slice, the box or the z-range does not fit the volume.
+    """
+    depth = predictor.depth
+    z = predictor.check_slice_index(z)
+    lo, hi = 0, depth - 1
+    if z_range is not None:
+        lo, hi = sorted(int(v) for v in z_range)
+        if lo < 0 or hi >= depth:
+            raise MedSAMError(f"z-range {lo}..{hi} is outside the volume's slices 0..{depth - 1}")
+        if not lo <= z <= hi:
+            raise MedSAMError(f"the box's slice {z} is outside its z-range {lo}..{hi}")
+    prepared = predictor.prepared(z)
+    return z, box_to_model(check_box(box, prepared.original_hw), prepared), (lo, hi)
 
 
 def propagate(
@@ -459,26 +593,14 @@ def _propagate(
     if direction not in DIRECTIONS:
         raise MedSAMError(f"unknown direction '{direction}'; choose one of: {', '.join(DIRECTIONS)}")
     depth = predictor.depth
-    z = predictor.check_slice_index(z)
-    lo, hi = 0, depth - 1
-    if z_range is not None:
-        lo, hi = sorted(int(v) for v in z_range)
-        if lo < 0 or hi >= depth:
-            raise MedSAMError(f"z-range {lo}..{hi} is outside the volume's slices 0..{depth - 1}")
-        if not lo <= z <= hi:
-            raise MedSAMError(f"the box's slice {z} is outside its z-range {lo}..{hi}")
+    z, first_box, (lo, hi) = check_prompt(predictor, z, box, z_range)
     settings = settings or PropagationSettings()
     rule = stop or settings.stop
-    if margin is None:
-        scale = predictor.input_size / 256.0
-        margin = _default_margin(predictor) if settings.margin is None else float(settings.margin) * scale
-    margin = float(margin)
-    wider_box = settings.wider_box if wider_box is None else float(wider_box)
+    default_margin, default_wider = resolve_margins(predictor, settings)
+    margin = default_margin if margin is None else float(margin)
+    wider_box = default_wider if wider_box is None else float(wider_box)
     want_range, want_auto = "range" in modes, "auto" in modes
     auto_stop = want_auto and settings.auto_stop
-
-    prepared = predictor.prepared(z)
-    first_box = box_to_model(check_box(box, prepared.original_hw), prepared)
     passes: List[Tuple[str, List[int]]] = []
     if direction in ("both", "up"):
         passes.append(("up", list(range(z + 1, depth))))
@@ -501,9 +623,10 @@ def _propagate(
         outs = {m: np.zeros(shape, dtype=bool) for m in modes}
         records: Dict[str, List[SliceRecord]] = {}
         reasons: Dict[str, Dict[str, str]] = {m: {} for m in modes}
+        start_record = slice_record(z, first, predictor.volume[z], reason="start")
         for m in modes:
             outs[m][z] = first.mask
-            records[m] = [SliceRecord(z, int(first.mask.sum()), first.score, True, "start")]
+            records[m] = [start_record]
         done = 1
         report(progress, done, total, f"slice {z}")
 
@@ -526,14 +649,14 @@ def _propagate(
                 if not predictor.is_encoded(zz):
                     # Encode ahead in the pass direction, a batch at a time.
                     predictor.encode(seq[i : i + predictor.batch_size], cancel=cancel)
-                result = _predict_next(predictor, zz, previous, first_box, margin, wider_box, settings)
-                area = int(result.mask.sum())
+                result, agreement = _predict_next(predictor, zz, previous, first_box, margin, wider_box, settings)
+                record = slice_record(zz, result, volume[zz], previous, agreement)
                 if range_on:
                     outs["range"][zz] = result.mask
-                    records["range"].append(SliceRecord(zz, area, result.score, True))
+                    records["range"].append(record)
                 if auto_on:
                     reason = rule.check(previous, result, volume[zz], history) if auto_stop else None
-                    records["auto"].append(SliceRecord(zz, area, result.score, reason is None, reason or ""))
+                    records["auto"].append(dataclasses.replace(record, accepted=reason is None, reason=reason or ""))
                     if reason is not None:
                         reasons["auto"][name] = f"stopped at slice {zz}: {reason}"
                         auto_on = False
@@ -550,7 +673,8 @@ def _propagate(
         for m in modes:
             zs = np.nonzero(outs[m].any(axis=(1, 2)))[0]
             extent = (int(zs.min()), int(zs.max())) if zs.size else None
-            results[m] = PropagationResult(mask=outs[m], z_extent=extent, stop_reasons=reasons[m], slices=records[m])
+            results[m] = PropagationResult(mask=outs[m], z_extent=extent, stop_reasons=reasons[m], slices=records[m],
+                                           locked=(z,))
         return results
 
 

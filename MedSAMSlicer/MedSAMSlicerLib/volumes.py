@@ -25,9 +25,7 @@ This module is plain Python over numpy and SimpleITK: it never imports Slicer, Q
 from __future__ import annotations
 
 import contextlib
-import gzip
 import itertools
-import math
 import operator
 import os
 import re
@@ -41,29 +39,27 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic import atomic_write, check_destination, split_extension
+from .atomic import atomic_write, check_output, split_extension
 from .boxes import BoxOutside, voxel_box
 from .errors import MedSAMError
-from .integrity import check_file_complete, input_files
+from .integrity import check_file_complete
 from .orientation import LPS_RAS_SIGN, AxialOrientation
+from .segnrrd import write_label_values
 
 PathLike = Union[str, "os.PathLike[str]"]
 Box3D = Tuple[int, int, int, int, int, int]
-Segment = Tuple[str, np.ndarray, Tuple[float, float, float]]
 
 __all__ = [
     "Volume",
     "read_volume",
     "check_voxel_values",
-    "check_output",
     "ras_box_to_canonical",
     "ijk_box_to_canonical",
     "write_labelmap",
-    "write_seg_nrrd",
     "LABELMAP_EXTENSIONS",
 ]
 
-#: File extensions :func:`write_labelmap` writes (``.seg.nrrd`` goes to :func:`write_seg_nrrd`).
+#: File extensions :func:`write_labelmap` writes (``.seg.nrrd``: :func:`~MedSAMSlicerLib.segnrrd.write_label_values`).
 LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 
 # How a canonical axis is named to the user, who gives boxes in RAS: x runs along R, y along A, z along S.
@@ -72,21 +68,6 @@ _IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _SUPPORTED_INPUTS = (
     "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
     "or a folder holding one DICOM series"
-)
-# Distinct colours (RGB in 0..1) for segments written without an explicit colour.
-_DEFAULT_COLORS = (
-    (0.945, 0.839, 0.569),
-    (0.847, 0.396, 0.310),
-    (0.565, 0.933, 0.565),
-    (0.416, 0.600, 0.839),
-    (0.863, 0.706, 0.886),
-    (0.988, 0.667, 0.247),
-    (0.502, 0.682, 0.502),
-    (0.737, 0.416, 0.196),
-    (0.298, 0.749, 0.792),
-    (0.933, 0.510, 0.655),
-    (0.710, 0.710, 0.314),
-    (0.600, 0.450, 0.800),
 )
 _DICOM_TAG = re.compile(r"^[0-9a-fA-F]{4}\|[0-9a-fA-F]{4}$")
 
@@ -658,40 +639,6 @@ def ijk_box_to_canonical(volume: Volume, i0: int, j0: int, k0: int, i1: int, j1:
 # --------------------------------------------------------------------------------------------
 
 
-def _extension(path: Path) -> str:
-    return split_extension(path.name)[1].lower()
-
-
-def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLike] = (),
-                 formats: Sequence[str] = LABELMAP_EXTENSIONS) -> Path:
-    """Check, before any work, that a result can be written to ``path``; return it.
-
-    Refuses (:class:`MedSAMError`): an extension not in ``formats``; a path that is one of the
-    ``inputs`` (or a detached data file of one: writing there would destroy the image); and
-    everything :func:`~MedSAMSlicerLib.atomic.check_destination` refuses (a folder at
-    that path, a name too long, a folder where nothing can be written, an existing file without
-    ``overwrite``).
-    """
-    p = Path(os.path.expanduser(os.fspath(path)))
-    for source in inputs:
-        for f in input_files(Path(os.path.expanduser(os.fspath(source)))):
-            try:
-                same = p.exists() and f.exists() and os.path.samefile(p, f)
-            except OSError:
-                same = False
-            if same:
-                raise MedSAMError(
-                    f"The output '{p}' is the input image{'' if f == Path(source) else f' data ({f})'}; writing "
-                    "the result there would destroy the image. Choose another output name."
-                )
-    if _extension(p) not in formats and not p.is_dir():
-        raise MedSAMError(
-            f"Cannot write to '{p.name}': the name must end in one of {', '.join(formats)} "
-            "(.mhd is not supported because it writes two files)."
-        )
-    return check_destination(p, overwrite=overwrite)
-
-
 def _itk_write(image: sitk.Image, tmp: Path) -> None:
     try:
         with _quiet_itk() as native:
@@ -700,18 +647,8 @@ def _itk_write(image: sitk.Image, tmp: Path) -> None:
         raise OSError(_sitk_reason(exc, native)) from None
 
 
-def _check_canonical(array: np.ndarray, volume: Volume, what: str) -> np.ndarray:
-    arr = np.asarray(array)
-    if arr.shape != volume.shape:
-        raise MedSAMError(
-            f"The {what} has shape {arr.shape} but the volume's canonical shape (z, y, x) is {volume.shape}; "
-            "results must be on the volume's own grid."
-        )
-    return arr
-
-
 def _as_labels(labels_zyx: np.ndarray, volume: Volume) -> np.ndarray:
-    arr = _check_canonical(labels_zyx, volume, "labelmap")
+    arr = volume.orientation.check_canonical(labels_zyx, "labelmap")
     if arr.dtype == bool:
         return arr.astype(np.uint8)
     if not np.issubdtype(arr.dtype, np.integer):
@@ -744,201 +681,17 @@ def write_labelmap(labels_zyx: np.ndarray, volume: Volume, path: PathLike, overw
 
     Raises:
         MedSAMError: wrong shape, non-integer or out-of-range labels, unsupported extension, the
-            volume's own file, or an unwritable destination (see :func:`check_output`).  Nothing
+            volume's own file, or an unwritable destination (see :func:`~MedSAMSlicerLib.atomic.check_output`).  Nothing
             is left behind on failure.
     """
-    p = check_output(path, overwrite, inputs=[volume.path] if volume.path is not None else [])
-    ext = _extension(p)
+    p = check_output(path, overwrite, inputs=[volume.path] if volume.path is not None else [],
+                     formats=LABELMAP_EXTENSIONS)
     labels = _as_labels(labels_zyx, volume)
     labels_kji = volume.orientation.from_canonical(labels)
-    if ext == ".seg.nrrd":
-        values = [int(v) for v in np.unique(labels_kji) if v != 0]
-        infos = [
-            _SegmentInfo(f"Segment_{v}", _DEFAULT_COLORS[n % len(_DEFAULT_COLORS)], 0, v, _extent(labels_kji == v))
-            for n, v in enumerate(values)
-        ]
-        atomic_write(p, lambda tmp: _write_seg_nrrd_file(tmp, [labels_kji], infos, volume.image), overwrite)
-        return p
+    if split_extension(p.name)[1].lower() == ".seg.nrrd":
+        return write_label_values(labels_kji, volume.image, p, overwrite)
 
     image = sitk.GetImageFromArray(labels_kji)
     image.CopyInformation(volume.image)
     atomic_write(p, lambda tmp: _itk_write(image, tmp), overwrite)
     return p
-
-
-@dataclass(frozen=True)
-class _SegmentInfo:
-    name: str
-    color: Tuple[float, float, float]
-    layer: int
-    label: int
-    extent: Tuple[int, int, int, int, int, int]  # i0 i1 j0 j1 k0 k1 (Slicer's order); empty: 0 -1 ...
-
-
-def _extent(mask_kji: np.ndarray) -> Tuple[int, int, int, int, int, int]:
-    """Slicer's segment extent ``(i0, i1, j0, j1, k0, k1)`` of a (k, j, i) mask; empty -> 0 -1 ..."""
-    if not mask_kji.any():
-        return (0, -1, 0, -1, 0, -1)
-    out: List[int] = []
-    for numpy_axis in (2, 1, 0):  # i, j, k
-        other = tuple(a for a in range(3) if a != numpy_axis)
-        hits = np.flatnonzero(mask_kji.any(axis=other))
-        out += [int(hits[0]), int(hits[-1])]
-    return (out[0], out[1], out[2], out[3], out[4], out[5])
-
-
-def _check_color(color: Sequence[float], name: str) -> Tuple[float, float, float]:
-    try:
-        rgb = tuple(float(v) for v in color)
-    except (TypeError, ValueError):
-        rgb = ()
-    if len(rgb) != 3 or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in rgb):
-        raise MedSAMError(
-            f"Segment '{name}' has colour {color!r}; give three numbers in 0..1 (red, green, blue)."
-        )
-    return (rgb[0], rgb[1], rgb[2])
-
-
-def write_seg_nrrd(segments: Sequence[Segment], volume: Volume, path: PathLike, overwrite: bool = True) -> Path:
-    """Write segments as a Slicer segmentation file (``.seg.nrrd``) on the volume's exact grid.
-
-    Args:
-        segments: ``(name, mask_zyx, color_rgb)`` per segment: ``mask_zyx`` a bool array of shape
-            ``volume.shape`` = ``(nz, ny, nx)`` (non-zero = inside), ``color_rgb`` three floats in
-            0..1.  Segment IDs are ``Segment_1``, ``Segment_2``, ... in this order.
-        volume: the volume the segments belong to.
-        path: destination, normally ending in ``.seg.nrrd`` (``.nrrd`` is accepted too).
-        overwrite: as :func:`write_labelmap`.
-
-    The file is what Slicer writes: one shared 3D labelmap when no two segments overlap; when they
-    do, a 4D NRRD (``kinds: list domain domain domain``) with as few layers as possible (each
-    segment goes to the first layer it does not overlap), so no segment loses voxels.  Segments
-    keep their order; label values count from 1 within each layer.  Header keys: ``SegmentN_ID``,
-    ``_Name``, ``_Color``, ``_LabelValue``, ``_Layer``, ``_Extent``, ``_Tags`` and the
-    ``Segmentation_*`` keys Slicer reads.
-
-    Returns:
-        The written path.
-
-    Raises:
-        MedSAMError: a mask of the wrong shape, a bad colour or name, a wrong extension or an
-            unwritable destination.  Nothing is left behind on failure.
-    """
-    p = check_output(path, overwrite, inputs=[volume.path] if volume.path is not None else [],
-                     formats=(".seg.nrrd", ".nrrd"))
-    checked: List[Tuple[str, np.ndarray, Tuple[float, float, float]]] = []
-    for n, segment in enumerate(segments):
-        try:
-            name, mask, color = segment
-        except (TypeError, ValueError) as exc:
-            raise MedSAMError(f"Segment {n} must be a (name, mask, colour) triple.") from exc
-        name = " ".join(str(name).split())
-        if not name:
-            raise MedSAMError(f"Segment {n} has an empty name; give each segment a name.")
-        mask_zyx = _check_canonical(mask, volume, f"mask of segment '{name}'").astype(bool, copy=False)
-        checked.append((name, volume.orientation.from_canonical(mask_zyx), _check_color(color, name)))
-
-    layers: List[np.ndarray] = []
-    layer_counts: List[int] = []
-    infos: List[_SegmentInfo] = []
-    for name, mask_kji, color in checked:
-        for index, layer in enumerate(layers):
-            if layer_counts[index] < 255 and not np.any(layer[mask_kji]):
-                break
-        else:
-            layers.append(np.zeros(volume.orientation.shape_kji, dtype=np.uint8))
-            layer_counts.append(0)
-            index = len(layers) - 1
-        layer_counts[index] += 1
-        label = layer_counts[index]
-        layers[index][mask_kji] = label
-        infos.append(_SegmentInfo(name, color, index, label, _extent(mask_kji)))
-    if not layers:
-        layers.append(np.zeros(volume.orientation.shape_kji, dtype=np.uint8))
-    atomic_write(p, lambda tmp: _write_seg_nrrd_file(tmp, layers, infos, volume.image), overwrite)
-    return p
-
-
-def _num(v: float) -> str:
-    value = float(v)
-    if value == 0.0:
-        return "0"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-_CONVERSION_PARAMETERS = (
-    ("Collapse labelmaps", "1", "Merge the labelmaps into as few shared labelmaps as possible 1 = created "
-     "labelmaps will be shared if possible without overwriting each other."),
-    ("Compute surface normals", "1", "Compute surface normals. 1 (default) = surface normals are computed. "
-     "0 = surface normals are not computed (slightly faster but produces less smooth surface display)."),
-    ("Crop to reference image geometry", "0", "Crop the model to the extent of reference geometry. 0 (default) "
-     "= created labelmap will contain the entire model. 1 = created labelmap extent will be within reference "
-     "image extent."),
-    ("Decimation factor", "0.0", "Desired reduction in the total number of polygons. Range: 0.0 (no "
-     "decimation) to 1.0 (as much simplification as possible)."),
-    ("Default slice thickness", "0.0", "Default thickness for contours if slice spacing cannot be calculated."),
-    ("End capping", "1", "Create end cap to close surface inside contours on the top and bottom of the structure."),
-    ("Fractional labelmap oversampling factor", "1", "Determines the oversampling of the reference image "
-     "geometry. All segments are oversampled with the same value (value of 1 means no oversampling)."),
-    ("Joint smoothing", "0", "Perform joint smoothing."),
-    ("Oversampling factor", "1", "Determines the oversampling of the reference image geometry. If it's a "
-     "number, then all segments are oversampled with the same value (value of 1 means no oversampling)."),
-    ("Smoothing factor", "0.5", "Smoothing factor. Range: 0.0 (no smoothing) to 1.0 (strong smoothing)."),
-    ("Threshold fraction", "0.5", "Determines the threshold that the closed surface is created at as a "
-     "fractional value between 0 and 1."),
-)
-
-
-def _write_seg_nrrd_file(path: Path, layers_kji: List[np.ndarray], infos: List[_SegmentInfo], image: sitk.Image) -> None:
-    """Write a Slicer ``.seg.nrrd``: a gzip NRRD in LPS with the segmentation header keys."""
-    ni, nj, nk = image.GetSize()
-    spacing = np.asarray(image.GetSpacing(), dtype=float)
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    columns = direction * spacing  # column a = index axis a scaled by its spacing, in LPS
-    origin = np.asarray(image.GetOrigin(), dtype=float)
-    vectors = " ".join("(" + ",".join(_num(v) for v in columns[:, a]) + ")" for a in range(3))
-
-    ijk_to_ras = np.eye(4)
-    ijk_to_ras[:3, :3] = LPS_RAS_SIGN[:, None] * columns
-    ijk_to_ras[:3, 3] = LPS_RAS_SIGN * origin
-    geometry = "".join(f"{_num(v)};" for v in ijk_to_ras.reshape(-1))
-    geometry += "".join(f"{v};" for v in (0, ni - 1, 0, nj - 1, 0, nk - 1))
-    parameters = list(_CONVERSION_PARAMETERS)
-    parameters.insert(9, ("Reference image geometry", geometry, "Image geometry description string determining "
-                          "the geometry of the labelmap that is created in course of conversion."))
-
-    lines = ["NRRD0004", "# Complete NRRD file format specification at:",
-             "# http://teem.sourceforge.net/nrrd/format.html", "type: unsigned char"]
-    if len(layers_kji) == 1:
-        data = np.ascontiguousarray(layers_kji[0], dtype=np.uint8)
-        lines += ["dimension: 3", "space: left-posterior-superior", f"sizes: {ni} {nj} {nk}",
-                  f"space directions: {vectors}", "kinds: domain domain domain"]
-    else:
-        data = np.ascontiguousarray(np.stack(layers_kji, axis=-1), dtype=np.uint8)  # (k, j, i, layer)
-        lines += ["dimension: 4", "space: left-posterior-superior", f"sizes: {len(layers_kji)} {ni} {nj} {nk}",
-                  f"space directions: none {vectors}", "kinds: list domain domain domain"]
-    lines += ["encoding: gzip", "space origin: (" + ",".join(_num(v) for v in origin) + ")"]
-    for n, info in enumerate(infos):
-        lines += [
-            f"Segment{n}_Color:=" + " ".join(_num(round(v, 6)) for v in info.color),
-            f"Segment{n}_ColorAutoGenerated:=0",
-            f"Segment{n}_Extent:=" + " ".join(str(v) for v in info.extent),
-            f"Segment{n}_ID:=Segment_{n + 1}",
-            f"Segment{n}_LabelValue:={info.label}",
-            f"Segment{n}_Layer:={info.layer}",
-            f"Segment{n}_Name:={info.name}",
-            f"Segment{n}_NameAutoGenerated:=0",
-            f"Segment{n}_Tags:=|",
-        ]
-    lines += [
-        "Segmentation_ContainedRepresentationNames:=Binary labelmap|",
-        "Segmentation_ConversionParameters:=" + "".join(f"{a}|{b}|{c}&" for a, b, c in parameters),
-        "Segmentation_MasterRepresentation:=Binary labelmap",
-        "Segmentation_ReferenceImageExtentOffset:=0 0 0",
-    ]
-    header = ("\n".join(lines) + "\n\n").encode("utf-8")
-    with open(path, "wb") as handle:
-        handle.write(header)
-        handle.write(gzip.compress(data.tobytes(), compresslevel=6, mtime=0))

@@ -102,26 +102,16 @@ def _read_labels_on_grid(path: Path, volume) -> Tuple[List[np.ndarray], List[Tup
     ``.seg.nrrd`` segment (empty for a plain labelmap)."""
     import SimpleITK as sitk
 
+    from ..segnrrd import read_seg_nrrd
     from ..volumes import read_volume
 
     if not path.exists():
         raise MedSAMError(f"labels not found: '{path}'")
     segments: List[Tuple[str, int, int]] = []
     if path.name.lower().endswith(".seg.nrrd"):
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            raise MedSAMError(f"cannot read the segmentation '{path}': {str(exc).strip().splitlines()[-1]}") from None
-        n = 0
-        while image.HasMetaDataKey(f"Segment{n}_ID"):
-            name = image.GetMetaData(f"Segment{n}_Name") if image.HasMetaDataKey(f"Segment{n}_Name") else f"segment_{n}"
-            layer = int(image.GetMetaData(f"Segment{n}_Layer")) if image.HasMetaDataKey(f"Segment{n}_Layer") else 0
-            value = int(image.GetMetaData(f"Segment{n}_LabelValue")) if image.HasMetaDataKey(
-                f"Segment{n}_LabelValue") else 1
-            segments.append((name, layer, value))
-            n += 1
-        if not segments:
-            raise MedSAMError(f"'{path}' has no segments (no Segment0_ID in its header): is it a Slicer segmentation?")
+        seg = read_seg_nrrd(path)
+        image = seg.image
+        segments = [(s.name, s.layer, s.label) for s in seg.segments]
     else:
         image = read_volume(path).image
     if image.GetDimension() != 3:
