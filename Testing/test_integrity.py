@@ -135,24 +135,24 @@ def test_blank_volume_is_refused_but_a_blank_label_map_reads(tmp_path, ct_sm_pat
 def test_itk_errors_are_said_in_plain_words(tmp_path, ct_sm_path):
     """What SimpleITK raises (a source-file line, an object address) and what ITK's C++ code prints
     past Python (MetaIO's 'data not read completely', niftilib's '** ERROR') become one reason."""
-    from MedSAMSlicerLib.volumes import _quiet_itk, _sitk_reason
+    from MedSAMSlicerLib.itk_io import quiet_itk, sitk_reason
 
     image = sitk.ReadImage(str(ct_sm_path))
     with pytest.raises(RuntimeError) as info:
-        with _quiet_itk() as native:
+        with quiet_itk() as native:
             sitk.WriteImage(image, str(tmp_path / "no" / "such" / "x.nii.gz"))
     assert ".cxx:" in str(info.value) and any("nifti_image_write_engine" in line for line in native)
-    assert _sitk_reason(info.value, native) == "the file could not be created there"
+    assert sitk_reason(info.value, native) == "the file could not be created there"
     path = tmp_path / "t.mha"
     sitk.WriteImage(image, str(path))
     path.write_bytes(path.read_bytes()[:-50000])
     with pytest.raises(RuntimeError) as info:
-        with _quiet_itk() as native:
+        with quiet_itk() as native:
             sitk.ReadImage(str(path))
-    assert _sitk_reason(info.value, native).endswith("bytes of voxel data its header promises: it is truncated")
+    assert sitk_reason(info.value, native).endswith("bytes of voxel data its header promises: it is truncated")
     with pytest.raises(RuntimeError) as info:
         sitk.ReadImage(str(tmp_path / "absent.nii.gz"))
-    reason = _sitk_reason(info.value)
+    reason = sitk_reason(info.value)
     assert "does not exist" in reason and ".cxx" not in reason and "sitk::" not in reason
 
 

@@ -24,25 +24,23 @@ This module is plain Python over numpy and SimpleITK: it never imports Slicer, Q
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import operator
 import os
-import re
-import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_write, check_output, split_extension
 from .boxes import BoxOutside, voxel_box
+from .dicom import is_dicom_file, read_dicom_folder, read_series_of_file
 from .errors import MedSAMError
 from .integrity import check_file_complete
+from .itk_io import SUPPORTED_INPUTS, check_layout, quiet_itk, sitk_reason
 from .orientation import LPS_RAS_SIGN, AxialOrientation
 from .segnrrd import write_label_values
 
@@ -64,12 +62,6 @@ LABELMAP_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 
 # How a canonical axis is named to the user, who gives boxes in RAS: x runs along R, y along A, z along S.
 _RAS_AXIS_NAMES = ("R (right-left)", "A (anterior-posterior)", "S (superior-inferior)")
-_IMAGE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-_SUPPORTED_INPUTS = (
-    "a NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr) or MetaImage (.mha, .mhd) file, "
-    "or a folder holding one DICOM series"
-)
-_DICOM_TAG = re.compile(r"^[0-9a-fA-F]{4}\|[0-9a-fA-F]{4}$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +140,7 @@ class Volume:
         A 4D image with a single frame is reduced to 3D; other layouts raise :class:`MedSAMError`.
         """
         source = f"'{path}'" if path is not None else "The image"
-        _check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(),
+        check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(),
                       image.GetPixelIDTypeAsString(), source)
         if image.GetDimension() == 4:
             size = list(image.GetSize())
@@ -203,10 +195,10 @@ def read_volume(path: PathLike, allow_gaps: bool = False, labels: bool = False) 
             f"Input '{p}' cannot be used ({exc.strerror or exc}). Check the path and its permissions."
         ) from None
     if not exists:
-        raise MedSAMError(f"Input not found: '{p}'. Check the path; give {_SUPPORTED_INPUTS}.")
+        raise MedSAMError(f"Input not found: '{p}'. Check the path; give {SUPPORTED_INPUTS}.")
     notes: List[str] = []
     if is_dir:
-        image = _read_dicom_folder(p, notes, allow_gaps)
+        image = read_dicom_folder(p, notes, allow_gaps)
     else:
         image = _read_image_file(p, notes, allow_gaps)
     volume = Volume.from_image(image, p, notes)
@@ -256,309 +248,34 @@ def check_array_values(array: np.ndarray, orientation: AxialOrientation, source:
         )
 
 
-def _check_layout(dimension: int, size: Sequence[int], components: int, pixel_type: str, source: str) -> None:
-    """Refuse anything but a 3D single-component image (a 4D image with one frame is allowed)."""
-    size = list(size)
-    dims = "x".join(str(n) for n in size)
-    if components != 1:
-        raise MedSAMError(
-            f"{source} has {components} components per voxel ({pixel_type}, size {dims}), e.g. colour "
-            "(RGB) or a vector field; MedSAM needs a single-channel (scalar) volume. Extract one channel "
-            "first, e.g. with SimpleITK `sitk.VectorIndexSelectionCast(image, 0)` or Slicer's "
-            "'Vector to Scalar Volume' module, and save it as a new file."
-        )
-    if dimension == 2:
-        raise MedSAMError(
-            f"MedSAM needs a 3D volume; got a 2D image of size {dims} from {source}. Give the 3D volume "
-            "(for DICOM, the folder holding all slices of the series)."
-        )
-    if dimension == 4:
-        if size[3] == 1:
-            return
-        raise MedSAMError(
-            f"{source} is a 4D image ({'x'.join(str(n) for n in size[:3])} voxels with {size[3]} frames or "
-            "time points); MedSAM needs one 3D volume. Extract one frame first, e.g. with SimpleITK "
-            f"`sitk.Extract(image, [{size[0]}, {size[1]}, {size[2]}, 0], [0, 0, 0, frame])` or Slicer's "
-            "Sequences module, and save it as a new file."
-        )
-    if dimension != 3:
-        raise MedSAMError(f"MedSAM needs a 3D volume; {source} is a {dimension}D image of size {dims}.")
-
-
-_ITK_NOISE = re.compile(r"^(Exception thrown in SimpleITK \S+:)?\s*\S+\.(h|hxx|cxx|cpp|txx):\d+:?$")
-_ITK_PREFIX = re.compile(r"^(sitk::ERROR:|ITK ERROR:)\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?(ERROR:\s*)?")
-
-
-def _sitk_reason(exc: BaseException, native: Sequence[str] = ()) -> str:
-    """What a SimpleITK exception (and what ITK printed meanwhile, ``native``) says, in plain words.
-
-    Source-file lines (``itkImageBase.hxx:145:``), object addresses and library prefixes are
-    dropped; reasons we know are put in the user's terms.
-    """
-    lines = [line.strip() for line in [*str(exc).splitlines(), *native] if line.strip()]
-    text = " ".join(lines)
-    ideal = re.search(r"ideal = (\d+) : actual = (\d+)", text)
-    if ideal:
-        return (f"the file holds {int(ideal.group(2)):,} of the {int(ideal.group(1)):,} bytes of voxel data its "
-                "header promises: it is truncated")
-    if "fread got only" in text or "expected" in text and "bytes but received" in text:
-        return "the file holds fewer voxel bytes than its header promises: it is truncated"
-    if "Unable to determine ImageIO reader" in text or "Could not create IO object" in text:
-        return "it is not in a format SimpleITK can read"
-    if "nifti library failed to write" in text or "cannot open output file" in text:
-        return "the file could not be created there"
-    useful = []
-    for line in lines:
-        if _ITK_NOISE.match(line) or line.startswith(("WARNING: In ", "MetaImage: ")):
-            continue
-        line = _ITK_PREFIX.sub("", line).strip()
-        if line.startswith("Exception thrown in SimpleITK"):
-            line = line.split(":", 1)[1].strip() if ":" in line else ""
-        if line and not line.startswith("Reason: No such file or directory"):
-            useful.append(line)
-    return useful[0] if useful else type(exc).__name__
-
-
-@contextlib.contextmanager
-def _quiet_itk() -> Iterator[List[str]]:
-    """Silence ITK for a moment and collect what its C++ code prints on stderr.
-
-    ITK's warnings (GDCM's 'No Series were found', MetaIO's 'data not read completely', niftilib's
-    '** ERROR') are written straight to the process's stderr, past Python; they are collected in
-    the yielded list (to explain a failure in plain words) instead of reaching the user.
-    """
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    captured: List[str] = []
-    saved: Optional[int] = None
-    sink = None
-    try:
-        with contextlib.suppress(AttributeError, OSError, ValueError):
-            sys.stderr.flush()
-        try:
-            sink = tempfile.TemporaryFile()
-            saved = os.dup(2)
-            os.dup2(sink.fileno(), 2)
-        except OSError:  # no file descriptor 2 (some embedded interpreters): leave stderr alone
-            saved = None
-        yield captured
-    finally:
-        if saved is not None:
-            os.dup2(saved, 2)
-            os.close(saved)
-        if sink is not None:
-            with contextlib.suppress(OSError):
-                sink.seek(0)
-                captured.extend(sink.read().decode("utf-8", "replace").splitlines())
-            sink.close()
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
-
-
 def _read_image_file(p: Path, notes: List[str], allow_gaps: bool = False) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:
-        with _quiet_itk() as native:
+        with quiet_itk() as native:
             reader.ReadImageInformation()
     except RuntimeError as exc:
         if not os.access(p, os.R_OK) and p.is_file():
             raise MedSAMError(f"'{p}' cannot be opened: permission denied. Check the file's permissions.") from None
         raise MedSAMError(
-            f"'{p}' is not an image file that can be read ({_sitk_reason(exc, native)}). Give {_SUPPORTED_INPUTS}."
+            f"'{p}' is not an image file that can be read ({sitk_reason(exc, native)}). Give {SUPPORTED_INPUTS}."
         ) from None
     source = f"'{p}'"
-    is_dicom = any(_DICOM_TAG.match(key) for key in reader.GetMetaDataKeys())
-    if is_dicom:
-        everything = _dicom_series(p.parent)
-        target = os.path.realpath(p)
-        series = next((files for _, files in everything if any(os.path.realpath(f) == target for f in files)), None)
-        if series is not None and len(series) > 1:
-            notes.append(
-                f"'{p.name}' is one DICOM slice; read the whole series it belongs to "
-                f"({len(series)} files in '{p.parent}')."
-            )
-            return _read_dicom_files(series, f"The DICOM series in '{p.parent}'", notes, allow_gaps,
-                                     _unreadable_dicom_files(p.parent, everything))
-    _check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
-                  sitk.GetPixelIDValueAsString(reader.GetPixelID()), source)
+    if is_dicom_file(reader):
+        series = read_series_of_file(p, notes, allow_gaps)
+        if series is not None:
+            return series
+    check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                 sitk.GetPixelIDValueAsString(reader.GetPixelID()), source)
     check_file_complete(p)
     try:
-        with _quiet_itk() as native:
+        with quiet_itk() as native:
             return reader.Execute()
     except RuntimeError as exc:
         raise MedSAMError(
-            f"{source} could not be read ({_sitk_reason(exc, native)}); the file may be truncated or corrupt. "
+            f"{source} could not be read ({sitk_reason(exc, native)}); the file may be truncated or corrupt. "
             "Copy or export it again."
         ) from None
-
-
-# --------------------------------------------------------------------------------------------
-# DICOM series
-# --------------------------------------------------------------------------------------------
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _dicom_series(folder: Path) -> List[Tuple[str, List[str]]]:
-    """``(series id, files in GDCM's order)`` of every DICOM series in ``folder``, largest first."""
-    with _quiet_itk():
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-        series = [(sid, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in ids]
-    series.sort(key=lambda item: -len(item[1]))
-    return series
-
-
-def _unreadable_dicom_files(folder: Path, series: Sequence[Tuple[str, List[str]]]) -> List[Path]:
-    """Files in ``folder`` that look like DICOM (the ``DICM`` marker) but belong to none of its
-    ``series`` (truncated or damaged slices are dropped by GDCM without a word)."""
-    listed = {os.path.realpath(f) for _, files in series for f in files}
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        return []
-    return [e for e in entries if e.is_file() and e.name.upper() != "DICOMDIR"
-            and os.path.realpath(e) not in listed and _looks_like_dicom(e)]
-
-
-def _read_dicom_folder(folder: Path, notes: List[str], allow_gaps: bool = False) -> sitk.Image:
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError as exc:
-        raise MedSAMError(f"Folder '{folder}' cannot be listed ({exc.strerror or exc}). Check its permissions.") from None
-    if not entries:
-        raise MedSAMError(
-            f"Folder '{folder}' is empty. Point to a folder holding the DICOM files of one series, "
-            "or to an image file (NIfTI, NRRD, MHA)."
-        )
-    series = _dicom_series(folder)
-    if not series:
-        hints = []
-        images = [e.name for e in entries if e.is_file() and e.name.lower().endswith(_IMAGE_EXTENSIONS)]
-        if images:
-            hints.append(f" It holds image files such as '{images[0]}': give that file's path instead.")
-        if any(e.is_dir() for e in entries):
-            hints.append(" Subfolders are not searched: point to the folder that holds the DICOM slices.")
-        raise MedSAMError(
-            f"Folder '{folder}' holds no DICOM series (none of its files could be read as DICOM)."
-            + "".join(hints)
-            + f" Give {_SUPPORTED_INPUTS}."
-        )
-    chosen_id, files = series[0]
-    if len(series) > 1:
-        others = ", ".join(f"'{sid}' ({len(f)} files)" for sid, f in series[1:])
-        notes.append(
-            f"Folder '{folder}' holds {len(series)} DICOM series; reading '{chosen_id}' ({len(files)} files), "
-            f"the one with the most files. Others: {others}. To read another, put its files in a folder of "
-            "their own."
-        )
-    return _read_dicom_files(files, f"The DICOM series in '{folder}'", notes, allow_gaps,
-                             _unreadable_dicom_files(folder, series))
-
-
-#: Slice spacings of a DICOM series may differ by this much (mm, or this fraction of the
-#: spacing, whichever is larger) before the series counts as unevenly spaced.
-DICOM_SPACING_TOLERANCE_MM = 0.05
-DICOM_SPACING_TOLERANCE_FRACTION = 0.05
-
-
-def _position_label(normal_lps: np.ndarray) -> Tuple[str, float]:
-    """The RAS axis name closest to a slice normal (LPS) and the sign turning LPS into it."""
-    axis = int(np.argmax(np.abs(normal_lps)))
-    sign = float(np.sign(normal_lps[axis])) * float(LPS_RAS_SIGN[axis])
-    return "RAS"[axis], sign
-
-
-def _read_dicom_files(files: List[str], source: str, notes: Optional[List[str]] = None, allow_gaps: bool = False,
-                      unreadable: Sequence[Path] = ()) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        with _quiet_itk() as native:
-            image = reader.Execute()
-    except RuntimeError as exc:
-        raise MedSAMError(
-            f"{source} could not be read ({_sitk_reason(exc, native)}). Check that the files are complete; "
-            "compressed DICOM needs a SimpleITK build with the matching codec."
-        ) from None
-    _check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(),
-                  image.GetPixelIDTypeAsString(), source)
-    if image.GetDimension() == 3 and len(files) > 1:
-        _check_dicom_spacing(reader, image, files, source, notes if notes is not None else [], allow_gaps,
-                             unreadable)
-    return image
-
-
-def _check_dicom_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image, files: List[str], source: str,
-                         notes: List[str], allow_gaps: bool, unreadable: Sequence[Path]) -> None:
-    """Refuse (or, with ``allow_gaps``, note) missing slices and uneven slice spacing.
-
-    SimpleITK places the slices of a series on a uniform grid spanning the first and last
-    positions; with a slice missing, every slice after it is moved (a 2 mm series missing one
-    slice is read as 2.111 mm throughout), and its warning about it is not shown.
-    """
-    try:
-        positions = np.array([[float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")]
-                              for n in range(len(files))])
-    except (RuntimeError, ValueError):
-        return  # no Image Position (Patient) in every file: SimpleITK's grid is all there is
-    if positions.shape != (len(files), 3):
-        return
-    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    along, names = along[order], [Path(files[n]).name for n in order]
-    steps = np.diff(along)
-    if steps.size == 0:
-        return
-    typical = float(np.median(steps))
-    tolerance = max(DICOM_SPACING_TOLERANCE_MM, DICOM_SPACING_TOLERANCE_FRACTION * abs(typical))
-    bad = np.flatnonzero(np.abs(steps - typical) > tolerance)
-    if bad.size == 0:
-        if unreadable:
-            notes.append(
-                f"{source}: {len(unreadable)} file(s) look like DICOM but could not be read and were left out "
-                f"({', '.join(repr(u.name) for u in unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}); the "
-                "series itself has no gap."
-            )
-        return
-    axis, sign = _position_label(normal)
-    problems = []
-    for n in bad[:3]:
-        a, b, step = names[n], names[n + 1], float(steps[n])
-        where = f"between '{a}' ({axis} {sign * along[n]:.1f} mm) and '{b}' ({axis} {sign * along[n + 1]:.1f} mm)"
-        if abs(typical) > 1e-6 and step > 1.5 * typical:
-            missing = int(round(step / typical)) - 1
-            problems.append(f"{missing} slice(s) missing {where}: {step:.2f} mm apart")
-        elif abs(step) <= tolerance:
-            problems.append(f"two slices at the same position {where}")
-        else:
-            problems.append(f"uneven spacing {where}: {step:.2f} mm apart")
-    more = f" (and {bad.size - 3} more)" if bad.size > 3 else ""
-    culprits = ""
-    if unreadable:
-        culprits = (f" These files look like DICOM but could not be read: "
-                    f"{', '.join(repr(u.name) for u in unreadable[:5])}{', ...' if len(unreadable) > 5 else ''}.")
-    spacing = float(image.GetSpacing()[2])
-    uniform = along[0] + spacing * np.arange(along.size)
-    moved = float(np.max(np.abs(uniform - along)))
-    if not allow_gaps:
-        raise MedSAMError(
-            f"{source} is incomplete or unevenly spaced: {'; '.join(problems)}{more}, where the other slices are "
-            f"{typical:.2f} mm apart.{culprits} Read as one volume, slices would be moved by up to {moved:.1f} mm. "
-            "Restore the missing files (re-export the series), or pass --allow-gaps to read it anyway."
-        )
-    notes.append(
-        f"{source}: {'; '.join(problems)}{more}; read anyway (--allow-gaps) on a uniform grid of {spacing:.3f} mm, "
-        f"so slices are up to {moved:.1f} mm from where the files put them.{culprits}"
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,10 +358,10 @@ def ijk_box_to_canonical(volume: Volume, i0: int, j0: int, k0: int, i1: int, j1:
 
 def _itk_write(image: sitk.Image, tmp: Path) -> None:
     try:
-        with _quiet_itk() as native:
+        with quiet_itk() as native:
             sitk.WriteImage(image, str(tmp), True)
     except RuntimeError as exc:
-        raise OSError(_sitk_reason(exc, native)) from None
+        raise OSError(sitk_reason(exc, native)) from None
 
 
 def _as_labels(labels_zyx: np.ndarray, volume: Volume) -> np.ndarray:
