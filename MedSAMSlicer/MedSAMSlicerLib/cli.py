@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .boxes import DIRECTIONS, BoxPrompt
+from .boxes import DIRECTIONS
 from .errors import MedSAMError
-from .progress import Cancelled, TerminalProgress
+from .progress import Cancelled
+from .segment_command import segment_file
 from .speed import SPEED_TIERS
 
 DESCRIPTION = """\
@@ -29,6 +29,8 @@ examples:
   medsam-slicer demo
   medsam-slicer segment ct.nii.gz --box-ijk 30 20 60 80 70 60 -o liver.seg.nrrd --name liver
   medsam-slicer segment ct.nii.gz --box-ras -50 10 -300 20 80 -250 -o spleen.nii.gz
+  medsam-slicer segment ct.nii.gz --box-ijk ... --name liver --box-ijk ... --name spleen -o organs.seg.nrrd
+  medsam-slicer segment ct.nii.gz --replay organs.seg.nrrd -o again.seg.nrrd
   medsam-slicer models
 """
 
@@ -44,6 +46,18 @@ The output format follows the file name: .seg.nrrd (a 3D Slicer segmentation wit
 name and colour), or .nii.gz / .nii / .nrrd / .mha (a labelmap, value 1). An existing output file
 is never replaced unless --overwrite is given (not even one created while the model runs), and
 the input itself never is.
+
+Several structures: repeat --box-ijk / --box-ras, each with a --name (the n-th --name goes with the
+n-th box), or list them in a --prompts file (JSON or TOML: name, box_ijk or box_ras, optional
+color). They run as one job: each slice is encoded once for all of them, a slice's boxes are
+decoded together, and a voxel two structures claim goes to the one the model is most confident
+in (never to the first listed). A .seg.nrrd gets one segment each; a labelmap gets the value n
+for the n-th structure (the summary lists them).
+
+Each .seg.nrrd segment records how it was made, in its Slicer segment tags (MedSAM.*): the box in
+RAS, the model and the SHA-256 of its weights, the window, the speed and precision, the version
+and the date. --replay FILE.seg.nrrd re-runs it on the same volume (refused if the volume's voxels
+or the weights differ) and says whether each mask came out the same.
 
 Before the model loads, the input is checked: a truncated or damaged file, a DICOM series with
 a missing or unreadable slice or uneven spacing (--allow-gaps reads it anyway), NaN or infinite
@@ -88,6 +102,15 @@ def _add_window_args(p: argparse.ArgumentParser) -> None:
                         "abdomen, lung, bone, brain, or mr")
 
 
+class _BoxAction(argparse.Action):
+    """``--box-ijk`` / ``--box-ras``: appended to one list in the order given, with their kind."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        boxes = list(getattr(namespace, self.dest, None) or [])
+        boxes.append(("ijk" if option_string == "--box-ijk" else "ras", list(values)))
+        setattr(namespace, self.dest, boxes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medsam-slicer`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -102,11 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     seg.add_argument("volume", help="input volume: .nii/.nii.gz, .nrrd, .mha/.mhd, or a DICOM series folder")
-    box = seg.add_mutually_exclusive_group(required=True)
-    box.add_argument("--box-ijk", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"), help="box corners in voxel indices of the input (inclusive)")
-    box.add_argument("--box-ras", nargs=6, type=float, metavar=("R0", "A0", "S0", "R1", "A1", "S1"), help="box corners in RAS millimetres")
+    seg.add_argument("--box-ijk", nargs=6, type=float, action=_BoxAction, dest="boxes", default=[],
+                     metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                     help="box corners in voxel indices of the input (inclusive); repeat for several structures")
+    seg.add_argument("--box-ras", nargs=6, type=float, action=_BoxAction, dest="boxes",
+                     metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
+                     help="box corners in RAS millimetres; repeat for several structures")
     seg.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
-    seg.add_argument("--name", default="segment", help="segment name (in .seg.nrrd)")
+    seg.add_argument("--name", action="append", dest="names",
+                     help="the structure's name (the segment's name in .seg.nrrd); with several boxes one --name "
+                          "per box, the n-th name for the n-th box")
+    seg.add_argument("--prompts", metavar="FILE",
+                     help="several structures from a JSON or TOML file: name, box_ijk or box_ras, optional color")
+    seg.add_argument("--replay", metavar="SEG_NRRD",
+                     help="re-run a .seg.nrrd written by medsam-slicer on the same volume (its boxes, model, weights, "
+                          "window and speed come from the file)")
     seg.add_argument("--direction", default="both", choices=DIRECTIONS, help="propagation direction (2D box)")
     seg.add_argument("--slice-only", action="store_true",
                      help="segment only the box's slice (a 3D box: its middle slice), no propagation")
@@ -155,10 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--out", default="medsam-bench.json", help="JSON results file")
     bench.add_argument("--quick", action="store_true", help="fewer slices and repeats (a smoke run)")
-    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "all"],
+    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "structures", "all"],
                        help="reference: ours against the reference pipelines (default); alternatives: LiteMedSAM's "
                             "CPU speed alternatives (OpenVINO, ONNX Runtime, bfloat16, every 2nd slice) against our "
-                            "exact path, on the CPU; all: both")
+                            "exact path, on the CPU; structures: liver, spleen, both kidneys and aorta as one job "
+                            "against the liver alone (LiteMedSAM); all: all three")
     return parser
 
 
@@ -172,169 +206,32 @@ def _window(args: argparse.Namespace):
     return None  # automatic: chosen from the volume by Segmenter.set_volume (Window.automatic)
 
 
-#: Embedding-cache cap of a one-shot ``segment`` run. The propagation needs only the batch of
-#: slices being encoded (1 on a CPU, 16 x 4 MB on a GPU); keeping every slice's embedding, as
-#: the interactive front ends do, only grew the process (liver, 43 slices, CPU: +398 MiB during
-#: the propagation; +220 MiB with this cap; README "Memory, as measured").
-ONE_SHOT_CACHE_MB = 80
-
-
-def _box_too_thin(volume, box, box_ijk, box_ras) -> Optional[str]:
-    """Why a canonical box is too thin for the model (< 2 voxels across in the axial plane),
-    said in the coordinates the user typed; ``None`` when it is fine."""
-    x0, y0, _, x1, y1, _ = box
-    thin = [c for c, (a, b) in enumerate(((x0, x1), (y0, y1))) if b - a < 1]
-    if not thin:
-        return None
-    axes = volume.orientation.axes
-    if box_ijk is not None:
-        names = ["ijk"[axes[c]] for c in (0, 1)]
-        parts = [f"{'ijk'[axes[c]]}0={box_ijk[axes[c]]:g} and {'ijk'[axes[c]]}1={box_ijk[axes[c] + 3]:g}" for c in thin]
-        return (f"the box is a single voxel wide ({'; '.join(parts)}); on its axial slice it must span at least 2 "
-                f"voxels in {names[0]} and in {names[1]}: draw it around the structure")
-    spacing = volume.spacing
-    parts = [f"{'RA'[c]}0={box_ras[c]:g} and {'RA'[c]}1={box_ras[c + 3]:g} mm" for c in thin]
-    return (f"the box covers a single voxel across ({'; '.join(parts)}; the voxels are {spacing[0]:g} x "
-            f"{spacing[1]:g} mm); it must span at least 2 voxels in R and in A: draw it around the structure")
-
-
-def _slices_text(volume, zs: Sequence[int]) -> str:
-    """Canonical slices as the file's indices, e.g. ``"k 70..95"``."""
-    named = [volume.orientation.slice_to_index(z) for z in zs]
-    if not named:
-        return "no slice"
-    axis = named[0][0]
-    values = sorted(v for _, v in named)
-    return f"{axis}={values[0]}" if values[0] == values[-1] else f"{axis} {values[0]}..{values[-1]}"
-
-
-def _stops_text(volume, result, z_start: int) -> str:
-    """Why each direction of a propagation ended, with slices named by the file's index."""
-    parts = []
-    for direction in result.stop_reasons:
-        rejected = [r for r in result.slices if not r.accepted and (r.z > z_start if direction == "up" else r.z < z_start)]
-        if rejected:
-            parts.append(f"{direction}: stopped at {_slices_text(volume, [rejected[0].z])}: {rejected[0].reason}")
-        else:
-            parts.append(f"{direction}: {result.stop_reasons[direction]}")
-    return "; ".join(parts)
-
-
-def _note(text: str) -> None:
-    print(f"medsam-slicer: note: {text}", file=sys.stderr)
-
-
-def segment_file(
-    volume_path: str,
-    output: Path,
-    box_ijk: Optional[Sequence[float]] = None,
-    box_ras: Optional[Sequence[float]] = None,
-    name: str = "segment",
-    direction: str = "both",
-    slice_only: bool = False,
-    window=None,
-    overwrite: bool = False,
-    segmenter=None,
-    model: str = "litemedsam",
-    checkpoint: Optional[str] = None,
-    device: str = "auto",
-    precision: str = "auto",
-    download: bool = False,
-    progress: bool = True,
-    allow_gaps: bool = False,
-    speed: str = "exact",
-) -> str:
-    """Segment one structure of a volume file and write it on the file's grid.
-
-    Everything that can be checked without the model is checked first, before torch is even
-    imported: the output (name, extension, folder writable, not the input, not existing without
-    ``overwrite``), the volume (:func:`~MedSAMSlicerLib.volumes.read_volume`'s checks) and the
-    box. The output is published atomically and, without ``overwrite``, never replaces a file,
-    even one created while the model ran. ``window`` is a
-    :class:`~MedSAMSlicerLib.preprocessing.Window`, or a function returning one (called after
-    the checks). ``segmenter`` reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`
-    (and its embedding cache); otherwise one is made with a small cache (one-shot run) and
-    ``speed``, a :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name.
-
-    ``slice_only`` segments one slice: the box's slice, or a 3D box's middle slice (the slice its
-    3D inference starts from). Slices are reported as the file's indices (e.g. ``k=21``).
-
-    Returns:
-        A one-line summary.
-    """
-    import warnings
-
-    from .atomic import check_output
-    from .volumes import LABELMAP_EXTENSIONS, ijk_box_to_canonical, ras_box_to_canonical, read_volume
-
-    if (box_ijk is None) == (box_ras is None):
-        raise MedSAMError("give exactly one box: --box-ijk or --box-ras")
-    if box_ijk is not None and len(box_ijk) != 6:
-        raise MedSAMError(f"--box-ijk needs six numbers I0 J0 K0 I1 J1 K1; got {len(box_ijk)}")
-    if box_ras is not None and len(box_ras) != 6:
-        raise MedSAMError(f"--box-ras needs six numbers R0 A0 S0 R1 A1 S1; got {len(box_ras)}")
-    out = check_output(output, overwrite, inputs=[volume_path], formats=LABELMAP_EXTENSIONS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the notes are printed below, in our words
-        volume = read_volume(volume_path, allow_gaps=allow_gaps)
-    for text in volume.notes:
-        _note(text)
-    if box_ijk is not None:
-        box = ijk_box_to_canonical(volume, *box_ijk)
-    else:
-        box = ras_box_to_canonical(volume, box_ras[:3], box_ras[3:])
-    problem = _box_too_thin(volume, box, box_ijk, box_ras)
-    if problem:
-        raise MedSAMError(problem)
-    x0, y0, z0, x1, y1, z1 = box
-
-    # Only now the model side (torch).
-    import numpy as np
-
-    from .preprocessing import Window, window_note
-    from .segmenter import Segmenter
-    from .segnrrd import write_seg_nrrd
-    from .volumes import write_labelmap
-
-    window = window() if callable(window) else window
-    window = window or Window.automatic(volume.array)
-    warning = window_note(volume.array, window)
-    if warning:
-        print(f"medsam-slicer: warning: {warning}", file=sys.stderr)
-    t0 = time.perf_counter()
-    if segmenter is None:
-        segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
-                              cache_mb=ONE_SHOT_CACHE_MB, speed=speed,
-                              progress=TerminalProgress("weights") if progress else None)
-        print(segmenter.describe(), file=sys.stderr)
-    segmenter.set_volume(volume.array, window)
-    bar = TerminalProgress("propagating") if progress else None
-    prompt = BoxPrompt.from_voxel_box((x0, y0, z0), (x1, y1, z1))
-    done = segmenter.segment(prompt, "2d" if slice_only else "3d", direction=direction, progress=bar)
-    mask = done.mask
-    if slice_only:
-        how = f"slice {_slices_text(volume, [prompt.z])} only" + ("" if z0 == z1 else ", the 3D box's middle slice")
-    elif prompt.z_range is None:
-        how = _stops_text(volume, done.result, z0)
-    else:
-        how = f"3D box, slices {_slices_text(volume, [z0, z1])}"
-    if out.name.lower().endswith(".seg.nrrd"):
-        write_seg_nrrd([(name, mask, (0.85, 0.35, 0.25))], volume, out, overwrite=overwrite)
-    else:
-        write_labelmap(mask.astype(np.uint8), volume, out, overwrite=overwrite)
-    found = [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
-    where = f" ({_slices_text(volume, found)})" if found else ""
-    return (f"{name}: {int(mask.sum())} voxels on {len(found)} slices{where} ({how}); "
-            f"{time.perf_counter() - t0:.1f} s; wrote {out}")
-
-
 def cmd_segment(args: argparse.Namespace) -> int:
     """``medsam-slicer segment``."""
+    from .segment_command import pair_boxes, read_prompts_file, replay_file
+
+    if args.replay:
+        if args.boxes or args.prompts or args.names:
+            raise MedSAMError("--replay takes its boxes and names from the file: give no --box-ijk, --box-ras, "
+                              "--name or --prompts with it")
+        summary = replay_file(args.replay, args.volume, Path(args.output), overwrite=args.overwrite,
+                              checkpoint=args.checkpoint, device=args.device, download=args.download,
+                              allow_gaps=args.allow_gaps)
+        print(summary)
+        return 0
+    prompts = read_prompts_file(Path(args.prompts)) if args.prompts else []
+    if args.boxes or not prompts:
+        if not args.boxes:
+            raise MedSAMError("give a box (--box-ijk or --box-ras), a --prompts file, or --replay FILE.seg.nrrd")
+        prompts += pair_boxes(args.boxes, args.names)
+    elif args.names:
+        raise MedSAMError("the structures of a --prompts file are named in the file; --name goes with a --box-ijk "
+                          "or --box-ras")
     summary = segment_file(
-        args.volume, Path(args.output), box_ijk=args.box_ijk, box_ras=args.box_ras, name=args.name,
-        direction=args.direction, slice_only=args.slice_only, window=lambda: _window(args), overwrite=args.overwrite,
-        model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-        download=args.download, allow_gaps=args.allow_gaps, speed=args.speed,
+        args.volume, Path(args.output), prompts=prompts, direction=args.direction, slice_only=args.slice_only,
+        window=lambda: _window(args), overwrite=args.overwrite, model=args.model, checkpoint=args.checkpoint,
+        device=args.device, precision=args.precision, download=args.download, allow_gaps=args.allow_gaps,
+        speed=args.speed,
     )
     print(summary)
     return 0

@@ -5,6 +5,7 @@ cheap (a panel opening).
 
 - :func:`hash_file` / :func:`sha256_file`: digests, read in 1 MiB chunks.
 - :func:`package_file` finds a file inside an installed distribution without importing it.
+- :func:`read_table` reads a small JSON or TOML file (an evaluation set, a list of prompts).
 - :func:`download` streams a URL to ``dest`` through a temporary file, verifies the digest and
   renames atomically, so ``dest`` is either complete or absent.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import importlib.metadata
+import json
 import os
 import urllib.error
 import urllib.request
@@ -148,3 +150,21 @@ def download(
     report(progress, done, done, f"downloaded {dest.name}")
     return dest
 
+
+
+def read_table(path: Path, what: str) -> dict:
+    """A JSON or TOML (``.toml``; Python 3.11 or newer) file as data; ``what`` names it in errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MedSAMError(f"cannot read the {what} '{path}' ({exc.strerror})") from None
+    try:
+        if Path(path).suffix.lower() == ".toml":
+            import tomllib  # Python >= 3.11
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ImportError:
+        raise MedSAMError(f"TOML files ({what}) need Python 3.11 or newer; write it as JSON") from None
+    except ValueError as exc:
+        raise MedSAMError(f"the {what} '{path}' is not valid {Path(path).suffix.lstrip('.').upper()}: {exc}") from None

@@ -14,7 +14,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from .propagation import PropagationResult, PropagationSettings, StopRule, split
 from .registry import ModelSpec, get_spec, resolve_weights
 from .speed import SpeedTier, get_speed
 from .strided import propagate_strided
+from .structures import StructuresResult, segment_structures
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -243,6 +244,20 @@ class Segmenter:
         score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
         return Segmentation(prompt, mode, np.asarray(result.mask, dtype=bool), covered, score,
                             dict(result.stop_reasons), result)
+
+    def segment_structures(
+        self,
+        prompts: Mapping[str, BoxPrompt],
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
+    ) -> StructuresResult:
+        """Several structures in 3D as one job (:func:`~MedSAMSlicerLib.structures.segment_structures`):
+        each slice encoded once for all, a slice's boxes decoded together, overlaps settled by the
+        decoder's logits. Every slice is computed, whatever the speed setting's stride (the strided
+        path follows one structure); its encoder runtime and precision apply."""
+        return segment_structures(self.predictor, prompts, settings=settings or self.propagation,
+                                  progress=progress, cancel=cancel)
 
     def segment_box3d(
         self,

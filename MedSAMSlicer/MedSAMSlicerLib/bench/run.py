@@ -15,7 +15,7 @@ from .compare import SLICES, bench_model
 from .measure import machine_info
 from .report import markdown_table
 
-COMPARISONS = ("reference", "alternatives", "all")
+COMPARISONS = ("reference", "alternatives", "structures", "all")
 
 
 def _command_line(models: List[str], device: str, out: Path, quick: bool, compare: str) -> str:
@@ -35,7 +35,8 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         quick: fewer slices and repeats (a smoke run).
         compare: ``reference`` (ours against the reference pipelines, per model), ``alternatives``
             (LiteMedSAM's CPU speed alternatives against our exact path and the reference:
-            :mod:`.alternatives`; always on the CPU) or ``all``.
+            :mod:`.alternatives`; always on the CPU), ``structures`` (five structures as one job against
+            the liver alone: :mod:`.structures`) or ``all``.
 
     Returns:
         The results (also written to ``out``): ``machine``, ``command``, ``models`` (one row per
@@ -73,6 +74,13 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         result["alternatives"] = bench_alternatives(quick)
         tables.append(alternatives_table(result["alternatives"]))
         result["alternatives"]["table_markdown"] = tables[-1]
+    if compare in ("structures", "all"):
+        from .structures import bench_structures
+        from .structures import markdown_table as structures_table
+
+        result["structures"] = bench_structures(device=device, quick=quick)
+        tables.append(structures_table(result["structures"]))
+        result["structures"]["table_markdown"] = tables[-1]
     result["seconds"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]

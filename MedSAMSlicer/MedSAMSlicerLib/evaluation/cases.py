@@ -28,7 +28,6 @@ A :class:`Case` is an image in canonical ``(z, y, x)`` order with its spacing an
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import MedSAMError
+from ..files import read_table
 from ..metrics import tolerance_for
 
 PathLike = Union[str, Path]
@@ -243,27 +243,10 @@ def load_folder(folder: PathLike, min_slices: int = DEFAULT_MIN_SLICES,
     return cases
 
 
-def _read_table(path: Path) -> dict:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MedSAMError(f"cannot read the evaluation set '{path}' ({exc.strerror})") from None
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib  # Python >= 3.11
-
-            return tomllib.loads(text)
-        return json.loads(text)
-    except ImportError:
-        raise MedSAMError("TOML evaluation sets need Python 3.11 or newer; write the set as JSON") from None
-    except ValueError as exc:
-        raise MedSAMError(f"the evaluation set '{path}' is not valid {path.suffix.lstrip('.').upper()}: {exc}") from None
-
-
 def load_set(path: PathLike) -> List[Case]:
     """Read an evaluation set file (TOML or JSON; format in the module docstring)."""
     p = Path(path)
-    data = _read_table(p)
+    data = read_table(p, "evaluation set")
     entries = data.get("case")
     if not isinstance(entries, list) or not entries:
         raise MedSAMError(f"the evaluation set '{p}' has no [[case]] entries")

@@ -1,0 +1,203 @@
+"""How a segment was made: the record every front end writes into its ``.seg.nrrd`` segment tags,
+and reads back to replay it (``medsam-slicer segment --replay``).
+
+>>> record = Provenance.of(segmenter, prompts_ras=[corners], mode="3d", job=job, volume_sha=vk)
+>>> tags = record.tags()          # {"MedSAM.Model": "litemedsam", ...}: one segment's tags
+>>> Provenance.from_tags(tags)    # back, exactly
+
+One function builds the record (:meth:`Provenance.of`); the command line calls it now, and the
+headless script and the Slicer bridge are meant to call the same one. Each field is one Slicer
+segment tag named ``MedSAM.<Field>`` (Slicer shows and keeps them: ``segment.GetTag``); values
+that are lists or objects are compact JSON, with every ``|`` written as ``\\u007c`` (still valid JSON)
+because Slicer's tag format ``key:value|`` has no escaping (:mod:`~MedSAMSlicerLib.segnrrd`).
+
+Prompts are stored in RAS millimetres, as the positions of the voxel box's first and last voxel
+centres (opposite corners of the box that was segmented; on an oblique volume they are not the
+corners of an RAS-aligned box), so a replay on the same volume finds exactly the same voxels.
+
+Fields:
+
+* ``MedSAM.Prompts``: the prompts, each ``{"kind": "box", "ras": [[R, A, S], [R, A, S]]}``.
+* ``MedSAM.Corrections``: the corrections made after the first result, in order, each
+  ``{"kind": ..., ...}`` (e.g. ``{"kind": "box", "ras": ...}``, ``{"kind": "accept", "slice_ras": S}``);
+  empty until the correction tools fill it (:meth:`Provenance.with_corrections`).
+* ``MedSAM.Mode`` (``3d`` / ``2d``), ``MedSAM.Direction`` (``both`` / ``up`` / ``down``).
+* ``MedSAM.Model`` (registry name), ``MedSAM.WeightsSHA256`` (of the weights file used),
+  ``MedSAM.Speed`` (speed setting), ``MedSAM.Precision`` (encoder precision).
+* ``MedSAM.Window``: ``{"level": L, "width": W}`` or ``{"percentiles": [lo, hi]}``.
+* ``MedSAM.Job``: ``{"id": ..., "structures": [names]}``: structures segmented together (their
+  overlaps were settled between them, so a replay runs them together again).
+* ``MedSAM.Volume``: a content hash of the volume's voxels (:func:`volume_sha256`).
+* ``MedSAM.Version`` (ours), ``MedSAM.Date`` (UTC, ISO 8601).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import MedSAMError
+
+#: Every tag of the record starts with this.
+PREFIX = "MedSAM."
+#: Our version (pyproject.toml reads it from here).
+VERSION = "0.1.0"
+
+RasCorners = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+
+
+def _dumps(value: Any) -> str:
+    # '|' appears only inside JSON strings, where \u007c means the same character.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, sort_keys=True).replace("|", "\\u007c")
+
+
+def volume_sha256(array: np.ndarray) -> str:
+    """SHA-256 of a volume's voxels (shape, dtype, then the bytes in canonical ``(z, y, x)`` order)."""
+    digest = hashlib.sha256()
+    digest.update(str((tuple(array.shape), array.dtype.str)).encode())
+    digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def window_record(window) -> Dict[str, Any]:
+    """A :class:`~MedSAMSlicerLib.preprocessing.Window` as JSON-ready data."""
+    if window.percentiles is not None:
+        return {"percentiles": [float(v) for v in window.percentiles]}
+    return {"level": float(window.level), "width": float(window.width)}
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How one segment was made (see the module doc for each field)."""
+
+    prompts: List[Dict[str, Any]]
+    mode: str
+    direction: str
+    model: str
+    weights_sha256: str
+    speed: str
+    precision: str
+    window: Dict[str, Any]
+    job: Dict[str, Any]
+    volume_sha256: str
+    version: str = VERSION
+    date: str = ""
+    corrections: List[Dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls,
+        segmenter,
+        prompts_ras: Sequence[RasCorners],
+        mode: str,
+        direction: str,
+        job: Mapping[str, Any],
+        volume_sha: str,
+        corrections: Sequence[Mapping[str, Any]] = (),
+    ) -> Provenance:
+        """The record of a segment made by ``segmenter`` (a :class:`~MedSAMSlicerLib.segmenter.Segmenter`
+        with its volume set: its model, weights, speed, precision and window are read from it).
+
+        Args:
+            prompts_ras: per prompt, its voxel box's first and last voxel centres in RAS mm.
+            mode: ``"3d"`` or ``"2d"``.
+            direction: ``"both"``, ``"up"`` or ``"down"``.
+            job: ``{"id": ..., "structures": [...]}`` (:func:`new_job`).
+            volume_sha: :func:`volume_sha256` of the raw volume.
+            corrections: what the user corrected afterwards (see the module doc).
+        """
+        from .registry import file_digest
+
+        if segmenter.window is None:
+            raise MedSAMError("the segmenter has no volume yet: nothing to record")
+        return cls(
+            prompts=[{"kind": "box", "ras": [[float(v) for v in c] for c in corners]} for corners in prompts_ras],
+            mode=mode, direction=direction, model=segmenter.spec.name,
+            weights_sha256=file_digest(segmenter.weights), speed=segmenter.speed.name,
+            precision=str(segmenter.dtype).replace("torch.", ""), window=window_record(segmenter.window),
+            job=dict(job), volume_sha256=volume_sha,
+            date=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            corrections=[dict(c) for c in corrections],
+        )
+
+    def with_corrections(self, corrections: Sequence[Mapping[str, Any]]) -> Provenance:
+        """The same record with ``corrections`` appended (each ``{"kind": ..., ...}``)."""
+        for c in corrections:
+            if "kind" not in c:
+                raise MedSAMError(f"a correction needs a 'kind'; got {dict(c)}")
+        return replace(self, corrections=[*self.corrections, *(dict(c) for c in corrections)])
+
+    def tags(self) -> Dict[str, str]:
+        """The record as Slicer segment tags (``MedSAM.<Field>`` -> value)."""
+        return {
+            PREFIX + "Prompts": _dumps(self.prompts), PREFIX + "Corrections": _dumps(self.corrections),
+            PREFIX + "Mode": self.mode, PREFIX + "Direction": self.direction, PREFIX + "Model": self.model,
+            PREFIX + "WeightsSHA256": self.weights_sha256, PREFIX + "Speed": self.speed,
+            PREFIX + "Precision": self.precision, PREFIX + "Window": _dumps(self.window),
+            PREFIX + "Job": _dumps(self.job), PREFIX + "Volume": self.volume_sha256,
+            PREFIX + "Version": self.version, PREFIX + "Date": self.date,
+        }
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str], where: str = "the segment") -> Provenance:
+        """Read a record back from segment tags.
+
+        Raises:
+            MedSAMError: the tags hold no record (``where`` names the segment), or a damaged one.
+        """
+        if PREFIX + "Prompts" not in tags:
+            raise MedSAMError(f"{where} has no record of how it was made (no {PREFIX}Prompts tag): only segments "
+                              "written by medsam-slicer 0.1 or later can be replayed")
+        try:
+            record = cls(
+                prompts=json.loads(tags[PREFIX + "Prompts"]), mode=tags[PREFIX + "Mode"],
+                direction=tags[PREFIX + "Direction"], model=tags[PREFIX + "Model"],
+                weights_sha256=tags[PREFIX + "WeightsSHA256"], speed=tags[PREFIX + "Speed"],
+                precision=tags[PREFIX + "Precision"], window=json.loads(tags[PREFIX + "Window"]),
+                job=json.loads(tags[PREFIX + "Job"]), volume_sha256=tags[PREFIX + "Volume"],
+                version=tags.get(PREFIX + "Version", ""), date=tags.get(PREFIX + "Date", ""),
+                corrections=json.loads(tags.get(PREFIX + "Corrections", "[]")),
+            )
+        except (KeyError, ValueError) as exc:
+            raise MedSAMError(f"the record of {where} is damaged ({type(exc).__name__}: {exc})") from None
+        for prompt in record.prompts:
+            ras = prompt.get("ras") if isinstance(prompt, dict) else None
+            if prompt.get("kind") != "box" or not (isinstance(ras, list) and len(ras) == 2
+                                                   and all(isinstance(c, list) and len(c) == 3 for c in ras)):
+                raise MedSAMError(f"the record of {where} holds a prompt this version cannot replay: {prompt}")
+        return record
+
+    def window_object(self):
+        """The :class:`~MedSAMSlicerLib.preprocessing.Window` recorded."""
+        from .preprocessing import Window
+
+        if "percentiles" in self.window:
+            return Window(percentiles=tuple(self.window["percentiles"]))
+        return Window(level=self.window["level"], width=self.window["width"])
+
+
+def new_job(structures: Sequence[str]) -> Dict[str, Any]:
+    """A job record: a fresh id and the names of the structures segmented together."""
+    return {"id": uuid.uuid4().hex[:12], "structures": list(structures)}
+
+
+def replay_groups(records: Sequence[Tuple[str, Provenance]]) -> List[List[Tuple[str, Provenance]]]:
+    """Segments grouped by job, in file order: each group is replayed as one job."""
+    groups: Dict[str, List[Tuple[str, Provenance]]] = {}
+    for name, record in records:
+        groups.setdefault(str(record.job.get("id", name)), []).append((name, record))
+    return list(groups.values())
+
+
+def first_difference(records: Sequence[Provenance], fields: Sequence[str]) -> Optional[str]:
+    """The first of ``fields`` on which ``records`` (one job) disagree, or ``None``."""
+    for f in fields:
+        if len({json.dumps(getattr(r, f), sort_keys=True) for r in records}) > 1:
+            return f
+    return None

@@ -1,0 +1,493 @@
+"""``medsam-slicer segment``: one or several named boxes -> one output file on the input's grid, with a
+record of how each segment was made; ``--replay`` re-runs such a file.
+
+* :func:`segment_file`: the boxes (``--box-ijk`` / ``--box-ras``, each with a ``--name``, and/or a
+  prompts file: :func:`read_prompts_file`), run as one job: one structure through
+  :meth:`Segmenter.segment <MedSAMSlicerLib.segmenter.Segmenter.segment>` exactly as before, several
+  through :meth:`Segmenter.segment_structures <MedSAMSlicerLib.segmenter.Segmenter.segment_structures>`
+  (each slice encoded once, a slice's boxes decoded together, overlaps settled by the decoder's logits).
+  A ``.seg.nrrd`` gets one segment per structure, its record in the segment tags
+  (:mod:`~MedSAMSlicerLib.provenance`); a labelmap gets label ``n`` for the ``n``-th structure.
+* :func:`replay_file`: reads the records of a ``.seg.nrrd``, checks the volume (same voxels, same grid)
+  and the weights (same SHA-256), and runs the same prompts with the same model, window, speed and
+  precision; the summary says whether each mask equals the file's.
+
+Everything that can be checked without the model is checked before torch is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .boxes import BoxPrompt
+from .errors import MedSAMError
+from .progress import TerminalProgress
+
+#: Embedding-cache cap of a one-shot ``segment`` run. The propagation needs only the batch of
+#: slices being encoded (1 on a CPU, 16 x 4 MB on a GPU); keeping every slice's embedding, as
+#: the interactive front ends do, only grew the process (liver, 43 slices, CPU: +398 MiB during
+#: the propagation; +220 MiB with this cap; README "Memory, as measured"). Several structures
+#: hold the slices they share beyond the cap (``Predictor.holding``).
+ONE_SHOT_CACHE_MB = 80
+
+#: The colour of a single structure written without one (as before several structures existed).
+SINGLE_COLOR = (0.85, 0.35, 0.25)
+
+
+@dataclass(frozen=True)
+class NamedBox:
+    """One prompt as the user gave it.
+
+    Attributes:
+        name: the structure's name (the segment's name).
+        kind: ``"ijk"`` (voxel indices of the input file, inclusive) or ``"ras"`` (RAS mm).
+        values: ``(I0, J0, K0, I1, J1, K1)`` or ``(R0, A0, S0, R1, A1, S1)``.
+        color: RGB in 0..1, or ``None`` (a default colour).
+        where: how the user finds it again in errors, e.g. ``"prompt 2 'spleen'"``.
+    """
+
+    name: str
+    kind: str
+    values: Tuple[float, ...]
+    color: Optional[Tuple[float, float, float]] = None
+    where: str = ""
+
+
+def _note(text: str) -> None:
+    print(f"medsam-slicer: note: {text}", file=sys.stderr)
+
+
+def pair_boxes(boxes: Sequence[Tuple[str, Sequence[float]]], names: Optional[Sequence[str]]) -> List[NamedBox]:
+    """Command-line boxes (``("ijk"|"ras", six numbers)`` in the order given) with their ``--name``
+    options (the ``n``-th name goes with the ``n``-th box). One box may go without a name (``segment``)."""
+    names = list(names or [])
+    if len(boxes) == 1 and len(names) <= 1:
+        names = names or ["segment"]
+    elif len(names) != len(boxes):
+        raise MedSAMError(f"give one --name per box, in the same order: {len(boxes)} boxes and {len(names)} names "
+                          "(or list the structures in a --prompts file)")
+    return [NamedBox(name, kind, tuple(values), None, f"box {n + 1} ('{name}', --box-{kind})")
+            for n, ((kind, values), name) in enumerate(zip(boxes, names))]
+
+
+def read_prompts_file(path: Path) -> List[NamedBox]:
+    """Structures from a JSON or TOML file (TOML needs Python 3.11)::
+
+        [[structure]]                       # JSON: {"structure": [{...}, ...]} or a plain list
+        name = "liver"
+        box_ijk = [30, 20, 60, 80, 70, 60]  # or box_ras = [R0, A0, S0, R1, A1, S1]
+        color = [0.86, 0.55, 0.4]           # optional, RGB in 0..1
+    """
+    from .files import read_table
+
+    data = read_table(Path(path), "prompts file")
+    entries = data.get("structure") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise MedSAMError(f"the prompts file '{path}' lists no structures: give a list of "
+                          "{name, box_ijk or box_ras[, color]} (in TOML: [[structure]] tables)")
+    out = []
+    for n, entry in enumerate(entries, 1):
+        where = f"structure {n} of '{Path(path).name}'"
+        if not isinstance(entry, dict):
+            raise MedSAMError(f"{where} must be a table with name and box_ijk or box_ras; got {entry!r}")
+        unknown = sorted(set(entry) - {"name", "box_ijk", "box_ras", "color"})
+        if unknown:
+            raise MedSAMError(f"{where}: unknown key(s) {', '.join(unknown)}; use name, box_ijk or box_ras, color")
+        name = str(entry.get("name", "")).strip()
+        if not name:
+            raise MedSAMError(f"{where} has no name")
+        where = f"{where} ('{name}')"
+        kinds = [k for k in ("box_ijk", "box_ras") if k in entry]
+        if len(kinds) != 1:
+            raise MedSAMError(f"{where}: give exactly one of box_ijk or box_ras")
+        values = entry[kinds[0]]
+        if not (isinstance(values, list) and len(values) == 6 and all(isinstance(v, (int, float)) for v in values)):
+            raise MedSAMError(f"{where}: {kinds[0]} needs six numbers; got {values!r}")
+        color = entry.get("color")
+        if color is not None:
+            from .segnrrd import check_color
+
+            color = check_color(color, name)
+        out.append(NamedBox(name, kinds[0][4:], tuple(float(v) for v in values), color, where))
+    return out
+
+
+def _box_too_thin(volume, box, spec: NamedBox) -> Optional[str]:
+    """Why a canonical box is too thin for the model (< 2 voxels across in the axial plane),
+    said in the coordinates the user typed; ``None`` when it is fine."""
+    x0, y0, _, x1, y1, _ = box
+    thin = [c for c, (a, b) in enumerate(((x0, x1), (y0, y1))) if b - a < 1]
+    if not thin:
+        return None
+    v = spec.values
+    if spec.kind == "ijk":
+        axes = volume.orientation.axes
+        names = ["ijk"[axes[c]] for c in (0, 1)]
+        parts = [f"{'ijk'[axes[c]]}0={v[axes[c]]:g} and {'ijk'[axes[c]]}1={v[axes[c] + 3]:g}" for c in thin]
+        return (f"the box is a single voxel wide ({'; '.join(parts)}); on its axial slice it must span at least 2 "
+                f"voxels in {names[0]} and in {names[1]}: draw it around the structure")
+    spacing = volume.spacing
+    parts = [f"{'RA'[c]}0={v[c]:g} and {'RA'[c]}1={v[c + 3]:g} mm" for c in thin]
+    return (f"the box covers a single voxel across ({'; '.join(parts)}; the voxels are {spacing[0]:g} x "
+            f"{spacing[1]:g} mm); it must span at least 2 voxels in R and in A: draw it around the structure")
+
+
+def canonical_box(volume, spec: NamedBox, several: bool) -> Tuple[int, int, int, int, int, int]:
+    """The canonical voxel box ``(x0, y0, z0, x1, y1, z1)`` of a prompt; errors name the prompt
+    (when there are several) in the user's own indices or millimetres."""
+    from .volumes import ijk_box_to_canonical, ras_box_to_canonical
+
+    try:
+        if len(spec.values) != 6 or not all(math.isfinite(v) for v in spec.values):
+            axes = "I0 J0 K0 I1 J1 K1" if spec.kind == "ijk" else "R0 A0 S0 R1 A1 S1"
+            raise MedSAMError(f"--box-{spec.kind} needs six finite numbers {axes}; got {len(spec.values)}")
+        if spec.kind == "ijk":
+            box = ijk_box_to_canonical(volume, *spec.values)
+        else:
+            box = ras_box_to_canonical(volume, spec.values[:3], spec.values[3:])
+        problem = _box_too_thin(volume, box, spec)
+        if problem:
+            raise MedSAMError(problem)
+    except MedSAMError as exc:
+        if several:
+            raise MedSAMError(f"{spec.where}: {exc}") from None
+        raise
+    return box
+
+
+def _slices_text(volume, zs: Sequence[int]) -> str:
+    """Canonical slices as the file's indices, e.g. ``"k 70..95"``."""
+    named = [volume.orientation.slice_to_index(z) for z in zs]
+    if not named:
+        return "no slice"
+    axis = named[0][0]
+    values = sorted(v for _, v in named)
+    return f"{axis}={values[0]}" if values[0] == values[-1] else f"{axis} {values[0]}..{values[-1]}"
+
+
+def _stops_text(volume, result, z_start: int) -> str:
+    """Why each direction of a propagation ended, with slices named by the file's index."""
+    parts = []
+    for direction in result.stop_reasons:
+        rejected = [r for r in result.slices if not r.accepted and (r.z > z_start if direction == "up" else r.z < z_start)]
+        if rejected:
+            parts.append(f"{direction}: stopped at {_slices_text(volume, [rejected[0].z])}: {rejected[0].reason}")
+        else:
+            parts.append(f"{direction}: {result.stop_reasons[direction]}")
+    return "; ".join(parts)
+
+
+def _mask_text(volume, name: str, mask, how: str) -> str:
+    import numpy as np
+
+    found = [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
+    where = f" ({_slices_text(volume, found)})" if found else ""
+    return f"{name}: {int(mask.sum())} voxels on {len(found)} slices{where} ({how})"
+
+
+@dataclass
+class _Done:
+    """What one structure of a run gave."""
+
+    name: str
+    prompt: BoxPrompt
+    mask: object  # (z, y, x) bool
+    how: str
+
+
+def _run(segmenter, volume, prompts: Dict[str, BoxPrompt], mode: str, direction: str, progress: bool) -> List[_Done]:
+    """Run the prompts (in their order) as one job; the masks and how each was found."""
+    bar = TerminalProgress("propagating") if progress else None
+    if len(prompts) == 1:
+        name, prompt = next(iter(prompts.items()))
+        done = segmenter.segment(prompt, mode, direction=direction, progress=bar)
+        if mode == "2d":
+            how = f"slice {_slices_text(volume, [prompt.z])} only" + (
+                "" if prompt.z_range is None else ", the 3D box's middle slice")
+        elif prompt.z_range is None:
+            how = _stops_text(volume, done.result, prompt.z)
+        else:
+            how = f"3D box, slices {_slices_text(volume, list(prompt.z_range))}"
+        return [_Done(name, prompt, done.mask, how)]
+    if mode != "3d" or direction != "both":
+        raise MedSAMError("several structures are segmented in 3D both ways from their boxes: --slice-only and "
+                          "--direction work on one structure at a time")
+    if segmenter.speed.stride > 1:
+        _note(f"several structures: every slice is computed (the '{segmenter.speed.name}' speed's every-"
+              f"{segmenter.speed.stride}th-slice path follows one structure)")
+    job = segmenter.segment_structures(prompts, progress=bar)
+    out = []
+    for name, prompt in prompts.items():
+        result = job.results[name]
+        how = (_stops_text(volume, result, prompt.z) if prompt.z_range is None
+               else f"3D box, slices {_slices_text(volume, list(prompt.z_range))}")
+        lost = int((job.contested & ~result.mask).sum())
+        if lost:
+            how += f"; {lost} voxels claimed by another structure with more confidence"
+        out.append(_Done(name, prompt, result.mask, how))
+    return out
+
+
+def _ras_corners(volume, prompt: BoxPrompt):
+    """The RAS positions of a prompt's first and last voxel centres."""
+    import numpy as np
+
+    x0, y0, z0, x1, y1, z1 = prompt.box3d
+    ras = volume.canonical_to_ras(np.array([[x0, y0, z0], [x1, y1, z1]], dtype=float))
+    return [tuple(float(v) for v in ras[0]), tuple(float(v) for v in ras[1])]
+
+
+def _write(volume, out: Path, done: List[_Done], colors: List[Tuple[float, float, float]], records, overwrite: bool
+           ) -> str:
+    """Write the masks (a ``.seg.nrrd`` with their records, or a labelmap); a note on label values."""
+    import numpy as np
+
+    from .segnrrd import write_seg_nrrd
+    from .volumes import write_labelmap
+
+    if out.name.lower().endswith(".seg.nrrd"):
+        write_seg_nrrd([(d.name, d.mask, c, r.tags()) for d, c, r in zip(done, colors, records)], volume, out,
+                       overwrite=overwrite)
+        return ""
+    if len(done) == 1:
+        write_labelmap(done[0].mask.astype(np.uint8), volume, out, overwrite=overwrite)
+        return ""
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    for n, d in enumerate(done, 1):
+        labels[d.mask] = n  # overlaps are settled: each voxel is in one mask at most
+    write_labelmap(labels, volume, out, overwrite=overwrite)
+    return "labels: " + ", ".join(f"{n} {d.name}" for n, d in enumerate(done, 1))
+
+
+def _new_segmenter(model, checkpoint, device, precision, download, speed, progress):
+    from .segmenter import Segmenter
+
+    segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
+                          cache_mb=ONE_SHOT_CACHE_MB, speed=speed,
+                          progress=TerminalProgress("weights") if progress else None)
+    print(segmenter.describe(), file=sys.stderr)
+    return segmenter
+
+
+def _read_checked_volume(volume_path, allow_gaps: bool):
+    import warnings
+
+    from .volumes import read_volume
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the notes are printed below, in our words
+        volume = read_volume(volume_path, allow_gaps=allow_gaps)
+    for text in volume.notes:
+        _note(text)
+    return volume
+
+
+def segment_file(
+    volume_path: str,
+    output: Path,
+    box_ijk: Optional[Sequence[float]] = None,
+    box_ras: Optional[Sequence[float]] = None,
+    name: str = "segment",
+    direction: str = "both",
+    slice_only: bool = False,
+    window=None,
+    overwrite: bool = False,
+    segmenter=None,
+    model: str = "litemedsam",
+    checkpoint: Optional[str] = None,
+    device: str = "auto",
+    precision: str = "auto",
+    download: bool = False,
+    progress: bool = True,
+    allow_gaps: bool = False,
+    speed: str = "exact",
+    prompts: Optional[Sequence[NamedBox]] = None,
+) -> str:
+    """Segment one or several structures of a volume file and write them on the file's grid.
+
+    Everything that can be checked without the model is checked first, before torch is even
+    imported: the output (name, extension, folder writable, not the input, not existing without
+    ``overwrite``), the volume (:func:`~MedSAMSlicerLib.volumes.read_volume`'s checks) and every
+    box. The output is published atomically and, without ``overwrite``, never replaces a file,
+    even one created while the model ran. ``window`` is a
+    :class:`~MedSAMSlicerLib.preprocessing.Window`, or a function returning one (called after
+    the checks; ``None``: automatic). ``segmenter`` reuses a loaded
+    :class:`~MedSAMSlicerLib.segmenter.Segmenter` (and its embedding cache); otherwise one is
+    made with a small cache (one-shot run) and ``speed``, a
+    :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name.
+
+    The structures: ``prompts`` (several :class:`NamedBox`), or one box ``box_ijk`` / ``box_ras``
+    named ``name``. ``slice_only`` segments one slice: the box's slice, or a 3D box's middle slice
+    (one structure). Slices are reported as the file's indices (e.g. ``k=21``).
+
+    Returns:
+        A summary: one line per structure, then the time and the output.
+    """
+    if prompts is None:
+        if (box_ijk is None) == (box_ras is None):
+            raise MedSAMError("give exactly one box: --box-ijk or --box-ras")
+        kind, values = ("ijk", box_ijk) if box_ijk is not None else ("ras", box_ras)
+        prompts = [NamedBox(name, kind, tuple(values), None, f"--box-{kind}")]
+    if not prompts:
+        raise MedSAMError("give at least one box (--box-ijk / --box-ras) or a --prompts file")
+    seen: Dict[str, str] = {}
+    for spec in prompts:
+        if not spec.name.strip():
+            raise MedSAMError(f"{spec.where}: every structure needs a name")
+        if spec.name in seen:
+            raise MedSAMError(f"two structures are named '{spec.name}' ({seen[spec.name]} and {spec.where}); "
+                              "give each its own name")
+        seen[spec.name] = spec.where
+    several = len(prompts) > 1
+    if several and slice_only:
+        raise MedSAMError("--slice-only works on one structure; give one box")
+    if several and direction != "both":
+        raise MedSAMError("--direction works on one structure; several are segmented both ways from their boxes")
+    from .atomic import check_output
+    from .volumes import LABELMAP_EXTENSIONS
+
+    out = check_output(output, overwrite, inputs=[volume_path], formats=LABELMAP_EXTENSIONS)
+    volume = _read_checked_volume(volume_path, allow_gaps)
+    boxes = {spec.name: canonical_box(volume, spec, several) for spec in prompts}
+
+    # Only now the model side (torch).
+    from .preprocessing import Window, window_note
+    from .provenance import Provenance, new_job, volume_sha256
+
+    window = window() if callable(window) else window
+    window = window or Window.automatic(volume.array)
+    warning = window_note(volume.array, window)
+    if warning:
+        print(f"medsam-slicer: warning: {warning}", file=sys.stderr)
+    t0 = time.perf_counter()
+    if segmenter is None:
+        segmenter = _new_segmenter(model, checkpoint, device, precision, download, speed, progress)
+    segmenter.set_volume(volume.array, window)
+    boxed = {n: BoxPrompt.from_voxel_box(b[:3], b[3:]) for n, b in boxes.items()}
+    mode = "2d" if slice_only else "3d"
+    done = _run(segmenter, volume, boxed, mode, direction, progress)
+    colors = [spec.color or (SINGLE_COLOR if not several else _default_color(n)) for n, spec in enumerate(prompts)]
+    job, vsha = new_job([d.name for d in done]), volume_sha256(volume.array)
+    records = [Provenance.of(segmenter, [_ras_corners(volume, d.prompt)], mode, direction, job, vsha) for d in done]
+    labels = _write(volume, out, done, colors, records, overwrite)
+    lines = [_mask_text(volume, d.name, d.mask, d.how) for d in done]
+    tail = f"{time.perf_counter() - t0:.1f} s; wrote {out}" + (f" ({labels})" if labels else "")
+    if not several:
+        return f"{lines[0]}; {tail}"
+    return "\n".join(lines + [f"{len(done)} structures as one job; {tail}"])
+
+
+def _default_color(n: int) -> Tuple[float, float, float]:
+    from .segnrrd import DEFAULT_COLORS
+
+    return DEFAULT_COLORS[n % len(DEFAULT_COLORS)]
+
+
+#: What must be the same for all structures of one job (they ran in one segmenter, on one volume).
+_JOB_FIELDS = ("model", "weights_sha256", "speed", "precision", "window", "mode", "direction", "volume_sha256")
+
+
+def replay_file(
+    seg_path: str,
+    volume_path: str,
+    output: Path,
+    overwrite: bool = False,
+    segmenter=None,
+    checkpoint: Optional[str] = None,
+    device: str = "auto",
+    download: bool = False,
+    progress: bool = True,
+    allow_gaps: bool = False,
+) -> str:
+    """Re-run the segments of a ``.seg.nrrd`` written by :func:`segment_file` and write the result.
+
+    Each segment's record (:class:`~MedSAMSlicerLib.provenance.Provenance`) gives its prompts, model,
+    weights' SHA-256, window, speed, precision, mode and direction; structures made as one job run as
+    one job again. ``checkpoint`` points at the weights when they are not the registry's; ``segmenter``
+    reuses a loaded one (its model, weights, speed and precision must match the record).
+
+    Returns:
+        A summary: per segment, whether the new mask equals the file's.
+
+    Raises:
+        MedSAMError: a segment without a record, or with corrections (not replayed yet); a volume
+            whose voxels or grid differ from the one the file was made on; weights whose SHA-256
+            differs from the record's; the output checks of :func:`segment_file`.
+    """
+    import numpy as np
+
+    from .atomic import check_output
+    from .provenance import Provenance, first_difference, replay_groups, volume_sha256
+    from .registry import file_digest, get_spec, resolve_weights
+    from .segnrrd import read_seg_nrrd
+    from .volumes import LABELMAP_EXTENSIONS
+
+    out = check_output(output, overwrite, inputs=[volume_path, seg_path], formats=LABELMAP_EXTENSIONS)
+    seg = read_seg_nrrd(seg_path)
+    records = [(s.name, Provenance.from_tags(s.tags, f"segment '{s.name}' of '{seg.path.name}'")) for s in seg.segments]
+    for name, record in records:
+        if record.corrections:
+            raise MedSAMError(f"segment '{name}' was corrected after its first result ({len(record.corrections)} "
+                              "correction(s)); this version replays the prompts only")
+    first = records[0][1]
+    differs = first_difference([r for _, r in records], _JOB_FIELDS)
+    if differs:
+        raise MedSAMError(f"the segments of '{seg.path.name}' were made with different {differs.replace('_', ' ')}s; "
+                          "replay them from separate files")
+    volume = _read_checked_volume(volume_path, allow_gaps)
+    if volume_sha256(volume.array) != first.volume_sha256:
+        raise MedSAMError(f"'{seg.path.name}' was made from another volume: the voxels of '{volume_path}' differ "
+                          "from the ones it was made from. Give the volume it was made from")
+    same_grid = (seg.image.GetSize() == volume.image.GetSize()
+                 and np.allclose(seg.image.GetSpacing(), volume.image.GetSpacing(), atol=1e-6)
+                 and np.allclose(seg.image.GetOrigin(), volume.image.GetOrigin(), atol=1e-4)
+                 and np.allclose(seg.image.GetDirection(), volume.image.GetDirection(), atol=1e-6))
+    if not same_grid:
+        raise MedSAMError(f"'{seg.path.name}' is not on the grid of '{volume_path}' (size, spacing, origin or "
+                          "direction differ): give the volume it was made from")
+    weights = segmenter.weights if segmenter is not None else resolve_weights(get_spec(first.model),
+                                                                                checkpoint=checkpoint,
+                                                                                download=download)
+    if file_digest(Path(weights)) != first.weights_sha256:
+        raise MedSAMError(f"'{seg.path.name}' was made with other weights (SHA-256 {first.weights_sha256[:16]}...); "
+                          f"'{weights}' has {file_digest(Path(weights))[:16]}.... Give those weights with --checkpoint")
+    prompts: Dict[str, BoxPrompt] = {}
+    from .boxes import BoxOutside, voxel_box
+
+    for name, record in records:
+        corners = np.asarray(record.prompts[0]["ras"], dtype=float)
+        try:
+            first_v, last_v = voxel_box(volume.ras_to_canonical(corners), volume.shape)
+        except BoxOutside:
+            raise MedSAMError(f"segment '{name}': its box lies outside '{volume_path}'") from None
+        prompts[name] = BoxPrompt.from_voxel_box(first_v, last_v)
+
+    t0 = time.perf_counter()
+    if segmenter is None:
+        segmenter = _new_segmenter(first.model, checkpoint, device, first.precision, download, first.speed, progress)
+    elif (segmenter.spec.name, segmenter.speed.name) != (first.model, first.speed):
+        raise MedSAMError(f"the segmenter runs {segmenter.spec.name} at speed {segmenter.speed.name}; the record "
+                          f"says {first.model} at {first.speed}")
+    segmenter.set_volume(volume.array, first.window_object())
+    done: List[_Done] = []
+    for group in replay_groups(records):
+        done += _run(segmenter, volume, {n: prompts[n] for n, _ in group}, first.mode, first.direction, progress)
+    by_name = {d.name: d for d in done}
+    done = [by_name[name] for name, _ in records]
+    colors = [s.color for s in seg.segments]
+    new = [Provenance.of(segmenter, [_ras_corners(volume, d.prompt)], r.mode, r.direction, r.job, r.volume_sha256)
+           for d, (_, r) in zip(done, records)]
+    labels = _write(volume, out, done, colors, new, overwrite)
+    lines = []
+    for d, s in zip(done, seg.segments):
+        before = volume.orientation.to_canonical(seg.mask_kji(s))
+        changed = int((before != d.mask).sum())
+        lines.append(_mask_text(volume, d.name, d.mask, d.how) + (
+            "; the same mask as in the file" if changed == 0 else f"; {changed} voxels differ from the file's mask"))
+    tail = f"replayed {len(done)} segment(s); {time.perf_counter() - t0:.1f} s; wrote {out}"
+    return "\n".join(lines + [tail + (f" ({labels})" if labels else "")])
