@@ -640,3 +640,39 @@ def test_speed_setting_choices_and_bridge_configuration(shared_segmenter, monkey
     assert bridge.speed == "fastest"
     with pytest.raises(MedSAMError, match="'fastest' speed cannot be used: openvino is not installed"):
         bridge.segmenter  # noqa: B018 (loading is what is tested)
+
+
+def test_applied_result_keeps_its_record_and_replays_from_the_saved_file(bridge, ct_scene, ct_sm_path, tmp_path):
+    """The segment's tags say how it was made (prompt in RAS, model, weights hash, window, ...);
+    saved by Slicer's storage node, `medsam-slicer segment --replay` re-runs it to the same mask. A
+    second result added to the segment is recorded as a correction, not over the first."""
+    from MedSAMSlicerLib.provenance import Provenance
+    from MedSAMSlicerLib.registry import file_digest
+    from MedSAMSlicerLib.segment_command import replay_file
+
+    seg = ct_scene.new_segmentation()
+    segment_id = seg.GetSegmentation().AddEmptySegment("liver", "liver")
+    m = ijk_to_ras(ct_scene.ct)
+    lo, hi = label_box_ijk(ct_scene.label_array(LIVER), (14, 14))
+    box = [(m @ np.r_[lo, 1])[:3], (m @ np.r_[hi, 1])[:3]]
+    bridge.segment(ct_scene.ct, seg, segment_id, box_ras=box, mode="2d", window=WINDOW)
+    record = B.segment_record(seg.GetSegmentation().GetSegment(segment_id))
+    assert record is not None and record.mode == "2d" and record.model == "litemedsam"
+    assert record.weights_sha256 == file_digest(bridge.segmenter.weights)
+    assert record.job["structures"] == ["liver"] and record.corrections == []
+    # The box's opposite voxel centres, in RAS (the canonical order may flip which corner is first).
+    np.testing.assert_allclose(np.sort(record.prompts[0]["ras"], axis=0), np.sort(box, axis=0), atol=1e-3)
+
+    saved = tmp_path / "liver.seg.nrrd"
+    save_node(seg, str(saved))
+    summary = replay_file(str(saved), str(ct_sm_path), tmp_path / "again.seg.nrrd", segmenter=bridge.segmenter,
+                          progress=False)
+    assert "the same mask as in the file" in summary, summary
+
+    lo2, hi2 = label_box_ijk(ct_scene.label_array(LIVER), (15, 15))
+    box2 = [(m @ np.r_[lo2, 1])[:3], (m @ np.r_[hi2, 1])[:3]]
+    bridge.segment(ct_scene.ct, seg, segment_id, box_ras=box2, mode="2d", window=WINDOW, combine="add")
+    tags = B.segment_tags(seg.GetSegmentation().GetSegment(segment_id))
+    again = Provenance.from_tags(tags)
+    assert again.prompts == record.prompts and len(again.corrections) == 1
+    assert again.corrections[0]["kind"] == "box" and again.corrections[0]["combine"] == "add"

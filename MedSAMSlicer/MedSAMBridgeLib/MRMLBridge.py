@@ -51,6 +51,7 @@ from MedSAMSlicerLib.background import BackgroundTask, run_in_background
 from MedSAMSlicerLib.boxes import BoxPrompt
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
+from MedSAMSlicerLib.provenance import Provenance, new_job, volume_sha256
 
 # The bridge's parts, imported here so that front ends use one module (``MRMLBridge.X``).
 from .choices import COMBINE_MODES, DIRECTIONS, MODES, WINDOW_CHOICES  # noqa: F401
@@ -63,6 +64,7 @@ from .labelmaps import (  # noqa: F401
 )
 from .preview import PREVIEW_REFERENCE_ROLE, clear_preview, preview_node, show_preview  # noqa: F401
 from .prompts import MAX_VIEW_TILT_DEGREES, prompt_from_points, prompt_from_roi, view_tilt_degrees  # noqa: F401
+from .records import segment_record, segment_tags, write_record  # noqa: F401
 from .sources import (  # noqa: F401
     SourceVolume,
     WindowLike,
@@ -92,6 +94,8 @@ class Prediction:
             the segment on these.
         score: the decoder's predicted IoU on the prompt slice.
         notes: why propagation stopped, per direction.
+        record: how it was made (:class:`~MedSAMSlicerLib.provenance.Provenance`), written into
+            the segment's tags when applied (:func:`records.write_record`).
     """
 
     source: SourceVolume
@@ -101,6 +105,7 @@ class Prediction:
     covered: List[int]
     score: float = float("nan")
     notes: Dict[str, str] = field(default_factory=dict)
+    record: Optional[Provenance] = None
 
     @property
     def voxel_count(self) -> int:
@@ -160,6 +165,7 @@ class MedSAMBridge:
         #: The speed setting (a :data:`MedSAMSlicerLib.speed.SPEED_TIERS` name).
         self.speed = speed
         self._segmenter = segmenter
+        self._volume_sha: Dict[str, str] = {}
 
     # -- model ----------------------------------------------------------------------------------
     def configure(self, model: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
@@ -254,7 +260,17 @@ class MedSAMBridge:
         self._load_volume(request)
         done = self.segmenter.segment(request.prompt, request.mode, request.direction, progress, cancel)
         return Prediction(request.source, request.prompt, request.mode, done.mask, done.covered, done.score,
-                          done.stop_reasons)
+                          done.stop_reasons, self._record(request))
+
+    def _record(self, request: PredictionRequest) -> Provenance:
+        """How this request's result was made (the job names no structure yet: applying does)."""
+        src = request.source
+        if src.key not in self._volume_sha:
+            self._volume_sha = {src.key: volume_sha256(src.array)}  # one volume's hash kept
+        x0, y0, z0, x1, y1, z1 = request.prompt.box3d
+        corners = src.canonical_to_ras(np.array([[x0, y0, z0], [x1, y1, z1]], dtype=float))
+        return Provenance.of(self.segmenter, [tuple(map(tuple, corners))], request.mode, request.direction,
+                             new_job([]), self._volume_sha[src.key])
 
     def start(self, request: PredictionRequest) -> BackgroundTask:
         """:meth:`compute` in a started :class:`~MedSAMSlicerLib.background.BackgroundTask`; its
@@ -327,6 +343,8 @@ class MedSAMBridge:
             reference = logic.GetModifierLabelmap()
             for image, mode in modifications(prediction, segmentation_node, reference, combine):
                 logic.ModifySegmentByLabelmap(segmentation_node, segment_id, image, _logic_mode(mode), True, False)
+            if prediction.record is not None:
+                write_record(segmentation_node, segment_id, prediction.record, combine)
         except BaseException:
             restore_state(segmentation_node, state)
             raise

@@ -49,6 +49,12 @@ PREFIX = "MedSAM."
 #: Our version (pyproject.toml reads it from here).
 VERSION = "0.1.0"
 
+#: Every tag a record may hold (what a reader of one segment's tags asks for).
+TAG_NAMES = tuple(PREFIX + name for name in (
+    "Prompts", "Corrections", "Mode", "Direction", "Model", "WeightsSHA256", "Speed", "Precision", "Window", "Job",
+    "Volume", "Version", "Date",
+))
+
 RasCorners = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
 
 

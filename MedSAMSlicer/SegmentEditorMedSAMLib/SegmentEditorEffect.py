@@ -487,6 +487,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             self.scriptedEffect.saveStateForUndo()
             for labelmap, mode in edits:
                 self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[mode])
+            if self.prediction.record is not None:  # how it was made, in the segment's tags (undone with it)
+                MRMLBridge.write_record(segmentationNode, parameterSetNode.GetSelectedSegmentID(),
+                                        self.prediction.record, self.scriptedEffect.parameter("COMBINE"))
             self.statusLabel.text = "Applied. Undo restores the segment."
         finally:
             qt.QApplication.restoreOverrideCursor()
