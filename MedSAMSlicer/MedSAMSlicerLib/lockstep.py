@@ -42,6 +42,9 @@ class Pass:
         first_box: model-pixel box used where the previous slice's mask is empty (the user's box).
         stop: the :class:`~MedSAMSlicerLib.propagation.StopRule`, or ``None``: only ``end`` ends it.
         end_reason: its stop reason when it reaches ``end``.
+        history: what the stop rule compares the new slices with (default: the start slice
+            alone, as :func:`~MedSAMSlicerLib.propagation.propagate`); a correction's pass starts
+            with the structure's known slices (:mod:`.corrections`).
 
     Filled in by :func:`walk`: ``masks`` (slice -> ``(H, W)`` mask of every accepted slice),
     ``logits`` (slice -> the logits on that mask's pixels, in ``np.nonzero`` order), ``records``
@@ -58,6 +61,7 @@ class Pass:
     first_box: np.ndarray
     stop: Optional[StopRule] = None
     end_reason: str = ""
+    history: Optional[_PassHistory] = None
     masks: Dict[int, np.ndarray] = field(default_factory=dict)
     logits: Dict[int, np.ndarray] = field(default_factory=dict)
     records: List[SliceRecord] = field(default_factory=list)
@@ -134,7 +138,8 @@ def walk(
         for group, step in ((up, 1), (down, -1)):
             if not group:
                 continue
-            state = {id(p): (p.start_mask, _PassHistory.start(p.start_mask, volume[p.start])) for p in group}
+            state = {id(p): (p.start_mask, p.history or _PassHistory.start(p.start_mask, volume[p.start]))
+                     for p in group}
             active = {id(p) for p in group}
             order = sorted(slices_used(group), reverse=step < 0)
             for i, z in enumerate(order):

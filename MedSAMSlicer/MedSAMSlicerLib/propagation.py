@@ -195,8 +195,8 @@ class PropagationResult:
     Attributes:
         mask: ``(z, y, x)`` boolean mask of the whole volume.
         z_extent: ``(z_first, z_last)`` of the non-empty slices, or ``None`` if empty.
-        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended (a correction's
-            passes between two locked slices are named ``"up 41..50"``, ``"down 59..51"``).
+        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended; after a
+            correction also per span between two locked slices (``"between 41..59"``).
         slices: one :class:`SliceRecord` per predicted slice, in prediction order.
         locked: the slices the user drew a box on or accepted, sorted: a correction
             (:func:`~MedSAMSlicerLib.corrections.correct`) never changes them.

@@ -6,6 +6,7 @@ the headless script, the benchmark and the training's evaluation.
 >>> seg.segment_slice(60, (30, 20, 70, 60)).mask       # (y, x) bool
 >>> seg.segment_3d(60, (30, 20, 70, 60)).mask          # (z, y, x) bool, automatic extent
 >>> seg.segment(BoxPrompt(60, (30, 20, 70, 60)), "3d")  # what the front ends call: a Segmentation
+>>> seg.correct(result, [Correction.with_box(45, (28, 25, 66, 58))])  # fix slice 45, propagate again
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from .background import BackgroundTask
 from .boxes import DIRECTIONS, MODES, BoxPrompt
 from .checkpoints import load_model
+from .corrections import Correction, correct
 from .devices import select_device, select_precision
 from .errors import MedSAMError
 from .optimize import cpu_has_native_bfloat16, optimize_for_inference
@@ -269,6 +271,25 @@ class Segmenter:
         """3D from ``(x0, y0, z0, x1, y1, z1)``: the 2D box on the middle slice, bounded in z."""
         z_mid, box, z_range = split_box3d(box3d)
         return self.segment_3d(z_mid, box, z_range=z_range, progress=progress, cancel=cancel, settings=settings)
+
+    def correct(
+        self,
+        current: Union[PropagationResult, np.ndarray],
+        corrections: Sequence[Correction],
+        locked: Optional[Sequence[int]] = None,
+        z_range: Optional[Tuple[int, int]] = None,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
+    ) -> PropagationResult:
+        """Correct a 3D result and propagate again from the corrected slices
+        (:func:`~MedSAMSlicerLib.corrections.correct`): ``current`` is the result or its
+        ``(z, y, x)`` mask (with ``locked``), ``corrections`` are
+        :meth:`Correction.with_box` (a new box on a slice) or :meth:`Correction.accept` (the
+        mask's slice marked good). The locked slices never change; slices beyond the next locked
+        slice on each side are kept. Returns a new result; ``current`` is not changed (Undo)."""
+        return correct(self.predictor, current, corrections, locked=locked, z_range=z_range,
+                       settings=settings or self.propagation, progress=progress, cancel=cancel)
 
     def prefetch(self, zs: Sequence[int]) -> BackgroundTask:
         """Encode slices ``zs`` in a background task so later boxes on them answer at once."""
