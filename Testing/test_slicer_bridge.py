@@ -676,3 +676,42 @@ def test_applied_result_keeps_its_record_and_replays_from_the_saved_file(bridge,
     again = Provenance.from_tags(tags)
     assert again.prompts == record.prompts and len(again.corrections) == 1
     assert again.corrections[0]["kind"] == "box" and again.corrections[0]["combine"] == "add"
+
+
+def _canonical_box(mask_zyx, z):
+    ys, xs = np.nonzero(mask_zyx[z])
+    return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+def test_correcting_a_3d_result_locks_the_slice_and_is_recorded(bridge, ct_scene):
+    """A box on a wrong slice of a 3D preview: that slice and the first box's are locked, the result
+    stays a preview (nothing in the scene changes) and applying it records the correction; then a
+    slice the user erased in the applied segment, marked good, stays empty after re-propagating."""
+    src = B.source_volume(ct_scene.ct)
+    liver = src.orientation.to_canonical(ct_scene.label_array(LIVER))
+    first = bridge.predict(ct_scene.ct, B.BoxPrompt(16, _canonical_box(liver, 16)), window=WINDOW)
+    assert first.result is not None and tuple(first.result.locked) == (16,)
+    seg = ct_scene.new_segmentation()
+    segment_id = seg.GetSegmentation().AddEmptySegment("liver", "liver")
+
+    fixed = bridge.compute(bridge.correction_request(first, B.BoxPrompt(21, _canonical_box(liver, 21))))
+    assert tuple(fixed.result.locked) == (16, 21)
+    assert fixed.mask[21].any() and np.array_equal(fixed.mask[16], first.mask[16])  # a locked slice never changes
+    assert not segment_kji(seg, segment_id, ct_scene.ct).any()  # still a preview
+    assert [c["kind"] for c in fixed.record.corrections] == ["box"]
+
+    bridge.apply(fixed, seg, segment_id, combine="replace")
+    record = B.segment_record(seg.GetSegmentation().GetSegment(segment_id))
+    assert len(record.corrections) == 1 and record.prompts == first.record.prompts
+
+    # The user erases slice 19 of the applied segment and marks it good.
+    edited = segment_kji(seg, segment_id, ct_scene.ct)
+    z_erased = 19
+    edited_canonical = src.orientation.to_canonical(edited).copy()
+    edited_canonical[z_erased] = False
+    slicer.util.updateSegmentBinaryLabelmapFromArray(
+        src.orientation.from_canonical(edited_canonical).astype(np.uint8), seg, segment_id, ct_scene.ct)
+    accepted = bridge.compute(bridge.correction_request(fixed, B.BoxPrompt(z_erased, (0, 0, 1, 1)), accept=True,
+                                                        segmentation_node=seg, segment_id=segment_id))
+    assert z_erased in accepted.result.locked and not accepted.mask[z_erased].any()
+    assert [c["kind"] for c in accepted.record.corrections] == ["box", "accept"]

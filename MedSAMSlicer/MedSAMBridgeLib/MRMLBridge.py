@@ -51,6 +51,7 @@ from MedSAMSlicerLib.background import BackgroundTask, run_in_background
 from MedSAMSlicerLib.boxes import BoxPrompt
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
+from MedSAMSlicerLib.propagation import PropagationResult
 from MedSAMSlicerLib.provenance import Provenance, new_job, volume_sha256
 
 # The bridge's parts, imported here so that front ends use one module (``MRMLBridge.X``).
@@ -96,6 +97,9 @@ class Prediction:
         notes: why propagation stopped, per direction.
         record: how it was made (:class:`~MedSAMSlicerLib.provenance.Provenance`), written into
             the segment's tags when applied (:func:`records.write_record`).
+        result: 3D: the engine's :class:`~MedSAMSlicerLib.propagation.PropagationResult` (its
+            locked slices and per-slice records: what a correction and the review start from).
+        window: the resolved intensity window it was computed with (a correction uses it too).
     """
 
     source: SourceVolume
@@ -106,6 +110,8 @@ class Prediction:
     score: float = float("nan")
     notes: Dict[str, str] = field(default_factory=dict)
     record: Optional[Provenance] = None
+    result: Optional[PropagationResult] = None
+    window: object = None
 
     @property
     def voxel_count(self) -> int:
@@ -122,6 +128,7 @@ class PredictionRequest:
         source: the volume (voxels copied), its geometry and key.
         window: the intensity window, already resolved (``"auto"`` looked at the display node).
         prompt, mode, direction: what to segment and how.
+        base, accept, current: a correction (see the fields).
     """
 
     source: SourceVolume
@@ -129,6 +136,13 @@ class PredictionRequest:
     prompt: BoxPrompt
     mode: str = "3d"
     direction: str = "both"
+    #: A correction of this 3D result (:meth:`MedSAMBridge.correction_request`): ``prompt`` is
+    #: the new box, or with ``accept`` its slice of ``current`` is marked good as it is.
+    base: Optional[Prediction] = None
+    accept: bool = False
+    #: The ``(z, y, x)`` mask being corrected when it is not ``base``'s (the segment as the user
+    #: edited it after applying).
+    current: Optional[np.ndarray] = None
 
     @property
     def volume_key(self) -> str:
@@ -258,19 +272,74 @@ class MedSAMBridge:
         if cancel is not None:
             cancel.raise_if_cancelled()
         self._load_volume(request)
+        if request.base is not None:
+            return self._correct(request, progress, cancel)
         done = self.segmenter.segment(request.prompt, request.mode, request.direction, progress, cancel)
         return Prediction(request.source, request.prompt, request.mode, done.mask, done.covered, done.score,
-                          done.stop_reasons, self._record(request))
+                          done.stop_reasons, self._record(request), done.result, request.window)
+
+    def correction_request(
+        self,
+        base: Prediction,
+        prompt: BoxPrompt,
+        accept: bool = False,
+        segmentation_node=None,
+        segment_id: Optional[str] = None,
+    ) -> PredictionRequest:
+        """A correction of the 3D result ``base`` (call on the scene's thread): a new box ``prompt``
+        on a wrong slice, or with ``accept`` the prompt's slice marked good as it is. With
+        ``segmentation_node`` and ``segment_id`` the mask corrected is that segment's (as the user
+        edited it after applying ``base``), else ``base``'s own. The corrected slice is locked;
+        propagation restarts from it to the next locked slice (:mod:`MedSAMSlicerLib.corrections`).
+
+        Raises:
+            MedSAMError: ``base`` is not a 3D result, or its volume changed.
+        """
+        if base.mode != "3d" or base.result is None:
+            raise MedSAMError("Only a 3D result can be corrected: segment the structure in 3D first.")
+        problem = volume_changed(base.source)
+        if problem:
+            raise MedSAMError(problem + " Segment it again.")
+        current = None
+        if segmentation_node is not None:
+            current = segment_array(segmentation_node, segment_id, base.source)
+        return PredictionRequest(base.source, base.window, prompt, "3d", "both", base=base, accept=accept,
+                                 current=current)
+
+    def _correct(self, request: PredictionRequest, progress, cancel) -> Prediction:
+        from MedSAMSlicerLib.corrections import Correction
+
+        base, prompt = request.base, request.prompt
+        correction = Correction.accept(prompt.z) if request.accept else Correction.with_box(prompt.z, prompt.box)
+        current = base.result if request.current is None else request.current
+        result = self.segmenter.correct(current, [correction], locked=base.result.locked,
+                                        z_range=base.prompt.z_range, progress=progress, cancel=cancel)
+        covered = sorted({r.z for r in result.slices if r.accepted} | set(result.locked))
+        src = request.source
+        if request.accept:
+            centre = src.canonical_to_ras(np.array([[0.0, 0.0, prompt.z]]))[0]
+            entry = {"kind": "accept", "slice_ras": [float(v) for v in centre], "edited": request.current is not None}
+        else:
+            entry = {"kind": "box", "ras": self._prompt_ras(src, prompt)}
+        record = base.record.with_corrections([entry]) if base.record is not None else None
+        score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
+        return Prediction(src, base.prompt, "3d", np.asarray(result.mask, dtype=bool), covered, score,
+                          dict(result.stop_reasons), record, result, request.window)
+
+    @staticmethod
+    def _prompt_ras(src: SourceVolume, prompt: BoxPrompt):
+        """A prompt's first and last voxel centres in RAS (how records store a box)."""
+        x0, y0, z0, x1, y1, z1 = prompt.box3d
+        corners = src.canonical_to_ras(np.array([[x0, y0, z0], [x1, y1, z1]], dtype=float))
+        return [[float(v) for v in c] for c in corners]
 
     def _record(self, request: PredictionRequest) -> Provenance:
         """How this request's result was made (the job names no structure yet: applying does)."""
         src = request.source
         if src.key not in self._volume_sha:
             self._volume_sha = {src.key: volume_sha256(src.array)}  # one volume's hash kept
-        x0, y0, z0, x1, y1, z1 = request.prompt.box3d
-        corners = src.canonical_to_ras(np.array([[x0, y0, z0], [x1, y1, z1]], dtype=float))
-        return Provenance.of(self.segmenter, [tuple(map(tuple, corners))], request.mode, request.direction,
-                             new_job([]), self._volume_sha[src.key])
+        return Provenance.of(self.segmenter, [self._prompt_ras(src, request.prompt)], request.mode,
+                             request.direction, new_job([]), self._volume_sha[src.key])
 
     def start(self, request: PredictionRequest) -> BackgroundTask:
         """:meth:`compute` in a started :class:`~MedSAMSlicerLib.background.BackgroundTask`; its
