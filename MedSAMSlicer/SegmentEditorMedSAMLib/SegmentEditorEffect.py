@@ -44,6 +44,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.boxNormal = None  # and its view's normal
         self.prediction = None
         self.previewSegmentId = None
+        self.previousPreviews = []  # the previews before each correction (Undo correction)
+        self.correcting = False  # the running prediction corrects self.prediction
+        self.lastApplied = None  # (prediction, segment id) of the last Apply: a slice marked good re-propagates it
+        self.replaceOnApply = False  # a correction of the applied segment replaces it
+        self.reviewSlice = None  # the doubtful slice last shown
+        self.lastSliceWidget = None  # the view the user last drew in
         self.task = None  # the running BackgroundTask
         self.taskKind = None  # "prefetch" or "predict"
         self.applyWhenDone = False
@@ -75,6 +81,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 <li><b>Cancel</b>: stop a running propagation, or drop the preview. (<b>Esc</b> leaves the effect,
 which also stops a run and drops the preview.)
 <li><b>ROI</b>: instead of drawing, select a markups ROI and press <b>Preview</b>; its height bounds the propagation.
+<li><b>Correct</b> a 3D preview: draw a box on a wrong slice; that slice and the first box's are kept
+(locked) and the structure is propagated again from the new box up to the next locked slice.
+<b>Accept slice</b> locks the slice shown in the view as it is (also after Paint/Erase on the applied
+segment: it is propagated again from there). <b>Undo correction</b> goes back one step;
+<b>Next doubtful slice</b> shows the slices the model was least sure of.
 </ul>
 <p><b>3D</b> propagates slice by slice from the box and stops where the structure ends
 (or at the ROI's top and bottom); <b>2D</b> segments the box's slice only, to refine one slice.
@@ -131,6 +142,23 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         buttons.addWidget(self.cancelButton)
         self.scriptedEffect.addOptionsWidget(buttons)
 
+        self.acceptSliceButton = qt.QPushButton("Accept slice")
+        self.acceptSliceButton.setToolTip("Lock the slice shown in the view as it is (after Paint/Erase too) and "
+                                          "propagate again from it.")
+        self.undoCorrectionButton = qt.QPushButton("Undo correction")
+        self.undoCorrectionButton.setToolTip("Go back to the preview before the last correction.")
+        self.nextDoubtfulButton = qt.QPushButton("Next doubtful slice")
+        self.nextDoubtfulButton.setToolTip("Show the next slice the model was least sure of (predicted IoU, "
+                                           "narrow/wide box agreement, overlap with the previous slice).")
+        corrections = qt.QHBoxLayout()
+        corrections.addWidget(self.acceptSliceButton)
+        corrections.addWidget(self.undoCorrectionButton)
+        corrections.addWidget(self.nextDoubtfulButton)
+        self.scriptedEffect.addOptionsWidget(corrections)
+        self.reviewLabel = qt.QLabel()
+        self.reviewLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.reviewLabel)
+
         self.progressBar = qt.QProgressBar()
         self.progressBar.setVisible(False)
         self.scriptedEffect.addOptionsWidget(self.progressBar)
@@ -146,6 +174,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._connect(self.previewButton, "clicked()", self.onPreview)
         self._connect(self.applyButton, "clicked()", self.onApply)
         self._connect(self.cancelButton, "clicked()", self.onCancel)
+        self._connect(self.acceptSliceButton, "clicked()", self.onAcceptSlice)
+        self._connect(self.undoCorrectionButton, "clicked()", self.onUndoCorrection)
+        self._connect(self.nextDoubtfulButton, "clicked()", self.onNextDoubtful)
 
     def _connect(self, widget, signal, slot):
         widget.connect(signal, slot)
@@ -227,6 +258,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.applyButton.enabled = not running and (self.prediction is not None or self.boxCorners is not None)
         self.cancelButton.enabled = running or self.prediction is not None or self.boxCorners is not None
         self.progressBar.setVisible(running)
+        self.acceptSliceButton.enabled = not running and (self._correctable() or self.lastApplied is not None)
+        self.undoCorrectionButton.enabled = not running and bool(self.previousPreviews)
+        self.nextDoubtfulButton.enabled = not running and self._correctable()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self):
@@ -260,11 +294,14 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
     def sourceVolumeNodeChanged(self):
         self._stopTask()
         self._clearAll()
+        self.lastApplied = None
 
     def _onSceneClose(self, caller, event):
         self._stopTask()
         self.prediction = None
         self.boxCorners = None
+        self.previousPreviews = []
+        self.lastApplied = None
 
     def _logic(self):
         # The module's logic holds the shared bridge, model choice and dependency set-up.
@@ -282,7 +319,11 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
             if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
                 return True
-            self._clearAll()
+            if self._correctable():
+                self._clearBoxes()  # a box drawn on a 3D preview corrects it
+            else:
+                self._clearAll()
+            self.lastSliceWidget = viewWidget
             pipeline.start(callerInteractor.GetEventPosition())
             self._prefetch(viewWidget, callerInteractor.GetEventPosition())
             return True
@@ -400,18 +441,28 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             else:
                 prompt = MRMLBridge.prompt_from_points(src, self.boxCorners, self.boxNormal)
             bridge = logic.bridge()
-            request = bridge.request(
-                volumeNode,
-                prompt,
-                mode=self.scriptedEffect.parameter("MODE"),
-                direction=self.scriptedEffect.parameter("DIRECTION"),
-                window=self.scriptedEffect.parameter("WINDOW"),
-            )
+            self.correcting = roiNode is None and self._correctable()
+            if self.correcting:
+                request = bridge.correction_request(self.prediction, prompt)
+            else:
+                request = bridge.request(
+                    volumeNode,
+                    prompt,
+                    mode=self.scriptedEffect.parameter("MODE"),
+                    direction=self.scriptedEffect.parameter("DIRECTION"),
+                    window=self.scriptedEffect.parameter("WINDOW"),
+                )
+                self.previousPreviews = []
+                self.replaceOnApply = False
         except MedSAMError as exc:
             self.statusLabel.text = str(exc)
             return
-        self.previewSegmentId = parameterSetNode.GetSelectedSegmentID()
-        self.statusLabel.text = "Segmenting... (Cancel stops it)"
+        self._runPrediction(bridge, request, "Correcting: propagating again from the new box..." if self.correcting
+                            else "Segmenting... (Cancel stops it)")
+
+    def _runPrediction(self, bridge, request, message):
+        self.previewSegmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        self.statusLabel.text = message
         self.progressBar.value = 0
         self._startTask(bridge.start(request), "predict")
 
@@ -421,6 +472,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         from MedSAMSlicerLib.progress import Cancelled
 
         applyNow, self.applyWhenDone = self.applyWhenDone, False
+        correcting, self.correcting = self.correcting, False
+        # A correction that fails or is cancelled leaves the preview it was correcting as it was.
+        keep = correcting and not self.replaceOnApply and self.prediction is not None
         try:
             prediction = task.result()
             problem = MRMLBridge.volume_changed(prediction.source)
@@ -429,29 +483,107 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
             if segmentationNode is None:
                 raise MedSAMError("The segmentation was removed while MedSAM was running.")
-            self.prediction = prediction
-            MRMLBridge.show_preview(prediction, segmentationNode, self.scriptedEffect.parameterSetNode(),
-                                    self.previewSegmentId)
-            notes = "; ".join(f"{k}: {v}" for k, v in prediction.notes.items())
-            self.statusLabel.text = (
-                f"Preview: {prediction.voxel_count} voxels on {len(prediction.covered)} slice(s). "
-                f"{notes} Press Apply (Enter) to write it into the selected segment."
-            )
+            if keep:
+                self.previousPreviews.append(self.prediction)
+            self._showPrediction(prediction)
         except Cancelled:
-            self.prediction = None
+            if not keep:
+                self.prediction = None
             self.statusLabel.text = "Cancelled: nothing was changed."
             return
         except MedSAMError as exc:
-            self.prediction = None
+            if not keep:
+                self.prediction = None
             self.statusLabel.text = str(exc)
             return
         except Exception as exc:
-            self.prediction = None
+            if not keep:
+                self.prediction = None
             logging.exception("MedSAM preview failed")
             slicer.util.errorDisplay(f"MedSAM failed: {exc}")
             return
         if applyNow:
             self.onApply()
+
+    def _showPrediction(self, prediction):
+        from MedSAMBridgeLib import MRMLBridge, reviewing
+
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        self.prediction = prediction
+        self.reviewSlice = None
+        MRMLBridge.show_preview(prediction, segmentationNode, self.scriptedEffect.parameterSetNode(),
+                                self.previewSegmentId)
+        notes = "; ".join(f"{k}: {v}" for k, v in prediction.notes.items())
+        corrected = f" {len(self.previousPreviews)} correction(s)." if self.previousPreviews else ""
+        self.statusLabel.text = (
+            f"Preview: {prediction.voxel_count} voxels on {len(prediction.covered)} slice(s).{corrected} "
+            f"{notes} Press Apply (Enter) to write it into the selected segment"
+            + ("; a box drawn now corrects it." if self._correctable() else ".")
+        )
+        self.reviewLabel.text = reviewing.summary(prediction)
+
+    def _correctable(self):
+        return self.prediction is not None and self.prediction.result is not None and self.prediction.mode == "3d"
+
+    def _viewedSlice(self, src):
+        """The canonical slice shown in the view last drawn in (else the Red view)."""
+        from MedSAMBridgeLib import reviewing
+
+        sliceWidget = self.lastSliceWidget or slicer.app.layoutManager().sliceWidget("Red")
+        sliceToRas = sliceWidget.mrmlSliceNode().GetSliceToRAS()
+        return reviewing.slice_of_point(src, [sliceToRas.GetElement(r, 3) for r in range(3)])
+
+    def onAcceptSlice(self):
+        """Lock the viewed slice as it is and propagate again from it: of the preview, or, after
+        Apply (and Paint/Erase), of the applied segment as it is now."""
+        from MedSAMBridgeLib import MRMLBridge
+        from MedSAMSlicerLib.errors import MedSAMError
+
+        if self.taskKind == "predict":
+            return
+        self._stopTask()
+        bridge = self._logic().bridge()
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        try:
+            if self._correctable():
+                base, segmentationNode, segmentId = self.prediction, None, None
+            elif self.lastApplied is not None and self.lastApplied[1] == parameterSetNode.GetSelectedSegmentID():
+                base, segmentationNode, segmentId = self.lastApplied[0], parameterSetNode.GetSegmentationNode(), \
+                    self.lastApplied[1]
+            else:
+                raise MedSAMError("Nothing to correct: segment the structure in 3D first.")
+            z = self._viewedSlice(base.source)
+            request = bridge.correction_request(base, MRMLBridge.BoxPrompt(z, (0, 0, 1, 1)), accept=True,
+                                                segmentation_node=segmentationNode, segment_id=segmentId)
+        except MedSAMError as exc:
+            self.statusLabel.text = str(exc)
+            return
+        if segmentationNode is not None:  # the applied segment is re-propagated: the result replaces it
+            self.prediction, self.previousPreviews, self.replaceOnApply = base, [], True
+        self.correcting = True
+        self._runPrediction(bridge, request, "Slice accepted: propagating again from it...")
+
+    def onUndoCorrection(self):
+        if self.taskKind == "predict" or not self.previousPreviews:
+            return
+        self._showPrediction(self.previousPreviews.pop())
+        self._updateWidgets()
+
+    def onNextDoubtful(self):
+        from MedSAMBridgeLib import reviewing
+
+        if not self._correctable():
+            return
+        z = reviewing.next_doubtful(self.prediction, self.reviewSlice)
+        if z is None:
+            self.reviewLabel.text = "No doubtful slice."
+            return
+        self.reviewSlice = z
+        r, a, s = reviewing.slice_centre_ras(self.prediction.source, self.prediction.mask, z)
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+        reason = dict(reviewing.doubtful(self.prediction)).get(z, "")
+        self.reviewLabel.text = (f"Slice {reviewing.slice_name(self.prediction.source, z)}: {reason}. "
+                                 f"{reviewing.summary(self.prediction)} Draw a box to correct it, or Accept slice.")
 
     def onApply(self):
         from MedSAMBridgeLib import MRMLBridge
@@ -476,20 +608,23 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             "add": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeAdd,
             "remove": slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeRemove,
         }
+        combine = "replace" if self.replaceOnApply else self.scriptedEffect.parameter("COMBINE")
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
             edits = MRMLBridge.modifications(
                 self.prediction,
                 segmentationNode,
                 self.scriptedEffect.defaultModifierLabelmap(),
-                self.scriptedEffect.parameter("COMBINE"),
+                combine,
             )
             self.scriptedEffect.saveStateForUndo()
             for labelmap, mode in edits:
                 self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[mode])
             if self.prediction.record is not None:  # how it was made, in the segment's tags (undone with it)
                 MRMLBridge.write_record(segmentationNode, parameterSetNode.GetSelectedSegmentID(),
-                                        self.prediction.record, self.scriptedEffect.parameter("COMBINE"))
+                                        self.prediction.record, combine)
+            if self._correctable():
+                self.lastApplied = (self.prediction, parameterSetNode.GetSelectedSegmentID())
             self.statusLabel.text = "Applied. Undo restores the segment."
         finally:
             qt.QApplication.restoreOverrideCursor()
@@ -507,11 +642,18 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         from MedSAMBridgeLib import MRMLBridge
 
         self.prediction = None
-        self.boxCorners = None
-        self.boxNormal = None
+        self.previousPreviews = []
+        self.replaceOnApply = False
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         if parameterSetNode is not None:
             MRMLBridge.clear_preview(parameterSetNode)
+        if hasattr(self, "reviewLabel"):
+            self.reviewLabel.text = ""
+        self._clearBoxes()
+
+    def _clearBoxes(self):
+        self.boxCorners = None
+        self.boxNormal = None
         for viewWidget, pipeline in self.rectangles.items():
             pipeline.clear()
             viewWidget.sliceView().scheduleRender()
