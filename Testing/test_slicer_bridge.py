@@ -715,3 +715,27 @@ def test_correcting_a_3d_result_locks_the_slice_and_is_recorded(bridge, ct_scene
                                                         segmentation_node=seg, segment_id=segment_id))
     assert z_erased in accepted.result.locked and not accepted.mask[z_erased].any()
     assert [c["kind"] for c in accepted.record.corrections] == ["box", "accept"]
+
+
+def test_a_queue_of_boxes_for_several_segments_runs_as_one_job(bridge, ct_scene):
+    """Boxes queued for the liver and the spleen on slice 16: one job, each segment gets its mask
+    (the same as alone where the two do not compete), and both records name the job's segments."""
+    src = B.source_volume(ct_scene.ct)
+    seg = ct_scene.new_segmentation()
+    ids = {name: seg.GetSegmentation().AddEmptySegment(name, name) for name in ("liver", "spleen")}
+    labels = {"liver": LIVER, "spleen": SPLEEN}
+    prompts = {name: B.BoxPrompt(16, _canonical_box(src.orientation.to_canonical(ct_scene.label_array(labels[name])), 16),
+                                 (14, 18)) for name in ids}
+    requests = {ids[name]: bridge.request(ct_scene.ct, prompts[name], window=WINDOW) for name in ids}
+    done = bridge.compute_queue(requests)
+    alone = {name: bridge.predict(ct_scene.ct, prompts[name], window=WINDOW) for name in ids}
+    contested = alone["liver"].mask & alone["spleen"].mask
+    assert not (done[ids["liver"]].mask & done[ids["spleen"]].mask).any()
+    for name, segment_id in ids.items():
+        assert done[segment_id].record.job == done[ids["liver"]].record.job
+        np.testing.assert_array_equal(done[segment_id].mask & ~contested, alone[name].mask & ~contested)
+        bridge.apply(done[segment_id], seg, segment_id, combine="replace")
+    record = B.segment_record(seg.GetSegmentation().GetSegment(ids["spleen"]))
+    assert record.job["structures"] == ["liver", "spleen"]
+    with pytest.raises(MedSAMError, match="queue is empty"):
+        bridge.compute_queue({})

@@ -40,6 +40,7 @@ Other segments lose voxels only where the editor's overwrite mode says so (``"no
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -277,6 +278,47 @@ class MedSAMBridge:
         done = self.segmenter.segment(request.prompt, request.mode, request.direction, progress, cancel)
         return Prediction(request.source, request.prompt, request.mode, done.mask, done.covered, done.score,
                           done.stop_reasons, self._record(request), done.result, request.window)
+
+    def compute_queue(
+        self,
+        requests: Dict[str, PredictionRequest],
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+    ) -> Dict[str, Prediction]:
+        """Several structures of one volume as one job (a queue of boxes, one per segment): each
+        slice is encoded once for all, a slice's boxes are decoded together and overlaps are
+        settled by the decoder's confidence, never by the queue's order. Touches no node.
+
+        Args:
+            requests: per segment id, its 3D :meth:`request` (same volume and window for all).
+
+        Returns:
+            Per segment id, its :class:`Prediction` (its record names the job's segments).
+        """
+        from MedSAMSlicerLib.provenance import new_job
+
+        if not requests:
+            raise MedSAMError("The queue is empty: draw a box for each segment first.")
+        first = next(iter(requests.values()))
+        for request in requests.values():
+            if request.mode != "3d" or request.base is not None:
+                raise MedSAMError("Only new 3D boxes can be queued.")
+            if request.volume_key != first.volume_key:
+                raise MedSAMError("All queued boxes must be on the same volume, with the same window.")
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        self._load_volume(first)
+        job = self.segmenter.segment_structures({k: r.prompt for k, r in requests.items()}, progress, cancel)
+        shared = new_job(list(requests))
+        out: Dict[str, Prediction] = {}
+        for key, request in requests.items():
+            result = job.results[key]
+            covered = sorted({r.z for r in result.slices if r.accepted})
+            score = next((float(r.score) for r in result.slices if r.z == request.prompt.z), float("nan"))
+            record = dataclasses.replace(self._record(request), job=shared)
+            out[key] = Prediction(request.source, request.prompt, "3d", np.asarray(result.mask, dtype=bool), covered,
+                                  score, dict(result.stop_reasons), record, result, request.window)
+        return out
 
     def correction_request(
         self,

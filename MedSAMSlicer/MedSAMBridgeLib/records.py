@@ -51,7 +51,11 @@ def write_record(segmentation_node, segment_id: str, record: Provenance, combine
         raise MedSAMError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
     previous = segment_record(segment) if combine != "replace" else None
     if previous is None:
-        written = dataclasses.replace(record, job={**record.job, "structures": [segment.GetName()]})
+        # A job of one names its segment; a queued job names all its segments (given by id).
+        segmentation = segmentation_node.GetSegmentation()
+        structures = [segmentation.GetSegment(s).GetName() if segmentation.GetSegment(s) is not None else s
+                      for s in record.job.get("structures") or [segment_id]]
+        written = dataclasses.replace(record, job={**record.job, "structures": structures})
     else:
         written = previous.with_corrections(
             [{**prompt, "combine": combine, "mode": record.mode} for prompt in record.prompts])

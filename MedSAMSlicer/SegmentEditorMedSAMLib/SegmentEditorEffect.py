@@ -50,6 +50,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.replaceOnApply = False  # a correction of the applied segment replaces it
         self.reviewSlice = None  # the doubtful slice last shown
         self.lastSliceWidget = None  # the view the user last drew in
+        self.queue = {}  # segment id -> PredictionRequest: boxes for several segments, run as one job
         self.task = None  # the running BackgroundTask
         self.taskKind = None  # "prefetch" or "predict"
         self.applyWhenDone = False
@@ -86,6 +87,10 @@ which also stops a run and drops the preview.)
 <b>Accept slice</b> locks the slice shown in the view as it is (also after Paint/Erase on the applied
 segment: it is propagated again from there). <b>Undo correction</b> goes back one step;
 <b>Next doubtful slice</b> shows the slices the model was least sure of.
+<li><b>Queue</b> (several structures): with <i>Queue boxes</i> checked, each box drawn is kept for the
+selected segment; select the next segment and draw again; <b>Run queue</b> segments them all as one
+job (each slice is computed once; where two structures meet, the model's confidence decides) and
+writes each into its segment (one Undo restores them all).
 </ul>
 <p><b>3D</b> propagates slice by slice from the box and stops where the structure ends
 (or at the ROI's top and bottom); <b>2D</b> segments the box's slice only, to refine one slice.
@@ -155,6 +160,16 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         corrections.addWidget(self.undoCorrectionButton)
         corrections.addWidget(self.nextDoubtfulButton)
         self.scriptedEffect.addOptionsWidget(corrections)
+        self.queueCheckBox = qt.QCheckBox("Queue boxes")
+        self.queueCheckBox.setToolTip("Keep each drawn box for the selected segment, then run them all as one job.")
+        self.runQueueButton = qt.QPushButton("Run queue")
+        self.runQueueButton.setToolTip("Segment every queued box into its segment, as one job.")
+        self.clearQueueButton = qt.QPushButton("Clear queue")
+        queueRow = qt.QHBoxLayout()
+        queueRow.addWidget(self.queueCheckBox)
+        queueRow.addWidget(self.runQueueButton)
+        queueRow.addWidget(self.clearQueueButton)
+        self.scriptedEffect.addOptionsWidget(queueRow)
         self.reviewLabel = qt.QLabel()
         self.reviewLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.reviewLabel)
@@ -177,6 +192,8 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._connect(self.acceptSliceButton, "clicked()", self.onAcceptSlice)
         self._connect(self.undoCorrectionButton, "clicked()", self.onUndoCorrection)
         self._connect(self.nextDoubtfulButton, "clicked()", self.onNextDoubtful)
+        self._connect(self.runQueueButton, "clicked()", self.onRunQueue)
+        self._connect(self.clearQueueButton, "clicked()", self.onClearQueue)
 
     def _connect(self, widget, signal, slot):
         widget.connect(signal, slot)
@@ -249,7 +266,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._fillSpeeds()  # shows the setting in use (unchanged when the user declined an install)
 
     def _updateWidgets(self):
-        running = self.taskKind == "predict" and self.task is not None
+        running = self._modelRunning()
         # While the model runs, nothing that would change its inputs can be touched.
         for widget in (self.modelSelector, self.speedSelector, self.windowSelector, self.modeSelector, self.directionSelector,
                        self.combineSelector, self.roiSelector, self.previewButton):
@@ -261,6 +278,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.acceptSliceButton.enabled = not running and (self._correctable() or self.lastApplied is not None)
         self.undoCorrectionButton.enabled = not running and bool(self.previousPreviews)
         self.nextDoubtfulButton.enabled = not running and self._correctable()
+        self.runQueueButton.enabled = not running and bool(self.queue)
+        self.clearQueueButton.enabled = not running and bool(self.queue)
+        self.queueCheckBox.enabled = not running
 
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self):
@@ -311,7 +331,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
 
     # -- mouse --------------------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        if viewWidget.className() != "qMRMLSliceWidget" or self.taskKind == "predict":
+        if viewWidget.className() != "qMRMLSliceWidget" or self._modelRunning():
             return False
         anyModifier = callerInteractor.GetShiftKey() or callerInteractor.GetControlKey() or callerInteractor.GetAltKey()
         pipeline = self._pipeline(viewWidget)
@@ -403,7 +423,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             self.pumpTimer.stop()
             return
         for done, total, message in task.pump(PUMP_BUDGET_S):
-            if kind == "predict":
+            if kind in ("predict", "queue"):
                 self.progressBar.maximum = max(total, 1)
                 self.progressBar.value = done
                 self.progressBar.format = f"{message} (%v/%m)"
@@ -413,6 +433,8 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.task, self.taskKind = None, None
         if kind == "predict":
             self._onPredictionDone(task)
+        elif kind == "queue":
+            self._onQueueDone(task)
         self._updateWidgets()
 
     # -- actions ------------------------------------------------------------------------------
@@ -421,7 +443,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         from MedSAMBridgeLib import MRMLBridge
         from MedSAMSlicerLib.errors import MedSAMError
 
-        if self.taskKind == "predict":
+        if self._modelRunning():
             return
         self._stopTask()  # a prefetch: what it encoded stays in the cache
         logic = self._logic()
@@ -441,6 +463,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             else:
                 prompt = MRMLBridge.prompt_from_points(src, self.boxCorners, self.boxNormal)
             bridge = logic.bridge()
+            if roiNode is None and self.queueCheckBox.checked:
+                self._queueBox(bridge, volumeNode, prompt)
+                return
             self.correcting = roiNode is None and self._correctable()
             if self.correcting:
                 request = bridge.correction_request(self.prediction, prompt)
@@ -459,6 +484,88 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             return
         self._runPrediction(bridge, request, "Correcting: propagating again from the new box..." if self.correcting
                             else "Segmenting... (Cancel stops it)")
+
+    def _queueBox(self, bridge, volumeNode, prompt):
+        """Keep the drawn box for the selected segment (one per segment; drawing again replaces it)."""
+        from MedSAMBridgeLib import reviewing
+
+        request = bridge.request(volumeNode, prompt, mode="3d", direction=self.scriptedEffect.parameter("DIRECTION"),
+                                 window=self.scriptedEffect.parameter("WINDOW"))
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        segmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
+        self.queue[segmentId] = request
+        names = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in self.queue
+                 if segmentationNode.GetSegmentation().GetSegment(s) is not None]
+        self.statusLabel.text = (f"Queued a box on slice {reviewing.slice_name(request.source, prompt.z)} for "
+                                 f"'{names[-1] if names else segmentId}'. Queue: {', '.join(names)}. Select the next "
+                                 "segment and draw, or press Run queue.")
+        self._updateWidgets()
+
+    def onClearQueue(self):
+        self.queue = {}
+        self.statusLabel.text = "Queue cleared."
+        self._updateWidgets()
+
+    def onRunQueue(self):
+        """Segment every queued box into its segment, as one job, in the background."""
+        from MedSAMSlicerLib.background import run_in_background
+
+        if self._modelRunning() or not self.queue:
+            return
+        self._stopTask()
+        bridge = self._logic().bridge()
+        requests = dict(self.queue)
+        self.statusLabel.text = f"Segmenting {len(requests)} structures as one job... (Cancel stops it)"
+        self.progressBar.value = 0
+        self._startTask(run_in_background(lambda progress, cancel: bridge.compute_queue(requests, progress, cancel),
+                                          "medsam-queue"), "queue")
+
+    def _onQueueDone(self, task):
+        from MedSAMBridgeLib import MRMLBridge
+        from MedSAMSlicerLib.errors import MedSAMError
+        from MedSAMSlicerLib.progress import Cancelled
+
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterSetNode.GetSegmentationNode()
+        try:
+            predictions = task.result()
+            for prediction in predictions.values():
+                problem = MRMLBridge.volume_changed(prediction.source)
+                if problem:
+                    raise MedSAMError(problem + " Queue the boxes again.")
+            if segmentationNode is None:
+                raise MedSAMError("The segmentation was removed while MedSAM was running.")
+        except Cancelled:
+            self.statusLabel.text = "Cancelled: nothing was changed (the queue is kept)."
+            return
+        except MedSAMError as exc:
+            self.statusLabel.text = str(exc)
+            return
+        except Exception as exc:
+            logging.exception("MedSAM queue failed")
+            slicer.util.errorDisplay(f"MedSAM failed: {exc}")
+            return
+        bridge = self._logic().bridge()
+        selected = parameterSetNode.GetSelectedSegmentID()
+        written = []
+        self.scriptedEffect.saveStateForUndo()  # one Undo restores every segment of the job
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            for segmentId, prediction in predictions.items():
+                segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+                if segment is None:
+                    continue  # removed meanwhile
+                bridge.apply(prediction, segmentationNode, segmentId, self.scriptedEffect.parameter("COMBINE"),
+                             editor_node=parameterSetNode)
+                written.append(segment.GetName())
+        except MedSAMError as exc:
+            self.statusLabel.text = f"{exc} Undo restores the segments."
+            return
+        finally:
+            parameterSetNode.SetSelectedSegmentID(selected)
+            qt.QApplication.restoreOverrideCursor()
+        self.queue = {}
+        self.statusLabel.text = f"Wrote {', '.join(written)} ({len(written)} structures, one job). Undo restores them."
 
     def _runPrediction(self, bridge, request, message):
         self.previewSegmentId = self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()
@@ -522,6 +629,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         )
         self.reviewLabel.text = reviewing.summary(prediction)
 
+    def _modelRunning(self):
+        return self.taskKind in ("predict", "queue") and self.task is not None
+
     def _correctable(self):
         return self.prediction is not None and self.prediction.result is not None and self.prediction.mode == "3d"
 
@@ -539,7 +649,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         from MedSAMBridgeLib import MRMLBridge
         from MedSAMSlicerLib.errors import MedSAMError
 
-        if self.taskKind == "predict":
+        if self._modelRunning():
             return
         self._stopTask()
         bridge = self._logic().bridge()
@@ -564,7 +674,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._runPrediction(bridge, request, "Slice accepted: propagating again from it...")
 
     def onUndoCorrection(self):
-        if self.taskKind == "predict" or not self.previousPreviews:
+        if self._modelRunning() or not self.previousPreviews:
             return
         self._showPrediction(self.previousPreviews.pop())
         self._updateWidgets()
@@ -588,7 +698,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
     def onApply(self):
         from MedSAMBridgeLib import MRMLBridge
 
-        if self.taskKind == "predict":
+        if self._modelRunning():
             return
         if self.prediction is None:
             self.applyWhenDone = True
@@ -631,7 +741,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._clearAll()
 
     def onCancel(self):
-        if self.taskKind == "predict":
+        if self._modelRunning():
             self.task.cancel()
             self.statusLabel.text = "Cancelling after the current slice..."
             return
