@@ -14,7 +14,8 @@ import SimpleITK as sitk
 import torch
 
 from MedSAMSlicerLib.cli import main, segment_file
-from MedSAMSlicerLib.demo import dice, run_demo
+from MedSAMSlicerLib.demo import run_demo
+from MedSAMSlicerLib.metrics import dice
 from MedSAMSlicerLib.orientation import AxialOrientation
 from MedSAMSlicerLib.volumes import read_volume
 

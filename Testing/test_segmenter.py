@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSAMSlicerLib.demo import dice, reference_box
+from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.metrics import dice
 from MedSAMSlicerLib.preprocessing import Window
 from MedSAMSlicerLib.progress import Cancelled, CancelToken
 from MedSAMSlicerLib.segmenter import Segmenter

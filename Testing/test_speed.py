@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from MedSAMSlicerLib.demo import dice, reference_box
+from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV, RuntimeEncoder
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.metrics import dice
 from MedSAMSlicerLib.preprocessing import Window
 from MedSAMSlicerLib.propagation import propagate
 from MedSAMSlicerLib.segmenter import Segmenter
