@@ -143,14 +143,19 @@ def test_prefetch_finds_the_slice_under_the_mouse(bridge, ct_scene):
     assert all(bridge.segmenter.predictor.is_encoded(z) for z in (15, 16, 17))
 
 
-def test_window_choices(ct_scene, mr_path):
+def test_window_choices(ct_scene, mr_path, ct_sm_path):
     from MedSAMBridgeLib.headless import load_volume
     from MedSAMSlicerLib.preprocessing import Window
+    from MedSAMSlicerLib.volumes import read_volume
 
     display = ct_scene.ct.GetDisplayNode()
     # Slicer's automatic window on this CT is ~1500 HU wide: "auto" uses the CT window instead.
     assert display.GetAutoWindowLevel() and display.GetWindow() > 1000
     assert B.window_for(ct_scene.ct) == Window.preset("abdomen")
+    # The command line (engine, from the file) chooses the same automatic window as Slicer.
+    assert B.window_for(ct_scene.ct) == Window.automatic(read_volume(ct_sm_path).array)
+    mr_node = load_volume(mr_path, "MR")
+    assert B.window_for(mr_node) == Window.automatic(read_volume(mr_path).array) == Window.preset("mr")
     assert B.window_for(ct_scene.ct, "display") == Window(level=display.GetLevel(), width=display.GetWindow())
     # A window the user chose is used as shown.
     display.SetAutoWindowLevel(False)
@@ -159,7 +164,6 @@ def test_window_choices(ct_scene, mr_path):
     assert B.window_for(ct_scene.ct, "auto") == Window(level=50.0, width=350.0)
     assert B.window_for(ct_scene.ct, "lung") == Window.preset("lung")
     assert B.window_for(ct_scene.ct, (40, 400)) == Window.preset("abdomen")
-    assert B.window_for(load_volume(mr_path, "MR")) == Window.preset("mr")
     with pytest.raises(MedSAMError):
         B.window_for(ct_scene.ct, "nonsense")
 
