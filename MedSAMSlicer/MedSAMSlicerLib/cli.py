@@ -224,6 +224,32 @@ def _note(text: str) -> None:
     print(f"medsam-slicer: note: {text}", file=sys.stderr)
 
 
+def review_path(output: Path) -> Path:
+    """Where ``segment`` writes a result's review: beside the output, ``liver.seg.nrrd`` ->
+    ``liver.review.json``."""
+    name = output.name
+    for ext in sorted((".nii.gz", ".nii", ".seg.nrrd", ".nrrd", ".mha"), key=len, reverse=True):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return output.with_name(name + ".review.json")
+
+
+def write_review_report(volume, result, output: Path, name: str, overwrite: bool = False) -> Path:
+    """Write the review of a 3D result (:func:`~MedSAMSlicerLib.review.review_report`: per slice, as
+    the file's index, the predicted IoU, area, doubtful flag and reason; why each end stopped)
+    beside ``output`` (:func:`review_path`), atomically, never over an existing file without
+    ``overwrite``; returns its path."""
+    import json
+
+    from .atomic import atomic_write
+    from .review import review_report
+
+    report = {"segment": name, "output": output.name, **review_report(result, volume.orientation.slice_to_index)}
+    text = json.dumps(report, indent=2) + "\n"
+    return atomic_write(review_path(output), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
 def segment_file(
     volume_path: str,
     output: Path,
@@ -273,6 +299,9 @@ def segment_file(
     if box_ras is not None and len(box_ras) != 6:
         raise MedSAMError(f"--box-ras needs six numbers R0 A0 S0 R1 A1 S1; got {len(box_ras)}")
     out = check_output(output, overwrite, inputs=[volume_path])
+    if not slice_only and not overwrite and review_path(out).exists():
+        raise MedSAMError(f"{review_path(out)} exists (the review written beside the output); "
+                          "pass --overwrite to replace it or choose another output name")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the notes are printed below, in our words
         volume = read_volume(volume_path, allow_gaps=allow_gaps)
@@ -325,10 +354,11 @@ def segment_file(
         write_seg_nrrd([(name, mask, (0.85, 0.35, 0.25))], volume, out, overwrite=overwrite)
     else:
         write_labelmap(mask.astype(np.uint8), volume, out, overwrite=overwrite)
+    reviewed = "" if slice_only else f" and {write_review_report(volume, result, out, name, overwrite).name}"
     found = [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
     where = f" ({_slices_text(volume, found)})" if found else ""
     return (f"{name}: {int(mask.sum())} voxels on {len(found)} slices{where} ({how}); "
-            f"{time.perf_counter() - t0:.1f} s; wrote {out}")
+            f"{time.perf_counter() - t0:.1f} s; wrote {out}{reviewed}")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
