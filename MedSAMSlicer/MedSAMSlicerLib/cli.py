@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from .boxes import DIRECTIONS
 from .errors import MedSAMError
 from .progress import Cancelled
-from .segment_command import segment_file
+from .segment_command import review_path, segment_file  # noqa: F401  (re-exported: the command's API)
 from .speed import SPEED_TIERS
 
 DESCRIPTION = """\

@@ -116,10 +116,13 @@ def _structure_history(mask: np.ndarray, volume: np.ndarray):
     largest would end a pass from a small tip at once."""
     zs = [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
     medians = [float(np.median(volume[z][mask[z]])) for z in zs]
+    largest = max((int(mask[z].sum()) for z in zs), default=0)
 
     def known(z: int) -> _PassHistory:
         history = _PassHistory.start(mask[z], volume[z])
         history.medians = list(medians) if medians else history.medians
+        # The structure is larger elsewhere: this pass goes on from its tip (StopRule's tip rule).
+        history.tip = largest > int(mask[z].sum())
         return history
 
     return known
@@ -247,14 +250,23 @@ def correct(
         mask[:lo] = False
         mask[hi + 1 :] = False
         known = _structure_history(mask, volume)
+        # Where the result ended before: a correction inside the structure fixes its shape, and the
+        # pass from it ends there at the latest; to extend the structure, correct a slice beyond.
+        before = np.flatnonzero(np.asarray(mask_in).any(axis=(1, 2)))
         for a, b in sorted(rerun, key=lambda s: (-1 if s[0] is None else s[0])):
             if a is None and b is not None:
                 if mask[b].any():
-                    passes.append(Pass(0, "down", b, -1, lo, mask[b], first_box(b), rule, edge_reason,
+                    end, why = lo, edge_reason
+                    if before.size and lo < before[0] < b:
+                        end, why = int(before[0]), f"reached slice {int(before[0])}, where the result ended before"
+                    passes.append(Pass(0, "down", b, -1, end, mask[b], first_box(b), rule, why,
                                        history=known(b) if rule is not None else None))
             elif b is None and a is not None:
                 if mask[a].any():
-                    passes.append(Pass(0, "up", a, 1, hi, mask[a], first_box(a), rule, edge_reason,
+                    end, why = hi, edge_reason
+                    if before.size and a < before[-1] < hi:
+                        end, why = int(before[-1]), f"reached slice {int(before[-1])}, where the result ended before"
+                    passes.append(Pass(0, "up", a, 1, end, mask[a], first_box(a), rule, why,
                                        history=known(a) if rule is not None else None))
             elif a is not None and b is not None and b - a > 1:
                 full_a, full_b = bool(mask[a].any()), bool(mask[b].any())

@@ -198,6 +198,7 @@ class _Done:
     prompt: BoxPrompt
     mask: object  # (z, y, x) bool
     how: str
+    result: object = None  # 3D: the PropagationResult (what the review report reads)
 
 
 def _run(segmenter, volume, prompts: Dict[str, BoxPrompt], mode: str, direction: str, progress: bool) -> List[_Done]:
@@ -213,7 +214,7 @@ def _run(segmenter, volume, prompts: Dict[str, BoxPrompt], mode: str, direction:
             how = _stops_text(volume, done.result, prompt.z)
         else:
             how = f"3D box, slices {_slices_text(volume, list(prompt.z_range))}"
-        return [_Done(name, prompt, done.mask, how)]
+        return [_Done(name, prompt, done.mask, how, done.result)]
     if mode != "3d" or direction != "both":
         raise MedSAMError("several structures are segmented in 3D both ways from their boxes: --slice-only and "
                           "--direction work on one structure at a time")
@@ -229,8 +230,35 @@ def _run(segmenter, volume, prompts: Dict[str, BoxPrompt], mode: str, direction:
         lost = int((job.contested & ~result.mask).sum())
         if lost:
             how += f"; {lost} voxels claimed by another structure with more confidence"
-        out.append(_Done(name, prompt, result.mask, how))
+        out.append(_Done(name, prompt, result.mask, how, result))
     return out
+
+
+def review_path(output: Path) -> Path:
+    """Where ``segment`` writes a 3D result's review: beside the output, ``liver.seg.nrrd`` ->
+    ``liver.review.json``."""
+    from .atomic import split_extension
+
+    stem, _ = split_extension(output.name)
+    return output.with_name(stem + ".review.json")
+
+
+def write_review_report(volume, done: Sequence[_Done], output: Path, overwrite: bool = False) -> Path:
+    """Write the review of 3D results (:func:`~MedSAMSlicerLib.review.review_report`: per slice, as
+    the file's index, the predicted IoU, area, doubtful flag and reason; why each end stopped)
+    beside ``output`` (:func:`review_path`), atomically, never over an existing file without
+    ``overwrite``; returns its path. One structure: its report with ``segment`` and ``output``;
+    several: ``{"output", "structures": [one such report per structure]}``."""
+    import json
+
+    from .atomic import atomic_write
+    from .review import review_report
+
+    reports = [{"segment": d.name, "output": output.name, **review_report(d.result, volume.orientation.slice_to_index)}
+               for d in done]
+    data = reports[0] if len(reports) == 1 else {"output": output.name, "structures": reports}
+    text = json.dumps(data, indent=2) + "\n"
+    return atomic_write(review_path(output), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
 def _ras_corners(volume, prompt: BoxPrompt):
@@ -352,6 +380,9 @@ def segment_file(
     from .volumes import LABELMAP_EXTENSIONS
 
     out = check_output(output, overwrite, inputs=[volume_path], formats=LABELMAP_EXTENSIONS)
+    if not slice_only and not overwrite and review_path(out).exists():
+        raise MedSAMError(f"{review_path(out)} exists (the review written beside the output); "
+                          "pass --overwrite to replace it or choose another output name")
     volume = _read_checked_volume(volume_path, allow_gaps)
     boxes = {spec.name: canonical_box(volume, spec, several) for spec in prompts}
 
@@ -375,8 +406,9 @@ def segment_file(
     job, vsha = new_job([d.name for d in done]), volume_sha256(volume.array)
     records = [Provenance.of(segmenter, [_ras_corners(volume, d.prompt)], mode, direction, job, vsha) for d in done]
     labels = _write(volume, out, done, colors, records, overwrite)
+    reviewed = "" if slice_only else f" and {write_review_report(volume, done, out, overwrite).name}"
     lines = [_mask_text(volume, d.name, d.mask, d.how) for d in done]
-    tail = f"{time.perf_counter() - t0:.1f} s; wrote {out}" + (f" ({labels})" if labels else "")
+    tail = f"{time.perf_counter() - t0:.1f} s; wrote {out}{reviewed}" + (f" ({labels})" if labels else "")
     if not several:
         return f"{lines[0]}; {tail}"
     return "\n".join(lines + [f"{len(done)} structures as one job; {tail}"])
