@@ -743,3 +743,25 @@ def test_a_queue_of_boxes_for_several_segments_runs_as_one_job(bridge, ct_scene)
     assert record.job["structures"] == ["liver", "spleen"]
     with pytest.raises(MedSAMError, match="queue is empty"):
         bridge.compute_queue({})
+
+
+def test_review_names_doubtful_slices_as_the_file_does_and_finds_the_views_slice(bridge, ct_scene):
+    """The review the effect shows: doubtful slices by the file's numbers, the slice a view shows
+    (from its centre in RAS) and where a view goes to show a slice."""
+    from MedSAMBridgeLib import reviewing
+
+    src = B.source_volume(ct_scene.ct)
+    liver = src.orientation.to_canonical(ct_scene.label_array(LIVER))
+    prediction = bridge.predict(ct_scene.ct, B.BoxPrompt(16, _canonical_box(liver, 16)), window=WINDOW)
+    found = reviewing.doubtful(prediction)
+    assert all(isinstance(z, int) and why for z, why in found)
+    text = reviewing.summary(prediction)
+    assert text == "No doubtful slice." if not found else text.startswith(f"{len(found)} doubtful slice(s): k ")
+    if found:
+        assert reviewing.next_doubtful(prediction) == found[0][0]
+    for z in (0, 16, src.shape[0] - 1):
+        centre = reviewing.slice_centre_ras(src, prediction.mask, z)
+        assert reviewing.slice_of_point(src, centre) == z
+    axis, index = src.orientation.slice_to_index(16)
+    assert reviewing.slice_name(src, 16) == f"{axis} {index}"
+    assert reviewing.doubtful(dataclasses.replace(prediction, result=None)) == []
