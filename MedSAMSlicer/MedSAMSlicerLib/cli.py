@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--out", default="medsam-bench.json", help="JSON results file")
     bench.add_argument("--quick", action="store_true", help="fewer slices and repeats (a smoke run)")
+    bench.add_argument("--rounds", type=int, default=None,
+                       help="rounds of --compare alternatives (default 2, 1 with --quick)")
     bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "structures", "all"],
                        help="reference: ours against the reference pipelines (default); alternatives: LiteMedSAM's "
                             "CPU speed alternatives (OpenVINO, ONNX Runtime, bfloat16, every 2nd slice) against our "
@@ -291,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .bench import run_bench
 
             run_bench(models=[m.strip() for m in args.models.split(",") if m.strip()], device=args.device,
-                      out=Path(args.out), quick=args.quick, compare=args.compare)
+                      out=Path(args.out), quick=args.quick, compare=args.compare, rounds=args.rounds)
             return 0
     except MedSAMError as exc:
         print(f"medsam-slicer: error: {exc}", file=sys.stderr)

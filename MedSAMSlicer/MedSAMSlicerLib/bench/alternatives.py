@@ -86,7 +86,8 @@ def installed_mb(distributions: List[str]) -> Optional[float]:
     return total / 1e6
 
 
-def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print, rounds: Optional[int] = None
+                       ) -> Dict[str, Any]:
     """Run the comparison (LiteMedSAM, CPU); returns the JSON-ready results (module docstring)."""
     from ..encoder_runtimes import EXPORT_DIR_ENV
     from ..optimize import cpu_has_native_bfloat16
@@ -154,7 +155,7 @@ def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print) 
             enc_times[name].append(time.perf_counter() - t0)
 
     # 3D propagation, interleaved rounds.
-    rounds = ROUNDS[q]
+    rounds = ROUNDS[q] if rounds is None else max(1, int(rounds))
     times: Dict[str, Dict[str, List[float]]] = {c.name: {n: [] for n in ["reference", *segmenters]} for c in cases}
     with_reference = [c.name for c in cases if c.name in REFERENCE_CASES]
     masks: Dict[str, Dict[str, np.ndarray]] = {c.name: {} for c in cases}

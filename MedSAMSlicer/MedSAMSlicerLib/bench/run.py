@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..errors import MedSAMError
 from .compare import SLICES, bench_model
@@ -18,14 +18,15 @@ from .report import markdown_table
 COMPARISONS = ("reference", "alternatives", "structures", "all")
 
 
-def _command_line(models: List[str], device: str, out: Path, quick: bool, compare: str) -> str:
+def _command_line(models: List[str], device: str, out: Path, quick: bool, compare: str,
+                  rounds: Optional[int] = None) -> str:
     if Path(sys.argv[0]).name.startswith("medsam-slicer") or sys.argv[1:2] == ["bench"]:
         return "medsam-slicer " + " ".join(sys.argv[1:])
-    return f"run_bench(models={models!r}, device={device!r}, out={str(out)!r}, quick={quick}, compare={compare!r})"
+    return f"run_bench(models={models!r}, device={device!r}, out={str(out)!r}, quick={quick}, compare={compare!r}, rounds={rounds!r})"
 
 
 def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-bench.json"),
-              quick: bool = False, compare: str = "reference") -> Dict[str, Any]:
+              quick: bool = False, compare: str = "reference", rounds: Optional[int] = None) -> Dict[str, Any]:
     """Time the reference pipelines and ours side by side; print a markdown table, write ``out`` (JSON).
 
     Args:
@@ -33,6 +34,7 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         device: ``auto|cpu|cuda|mps``.
         out: the JSON results file.
         quick: fewer slices and repeats (a smoke run).
+        rounds: rounds of the alternatives comparison (default 2; 1 with ``quick``).
         compare: ``reference`` (ours against the reference pipelines, per model), ``alternatives``
             (LiteMedSAM's CPU speed alternatives against our exact path and the reference:
             :mod:`.alternatives`; always on the CPU), ``structures`` (five structures as one job against
@@ -54,7 +56,7 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
     dev = select_device(device)
     result: Dict[str, Any] = {
         "machine": machine_info(dev),
-        "command": _command_line(models, device, out, quick, compare),
+        "command": _command_line(models, device, out, quick, compare, rounds),
         "quick": quick,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "models": {},
@@ -71,7 +73,7 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         from .alternatives import bench_alternatives
         from .alternatives import markdown_table as alternatives_table
 
-        result["alternatives"] = bench_alternatives(quick)
+        result["alternatives"] = bench_alternatives(quick, rounds=rounds)
         tables.append(alternatives_table(result["alternatives"]))
         result["alternatives"]["table_markdown"] = tables[-1]
     if compare in ("structures", "all"):
