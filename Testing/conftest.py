@@ -43,6 +43,22 @@ def ct_seg_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def ct(ct_path):
+    """The shipped CT as the engine reads it (a ``volumes.Volume``), read once."""
+    from MedSAMSlicerLib.volumes import read_volume
+
+    return read_volume(ct_path)
+
+
+@pytest.fixture(scope="session")
+def labels(ct_seg_path):
+    """The shipped CT's reference labels, canonical ``(z, y, x)``."""
+    from MedSAMSlicerLib.volumes import read_volume
+
+    return read_volume(ct_seg_path, labels=True).array
+
+
+@pytest.fixture(scope="session")
 def ct_sm_path() -> Path:
     """30-slice crop of the CT (122x101x30)."""
     return MODULE_DATA_DIR / "example_ct_sm.nii.gz"

@@ -21,11 +21,6 @@ LIVER = 5
 
 
 @pytest.fixture(scope="module")
-def ct(ct_path):
-    return read_volume(ct_path)
-
-
-@pytest.fixture(scope="module")
 def liver(ct_seg_path):
     return read_volume(ct_seg_path).array == LIVER
 

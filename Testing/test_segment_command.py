@@ -26,11 +26,6 @@ LIVER, SPLEEN = 5, 1
 
 
 @pytest.fixture(scope="module")
-def ct(ct_path):
-    return read_volume(ct_path)
-
-
-@pytest.fixture(scope="module")
 def named_boxes(ct, ct_seg_path):
     """Liver and spleen: 3D boxes (file indices) of 5 slices around each label's largest slice."""
     labels = read_volume(ct_seg_path).array

@@ -17,22 +17,11 @@ from MedSAMSlicerLib.metrics import dice
 from MedSAMSlicerLib.preprocessing import Window
 from MedSAMSlicerLib.progress import Cancelled, CancelToken
 from MedSAMSlicerLib.segmenter import Segmenter
-from MedSAMSlicerLib.volumes import read_volume
 
 LABELS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3, "aorta": 52}
 # Floors asserted on this CT (3 mm voxels, 122x101 slices). Measured values are in the README.
 FLOORS_AUTO = {"liver": 0.85, "spleen": 0.85, "kidney_right": 0.85, "kidney_left": 0.85, "aorta": 0.85}
 FLOORS_RANGE = {"liver": 0.85, "spleen": 0.85, "kidney_right": 0.85, "kidney_left": 0.85, "aorta": 0.80}
-
-
-@pytest.fixture(scope="module")
-def ct(ct_path):
-    return read_volume(ct_path)
-
-
-@pytest.fixture(scope="module")
-def labels(ct_seg_path):
-    return read_volume(ct_seg_path).array
 
 
 @pytest.fixture()

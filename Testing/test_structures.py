@@ -15,19 +15,8 @@ from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.preprocessing import Window
 from MedSAMSlicerLib.propagation import propagate
 from MedSAMSlicerLib.structures import segment_structures, settle_overlaps
-from MedSAMSlicerLib.volumes import read_volume
 
 LIVER, SPLEEN = 5, 1
-
-
-@pytest.fixture(scope="module")
-def ct(ct_path):
-    return read_volume(ct_path)
-
-
-@pytest.fixture(scope="module")
-def labels(ct_seg_path):
-    return read_volume(ct_seg_path).array
 
 
 @pytest.fixture()

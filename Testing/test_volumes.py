@@ -74,11 +74,6 @@ def _listing(folder: Path) -> List[str]:
 
 
 @pytest.fixture(scope="module")
-def ct(ct_path) -> Volume:
-    return read_volume(ct_path)
-
-
-@pytest.fixture(scope="module")
 def ct_labels(ct_seg_path) -> Volume:
     return read_volume(ct_seg_path)
 
