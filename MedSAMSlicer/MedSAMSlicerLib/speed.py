@@ -110,11 +110,12 @@ SPEED_TIERS: Dict[str, SpeedTier] = {
         SpeedTier("exact", "Exact", note="the model on every slice in float32 (torch): the reference masks"),
         SpeedTier("fast", "Fast (OpenVINO)", encoder="openvino",
                   note="OpenVINO computes the encoder: the same masks as exact (3D Dice 1.0000 on the liver, "
-                       "a kidney and the aorta), about 2x faster encoding on a CPU; needs OpenVINO"),
+                       "a kidney and the aorta), 1.3-1.5x faster in 3D on a CPU; needs OpenVINO"),
         SpeedTier("fastest", "Fastest (OpenVINO, every 2nd slice)", encoder="openvino", stride=2, fill="interpolate",
-                  note="OpenVINO, and in 3D only every 2nd slice computed, the others interpolated: about 3x "
-                       "faster; masks differ from exact (3D Dice 0.88-0.96), Dice against reference labels "
-                       "up to 0.007 lower (liver; kidney and aorta 0.004-0.007 higher); needs OpenVINO"),
+                  note="OpenVINO, and in 3D only every 2nd slice computed, the others interpolated: about 2x "
+                       "faster than exact in 3D; masks differ from exact (3D Dice 0.88-0.96), Dice against "
+                       "reference labels up to 0.007 lower (liver; kidney and aorta 0.004-0.007 higher); "
+                       "needs OpenVINO"),
     )
 }
 DEFAULT_SPEED = "exact"
