@@ -23,28 +23,33 @@ def _result(records, locked=(5,)):
                              list(records), tuple(locked))
 
 
-def test_doubt_rule_orders_by_the_worst_signal():
+def test_doubt_rule_flags_and_orders_slices():
     rule = DoubtRule()
-    fine = dict(score=0.9, agreement=0.97, overlap=0.99)
+    fine = dict(score=0.9, agreement=0.97, overlap=0.99, intensity=120.0)
     records = [
-        SliceRecord(5, 36, 0.9, True, "start"),
+        SliceRecord(5, 36, 0.9, True, "start", intensity=120.0),
         SliceRecord(6, 36, accepted=True, **fine),
-        SliceRecord(7, 36, accepted=True, **{**fine, "agreement": rule.min_agreement * 0.5}),  # far below
-        SliceRecord(4, 36, accepted=True, **{**fine, "score": rule.min_score * 0.9}),  # a little below
-        SliceRecord(3, 36, accepted=True, **{**fine, "overlap": rule.min_overlap * 0.8}),
+        SliceRecord(2, 36, accepted=True, **fine),
+        SliceRecord(7, 36, accepted=True, **{**fine, "agreement": rule.min_agreement - 0.1}),
+        SliceRecord(4, 36, accepted=True, **{**fine, "score": rule.min_score - 0.05}),
+        # Two signals: the most doubtful, whatever its predicted IoU.
+        SliceRecord(3, 36, accepted=True, **{**fine, "score": rule.min_score - 0.01,
+                                              "intensity": 120.0 + rule.max_intensity_shift + 5}),
         SliceRecord(9, 0, 0.2, False, "empty mask (0 px)"),  # rejected: not in the mask, not reviewed
     ]
     result = _result(records)
-    assert doubtful_slices(result, rule) == [7, 3, 4]
+    # Two signals first; then one signal each, lowest predicted IoU first (slice 7's is 0.9).
+    assert doubtful_slices(result, rule) == [3, 4, 7]
     by_z = {s.z: s for s in review(result, rule)}
-    assert sorted(by_z) == [3, 4, 5, 6, 7]
+    assert sorted(by_z) == [2, 3, 4, 5, 6, 7]
     assert not by_z[5].doubtful and by_z[5].locked and by_z[5].reason == "start"
     assert "narrow and wider box agree" in by_z[7].reason and "predicted IoU" in by_z[4].reason
-    assert not by_z[6].doubtful and by_z[6].doubt == 0
+    assert by_z[3].signals == 2 and "intensity" in by_z[3].reason
+    assert not by_z[6].doubtful and by_z[6].signals == 0
     # The button: the most doubtful first, then on in that order, wrapping around.
-    assert next_doubtful(result, None, rule) == 7
+    assert next_doubtful(result, None, rule) == 3
+    assert next_doubtful(result, 3, rule) == 4
     assert next_doubtful(result, 7, rule) == 3
-    assert next_doubtful(result, 4, rule) == 7
     assert end_reasons(result) == {"down": "reached the volume's edge", "up": "stopped at slice 9: empty mask (0 px)"}
 
 

@@ -160,7 +160,7 @@ def correct(
         ``slices`` sorted by ``z`` (``current``'s records of the kept slices, new ones for the
         rest; a box's slice has reason ``"box"``, an accepted one ``"accepted"`` with a NaN score)
         and ``stop_reasons`` (``"up"``/``"down"``: the passes toward the volume's ends;
-        ``"up 41..50"``: a pass from locked slice 41 that ended at 50).
+        ``"between 41..59"``: the span between locked slices 41 and 59).
 
     Raises:
         MedSAMError: a mask of another shape than the volume, no correction, two on one slice, or

@@ -3,8 +3,8 @@
 Every slice of a :class:`~MedSAMSlicerLib.propagation.PropagationResult` keeps what the decoder
 said about it (:class:`~MedSAMSlicerLib.propagation.SliceRecord`: predicted IoU, area, the
 agreement of the narrow and the wider box, the overlap with the previous slice). :class:`DoubtRule`
-turns those into a doubt per slice; the signals and thresholds were chosen by measuring which of
-them predict a slice's error (per-slice Dice against the labels) on the shipped CT and MR (README,
+flags the slices worth a look; the signals and thresholds were chosen by measuring which of them
+predict a slice's error (per-slice Dice against the labels) on the shipped CT and MR (README,
 "Doubtful slices"). Slices the user locked are never doubtful: the user made them.
 
 >>> doubtful_slices(result)            # [z, ...], the most doubtful first
@@ -17,38 +17,49 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
+
 from .propagation import PropagationResult, SliceRecord
 
 
 @dataclass(frozen=True)
 class DoubtRule:
-    """When a slice is doubtful: any signal past its threshold.
+    """When a slice is doubtful: any of its signals past its threshold.
 
     Attributes:
         min_agreement: Dice between the masks of the narrow box and the wider box (6 px more at
             256 input) below this: the mask depends on where exactly the box edges fall.
         min_score: the decoder's predicted IoU below this.
-        min_overlap: less than this fraction of the mask inside the previous slice's mask (grown
-            by 2 px): the mask moved.
+        max_intensity_shift: the median intensity under the mask (windowed, 0-255) further than
+            this from the median over the result's slices: the mask has moved onto other tissue.
 
-    The doubt of a slice is how far its worst signal lies below its threshold, as a fraction of the
-    threshold (0 when none is); slices are ordered by it.
+    Measured (README, "Doubtful slices"): on the 14 structures of the shipped CT and MR that one
+    box segments with 3D Dice >= 0.8 (421 propagated slices, 15% of them with slice Dice < 0.8),
+    the predicted IoU (AUC 0.77), the narrow/wide agreement (0.74) and the intensity shift (0.64)
+    predict a bad slice; the overlap with the previous slice (0.57), the area change (0.57) and
+    the distance from the box (0.54) hardly do. With these thresholds 11% of the slices are
+    flagged, 56% of them bad (44% of all bad slices); flagged slices have mean Dice 0.64, the
+    others 0.89.
+
+    Doubtful slices are ordered by how many signals are past their thresholds, then by predicted
+    IoU (the best single predictor), lowest first.
     """
 
     min_agreement: float = 0.85
-    min_score: float = 0.6
-    min_overlap: float = 0.8
+    min_score: float = 0.75
+    max_intensity_shift: float = 10.0
 
-    def doubt(self, record: SliceRecord) -> Tuple[float, str]:
-        """``(doubt, reason)`` of one slice; ``(0.0, "")`` when no signal is past its threshold."""
-        worst, why = 0.0, []
-        for value, limit, text in ((record.agreement, self.min_agreement, "narrow and wider box agree {:.2f} < {:g}"),
-                                   (record.score, self.min_score, "predicted IoU {:.2f} < {:g}"),
-                                   (record.overlap, self.min_overlap, "overlap with the previous slice {:.2f} < {:g}")):
-            if math.isfinite(value) and value < limit:
-                worst = max(worst, (limit - value) / limit)
-                why.append(text.format(value, limit))
-        return worst, "; ".join(why)
+    def signals(self, record: SliceRecord, reference_intensity: float) -> List[str]:
+        """The signals of one slice past their thresholds, in words (none: not doubtful)."""
+        why = []
+        if math.isfinite(record.agreement) and record.agreement < self.min_agreement:
+            why.append(f"narrow and wider box agree {record.agreement:.2f} < {self.min_agreement:g}")
+        if math.isfinite(record.score) and record.score < self.min_score:
+            why.append(f"predicted IoU {record.score:.2f} < {self.min_score:g}")
+        shift = abs(record.intensity - reference_intensity)
+        if math.isfinite(shift) and shift > self.max_intensity_shift:
+            why.append(f"intensity {shift:.0f} grey levels from the structure's > {self.max_intensity_shift:g}")
+        return why
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ class SliceReview:
         area: pixels of the mask.
         locked: the user drew a box on it or accepted it.
         doubtful: worth a look (:class:`DoubtRule`).
-        doubt: how doubtful (0: not at all); the order of :func:`doubtful_slices`.
+        signals: how many signals are past their thresholds (0: not doubtful).
         reason: why it is doubtful, or how it was made (``"start"``, ``"box"``, ``"accepted"``).
     """
 
@@ -70,7 +81,7 @@ class SliceReview:
     area: int
     locked: bool
     doubtful: bool
-    doubt: float
+    signals: int
     reason: str
 
 
@@ -83,23 +94,27 @@ def review(result: PropagationResult, rule: Optional[DoubtRule] = None) -> List[
     rule = rule or DoubtRule()
     records: Dict[int, SliceRecord] = {r.z: r for r in result.slices if r.accepted}
     locked = set(result.locked)
+    zs = [int(v) for v in result.mask.any(axis=(1, 2)).nonzero()[0]]
+    intensities = [records[z].intensity for z in zs if z in records and math.isfinite(records[z].intensity)]
+    reference = float(np.median(intensities)) if intensities else float("nan")
     out: List[SliceReview] = []
-    for z in (int(v) for v in result.mask.any(axis=(1, 2)).nonzero()[0]):
+    for z in zs:
         area = int(result.mask[z].sum())
         record = records.get(z)
         if record is None:
-            out.append(SliceReview(z, float("nan"), area, z in locked, False, 0.0, "no record"))
+            out.append(SliceReview(z, float("nan"), area, z in locked, False, 0, "no record"))
             continue
-        doubt, why = (0.0, "") if z in locked else rule.doubt(record)
-        out.append(SliceReview(z, float(record.score), area, z in locked, doubt > 0, doubt,
-                               why or record.reason))
+        why = [] if z in locked else rule.signals(record, reference)
+        out.append(SliceReview(z, float(record.score), area, z in locked, bool(why), len(why),
+                               "; ".join(why) or record.reason))
     return out
 
 
 def doubtful_slices(result: PropagationResult, rule: Optional[DoubtRule] = None) -> List[int]:
-    """The doubtful slices of ``result``, the most doubtful first (ties: by ``z``)."""
+    """The doubtful slices of ``result``, the most doubtful first: most signals past their
+    thresholds, then lowest predicted IoU (:class:`DoubtRule`)."""
     items = [s for s in review(result, rule) if s.doubtful]
-    return [s.z for s in sorted(items, key=lambda s: (-s.doubt, s.z))]
+    return [s.z for s in sorted(items, key=lambda s: (-s.signals, s.score, s.z))]
 
 
 def next_doubtful(result: PropagationResult, after: Optional[int] = None, rule: Optional[DoubtRule] = None
