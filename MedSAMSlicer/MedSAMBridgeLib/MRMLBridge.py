@@ -53,7 +53,7 @@ from MedSAMSlicerLib.boxes import BoxPrompt
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
 from MedSAMSlicerLib.propagation import PropagationResult
-from MedSAMSlicerLib.provenance import Provenance, new_job, volume_sha256
+from MedSAMSlicerLib.provenance import Provenance, new_job, prompt_ras, volume_sha256
 
 # The bridge's parts, imported here so that front ends use one module (``MRMLBridge.X``).
 from .choices import COMBINE_MODES, DIRECTIONS, MODES, WINDOW_CHOICES  # noqa: F401
@@ -362,25 +362,18 @@ class MedSAMBridge:
             centre = src.canonical_to_ras(np.array([[0.0, 0.0, prompt.z]]))[0]
             entry = {"kind": "accept", "slice_ras": [float(v) for v in centre], "edited": request.current is not None}
         else:
-            entry = {"kind": "box", "ras": self._prompt_ras(src, prompt)}
+            entry = {"kind": "box", "ras": prompt_ras(src, prompt)}
         record = base.record.with_corrections([entry]) if base.record is not None else None
         score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
         return Prediction(src, base.prompt, "3d", np.asarray(result.mask, dtype=bool), covered, score,
                           dict(result.stop_reasons), record, result, request.window)
-
-    @staticmethod
-    def _prompt_ras(src: SourceVolume, prompt: BoxPrompt):
-        """A prompt's first and last voxel centres in RAS (how records store a box)."""
-        x0, y0, z0, x1, y1, z1 = prompt.box3d
-        corners = src.canonical_to_ras(np.array([[x0, y0, z0], [x1, y1, z1]], dtype=float))
-        return [[float(v) for v in c] for c in corners]
 
     def _record(self, request: PredictionRequest) -> Provenance:
         """How this request's result was made (the job names no structure yet: applying does)."""
         src = request.source
         if src.key not in self._volume_sha:
             self._volume_sha = {src.key: volume_sha256(src.array)}  # one volume's hash kept
-        return Provenance.of(self.segmenter, [self._prompt_ras(src, request.prompt)], request.mode,
+        return Provenance.of(self.segmenter, [prompt_ras(src, request.prompt)], request.mode,
                              request.direction, new_job([]), self._volume_sha[src.key])
 
     def start(self, request: PredictionRequest) -> BackgroundTask:

@@ -71,6 +71,15 @@ def volume_sha256(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def prompt_ras(volume, prompt) -> List[List[float]]:
+    """How a record stores a box: the RAS positions (mm) of its voxel box's first and last voxel
+    centres. ``volume`` is anything with ``canonical_to_ras`` (a file's ``volumes.Volume``, the
+    Slicer bridge's ``SourceVolume``); ``prompt`` a :class:`~MedSAMSlicerLib.boxes.BoxPrompt`."""
+    x0, y0, z0, x1, y1, z1 = prompt.box3d
+    corners = volume.canonical_to_ras(np.array([[x0, y0, z0], [x1, y1, z1]], dtype=float))
+    return [[float(v) for v in c] for c in corners]
+
+
 def window_record(window) -> Dict[str, Any]:
     """A :class:`~MedSAMSlicerLib.preprocessing.Window` as JSON-ready data."""
     if window.percentiles is not None:

@@ -261,15 +261,6 @@ def write_review_report(volume, done: Sequence[_Done], output: Path, overwrite: 
     return atomic_write(review_path(output), lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
-def _ras_corners(volume, prompt: BoxPrompt):
-    """The RAS positions of a prompt's first and last voxel centres."""
-    import numpy as np
-
-    x0, y0, z0, x1, y1, z1 = prompt.box3d
-    ras = volume.canonical_to_ras(np.array([[x0, y0, z0], [x1, y1, z1]], dtype=float))
-    return [tuple(float(v) for v in ras[0]), tuple(float(v) for v in ras[1])]
-
-
 def _write(volume, out: Path, done: List[_Done], colors: List[Tuple[float, float, float]], records, overwrite: bool
            ) -> str:
     """Write the masks (a ``.seg.nrrd`` with their records, or a labelmap); a note on label values."""
@@ -388,7 +379,7 @@ def segment_file(
 
     # Only now the model side (torch).
     from .preprocessing import Window, window_note
-    from .provenance import Provenance, new_job, volume_sha256
+    from .provenance import Provenance, new_job, prompt_ras, volume_sha256
 
     window = window() if callable(window) else window
     window = window or Window.automatic(volume.array)
@@ -404,7 +395,7 @@ def segment_file(
     done = _run(segmenter, volume, boxed, mode, direction, progress)
     colors = [spec.color or (SINGLE_COLOR if not several else _default_color(n)) for n, spec in enumerate(prompts)]
     job, vsha = new_job([d.name for d in done]), volume_sha256(volume.array)
-    records = [Provenance.of(segmenter, [_ras_corners(volume, d.prompt)], mode, direction, job, vsha) for d in done]
+    records = [Provenance.of(segmenter, [prompt_ras(volume, d.prompt)], mode, direction, job, vsha) for d in done]
     labels = _write(volume, out, done, colors, records, overwrite)
     reviewed = "" if slice_only else f" and {write_review_report(volume, done, out, overwrite).name}"
     lines = [_mask_text(volume, d.name, d.mask, d.how) for d in done]
@@ -454,7 +445,7 @@ def replay_file(
     import numpy as np
 
     from .atomic import check_output
-    from .provenance import Provenance, first_difference, replay_groups, volume_sha256
+    from .provenance import Provenance, first_difference, prompt_ras, replay_groups, volume_sha256
     from .registry import file_digest, get_spec, resolve_weights
     from .segnrrd import read_seg_nrrd
     from .volumes import LABELMAP_EXTENSIONS
@@ -512,7 +503,7 @@ def replay_file(
     by_name = {d.name: d for d in done}
     done = [by_name[name] for name, _ in records]
     colors = [s.color for s in seg.segments]
-    new = [Provenance.of(segmenter, [_ras_corners(volume, d.prompt)], r.mode, r.direction, r.job, r.volume_sha256)
+    new = [Provenance.of(segmenter, [prompt_ras(volume, d.prompt)], r.mode, r.direction, r.job, r.volume_sha256)
            for d, (_, r) in zip(done, records)]
     labels = _write(volume, out, done, colors, new, overwrite)
     lines = []

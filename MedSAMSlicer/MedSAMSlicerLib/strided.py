@@ -33,7 +33,7 @@ import torch
 
 from .errors import MedSAMError
 from .predictor import Predictor
-from .preprocessing import check_box, logits_to_mask, mask_box_in_model
+from .preprocessing import logits_to_mask, mask_box_in_model
 from .progress import CancelToken, ProgressCallback
 from .propagation import (
     PropagationResult,
@@ -41,6 +41,7 @@ from .propagation import (
     SliceRecord,
     StopRule,
     _default_margin,
+    check_prompt,
     propagate,
     split_box3d,
 )
@@ -178,16 +179,7 @@ def propagate_strided(
     if stride == 1:
         return propagate(predictor, z, box, z_range=z_range, direction=direction, stop=stop, margin=margin,
                          progress=progress, cancel=cancel, wider_box=wider_box, settings=settings)
-    depth = predictor.depth
-    if z_range is not None:
-        lo, hi = sorted(int(v) for v in z_range)
-        if lo < 0 or hi >= depth:
-            raise MedSAMError(f"z-range {lo}..{hi} is outside the volume's slices 0..{depth - 1}")
-        if not lo <= z <= hi:
-            raise MedSAMError(f"the box's slice {z} is outside its z-range {lo}..{hi}")
-    else:
-        lo, hi = 0, depth - 1
-    check_box(box, predictor.prepared(z).original_hw)
+    z, _, (lo, hi) = check_prompt(predictor, z, box, z_range)
     zs = computed_slices(z, lo, hi, stride, ends=z_range is not None)
     subset = SliceSubset(predictor, zs)
     sub_range = None if z_range is None else (0, len(zs) - 1)
