@@ -721,6 +721,39 @@ def test_correcting_a_3d_result_locks_the_slice_and_is_recorded(bridge, ct_scene
     assert [c["kind"] for c in accepted.record.corrections] == ["box", "accept"]
 
 
+def test_a_corrected_segment_replays_from_the_saved_file(bridge, ct_scene, ct_sm_path, tmp_path):
+    """A 3D result corrected with a box and a slice accepted as predicted, applied and saved by
+    Slicer's storage node: `medsam-slicer segment --replay` re-runs the prompt and both corrections
+    to the same mask. A slice edited by hand cannot be re-run: the replay says so and writes nothing."""
+    from MedSAMSlicerLib.segment_command import replay_file
+
+    src = B.source_volume(ct_scene.ct)
+    liver = src.orientation.to_canonical(ct_scene.label_array(LIVER))
+    first = bridge.predict(ct_scene.ct, B.BoxPrompt(16, _canonical_box(liver, 16)), window=WINDOW)
+    fixed = bridge.compute(bridge.correction_request(first, B.BoxPrompt(21, _canonical_box(liver, 21))))
+    accepted = bridge.compute(bridge.correction_request(fixed, B.BoxPrompt(12, (0, 0, 1, 1)), accept=True))
+    assert [c["kind"] for c in accepted.record.corrections] == ["box", "accept"]
+    seg = ct_scene.new_segmentation()
+    segment_id = seg.GetSegmentation().AddEmptySegment("liver", "liver")
+    bridge.apply(accepted, seg, segment_id, combine="replace")
+    saved = tmp_path / "liver.seg.nrrd"
+    save_node(seg, str(saved))
+    again = tmp_path / "again.seg.nrrd"
+    summary = replay_file(str(saved), str(ct_sm_path), again, segmenter=bridge.segmenter, progress=False)
+    assert "2 correction(s) replayed); the same mask as in the file" in summary, summary
+    # Without its corrections the prompt alone gives another mask: the corrections were re-run.
+    assert not np.array_equal(first.mask, accepted.mask)
+
+    edited = bridge.compute(bridge.correction_request(accepted, B.BoxPrompt(13, (0, 0, 1, 1)), accept=True,
+                                                      segmentation_node=seg, segment_id=segment_id))
+    bridge.apply(edited, seg, segment_id, combine="replace")
+    save_node(seg, str(saved))
+    refused = tmp_path / "refused.seg.nrrd"
+    with pytest.raises(MedSAMError, match=r"segment 'liver', correction 3 of 3: a slice edited by hand"):
+        replay_file(str(saved), str(ct_sm_path), refused, segmenter=bridge.segmenter, progress=False)
+    assert not refused.exists()
+
+
 def test_a_queue_of_boxes_for_several_segments_runs_as_one_job(bridge, ct_scene):
     """Boxes queued for the liver and the spleen on slice 16: one job, each segment gets its mask
     (the same as alone where the two do not compete), and both records name the job's segments."""

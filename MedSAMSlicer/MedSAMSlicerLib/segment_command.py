@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .boxes import BoxPrompt
 from .errors import MedSAMError
@@ -415,6 +415,51 @@ def _default_color(n: int) -> Tuple[float, float, float]:
 _JOB_FIELDS = ("model", "weights_sha256", "speed", "precision", "window", "mode", "direction", "volume_sha256")
 
 
+def _check_replayable(name: str, record) -> None:
+    """Refuse a record whose corrections cannot be re-run: a slice the user edited by hand (its
+    voxels are not in the record) or a result added to or removed from the segment."""
+    for i, c in enumerate(record.corrections, 1):
+        kind = c.get("kind")
+        where = f"segment '{name}', correction {i} of {len(record.corrections)}"
+        if c.get("combine"):
+            raise MedSAMError(f"{where}: a result {c['combine']}ed to the segment, which a replay does not redo; "
+                              "only box corrections and slices accepted as predicted are replayed")
+        if kind == "accept" and c.get("edited"):
+            raise MedSAMError(f"{where}: a slice edited by hand and accepted; its voxels are not in the record, so "
+                              "the segment cannot be re-run")
+        if kind not in ("box", "accept"):
+            raise MedSAMError(f"{where}: unknown kind {kind!r}")
+        if record.mode != "3d":
+            raise MedSAMError(f"{where}: corrections apply to 3D results; the record says mode {record.mode}")
+
+
+def _replay_corrections(segmenter, volume, done: _Done, corrections: Sequence[Mapping[str, object]]) -> None:
+    """Apply a record's corrections to a replayed 3D result, in order, as the Slicer effect made
+    them (:meth:`MedSAMBridge._correct <MedSAMBridgeLib.MRMLBridge.MedSAMBridge>`)."""
+    import numpy as np
+
+    from .boxes import BoxOutside, voxel_box
+    from .corrections import Correction
+
+    result = done.result
+    for i, c in enumerate(corrections, 1):
+        try:
+            if c["kind"] == "box":
+                first_v, last_v = voxel_box(volume.ras_to_canonical(np.asarray(c["ras"], dtype=float)), volume.shape)
+                fix = BoxPrompt.from_voxel_box(first_v, last_v)
+                correction = Correction.with_box(fix.z, fix.box)
+            else:
+                z = volume.ras_to_canonical(np.asarray([c["slice_ras"]], dtype=float))[0][2]
+                correction = Correction.accept(int(round(float(z))))
+        except (BoxOutside, KeyError, TypeError, ValueError):
+            raise MedSAMError(f"segment '{done.name}', correction {i}: its slice or box does not fit the volume "
+                              f"({dict(c)})") from None
+        result = segmenter.correct(result, [correction], locked=result.locked, z_range=done.prompt.z_range)
+    done.result = result
+    done.mask = np.asarray(result.mask, dtype=bool)
+    done.how += f"; {len(corrections)} correction(s) replayed"
+
+
 def replay_file(
     seg_path: str,
     volume_path: str,
@@ -431,14 +476,16 @@ def replay_file(
 
     Each segment's record (:class:`~MedSAMSlicerLib.provenance.Provenance`) gives its prompts, model,
     weights' SHA-256, window, speed, precision, mode and direction; structures made as one job run as
-    one job again. ``checkpoint`` points at the weights when they are not the registry's; ``segmenter``
+    one job again, and each segment's box corrections and accepted slices are applied after, in
+    order, as the effect made them. ``checkpoint`` points at the weights when they are not the registry's; ``segmenter``
     reuses a loaded one (its model, weights, speed and precision must match the record).
 
     Returns:
         A summary: per segment, whether the new mask equals the file's.
 
     Raises:
-        MedSAMError: a segment without a record, or with corrections (not replayed yet); a volume
+        MedSAMError: a segment without a record, or with a correction a replay cannot redo (a slice
+            edited by hand, a result added or removed: :func:`_check_replayable`); a volume
             whose voxels or grid differ from the one the file was made on; weights whose SHA-256
             differs from the record's; the output checks of :func:`segment_file`.
     """
@@ -454,9 +501,7 @@ def replay_file(
     seg = read_seg_nrrd(seg_path)
     records = [(s.name, Provenance.from_tags(s.tags, f"segment '{s.name}' of '{seg.path.name}'")) for s in seg.segments]
     for name, record in records:
-        if record.corrections:
-            raise MedSAMError(f"segment '{name}' was corrected after its first result ({len(record.corrections)} "
-                              "correction(s)); this version replays the prompts only")
+        _check_replayable(name, record)
     first = records[0][1]
     differs = first_difference([r for _, r in records], _JOB_FIELDS)
     if differs:
@@ -502,9 +547,12 @@ def replay_file(
         done += _run(segmenter, volume, {n: prompts[n] for n, _ in group}, first.mode, first.direction, progress)
     by_name = {d.name: d for d in done}
     done = [by_name[name] for name, _ in records]
+    for d, (_, record) in zip(done, records):
+        if record.corrections:
+            _replay_corrections(segmenter, volume, d, record.corrections)
     colors = [s.color for s in seg.segments]
     new = [Provenance.of(segmenter, [prompt_ras(volume, d.prompt)], r.mode, r.direction, r.job, r.volume_sha256)
-           for d, (_, r) in zip(done, records)]
+           .with_corrections(r.corrections) for d, (_, r) in zip(done, records)]
     labels = _write(volume, out, done, colors, new, overwrite)
     lines = []
     for d, s in zip(done, seg.segments):
