@@ -148,6 +148,14 @@ def test_variants_and_settings():
             E.parse_variant(tokens)
     assert "stop.max_intensity_shift" in E.setting_names() and "window" in E.setting_names()
     assert StopRule() == PropagationSettings().stop
+    # How LiteMedSAM enlarges small slices: its own area interpolation unless a variant says cubic.
+    cubic = E.parse_variant(["cubic", "enlarge=cubic"])
+    assert cubic.preprocessing("litemedsam") == "litemedsam-cubic" and cubic.preprocessing("medsam") == "medsam"
+    assert E.builtin_variants()["default"].preprocessing("litemedsam") == "litemedsam"
+    with pytest.raises(MedSAMError, match="enlarge is area or cubic"):
+        E.parse_variant(["x", "enlarge=lanczos"])
+    with pytest.raises(MedSAMError, match="applies to LiteMedSAM"):
+        E.parse_variant(["x", "enlarge=area"]).preprocessing("medsam")
 
 
 def test_simulated_box_is_the_middle_slice():

@@ -122,6 +122,24 @@ def test_litemedsam_prepared_slice_is_the_reference_formula(ct_u8):
     assert np.allclose(P.box_to_model(box, prepared), box / max(h, w) * 256)
 
 
+def test_litemedsam_cubic_enlargement_only_changes_enlarged_slices():
+    """``enlarge="cubic"`` (measured against LiteMedSAM's area enlargement by ``evaluate``): a slice
+    smaller than 256 px is enlarged with skimage's cubic spline; a larger one is shrunk as before."""
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (101, 122), dtype=np.uint8)
+    cubic = P.prepare_litemedsam(small, enlarge="cubic")
+    nh, nw = cubic.resized_hw
+    expect = np.round(P.skimage_style_resize(small, (nh, nw))).astype(np.uint8).astype(np.float64)
+    expect = (expect - expect.min()) / (expect.max() - expect.min())
+    assert np.allclose(cubic.image[0, :nh, :nw].numpy(), expect, atol=1e-6)
+    assert not torch.equal(cubic.image, P.prepare_litemedsam(small).image)
+    large = rng.integers(0, 256, (300, 280), dtype=np.uint8)
+    assert torch.equal(P.prepare_litemedsam(large, enlarge="cubic").image, P.prepare_litemedsam(large).image)
+    assert torch.equal(P.prepare_slice(small, "litemedsam-cubic", 256).image, cubic.image)
+    with pytest.raises(MedSAMError, match="enlarge is 'area' or 'cubic'"):
+        P.prepare_litemedsam(small, enlarge="lanczos")
+
+
 def test_logits_to_mask_follow_each_original():
     rng = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 1, 256, 256, generator=rng) * 4

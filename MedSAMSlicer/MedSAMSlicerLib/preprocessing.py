@@ -404,12 +404,22 @@ def prepare_medsam(slice_u8: np.ndarray, input_size: int = 1024) -> PreparedSlic
     return PreparedSlice(image, (h, w), (input_size, input_size), (input_size / w, input_size / h), "medsam")
 
 
-def prepare_litemedsam(slice_u8: np.ndarray, input_size: int = 256) -> PreparedSlice:
-    """LiteMedSAM's preprocessing of one ``(H, W)`` ``uint8`` slice (see module docstring)."""
+def prepare_litemedsam(slice_u8: np.ndarray, input_size: int = 256, enlarge: str = "area") -> PreparedSlice:
+    """LiteMedSAM's preprocessing of one ``(H, W)`` ``uint8`` slice (see module docstring).
+
+    ``enlarge``: how a slice smaller than the input is enlarged: ``"area"`` (OpenCV's
+    ``INTER_AREA``, as LiteMedSAM: blocky when enlarging) or ``"cubic"`` (skimage's cubic spline,
+    as MedSAM's preprocessing). Shrinking always uses ``INTER_AREA``.
+    """
     arr = _check_slice(slice_u8)
     h, w = arr.shape
     new_h, new_w = longest_side_shape((h, w), input_size)
-    resized = area_resize(arr, (new_h, new_w))
+    if enlarge == "cubic" and (new_h > h or new_w > w):
+        resized = np.round(skimage_style_resize(arr, (new_h, new_w))).astype(np.uint8)
+    elif enlarge in ("area", "cubic"):
+        resized = area_resize(arr, (new_h, new_w))
+    else:
+        raise MedSAMError(f"enlarge is 'area' or 'cubic'; got '{enlarge}'")
     norm = _minmax(resized.astype(np.float64)).astype(np.float32)
     padded = np.zeros((input_size, input_size), dtype=np.float32)
     padded[:new_h, :new_w] = norm
@@ -418,7 +428,11 @@ def prepare_litemedsam(slice_u8: np.ndarray, input_size: int = 256) -> PreparedS
     return PreparedSlice(image, (h, w), (new_h, new_w), (scale, scale), "litemedsam")
 
 
-PREPARERS = {"medsam": prepare_medsam, "litemedsam": prepare_litemedsam}
+PREPARERS = {
+    "medsam": prepare_medsam,
+    "litemedsam": prepare_litemedsam,
+    "litemedsam-cubic": lambda slice_u8, input_size: prepare_litemedsam(slice_u8, input_size, "cubic"),
+}
 
 
 def prepare_slice(slice_u8: np.ndarray, method: str, input_size: int) -> PreparedSlice:

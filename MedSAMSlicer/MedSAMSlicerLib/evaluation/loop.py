@@ -30,9 +30,10 @@ import numpy as np
 from ..corrections import Correction
 from ..errors import MedSAMError
 from ..metrics import dice
+from ..preprocessing import resolve_window
 from ..propagation import PropagationResult, PropagationSettings
 from .cases import Case, Structure, labelled_slices
-from .runner import simulated_box
+from .runner import Variant, apply_assignments, simulated_box, window_arg
 
 
 def slice_dice(result_mask: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -132,9 +133,10 @@ def run_loops(cases: Sequence[Case], seg, corrections: int = 3, min_slices: int 
               include: Optional[Callable[[Case, Structure], bool]] = None,
               settings: Optional[PropagationSettings] = None, log: Optional[Callable[[str], None]] = None,
               on_result: Optional[Callable[[Case, Structure, np.ndarray, int, PropagationResult], None]] = None,
-              embedding_store=None) -> List[LoopRow]:
+              embedding_store=None, window: Optional[str] = None) -> List[LoopRow]:
     """:func:`run_loop` on every structure of ``cases`` labelled on at least ``min_slices`` slices
-    (``embedding_store``: an :class:`~.store.EmbeddingStore` that keeps slice embeddings between runs)."""
+    (``embedding_store``: an :class:`~.store.EmbeddingStore` that keeps slice embeddings between runs;
+    ``window``: as a :class:`~.runner.Variant`'s, ``None``: automatic)."""
     rows: List[LoopRow] = []
     for case in cases:
         structures = [s for s in case.structures if include is None or include(case, s)]
@@ -144,7 +146,7 @@ def run_loops(cases: Sequence[Case], seg, corrections: int = 3, min_slices: int 
             if labelled_slices(ref) < min_slices:
                 continue
             if not loaded:
-                seg.set_volume(case.image)
+                seg.set_volume(case.image, resolve_window(window_arg(window), case.image))
                 if embedding_store is not None:
                     embedding_store.load(seg.predictor)
                 loaded = True
@@ -233,6 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--slices", help="CSV file for the per-slice signals of each first result (the review's data)")
     p.add_argument("--embedding-cache", metavar="DIR", help="keep slice embeddings in DIR between runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a propagation setting, as in 'medsam-slicer evaluate --set' (repeatable), "
+                        "e.g. rejoin=0")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,6 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return not args.include or any(fnmatch.fnmatchcase(f"{case.name}/{structure.name}", pat)
                                            for pat in args.include)
 
+        variant = apply_assignments(Variant("loop"), args.set)
         seg = Segmenter("litemedsam", device="cpu", cache_mb=4096)
         store = None
         if args.embedding_cache:
@@ -256,7 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 signals.extend({"case": case.name, "structure": structure.name, **row}
                                for row in slice_signals(result, ref))
 
-        rows = run_loops(cases, seg, args.corrections, args.min_slices, wanted, on_result=on_result,
+        rows = run_loops(cases, seg, args.corrections, args.min_slices, wanted, settings=variant.settings,
+                         window=variant.window, on_result=on_result,
                          embedding_store=store, log=lambda line: print(line, file=sys.stderr, flush=True))
     except MedSAMError as exc:
         print(f"error: {exc}", file=sys.stderr)

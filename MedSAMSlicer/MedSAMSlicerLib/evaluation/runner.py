@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,11 +38,28 @@ class Variant:
         settings: the propagation settings.
         window: intensity window name (``None``/``"auto"``: automatic), a preset name, or
             ``"LEVEL,WIDTH"``.
+        enlarge: how LiteMedSAM enlarges slices smaller than its input: ``None``/``"area"``
+            (OpenCV's area interpolation, as LiteMedSAM) or ``"cubic"`` (cubic spline, as MedSAM's
+            preprocessing); see :func:`~MedSAMSlicerLib.preprocessing.prepare_litemedsam`.
     """
 
     name: str
     settings: PropagationSettings = dataclasses.field(default_factory=PropagationSettings)
     window: Optional[str] = None
+    enlarge: Optional[str] = None
+
+    def preprocessing(self, model_method: str) -> str:
+        """The slice preprocessing this variant runs for a model whose own is ``model_method``
+        (MedSAM's already enlarges with cubic splines)."""
+        if self.enlarge == "cubic" and model_method == "litemedsam":
+            return "litemedsam-cubic"
+        if self.enlarge == "area" and model_method != "litemedsam":
+            raise MedSAMError(f"enlarge=area applies to LiteMedSAM; this model's preprocessing is {model_method}")
+        return model_method
+
+
+#: The values of :attr:`Variant.enlarge`.
+ENLARGE = ("area", "cubic")
 
 
 def builtin_variants() -> Dict[str, Variant]:
@@ -56,10 +73,10 @@ def builtin_variants() -> Dict[str, Variant]:
 
 def setting_names() -> List[str]:
     """Every name ``--set`` accepts: the fields of :class:`PropagationSettings`, ``stop.<field>``
-    for :class:`StopRule`, and ``window``."""
+    for :class:`StopRule`, ``window`` and ``enlarge``."""
     names = [f.name for f in dataclasses.fields(PropagationSettings) if f.name != "stop"]
     names += [f"stop.{f.name}" for f in dataclasses.fields(StopRule)]
-    return names + ["window"]
+    return names + ["window", "enlarge"]
 
 
 def _parse_value(text: str, current: object, key: str) -> object:
@@ -84,7 +101,7 @@ def _parse_value(text: str, current: object, key: str) -> object:
 
 def apply_assignments(variant: Variant, assignments: Sequence[str]) -> Variant:
     """``variant`` with ``key=value`` assignments applied (names from :func:`setting_names`)."""
-    settings, window = variant.settings, variant.window
+    settings, window, enlarge = variant.settings, variant.window, variant.enlarge
     stop_fields = {f.name for f in dataclasses.fields(StopRule)}
     top_fields = {f.name for f in dataclasses.fields(PropagationSettings)} - {"stop"}
     for item in assignments:
@@ -93,6 +110,10 @@ def apply_assignments(variant: Variant, assignments: Sequence[str]) -> Variant:
         key, value = (part.strip() for part in item.split("=", 1))
         if key == "window":
             window = value
+        elif key == "enlarge":
+            if value not in ENLARGE:
+                raise MedSAMError(f"enlarge is {' or '.join(ENLARGE)}; got '{value}'")
+            enlarge = value
         elif key.startswith("stop.") and key[5:] in stop_fields:
             field = key[5:]
             stop = settings.stop
@@ -105,7 +126,7 @@ def apply_assignments(variant: Variant, assignments: Sequence[str]) -> Variant:
             settings = dataclasses.replace(settings, **{key: _parse_value(value, current, key)})
         else:
             raise MedSAMError(f"unknown setting '{key}'; settings: {', '.join(setting_names())}")
-    return Variant(variant.name, settings, window)
+    return Variant(variant.name, settings, window, enlarge)
 
 
 def parse_variant(tokens: Sequence[str]) -> Variant:
@@ -121,7 +142,7 @@ def parse_variant(tokens: Sequence[str]) -> Variant:
     if name not in builtins and not assignments:
         raise MedSAMError(f"unknown variant '{name}': built-in variants are {', '.join(builtins)}; "
                           "a new one needs key=value settings")
-    return apply_assignments(Variant(name, base.settings, base.window), assignments)
+    return apply_assignments(Variant(name, base.settings, base.window, base.enlarge), assignments)
 
 
 @dataclass
@@ -227,13 +248,14 @@ def evaluate(
         structures = [s for s in case.structures if include is None or include(case, s)]
         if not structures:
             continue
-        windows = {v.name: resolve_window(_window_arg(v.window), case.image) for v in variants}
+        windows = {v.name: resolve_window(window_arg(v.window), case.image) for v in variants}
         loaded: Optional[Tuple] = None
         for structure in structures:
             ref = case.mask(structure)
             z, box, z_range = simulated_box(ref, box_margin)
             for variant in variants:
                 window = windows[variant.name]
+                seg.predictor.method = variant.preprocessing(seg.spec.preprocessing)  # part of every cache key
                 if loaded != (case.name, window):
                     if embedding_store is not None and loaded is not None:
                         embedding_store.save(seg.predictor)
@@ -296,7 +318,9 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
     return out
 
 
-def _window_arg(window: Optional[str]):
+def window_arg(window: Optional[str]) -> Union[None, str, Tuple[float, float]]:
+    """A :class:`Variant`'s ``window`` text as :func:`~MedSAMSlicerLib.preprocessing.resolve_window`
+    takes it: ``None`` (automatic), a preset name or ``(level, width)`` from ``"LEVEL,WIDTH"``."""
     if window is None or window.lower() == "auto":
         return None
     if "," in window:
