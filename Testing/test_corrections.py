@@ -6,6 +6,8 @@ Cheap: the liver within a few slices of its largest slice (the box ``test_segmen
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,7 @@ from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.preprocessing import Window
 from MedSAMSlicerLib.progress import Cancelled, CancelToken
-from MedSAMSlicerLib.propagation import propagate
+from MedSAMSlicerLib.propagation import REJOIN_DICE, PropagationSettings, propagate
 from MedSAMSlicerLib.volumes import read_volume
 
 LIVER = 5
@@ -88,17 +90,49 @@ def test_accepted_slice_is_kept_as_edited(seg, first):
     assert record.reason == "accepted" and np.isnan(record.score) and record.area == int(half.sum())
 
 
-def test_slice_locked_empty_ends_the_structure(seg, first):
+def test_pass_that_rejoins_the_earlier_result_keeps_the_slices_beyond(seg, first):
+    """A box on a slice the result already had right: the pass from it toward the z-range's end
+    meets the earlier result at once and ends there; the slices beyond are the earlier ones, bit
+    for bit, and their records are kept. Without the rule (rejoin=0) the pass runs to the end."""
+    z = first.locked[0]
+    fix_z = z + 2
+    ys, xs = np.nonzero(first.mask[fix_z])
+    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    fixed = seg.correct(first, [Correction.with_box(fix_z, box)], z_range=(z - 4, z + 4))
+    match = re.fullmatch(r"rejoined the earlier result at slice (\d+)", fixed.stop_reasons["up"])
+    assert match, fixed.stop_reasons
+    met = int(match.group(1))
+    assert fix_z < met <= z + 4
+    assert np.array_equal(fixed.mask[met + 1 :], first.mask[met + 1 :])
+    earlier = {r.z: r for r in first.slices}
+    assert all(r is earlier[r.z] for r in fixed.slices if r.z > met)
+    assert [r.z for r in fixed.slices] == list(range(z - 4, z + 5))
+    full = seg.correct(first, [Correction.with_box(fix_z, box)], z_range=(z - 4, z + 4),
+                       settings=PropagationSettings(rejoin=0.0))
+    assert full.stop_reasons["up"] == "reached the end of the z-range"
+
+
+@pytest.mark.parametrize("rejoin", [REJOIN_DICE, 0.0])
+def test_slice_locked_empty_ends_the_structure(seg, first, rejoin):
     """Erasing a slice and accepting it: nothing is propagated from it, so the slices beyond it
-    (toward the z-range's end) are empty; the slices between it and the box keep the structure."""
+    (toward the z-range's end) are empty; the slices between it and the box keep the structure:
+    as they were (the pass from the box rejoins the earlier result at once), or, without the
+    rejoin rule, propagated again with the stop rule."""
     z = first.locked[0]
     erased = first.mask.copy()
     erased[z + 2] = False
-    fixed = seg.correct(erased, [Correction.accept(z + 2)], locked=first.locked, z_range=(z - 4, z + 4))
+    settings = PropagationSettings(rejoin=rejoin)
+    fixed = seg.correct(erased, [Correction.accept(z + 2)], locked=first.locked, z_range=(z - 4, z + 4),
+                        settings=settings)
     assert not fixed.mask[z + 2 :].any()
     assert fixed.mask[z + 1].any()
     assert fixed.z_extent == (z - 4, z + 1)
-    assert fixed.stop_reasons[f"between {z}..{z + 2}"].endswith("locked empty")
+    reason = fixed.stop_reasons[f"between {z}..{z + 2}"]
+    if rejoin:
+        assert reason == f"rejoined the earlier result at slice {z + 1}"
+        assert np.array_equal(fixed.mask[: z + 2], first.mask[: z + 2])
+    else:
+        assert reason.endswith("locked empty")
 
 
 def test_two_boxes_propagate_between_them(seg, liver, first):

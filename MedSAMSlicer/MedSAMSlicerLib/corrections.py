@@ -10,7 +10,12 @@ span toward the other, with no stop rule (the user has said the structure is on 
 each slice keeps the mask of the pass the decoder is more confident in (its predicted IoU): the
 two passes meet where the other becomes the better one (micro-sam's "segment between annotated
 slices"; a fixed halfway point let a pass from a small tip undo good slices near the other end,
-liver of the shipped CT). A pass toward the volume's edge from a correction compares the new
+liver of the shipped CT). A pass from a correction ends where it meets the earlier result again
+(its new mask has Dice >= :attr:`~MedSAMSlicerLib.propagation.PropagationSettings.rejoin`, 0.9,
+with the slice as it was): beyond that slice the earlier result is what the correction would lead
+to, and it is kept, so a correction changes only the slices it is about (between two locked slices
+a pass that rejoined stands for the earlier result, which competes by the decoder's confidence in
+it; a mask given without its records runs both passes to the end). A pass toward the volume's edge from a correction compares the new
 slices with the intensity of the whole structure known so far, not of the corrected slice alone
 (:func:`_structure_history`). A locked slice the user emptied (erased, accepted) says the
 structure is not there: nothing is propagated from it, so the span between it and the volume's
@@ -126,6 +131,33 @@ def _structure_history(mask: np.ndarray, volume: np.ndarray):
         return history
 
     return known
+
+
+def _source(p: Pass, z: int, earlier: Dict[int, SliceRecord], before: np.ndarray):
+    """What pass ``p`` gives slice ``z``: ``(score, mask, record, kept)``; beyond the slice where it
+    rejoined the earlier result, the earlier mask and record (``kept`` True); ``(0, None, None,
+    False)`` where it has nothing."""
+    if z in p.masks:
+        record = next(r for r in p.records if r.z == z)
+        return _score(record), p.masks[z], record, False
+    if p.rejoined is not None and z in earlier:
+        return _score(earlier[z]), before[z], earlier[z], True
+    return 0.0, None, None, False
+
+
+def _best_split(low: Sequence[float], high: Sequence[float]) -> int:
+    """``k`` maximising ``sum(low[:k]) + sum(high[k:])`` (ties: the nearest to the middle)."""
+    n = len(low)
+    low_sum = np.concatenate([[0.0], np.cumsum(np.nan_to_num(low, neginf=0.0))])
+    high_sum = np.concatenate([np.cumsum(np.nan_to_num(high, neginf=0.0)[::-1])[::-1], [0.0]])
+    totals = low_sum + high_sum
+    best = float(totals.max())
+    return min((k for k in range(n + 1) if totals[k] >= best - 1e-9), key=lambda k: abs(2 * k - n))
+
+
+def _score(record: SliceRecord) -> float:
+    """A record's predicted IoU for comparisons (NaN, an accepted slice's, compares lowest)."""
+    return float(record.score) if np.isfinite(record.score) else float("-inf")
 
 
 def correct(
@@ -250,6 +282,11 @@ def correct(
         mask[:lo] = False
         mask[hi + 1 :] = False
         known = _structure_history(mask, volume)
+        # The result before: a pass that meets it again ends there (settings.rejoin).
+        previous = np.asarray(mask_in, dtype=bool)
+        # Between two locked slices a pass that rejoined stands for the earlier result, compared by
+        # the decoder's confidence in it: without its records (a mask) both passes run to the end.
+        pair_previous = previous if records_in else None
         # Where the result ended before: a correction inside the structure fixes its shape, and the
         # pass from it ends there at the latest; to extend the structure, correct a slice beyond.
         before = np.flatnonzero(np.asarray(mask_in).any(axis=(1, 2)))
@@ -260,27 +297,29 @@ def correct(
                     if before.size and lo < before[0] < b:
                         end, why = int(before[0]), f"reached slice {int(before[0])}, where the result ended before"
                     passes.append(Pass(0, "down", b, -1, end, mask[b], first_box(b), rule, why,
-                                       history=known(b) if rule is not None else None))
+                                       history=known(b) if rule is not None else None, previous=previous))
             elif b is None and a is not None:
                 if mask[a].any():
                     end, why = hi, edge_reason
                     if before.size and a < before[-1] < hi:
                         end, why = int(before[-1]), f"reached slice {int(before[-1])}, where the result ended before"
                     passes.append(Pass(0, "up", a, 1, end, mask[a], first_box(a), rule, why,
-                                       history=known(a) if rule is not None else None))
+                                       history=known(a) if rule is not None else None, previous=previous))
             elif a is not None and b is not None and b - a > 1:
                 full_a, full_b = bool(mask[a].any()), bool(mask[b].any())
                 name = f"between {a}..{b}"
                 if full_a and full_b:
-                    up = Pass(0, name, a, 1, b - 1, mask[a], first_box(a), None, f"reached slice {b}")
-                    down = Pass(0, name, b, -1, a + 1, mask[b], first_box(b), None, f"reached slice {a}")
+                    up = Pass(0, name, a, 1, b - 1, mask[a], first_box(a), None, f"reached slice {b}",
+                              previous=pair_previous)
+                    down = Pass(0, name, b, -1, a + 1, mask[b], first_box(b), None, f"reached slice {a}",
+                                previous=pair_previous)
                     passes += [up, down]
                     pairs.append((up, down))
                 elif full_a or full_b:
                     s, step, e, other = (a, 1, b - 1, b) if full_a else (b, -1, a + 1, a)
                     passes.append(Pass(0, name, s, step, e, mask[s], first_box(s), toward_empty,
                                        f"reached slice {other}, locked empty",
-                                       history=known(s) if toward_empty is not None else None))
+                                       history=known(s) if toward_empty is not None else None, previous=previous))
         total += sum(p.limit for p in passes)
         walk(predictor, passes, settings, margin, wider_box, hold=new_locked, progress=progress, cancel=cancel,
              done=done, total=total)
@@ -289,8 +328,21 @@ def correct(
     rerun_slices: Set[int] = set(corrected)
     for a, b in rerun:
         rerun_slices.update(range(lo if a is None else a + 1, (hi if b is None else b - 1) + 1))
+    # A pass that rejoined the earlier result leaves the slices beyond as they were (unless the
+    # other pass of its span reached them).
+    before_mask = np.asarray(mask_in, dtype=bool)
+    beyond: Set[int] = set()
+    for p in passes:
+        if p.rejoined is not None:
+            beyond.update(range(p.rejoined + p.step, p.end + p.step, p.step))
+    reached: Set[int] = set()
+    for p in passes:
+        reached.update(p.masks)
+    restored = (beyond - reached) & rerun_slices
+    for z in restored:
+        mask[z] = before_mask[z]
     reasons = {k: v for k, v in reasons_in.items() if _reason_kept(k, rerun)}
-    records = [r for r in records_in if r.z not in rerun_slices] + list(starts.values())
+    records = [r for r in records_in if r.z not in rerun_slices or r.z in restored] + list(starts.values())
     paired = {id(p) for pair in pairs for p in pair}
     for p in passes:
         if id(p) in paired:
@@ -299,17 +351,39 @@ def correct(
             mask[z] = m
         records += p.records
         reasons[p.name] = p.reason
+    earlier = {r.z: r for r in records_in if r.accepted}
+    chosen: Dict[int, SliceRecord] = {}
     for up, down in pairs:
-        # Each slice from the pass the decoder is more confident in (ties: the nearer end).
-        ups, downs = {r.z: r for r in up.records}, {r.z: r for r in down.records}
-        n_up = 0
-        for z in sorted(up.masks):
-            take_up = ups[z].score > downs[z].score or (ups[z].score == downs[z].score and z - up.start <= down.start - z)
-            mask[z] = up.masks[z] if take_up else down.masks[z]
-            records.append(ups[z] if take_up else downs[z])
-            n_up += take_up
-        reasons[up.name] = (f"each slice from the more confident of the passes from {up.start} ({n_up} slices) "
-                            f"and from {down.start} ({len(up.masks) - n_up})")
+        # The span is split at one slice: below it every slice from the pass from its lower end,
+        # above it from the pass from its upper end, where the decoder's summed confidence is
+        # highest (a pass that rejoined the earlier result stands for it beyond that slice: its
+        # masks and records). One split keeps each pass's slices next to its start: choosing slice
+        # by slice let a far slice of a drifting pass replace a good one (duodenum of the shipped CT).
+        span = list(range(up.start + 1, down.start))
+        sources = [_source(p, z, earlier, before_mask) for p in (up, down) for z in span]
+        ups, downs = sources[: len(span)], sources[len(span):]
+        split = _best_split([o[0] for o in ups], [o[0] for o in downs])
+        n_kept = 0
+        for i, z in enumerate(span):
+            score, m, record, kept = ups[i] if i < split else downs[i]
+            if m is None:  # this side has nothing here: the other's
+                score, m, record, kept = downs[i] if i < split else ups[i]
+            if m is None:
+                continue
+            mask[z] = m
+            chosen[z] = record
+            n_kept += kept
+        reason = (f"slices {up.start + 1}..{up.start + split} from the pass from {up.start}, "
+                  f"{up.start + split + 1}..{down.start - 1} from the pass from {down.start}, where the decoder "
+                  "is most confident in total")
+        if split == 0:
+            reason = f"every slice from the pass from {down.start}, where the decoder is most confident in total"
+        elif split == len(span):
+            reason = f"every slice from the pass from {up.start}, where the decoder is most confident in total"
+        if n_kept:
+            reason += f"; {n_kept} kept as they were (the passes rejoined the earlier result)"
+        reasons[up.name] = reason
+    records = [r for r in records if r.z not in chosen] + list(chosen.values())
     records.sort(key=lambda r: r.z)
     zs_found = np.flatnonzero(mask.any(axis=(1, 2)))
     extent = (int(zs_found[0]), int(zs_found[-1])) if zs_found.size else None

@@ -45,11 +45,14 @@ class Pass:
         history: what the stop rule compares the new slices with (default: the start slice
             alone, as :func:`~MedSAMSlicerLib.propagation.propagate`); a correction's pass starts
             with the structure's known slices (:mod:`.corrections`).
+        previous: ``(Z, H, W)`` the result before a correction, or ``None``: the pass ends on
+            the first slice whose new mask agrees with it (:attr:`PropagationSettings.rejoin`).
 
     Filled in by :func:`walk`: ``masks`` (slice -> ``(H, W)`` mask of every accepted slice),
     ``logits`` (slice -> the logits on that mask's pixels, in ``np.nonzero`` order), ``records``
     (one :class:`~MedSAMSlicerLib.propagation.SliceRecord` per predicted slice, rejected ones
-    included) and ``reason`` (why it ended).
+    included), ``reason`` (why it ended) and ``rejoined`` (the slice where it met ``previous``, or
+    ``None``).
     """
 
     key: Hashable
@@ -62,10 +65,12 @@ class Pass:
     stop: Optional[StopRule] = None
     end_reason: str = ""
     history: Optional[_PassHistory] = None
+    previous: Optional[np.ndarray] = None
     masks: Dict[int, np.ndarray] = field(default_factory=dict)
     logits: Dict[int, np.ndarray] = field(default_factory=dict)
     records: List[SliceRecord] = field(default_factory=list)
     reason: str = ""
+    rejoined: Optional[int] = None
 
     @property
     def slices(self) -> range:
@@ -96,6 +101,17 @@ def shared_slices(passes: Sequence[Pass], hold: Sequence[int] = ()) -> List[int]
         for z in used:
             uses[z] = uses.get(z, 0) + 1
     return sorted(z for z, n in uses.items() if n > 1)
+
+
+def _rejoins(p: Pass, z: int, mask: np.ndarray, threshold: float) -> bool:
+    """Whether pass ``p``'s new ``mask`` on slice ``z`` agrees with the result before the
+    correction (Dice at least ``threshold``; an empty mask never rejoins: the pass goes on from
+    its first box)."""
+    if p.previous is None or threshold <= 0 or not mask.any():
+        return False
+    before = p.previous[z]
+    total = int(mask.sum()) + int(before.sum())
+    return 2.0 * int((mask & before).sum()) >= threshold * total
 
 
 def walk(
@@ -167,7 +183,11 @@ def walk(
                                        else np.zeros(int(result.mask.sum()), np.float32))
                         if result.mask.any():
                             history.accept(result.mask, volume[z])
-                        if len(p.records) >= p.limit:
+                        if _rejoins(p, z, result.mask, settings.rejoin):
+                            p.rejoined = z
+                            p.reason = f"rejoined the earlier result at slice {z}"
+                            active.discard(id(p))
+                        elif len(p.records) >= p.limit:
                             active.discard(id(p))
                     state[id(p)] = (result.mask, history)
                     done += 1

@@ -225,6 +225,7 @@ class PropagationResult:
 
 WIDER_BOX_PX = 6.0  # at 256 input
 CONFIDENCE_GAIN = 0.02
+REJOIN_DICE = 0.9
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,10 @@ class PropagationSettings:
             (``zoom_context`` times the box's longer side, at least 8 px, kept inside the slice),
             so the model sees the structure larger; each slice of the crop is encoded for this
             structure alone. 0: off.
+        rejoin: a correction's pass (:func:`~MedSAMSlicerLib.corrections.correct`) ends on the
+            first slice whose new mask has at least this Dice with the result before the
+            correction: from there on the result was already what the correction leads to, and
+            the slices beyond keep their masks. 0: every pass runs to its end.
     """
 
     margin: Optional[float] = None
@@ -273,6 +278,7 @@ class PropagationSettings:
     wider_max_growth: float = 0.0
     zoom_below: float = 0.0
     zoom_context: float = 3.0
+    rejoin: float = REJOIN_DICE
 
     def __post_init__(self) -> None:
         if self.wider_box_when not in WIDER_BOX_WHEN:
