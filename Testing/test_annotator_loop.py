@@ -72,15 +72,15 @@ def test_loop_liver_after_one_correction(whole_loop):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met: 20 of 171 corrections lower the Dice, colon by 0.13 "
-                                       "(README, 'The annotator's loop, measured')")
+@pytest.mark.xfail(strict=True, reason="not met: 21 of 171 corrections lower the Dice, 18 by at most "
+                                       "0.01, the portal vein by 0.094 (README, 'The annotator's loop, measured')")
 def test_loop_never_lower_after_a_correction(whole_loop):
     lower = [(r.structure, a, b) for r in whole_loop for a, b in zip(r.dice, r.dice[1:]) if b < a]
     assert not lower, lower
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met: mean 0.510 after three; lungs (abdomen window), ribs, bones, "
+@pytest.mark.xfail(strict=True, reason="not met: mean 0.524 after three; lungs (abdomen window), ribs, bones, "
                                        "bowel stay low (README)")
 def test_loop_mean_after_three_corrections(whole_loop):
     assert np.mean([r.dice[min(3, len(r.dice) - 1)] for r in whole_loop]) > 0.90

@@ -318,20 +318,30 @@ def test_zoom_rule_and_zoomed_propagation(lite_segmenter, mr_path, mr_seg_path):
     image, labels = read_volume(mr_path).array, read_volume(mr_seg_path).array
     lite_segmenter.set_volume(image)
     predictor = lite_segmenter.predictor
-    settings = PropagationSettings(zoom_below=32, zoom_context=3)
+    settings = PropagationSettings(zoom_below=32, zoom_context=3, zoom_enlarge=True)
     kidney = labels == 3
     z, box, _ = E.simulated_box(kidney)
     side = max(box[2] - box[0] + 1, box[3] - box[1] + 1)  # ~20 px of a 117 px slice: ~44 px at 256
     assert zoom_region(predictor, z, box, settings) is None
-    assert zoom_region(predictor, z, box, PropagationSettings(zoom_below=side * 256 / 117 + 1)) is not None
+    assert zoom_region(predictor, z, box, PropagationSettings(zoom_below=side * 256 / 117 + 1,
+                                                             zoom_enlarge=True)) is not None
     small = (60, 40, 66, 45)  # 7 px: 15 px at 256 -> a 21 px square around it, inside the slice
     y0, y1, x0, x1 = zoom_region(predictor, 5, small, settings)
     assert y1 - y0 == x1 - x0 == 21 and y0 <= 40 and y1 > 45 and x0 <= 60 and x1 > 66
     y0, y1, x0, x1 = zoom_region(predictor, 5, (0, 0, 6, 6), settings)
     assert (y0, x0) == (0, 0)  # moved inside the slice
     assert zoom_region(predictor, 5, small, PropagationSettings()) is None
+    # Without zoom_enlarge a crop is never enlarged: no zoom on a slice smaller than the input, and
+    # on a larger slice a square of the input's size (the model sees the slice's own pixels).
+    assert zoom_region(predictor, 5, small, dataclasses.replace(settings, zoom_enlarge=False)) is None
+    large = np.random.default_rng(0).integers(-100, 200, (3, 600, 520)).astype(np.int16)
+    lite_segmenter.set_volume(large, "abdomen")
+    y0, y1, x0, x1 = zoom_region(lite_segmenter.predictor, 1, (500, 20, 515, 35),
+                                 dataclasses.replace(settings, zoom_enlarge=False))
+    assert y1 - y0 == x1 - x0 == 256 and (y0, x1) == (0, 520)
+    lite_segmenter.set_volume(image)
     # A zoomed run: the crop's masks pasted back at the right place (the kidney's own voxels).
     zoomed = propagate(predictor, z, box, z_range=(z - 1, z + 1),
-                       settings=PropagationSettings(zoom_below=64, zoom_context=2.5))
+                       settings=PropagationSettings(zoom_below=64, zoom_context=2.5, zoom_enlarge=True))
     assert zoomed.mask.shape == image.shape and "zoomed on" in zoomed.stop_reasons["up"]
     assert metrics.dice(zoomed.mask[z - 1 : z + 2], kidney[z - 1 : z + 2]) > 0.6

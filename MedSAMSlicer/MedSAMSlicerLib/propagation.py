@@ -259,6 +259,9 @@ class PropagationSettings:
             (``zoom_context`` times the box's longer side, at least 8 px, kept inside the slice),
             so the model sees the structure larger; each slice of the crop is encoded for this
             structure alone. 0: off.
+        zoom_enlarge: let the zoomed crop be smaller than the model's input (it is then enlarged);
+            ``False``: the crop is at least the input size in slice pixels, so only slices larger
+            than the input are zoomed, to their own resolution (see :func:`zoom_region`).
         rejoin: a correction's pass (:func:`~MedSAMSlicerLib.corrections.correct`) ends on the
             first slice whose new mask has at least this Dice with the result before the
             correction: from there on the result was already what the correction leads to, and
@@ -278,6 +281,7 @@ class PropagationSettings:
     wider_max_growth: float = 0.0
     zoom_below: float = 0.0
     zoom_context: float = 3.0
+    zoom_enlarge: bool = False
     rejoin: float = REJOIN_DICE
 
     def __post_init__(self) -> None:
@@ -556,7 +560,9 @@ def zoom_region(
 
     The rule: the box's longer side, in model-input pixels at 256 input, below ``zoom_below``;
     then a square of ``zoom_context`` times that side (in slice pixels, at least 8) centred on the
-    box, moved inside the slice (smaller only when the slice is).
+    box, moved inside the slice (smaller only when the slice is). Unless ``zoom_enlarge``, the
+    square is at least the model's input size in slice pixels, so that the crop is never enlarged
+    (the model sees the slice's own pixels, at most): a slice no larger than the input is not zoomed.
     """
     if settings.zoom_below <= 0:
         return None
@@ -566,7 +572,12 @@ def zoom_region(
     if side * prepared.box_scale[0] * 256.0 / predictor.input_size >= settings.zoom_below:
         return None
     h, w = prepared.original_hw
-    size = int(min(max(8, round(side * settings.zoom_context)), h, w))
+    size = max(8, round(side * settings.zoom_context))
+    if not settings.zoom_enlarge:
+        size = max(size, predictor.input_size)
+        if size >= h and size >= w:
+            return None  # the crop would be the whole slice
+    size = int(min(size, h, w))
     cy, cx = (b[1] + b[3]) / 2.0, (b[0] + b[2]) / 2.0
     y0 = int(min(max(0, round(cy - size / 2.0)), h - size))
     x0 = int(min(max(0, round(cx - size / 2.0)), w - size))
