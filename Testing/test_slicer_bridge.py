@@ -729,9 +729,11 @@ def test_a_corrected_segment_replays_from_the_saved_file(bridge, ct_scene, ct_sm
 
     src = B.source_volume(ct_scene.ct)
     liver = src.orientation.to_canonical(ct_scene.label_array(LIVER))
-    first = bridge.predict(ct_scene.ct, B.BoxPrompt(16, _canonical_box(liver, 16)), window=WINDOW)
+    # A 3D box (slices 11-21, its middle slice 16, as a drawn 3D box has it) keeps the propagations
+    # short; the replay runs them all again.
+    first = bridge.predict(ct_scene.ct, B.BoxPrompt(16, _canonical_box(liver, 16), (11, 21)), window=WINDOW)
     fixed = bridge.compute(bridge.correction_request(first, B.BoxPrompt(21, _canonical_box(liver, 21))))
-    accepted = bridge.compute(bridge.correction_request(fixed, B.BoxPrompt(12, (0, 0, 1, 1)), accept=True))
+    accepted = bridge.compute(bridge.correction_request(fixed, B.BoxPrompt(13, (0, 0, 1, 1)), accept=True))
     assert [c["kind"] for c in accepted.record.corrections] == ["box", "accept"]
     seg = ct_scene.new_segmentation()
     segment_id = seg.GetSegmentation().AddEmptySegment("liver", "liver")
@@ -744,7 +746,7 @@ def test_a_corrected_segment_replays_from_the_saved_file(bridge, ct_scene, ct_sm
     # Without its corrections the prompt alone gives another mask: the corrections were re-run.
     assert not np.array_equal(first.mask, accepted.mask)
 
-    edited = bridge.compute(bridge.correction_request(accepted, B.BoxPrompt(13, (0, 0, 1, 1)), accept=True,
+    edited = bridge.compute(bridge.correction_request(accepted, B.BoxPrompt(19, (0, 0, 1, 1)), accept=True,
                                                       segmentation_node=seg, segment_id=segment_id))
     bridge.apply(edited, seg, segment_id, combine="replace")
     save_node(seg, str(saved))
