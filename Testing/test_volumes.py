@@ -168,6 +168,25 @@ def test_orientation_rejects_bad_input():
         o.from_canonical(np.zeros((2, 3, 4)))
 
 
+def test_engine_messages_name_slices_as_the_file_does():
+    """Stop reasons carry canonical slices (z up); the user sees the file's index (here k runs
+    inferior, so canonical z is k = 9 - z). Areas, grey levels and counts are not slices."""
+    o = AxialOrientation.from_lps_direction(np.diag([1.0, 1.0, -1.0]), (4, 5, 10))
+    assert o.slice_to_index(2) == ("k", 7)
+    assert o.name_slices("stopped at slice 2: area 293 px < 0.15 of the largest slice (2099 px)") == \
+        "stopped at slice k 7: area 293 px < 0.15 of the largest slice (2099 px)"
+    assert o.name_slices("slices 3..4 from the pass from 2, slices 5..6 from the pass from 7, where the decoder "
+                         "is most confident in total; 1 kept as they were") == \
+        ("slices k 5..6 from the pass from k 7, slices k 3..4 from the pass from k 2, where the decoder "
+         "is most confident in total; 1 kept as they were")
+    assert o.name_slices("between 2..7") == "between k 2..7"
+    assert o.name_slices("intensity changed by 30 grey levels > 25 (8 slices)") == \
+        "intensity changed by 30 grey levels > 25 (8 slices)"
+    assert AxialOrientation.from_lps_direction(np.eye(3), (4, 5, 10)).name_slices("rejoined the earlier result at "
+                                                                                  "slice 3") == \
+        "rejoined the earlier result at slice k 3"
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading the vendored CT, and variants of it on disk
 # ----------------------------------------------------------------------------------------------

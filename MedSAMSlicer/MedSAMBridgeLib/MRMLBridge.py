@@ -150,6 +150,12 @@ class PredictionRequest:
         return f"{self.source.key}|{self.window.key}"
 
 
+def _notes(src: SourceVolume, stop_reasons: Dict[str, str]) -> Dict[str, str]:
+    """The engine's stop reasons with their slices named as the viewer numbers them (``"k 43"``)."""
+    name = src.orientation.name_slices
+    return {name(k): name(v) for k, v in stop_reasons.items()}
+
+
 def _check_mode(mode: str, direction: str) -> None:
     if mode not in MODES:
         raise MedSAMError(f"unknown mode '{mode}'; choose one of: {', '.join(MODES)}")
@@ -277,7 +283,7 @@ class MedSAMBridge:
             return self._correct(request, progress, cancel)
         done = self.segmenter.segment(request.prompt, request.mode, request.direction, progress, cancel)
         return Prediction(request.source, request.prompt, request.mode, done.mask, done.covered, done.score,
-                          done.stop_reasons, self._record(request), done.result, request.window)
+                          _notes(request.source, done.stop_reasons), self._record(request), done.result, request.window)
 
     def compute_queue(
         self,
@@ -317,7 +323,7 @@ class MedSAMBridge:
             score = next((float(r.score) for r in result.slices if r.z == request.prompt.z), float("nan"))
             record = dataclasses.replace(self._record(request), job=shared)
             out[key] = Prediction(request.source, request.prompt, "3d", np.asarray(result.mask, dtype=bool), covered,
-                                  score, dict(result.stop_reasons), record, result, request.window)
+                                  score, _notes(request.source, result.stop_reasons), record, result, request.window)
         return out
 
     def correction_request(
@@ -366,7 +372,7 @@ class MedSAMBridge:
         record = base.record.with_corrections([entry]) if base.record is not None else None
         score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
         return Prediction(src, base.prompt, "3d", np.asarray(result.mask, dtype=bool), covered, score,
-                          dict(result.stop_reasons), record, result, request.window)
+                          _notes(src, result.stop_reasons), record, result, request.window)
 
     def _record(self, request: PredictionRequest) -> Provenance:
         """How this request's result was made (the job names no structure yet: applying does)."""

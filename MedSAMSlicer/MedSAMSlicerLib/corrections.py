@@ -374,7 +374,7 @@ def correct(
             chosen[z] = record
             n_kept += kept
         reason = (f"slices {up.start + 1}..{up.start + split} from the pass from {up.start}, "
-                  f"{up.start + split + 1}..{down.start - 1} from the pass from {down.start}, where the decoder "
+                  f"slices {up.start + split + 1}..{down.start - 1} from the pass from {down.start}, where the decoder "
                   "is most confident in total")
         if split == 0:
             reason = f"every slice from the pass from {down.start}, where the decoder is most confident in total"

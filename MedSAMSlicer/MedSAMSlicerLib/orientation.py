@@ -16,8 +16,9 @@ from __future__ import annotations
 import itertools
 import math
 import operator
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -241,10 +242,44 @@ class AxialOrientation:
         n = self.shape_ijk[axis]
         return INDEX_NAMES[axis], (n - 1 - int(z)) if self.flips[2] else int(z)
 
+    def name_slices(self, text: str) -> str:
+        """An engine message with its canonical slices named as the file's indices
+        (:func:`name_slices` with :meth:`slice_to_index`)."""
+        return name_slices(text, self.slice_to_index)
+
     def canonical_spacing(self, spacing_ijk: Sequence[float]) -> Tuple[float, float, float]:
         """Voxel spacing ``(si, sj, sk)`` in file order -> ``(sx, sy, sz)`` in canonical order (mm)."""
         s = [float(v) for v in spacing_ijk]
         return (s[self.axes[0]], s[self.axes[1]], s[self.axes[2]])
+
+
+def name_slices(text: str, slice_to_index: Callable[[int], Tuple[str, int]]) -> str:
+    """An engine message with its canonical slice numbers named as the file's indices:
+    ``"stopped at slice 68"`` -> ``"stopped at slice k 43"``; ``"slices 91..92"``,
+    ``"between 96..106"`` and ``"the pass from 90"`` likewise (a range kept ascending). Other
+    numbers (areas, grey levels, counts) are left alone.
+
+    Args:
+        text: the message (a stop reason, a key such as ``"between 96..106"``).
+        slice_to_index: canonical ``z`` -> ``(axis, index)``, e.g. ``("k", 21)``
+            (:meth:`AxialOrientation.slice_to_index`).
+    """
+
+    def one(z: str) -> str:
+        axis, index = slice_to_index(int(z))
+        return f"{axis} {index}"
+
+    def span(a: str, b: str) -> str:
+        (axis, i), (_, j) = slice_to_index(int(a)), slice_to_index(int(b))
+        return f"{axis} {min(i, j)}..{max(i, j)}"
+
+    text = _SLICE_SPAN.sub(lambda m: f"{m.group(1)} {span(m.group(2), m.group(3))}", text)
+    return _ONE_SLICE.sub(lambda m: f"{m.group(1)} {one(m.group(2))}", text)
+
+
+#: Where engine messages name slices (:func:`name_slices`).
+_SLICE_SPAN = re.compile(r"\b(slices|between) (\d+)\.\.(\d+)\b")
+_ONE_SLICE = re.compile(r"\b(slice|pass from) (\d+)\b")
 
 
 def _direction_matrix(direction: Sequence) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .orientation import name_slices
 from .propagation import PropagationResult, SliceRecord
 
 
@@ -172,7 +173,7 @@ def review_report(result: PropagationResult, slice_name: Callable[[int], Tuple[s
         ends[direction] = {
             "last": None if extent is None else index(extent[1] if up else extent[0]),
             "stopped_at": None if stop is None else index(stop.z),
-            "reason": stop.reason if stop is not None else reason,
+            "reason": name_slices(stop.reason if stop is not None else reason, slice_name),
         }
     return {"slice_axis": axis, "slices": slices, "doubtful": [index(z) for z in doubtful_slices(result, rule)],
             "ends": ends}

@@ -178,7 +178,8 @@ def _stops_text(volume, result, z_start: int) -> str:
         if rejected:
             parts.append(f"{direction}: stopped at {_slices_text(volume, [rejected[0].z])}: {rejected[0].reason}")
         else:
-            parts.append(f"{direction}: {result.stop_reasons[direction]}")
+            name = volume.orientation.name_slices
+            parts.append(f"{name(direction)}: {name(result.stop_reasons[direction])}")
     return "; ".join(parts)
 
 
