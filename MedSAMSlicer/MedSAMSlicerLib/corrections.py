@@ -5,17 +5,19 @@ the slice edited by hand (Paint/Erase) and marked good (:meth:`Correction.accept
 user drew a box on or accepted are *locked*: no correction changes them. A correction locks its
 slice and propagates again from it outwards, each way until the next locked slice, the volume's
 edge (or the z-range's end), or the stop rule; every slice outside those two spans is kept as it
-was. Between two locked slices that both hold the structure, each end propagates over the whole
-span toward the other, with no stop rule (the user has said the structure is on both slices), and
-each slice keeps the mask of the pass the decoder is more confident in (its predicted IoU): the
-two passes meet where the other becomes the better one (micro-sam's "segment between annotated
+was. A pass from a correction ends where it meets the earlier result again (its new mask has
+Dice >= :attr:`~MedSAMSlicerLib.propagation.PropagationSettings.rejoin`, 0.9, with the slice as
+it was): beyond that slice the earlier result is what the correction leads to, and it is kept, so
+a correction changes the slices it is about, not good slices far from it. Between two locked
+slices that both hold the structure, each end propagates over the span toward the other, with no
+stop rule (the user has said the structure is on both slices), and the span is split at one
+slice: below it the pass from the lower end, above it the pass from the upper end, where the
+decoder's summed confidence (predicted IoU) is highest (micro-sam's "segment between annotated
 slices"; a fixed halfway point let a pass from a small tip undo good slices near the other end,
-liver of the shipped CT). A pass from a correction ends where it meets the earlier result again
-(its new mask has Dice >= :attr:`~MedSAMSlicerLib.propagation.PropagationSettings.rejoin`, 0.9,
-with the slice as it was): beyond that slice the earlier result is what the correction would lead
-to, and it is kept, so a correction changes only the slices it is about (between two locked slices
-a pass that rejoined stands for the earlier result, which competes by the decoder's confidence in
-it; a mask given without its records runs both passes to the end). A pass toward the volume's edge from a correction compares the new
+liver of the shipped CT; choosing slice by slice let one far slice of a drifting pass replace a
+good one, duodenum). A pass that rejoined stands for the earlier result there, with its records'
+confidences; a mask given without its records runs both passes to the end. A pass toward the
+volume's edge from a correction compares the new
 slices with the intensity of the whole structure known so far, not of the corrected slice alone
 (:func:`_structure_history`). A locked slice the user emptied (erased, accepted) says the
 structure is not there: nothing is propagated from it, so the span between it and the volume's
@@ -330,7 +332,6 @@ def correct(
         rerun_slices.update(range(lo if a is None else a + 1, (hi if b is None else b - 1) + 1))
     # A pass that rejoined the earlier result leaves the slices beyond as they were (unless the
     # other pass of its span reached them).
-    before_mask = np.asarray(mask_in, dtype=bool)
     beyond: Set[int] = set()
     for p in passes:
         if p.rejoined is not None:
@@ -340,7 +341,7 @@ def correct(
         reached.update(p.masks)
     restored = (beyond - reached) & rerun_slices
     for z in restored:
-        mask[z] = before_mask[z]
+        mask[z] = previous[z]
     reasons = {k: v for k, v in reasons_in.items() if _reason_kept(k, rerun)}
     records = [r for r in records_in if r.z not in rerun_slices or r.z in restored] + list(starts.values())
     paired = {id(p) for pair in pairs for p in pair}
@@ -360,7 +361,7 @@ def correct(
         # masks and records). One split keeps each pass's slices next to its start: choosing slice
         # by slice let a far slice of a drifting pass replace a good one (duodenum of the shipped CT).
         span = list(range(up.start + 1, down.start))
-        sources = [_source(p, z, earlier, before_mask) for p in (up, down) for z in span]
+        sources = [_source(p, z, earlier, previous) for p in (up, down) for z in span]
         ups, downs = sources[: len(span)], sources[len(span):]
         split = _best_split([o[0] for o in ups], [o[0] for o in downs])
         n_kept = 0
