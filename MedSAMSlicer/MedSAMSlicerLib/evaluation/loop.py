@@ -250,6 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         variant = apply_assignments(Variant("loop"), args.set)
         seg = Segmenter("litemedsam", device="cpu", cache_mb=4096)
+        seg.predictor.method = variant.preprocessing(seg.spec.preprocessing)  # enlarge=cubic, as evaluate
         store = None
         if args.embedding_cache:
             from .store import EmbeddingStore
