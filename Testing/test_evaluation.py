@@ -156,6 +156,20 @@ def test_variants_and_settings():
         E.parse_variant(["x", "enlarge=lanczos"])
     with pytest.raises(MedSAMError, match="applies to LiteMedSAM"):
         E.parse_variant(["x", "enlarge=area"]).preprocessing("medsam")
+    # window=box[:GROW]: a window per structure from the intensities around its box.
+    from MedSAMSlicerLib.evaluation.runner import _box_grow
+    from MedSAMSlicerLib.preprocessing import Window
+
+    assert (_box_grow("box"), _box_grow("box:0.25"), _box_grow("mr"), _box_grow(None)) == (0.5, 0.25, None, None)
+    with pytest.raises(MedSAMError, match="box:GROW"):
+        _box_grow("box:wide")
+    vol = np.zeros((3, 40, 50))
+    vol[1, 10:20, 10:30] = np.arange(200).reshape(10, 20)  # the box's grown region holds 0..199 and zeros
+    win = Window.around_box(vol, 1, (10, 10, 29, 19), grow=0.0)
+    lo, hi = np.percentile(np.arange(200.0), (0.5, 99.5))
+    assert win.level == pytest.approx((lo + hi) / 2) and win.width == pytest.approx(hi - lo)
+    grown = Window.around_box(vol, 1, (10, 10, 29, 19), grow=0.5)  # now also zeros around it
+    assert grown.level - grown.width / 2 == pytest.approx(0.0)
 
 
 def test_simulated_box_is_the_middle_slice():

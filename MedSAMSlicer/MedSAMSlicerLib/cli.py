@@ -79,7 +79,8 @@ Variants compare settings in one run (slices are encoded once for all of them):
 Settings (PropagationSettings): margin, wider_box, confidence_gain, auto_stop, wider_box_when,
 wider_max_growth, follow_parts, part_min_fraction, part_min_px, box_jitter, zoom_below,
 zoom_context; stop.<field> (StopRule: min_pixels, max_intensity_shift, intensity_scale,
-min_spread, min_area_fraction, min_overlap, grow_px, min_score, max_slices); window;
+min_spread, min_area_fraction, min_overlap, grow_px, min_score, max_slices); window (a preset,
+LEVEL,WIDTH, or box: per structure, from the intensities around its box);
 enlarge (area or cubic: how LiteMedSAM enlarges slices smaller than its input).
 """
 

@@ -107,6 +107,22 @@ class Window:
             return cls.preset("abdomen")
         return cls.preset("mr")
 
+    @classmethod
+    def around_box(cls, volume: np.ndarray, z: int, box: Sequence[float], grow: float = 0.5,
+                   percentiles: Tuple[float, float] = (0.5, 99.5)) -> Window:
+        """A window from the intensities around a prompt: the ``percentiles`` of slice ``z`` of
+        ``volume`` ``(z, y, x)`` inside the box ``(x0, y0, x1, y1)`` grown by ``grow`` times its
+        size on each side (kept inside the slice). Measured by ``medsam-slicer evaluate`` as
+        ``window=box``, not a default (README, "What was tried")."""
+        data = np.asarray(volume)
+        h, w = data.shape[1:]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        gx, gy = (x1 - x0 + 1) * grow, (y1 - y0 + 1) * grow
+        region = data[int(z), max(0, int(round(y0 - gy))): min(h, int(round(y1 + gy)) + 1),
+                      max(0, int(round(x0 - gx))): min(w, int(round(x1 + gx)) + 1)].astype(np.float64)
+        lo, hi = np.percentile(region, percentiles)
+        return cls(level=float(lo + hi) / 2.0, width=max(float(hi - lo), 1.0))
+
     @property
     def key(self) -> str:
         """A short string that identifies the window (used in embedding-cache keys)."""

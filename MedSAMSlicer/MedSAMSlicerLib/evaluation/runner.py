@@ -36,8 +36,10 @@ class Variant:
     Attributes:
         name: its name in reports.
         settings: the propagation settings.
-        window: intensity window name (``None``/``"auto"``: automatic), a preset name, or
-            ``"LEVEL,WIDTH"``.
+        window: intensity window name (``None``/``"auto"``: automatic), a preset name,
+            ``"LEVEL,WIDTH"``, or ``"box"`` / ``"box:GROW"``: per structure, from the intensities
+            around its box grown by GROW (0.5) times its size
+            (:meth:`~MedSAMSlicerLib.preprocessing.Window.around_box`).
         enlarge: how LiteMedSAM enlarges slices smaller than its input: ``None``/``"area"``
             (OpenCV's area interpolation, as LiteMedSAM) or ``"cubic"`` (cubic spline, as MedSAM's
             preprocessing); see :func:`~MedSAMSlicerLib.preprocessing.prepare_litemedsam`.
@@ -233,7 +235,7 @@ def evaluate(
         One :class:`EvaluationRow` per structure, variant and mode, in that nesting order
         within each case.
     """
-    from ..preprocessing import resolve_window
+    from ..preprocessing import Window, resolve_window
     from ..segmenter import Segmenter
 
     check_modes(modes)
@@ -248,13 +250,15 @@ def evaluate(
         structures = [s for s in case.structures if include is None or include(case, s)]
         if not structures:
             continue
-        windows = {v.name: resolve_window(window_arg(v.window), case.image) for v in variants}
+        windows = {v.name: None if _box_grow(v.window) is not None else resolve_window(window_arg(v.window), case.image)
+                   for v in variants}
         loaded: Optional[Tuple] = None
         for structure in structures:
             ref = case.mask(structure)
             z, box, z_range = simulated_box(ref, box_margin)
             for variant in variants:
-                window = windows[variant.name]
+                # window=box: from the intensities around this structure's box (Window.around_box).
+                window = windows[variant.name] or Window.around_box(case.image, z, box, _box_grow(variant.window))
                 seg.predictor.method = variant.preprocessing(seg.spec.preprocessing)  # part of every cache key
                 if loaded != (case.name, window):
                     if embedding_store is not None and loaded is not None:
@@ -316,6 +320,17 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
         share = len(result.slices) / max(1, walked)
         out.append((mode, result, seconds * share, int(round(encoded * share))))
     return out
+
+
+def _box_grow(window: Optional[str]) -> Optional[float]:
+    """``"box"`` -> 0.5, ``"box:G"`` -> G (how far the box is grown), anything else -> ``None``."""
+    if window is None or not window.lower().startswith("box"):
+        return None
+    _, _, grow = window.partition(":")
+    try:
+        return float(grow) if grow else 0.5
+    except ValueError:
+        raise MedSAMError(f"window=box takes box or box:GROW (e.g. box:0.5); got '{window}'") from None
 
 
 def window_arg(window: Optional[str]) -> Union[None, str, Tuple[float, float]]:
