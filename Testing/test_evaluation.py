@@ -156,6 +156,12 @@ def test_variants_and_settings():
         E.parse_variant(["x", "enlarge=lanczos"])
     with pytest.raises(MedSAMError, match="applies to LiteMedSAM"):
         E.parse_variant(["x", "enlarge=area"]).preprocessing("medsam")
+    # The command's help names every setting (it is written by hand: it must not fall behind).
+    from MedSAMSlicerLib.cli import EVALUATE_HELP
+
+    help_words = set(EVALUATE_HELP.replace(",", " ").replace(";", " ").replace("(", " ").replace(")", " ").split())
+    missing = [n for n in E.setting_names() if n.split(".")[-1] not in help_words]
+    assert not missing, f"medsam-slicer evaluate --help does not name {missing}"
     # window=box[:GROW]: a window per structure from the intensities around its box.
     from MedSAMSlicerLib.evaluation.runner import _box_grow
     from MedSAMSlicerLib.preprocessing import Window

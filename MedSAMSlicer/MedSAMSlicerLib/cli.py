@@ -76,10 +76,11 @@ slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.
 Variants compare settings in one run (slices are encoded once for all of them):
   medsam-slicer evaluate --variant default --variant original
   medsam-slicer evaluate --variant default --variant narrow wider_box=0 --include 'ct/*'
-Settings (PropagationSettings): margin, wider_box, confidence_gain, auto_stop, wider_box_when,
-wider_max_growth, follow_parts, part_min_fraction, part_min_px, box_jitter, zoom_below,
-zoom_context; stop.<field> (StopRule: min_pixels, max_intensity_shift, intensity_scale,
-min_spread, min_area_fraction, min_overlap, grow_px, min_score, max_slices); window (a preset,
+Settings (PropagationSettings): margin, wider_box, wider_box_relative, confidence_gain, auto_stop,
+wider_box_when, wider_max_growth, follow_parts, part_min_fraction, part_min_px, box_jitter,
+zoom_below, zoom_context, zoom_enlarge, rejoin (corrections); stop.<field> (StopRule: min_pixels,
+max_intensity_shift, intensity_scale, min_spread, min_area_fraction, min_overlap, grow_px,
+min_score, max_slices, tip_growth, tip_slack_px); window (a preset,
 LEVEL,WIDTH, or box: per structure, from the intensities around its box);
 enlarge (area or cubic: how LiteMedSAM enlarges slices smaller than its input).
 """

@@ -240,6 +240,8 @@ class PropagationSettings:
             decoder is more confident in it by ``confidence_gain`` and it contains the first
             mask; 0 reproduces LiteMedSAM's 3D inference exactly.
         confidence_gain: how much higher the wider box's predicted IoU must be.
+        wider_box_relative: the wider box also grows by this fraction of the box's longer side on
+            each side (0: by ``wider_box`` pixels only).
         auto_stop: apply ``stop`` without a z-range; ``False`` runs to the volume's edges, as
             LiteMedSAM's own algorithm does when it is given no z-range.
         stop: the :class:`StopRule`.
@@ -271,6 +273,7 @@ class PropagationSettings:
     margin: Optional[float] = None
     wider_box: float = WIDER_BOX_PX
     confidence_gain: float = CONFIDENCE_GAIN
+    wider_box_relative: float = 0.0
     auto_stop: bool = True
     stop: StopRule = field(default_factory=StopRule)
     wider_box_when: str = "always"
@@ -346,13 +349,17 @@ def _predict_boxes(
     size = float(predictor.input_size)
     n = len(boxes)
     wides: List[Optional[SliceResult]]
+    def wider(b: np.ndarray) -> np.ndarray:
+        # wider_box_relative: the extra growth also scales with the box (a large organ grows by more px).
+        return _grown(b, grow + settings.wider_box_relative * float(max(b[2] - b[0], b[3] - b[1])), size)
+
     if settings.wider_box_when == "always":
-        both = predictor.decode_boxes(z, boxes + [_grown(b, grow, size) for b in boxes], jitter)
+        both = predictor.decode_boxes(z, boxes + [wider(b) for b in boxes], jitter)
         narrow, wides = both[:n], list(both[n:])
     else:  # "touching": the wider box only where the first mask reaches its box
         narrow = predictor.decode_boxes(z, boxes, jitter)
         need = [i for i, r in enumerate(narrow) if _touches_box(r, predictor, z)]
-        decoded = predictor.decode_boxes(z, [_grown(boxes[i], grow, size) for i in need], jitter)
+        decoded = predictor.decode_boxes(z, [wider(boxes[i]) for i in need], jitter)
         wides = [None] * n
         for i, r in zip(need, decoded):
             wides[i] = r
