@@ -135,13 +135,12 @@ def _structure_history(mask: np.ndarray, volume: np.ndarray):
     return known
 
 
-def _source(p: Pass, z: int, earlier: Dict[int, SliceRecord], before: np.ndarray):
-    """What pass ``p`` gives slice ``z``: ``(score, mask, record, kept)``; beyond the slice where it
-    rejoined the earlier result, the earlier mask and record (``kept`` True); ``(0, None, None,
-    False)`` where it has nothing."""
+def _source(p: Pass, z: int, records: Dict[int, SliceRecord], earlier: Dict[int, SliceRecord], before: np.ndarray):
+    """What pass ``p`` (its ``records`` by slice) gives slice ``z``: ``(score, mask, record, kept)``;
+    beyond the slice where it rejoined the earlier result, the earlier mask and record (``kept``
+    True); ``(0, None, None, False)`` where it has nothing."""
     if z in p.masks:
-        record = next(r for r in p.records if r.z == z)
-        return _score(record), p.masks[z], record, False
+        return _score(records[z]), p.masks[z], records[z], False
     if p.rejoined is not None and z in earlier:
         return _score(earlier[z]), before[z], earlier[z], True
     return 0.0, None, None, False
@@ -150,16 +149,16 @@ def _source(p: Pass, z: int, earlier: Dict[int, SliceRecord], before: np.ndarray
 def _best_split(low: Sequence[float], high: Sequence[float]) -> int:
     """``k`` maximising ``sum(low[:k]) + sum(high[k:])`` (ties: the nearest to the middle)."""
     n = len(low)
-    low_sum = np.concatenate([[0.0], np.cumsum(np.nan_to_num(low, neginf=0.0))])
-    high_sum = np.concatenate([np.cumsum(np.nan_to_num(high, neginf=0.0)[::-1])[::-1], [0.0]])
+    low_sum = np.concatenate([[0.0], np.cumsum(low)])
+    high_sum = np.concatenate([np.cumsum(high[::-1])[::-1], [0.0]])
     totals = low_sum + high_sum
     best = float(totals.max())
     return min((k for k in range(n + 1) if totals[k] >= best - 1e-9), key=lambda k: abs(2 * k - n))
 
 
 def _score(record: SliceRecord) -> float:
-    """A record's predicted IoU for comparisons (NaN, an accepted slice's, compares lowest)."""
-    return float(record.score) if np.isfinite(record.score) else float("-inf")
+    """A record's predicted IoU for the split (NaN, an accepted slice's, counts as 0)."""
+    return float(record.score) if np.isfinite(record.score) else 0.0
 
 
 def correct(
@@ -291,7 +290,7 @@ def correct(
         pair_previous = previous if records_in else None
         # Where the result ended before: a correction inside the structure fixes its shape, and the
         # pass from it ends there at the latest; to extend the structure, correct a slice beyond.
-        before = np.flatnonzero(np.asarray(mask_in).any(axis=(1, 2)))
+        before = np.flatnonzero(previous.any(axis=(1, 2)))
         for a, b in sorted(rerun, key=lambda s: (-1 if s[0] is None else s[0])):
             if a is None and b is not None:
                 if mask[b].any():
@@ -333,12 +332,11 @@ def correct(
     # A pass that rejoined the earlier result leaves the slices beyond as they were (unless the
     # other pass of its span reached them).
     beyond: Set[int] = set()
-    for p in passes:
-        if p.rejoined is not None:
-            beyond.update(range(p.rejoined + p.step, p.end + p.step, p.step))
     reached: Set[int] = set()
     for p in passes:
         reached.update(p.masks)
+        if p.rejoined is not None:
+            beyond.update(range(p.rejoined + p.step, p.end + p.step, p.step))
     restored = (beyond - reached) & rerun_slices
     for z in restored:
         mask[z] = previous[z]
@@ -361,7 +359,8 @@ def correct(
         # masks and records). One split keeps each pass's slices next to its start: choosing slice
         # by slice let a far slice of a drifting pass replace a good one (duodenum of the shipped CT).
         span = list(range(up.start + 1, down.start))
-        sources = [_source(p, z, earlier, previous) for p in (up, down) for z in span]
+        by_slice = {id(p): {r.z: r for r in p.records} for p in (up, down)}
+        sources = [_source(p, z, by_slice[id(p)], earlier, previous) for p in (up, down) for z in span]
         ups, downs = sources[: len(span)], sources[len(span):]
         split = _best_split([o[0] for o in ups], [o[0] for o in downs])
         n_kept = 0

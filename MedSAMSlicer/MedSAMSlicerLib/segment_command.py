@@ -434,20 +434,34 @@ def _check_replayable(name: str, record) -> None:
             raise MedSAMError(f"{where}: corrections apply to 3D results; the record says mode {record.mode}")
 
 
+def _recorded_prompt(volume, corners_ras) -> BoxPrompt:
+    """The prompt a record's box stands for (:func:`~MedSAMSlicerLib.provenance.prompt_ras` read
+    back): its two voxel centres in RAS -> the voxel box on ``volume`` -> a :class:`BoxPrompt`.
+
+    Raises:
+        BoxOutside: the box misses the volume.
+    """
+    import numpy as np
+
+    from .boxes import voxel_box
+
+    first_v, last_v = voxel_box(volume.ras_to_canonical(np.asarray(corners_ras, dtype=float)), volume.shape)
+    return BoxPrompt.from_voxel_box(first_v, last_v)
+
+
 def _replay_corrections(segmenter, volume, done: _Done, corrections: Sequence[Mapping[str, object]]) -> None:
     """Apply a record's corrections to a replayed 3D result, in order, as the Slicer effect made
     them (:meth:`MedSAMBridge._correct <MedSAMBridgeLib.MRMLBridge.MedSAMBridge>`)."""
     import numpy as np
 
-    from .boxes import BoxOutside, voxel_box
+    from .boxes import BoxOutside
     from .corrections import Correction
 
     result = done.result
     for i, c in enumerate(corrections, 1):
         try:
             if c["kind"] == "box":
-                first_v, last_v = voxel_box(volume.ras_to_canonical(np.asarray(c["ras"], dtype=float)), volume.shape)
-                fix = BoxPrompt.from_voxel_box(first_v, last_v)
+                fix = _recorded_prompt(volume, c["ras"])
                 correction = Correction.with_box(fix.z, fix.box)
             else:
                 z = volume.ras_to_canonical(np.asarray([c["slice_ras"]], dtype=float))[0][2]
@@ -526,15 +540,13 @@ def replay_file(
         raise MedSAMError(f"'{seg.path.name}' was made with other weights (SHA-256 {first.weights_sha256[:16]}...); "
                           f"'{weights}' has {file_digest(Path(weights))[:16]}.... Give those weights with --checkpoint")
     prompts: Dict[str, BoxPrompt] = {}
-    from .boxes import BoxOutside, voxel_box
+    from .boxes import BoxOutside
 
     for name, record in records:
-        corners = np.asarray(record.prompts[0]["ras"], dtype=float)
         try:
-            first_v, last_v = voxel_box(volume.ras_to_canonical(corners), volume.shape)
+            prompts[name] = _recorded_prompt(volume, record.prompts[0]["ras"])
         except BoxOutside:
             raise MedSAMError(f"segment '{name}': its box lies outside '{volume_path}'") from None
-        prompts[name] = BoxPrompt.from_voxel_box(first_v, last_v)
 
     t0 = time.perf_counter()
     if segmenter is None:
