@@ -186,6 +186,43 @@ def test_simulated_box_is_the_middle_slice():
     assert extent == (4, 24) and z == 13 and box == (4, 3, 13, 10)
 
 
+def test_label_box_is_the_users_box_on_one_slice():
+    m = np.zeros((10, 12), bool)
+    m[3:6, 4:9] = True
+    assert E.label_box(m) == (4, 3, 8, 5)
+    assert E.label_box(m, 2) == (2, 1, 10, 7)
+    assert E.label_box(m, 5) == (0, 0, 11, 9)  # clipped to the slice
+    corner = np.zeros((10, 12), bool)
+    corner[9, 11] = True  # one pixel in the corner: two pixels wide and high, inside the slice
+    assert E.label_box(corner) == (10, 8, 11, 9)
+    with pytest.raises(MedSAMError, match="empty"):
+        E.label_box(np.zeros((4, 4), bool))
+
+
+def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter):
+    from MedSAMSlicerLib.preprocessing import resolve_window
+
+    case = next(c for c in C.load_inputs() if c.name == "mr")
+    kidney = next(s for s in case.structures if s.name == "kidney_left")
+    ref = case.mask(kidney)
+    ref[4] = False  # a gap in the label: per-slice predicts nothing there
+    rows = E.evaluate([case], [E.builtin_variants()["default"]], segmenter=lite_segmenter,
+                      modes=("3d", E.PER_SLICE), include=lambda c, s: s is kidney)
+    assert [r.mode for r in rows] == ["3d", E.PER_SLICE]
+    lite_segmenter.set_volume(case.image, resolve_window(None, case.image))
+    result = E.per_slice(lite_segmenter.predictor, ref)
+    labelled = np.flatnonzero(ref.any(axis=(1, 2)))
+    assert [r.z for r in result.slices] == list(labelled) and not result.mask[4].any()
+    assert not result.mask[~ref.any(axis=(1, 2))].any()
+    # Each slice is what a propagation's first slice is from the same box.
+    z, box, _ = E.simulated_box(ref)
+    first = lite_segmenter.segment_3d(z, box, z_range=(z, z))
+    assert np.array_equal(result.mask[z], first.mask[z])
+    full = E.per_slice(lite_segmenter.predictor, case.mask(kidney))
+    assert rows[1].dice == pytest.approx(metrics.dice(full.mask, case.mask(kidney)))
+    assert rows[1].slices_found <= rows[1].slices_true == 11 and rows[1].stopped == ""
+
+
 def test_report_files(tmp_path):
     rows = [
         E.EvaluationRow("ct", name, variant, mode, d, d - 0.05, 3.0, slices, slices, "1-9", "1-9", 5, "1 2 3 4", 1.5,
@@ -229,7 +266,7 @@ def test_evaluate_command(tmp_path):
     assert (out / "summary.md").read_text().count("| mr") == 2 and (out / "evaluation.png").stat().st_size > 10_000
     # Bad input: one line, exit code 2, nothing loaded.
     for extra, message in ((["--variant", "nonesuch"], "unknown variant"), (["--set", "stop.colour=1"], "unknown setting"),
-                           (["--include", "nothing/*"], "no structure to evaluate"), (["--modes", "4d"], "modes")):
+                           (["--include", "nothing/*"], "no structure to evaluate"), (["--modes", "4d"], "per-slice")):
         bad = subprocess.run([sys.executable, "-m", "MedSAMSlicerLib.cli", "evaluate", "--out", str(tmp_path / "x"),
                               *extra], capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr

@@ -69,7 +69,9 @@ output that cannot be written. A window that shows next to nothing of the image 
 EVALUATE_HELP = """\
 Measure segmentation quality on labelled volumes. For each structure a simulated user draws the
 label's bounding box on the middle slice of its extent; the structure is segmented with its true
-z-range ("3d") and from the box alone, its extent found automatically ("2d"). Per structure:
+z-range ("3d") and from the box alone, its extent found automatically ("2d"); on request
+("--modes per-slice") every labelled slice gets the label's own box, no propagation: the most box
+prompts can give, as MedSAM's papers evaluate. Per structure:
 Dice, normalised surface Dice (FLARE22's NSD; FLARE22's tolerance for its organs, else 3 mm),
 slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png.
 
@@ -176,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "algorithm), or a new name followed by settings, e.g. --variant strict stop.min_overlap=0.7")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="common",
                     help="a setting for every variant (repeatable)")
-    ev.add_argument("--modes", default="3d,2d", help="3d (true z-range), 2d (automatic extent) or both (default 3d,2d)")
+    ev.add_argument("--modes", default="3d,2d", help="comma-separated: 3d (true z-range), 2d (automatic extent), per-slice (the label's box on "
+                    "every labelled slice, no propagation: the most box prompts give) (default 3d,2d)")
     ev.add_argument("--box-margin", type=int, default=0, help="pixels around the label's box (default 0: tight)")
     ev.add_argument("--include", action="append", default=[], metavar="PATTERN",
                     help="only structures matching case/structure glob patterns, e.g. 'mr/*' (repeatable)")

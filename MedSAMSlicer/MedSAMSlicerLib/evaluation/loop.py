@@ -33,7 +33,7 @@ from ..metrics import dice
 from ..preprocessing import resolve_window
 from ..propagation import PropagationResult, PropagationSettings
 from .cases import Case, Structure, labelled_slices
-from .runner import Variant, apply_assignments, simulated_box, window_arg
+from .runner import Variant, apply_assignments, label_box, simulated_box, window_arg
 
 
 def slice_dice(result_mask: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -56,22 +56,11 @@ def worst_slice(result_mask: np.ndarray, ref: np.ndarray, locked: Sequence[int],
     return int(min(candidates, key=lambda z: (round(float(per[z]), 12), abs(int(z) - anchor), int(z))))
 
 
-def _two_wide(a: int, b: int, size: int) -> Tuple[int, int]:
-    if b > a:
-        return a, b
-    return (a, a + 1) if a + 1 < size else (a - 1, a)
-
-
 def user_correction(result: PropagationResult, ref: np.ndarray, z: int) -> Tuple[PropagationResult, Correction]:
     """What the simulated user does on slice ``z``: the label's tight box where the label holds the
     structure; else the slice erased (the returned result's mask has it empty) and marked good."""
     if ref[z].any():
-        ys, xs = np.nonzero(ref[z])
-        h, w = ref.shape[1:]
-        # A label one pixel across still gets a box the model accepts: two pixels wide.
-        x0, x1 = _two_wide(int(xs.min()), int(xs.max()), w)
-        y0, y1 = _two_wide(int(ys.min()), int(ys.max()), h)
-        return result, Correction.with_box(z, (x0, y0, x1, y1))
+        return result, Correction.with_box(z, label_box(ref[z]))
     mask = result.mask.copy()
     mask[z] = False
     return dataclasses.replace(result, mask=mask), Correction.accept(z)

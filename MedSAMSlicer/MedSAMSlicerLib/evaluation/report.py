@@ -151,6 +151,11 @@ def format_structures(rows: Sequence[EvaluationRow], mode: str, variants: Option
     return "\n".join(lines)
 
 
+#: How the plot names each mode.
+MODE_TITLES = {"3d": "with the true z-range (3d)", "2d": "automatic extent (2d box)",
+               "per-slice": "the label's box on every slice (per-slice)"}
+
+
 def plot(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
     """Dice per structure (sorted by the first variant), one panel per mode, one marker per variant."""
     import matplotlib
@@ -174,7 +179,7 @@ def plot(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
             ax.plot(x, ys, markers[i % len(markers)], markersize=3.5, alpha=0.8,
                     label=f"{variant} (mean {np.nanmean(ys):.3f})")
         ax.axhline(LOW_DICE, color="grey", linewidth=0.6, linestyle=":")
-        title = "with the true z-range (3d)" if mode == "3d" else "automatic extent (2d box)"
+        title = MODE_TITLES.get(mode, mode)
         ax.set_title(f"Dice per structure, {title}; sorted by {variants[0]}", fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.set_xlim(-1, len(order))

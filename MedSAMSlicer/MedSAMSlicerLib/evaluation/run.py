@@ -51,7 +51,8 @@ def run_evaluation(
         variants: each ``[NAME, key=value, ...]`` (:func:`~.runner.parse_variant`); none:
             ``default``. ``original`` is LiteMedSAM's own algorithm on the same boxes.
         common: ``key=value`` settings applied to every variant.
-        modes: ``3d`` (true z-range), ``2d`` (automatic extent).
+        modes: some of :data:`~.runner.MODES`: ``3d`` (true z-range), ``2d`` (automatic extent),
+            ``per-slice`` (the label's box on every labelled slice, no propagation).
         box_margin: pixels around the label's box on the middle slice.
         include: glob patterns on ``case/structure`` (e.g. ``mr/*``, ``*/aorta*``).
         min_slices: leave out structures on fewer slices (folders and pairs; sets say their own).

@@ -5,7 +5,11 @@ For each structure the box is the label's bounding box on the middle slice of it
 empty), grown by ``box_margin`` pixels. Each structure is then segmented in two modes:
 
 - ``3d``: with the true z-range (a 3D box: the propagation stays within the label's extent);
-- ``2d``: the 2D box alone, the extent found automatically (the stop rule).
+- ``2d``: the 2D box alone, the extent found automatically (the stop rule);
+- ``per-slice`` (on request): no propagation; every labelled slice gets the label's own box
+  there, as MedSAM's papers and the CVPR 2024 challenge evaluate, and as a user who corrected
+  every slice would get. It measures what box prompts can give at best with this model and
+  window, the ceiling of propagation and of the annotator's corrections.
 
 and for each *variant*: a named :class:`~MedSAMSlicerLib.propagation.PropagationSettings` (plus
 an optional intensity window), so alternatives are compared in one run on one embedding cache:
@@ -26,7 +30,10 @@ from ..metrics import dice, surface_dice, z_extent
 from ..propagation import PropagationSettings, StopRule
 from .cases import Case, Structure, labelled_slices
 
-MODES = ("3d", "2d")
+#: ``3d``: the true z-range; ``2d``: automatic extent; ``per-slice``: the label's box on every
+#: labelled slice, no propagation (MedSAM's own 2D evaluation; the most box prompts give).
+PER_SLICE = "per-slice"
+MODES = ("3d", "2d", PER_SLICE)
 
 
 @dataclass(frozen=True)
@@ -180,12 +187,31 @@ class EvaluationRow:
         return (self.case, self.structure)
 
 
+def label_box(slice_mask: np.ndarray, margin: int = 0) -> Tuple[int, int, int, int]:
+    """The box a user draws around a structure on one slice: the bounding box ``(x0, y0, x1, y1)``
+    of the ``(H, W)`` label, grown by ``margin`` pixels, clipped to the slice, and at least two
+    pixels wide and high (a label one pixel across still gets a box the model accepts)."""
+    ys, xs = np.nonzero(slice_mask)
+    if not len(xs):
+        raise MedSAMError("the structure is empty on this slice")
+    h, w = slice_mask.shape
+
+    def side(lo: int, hi: int, size: int) -> Tuple[int, int]:
+        lo, hi = max(0, lo - margin), min(size - 1, hi + margin)
+        if hi > lo:
+            return lo, hi
+        return (lo, lo + 1) if lo + 1 < size else (lo - 1, lo)
+
+    x0, x1 = side(int(xs.min()), int(xs.max()), w)
+    y0, y1 = side(int(ys.min()), int(ys.max()), h)
+    return x0, y0, x1, y1
+
+
 def simulated_box(mask_zyx: np.ndarray, margin: int = 0) -> Tuple[int, Tuple[int, int, int, int], Tuple[int, int]]:
     """The user's box for a structure: ``(z, (x0, y0, x1, y1), (z_first, z_last))``.
 
     ``z`` is the middle slice of the label's extent as LiteMedSAM computes it (or the nearest
-    labelled slice if that one is empty); the box is the label's bounding box there, grown by
-    ``margin`` pixels and clipped to the slice.
+    labelled slice if that one is empty); the box is :func:`label_box` there.
     """
     extent = z_extent(mask_zyx)
     if extent is None:
@@ -195,11 +221,7 @@ def simulated_box(mask_zyx: np.ndarray, margin: int = 0) -> Tuple[int, Tuple[int
     labelled = np.nonzero(mask_zyx.any(axis=(1, 2)))[0]
     if not mask_zyx[z].any():
         z = int(labelled[np.argmin(np.abs(labelled - z))])
-    ys, xs = np.nonzero(mask_zyx[z])
-    h, w = mask_zyx.shape[1:]
-    box = (max(0, int(xs.min()) - margin), max(0, int(ys.min()) - margin),
-           min(w - 1, int(xs.max()) + margin), min(h - 1, int(ys.max()) + margin))
-    return z, box, (z0, z1)
+    return z, label_box(mask_zyx[z], margin), (z0, z1)
 
 
 def _fmt_extent(extent: Optional[Tuple[int, int]]) -> str:
@@ -224,7 +246,9 @@ def evaluate(
         variants: what to compare (:func:`builtin_variants`, :func:`parse_variant`).
         segmenter: a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter` (LiteMedSAM on the
             CPU when ``None``); its embedding cache is shared by all variants and modes.
-        modes: ``"3d"`` (true z-range) and/or ``"2d"`` (automatic extent).
+        modes: some of :data:`MODES`: ``"3d"`` (true z-range), ``"2d"`` (automatic extent),
+            ``"per-slice"`` (the label's box on every labelled slice; of a variant's settings only
+            its window and enlargement apply).
         box_margin: pixels added around the label's box on its middle slice.
         include: ``include(case, structure)`` picks structures (all when ``None``).
         embedding_store: an :class:`~.store.EmbeddingStore` to reuse embeddings across runs.
@@ -267,7 +291,8 @@ def evaluate(
                     if embedding_store is not None:
                         embedding_store.load(seg.predictor)
                     loaded = (case.name, window)
-                for mode, result, seconds, encoded in _run_modes(seg, z, box, z_range, modes, variant.settings):
+                for mode, result, seconds, encoded in _run_modes(seg, z, box, z_range, modes, variant.settings,
+                                                                 ref, box_margin):
                     row = EvaluationRow(
                         case=case.name, structure=structure.name, variant=variant.name, mode=mode,
                         dice=dice(result.mask, ref),
@@ -296,30 +321,56 @@ def check_modes(modes: Sequence[str]) -> None:
     """Raise :class:`MedSAMError` unless ``modes`` are some of :data:`MODES`."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise MedSAMError(f"modes are {' and '.join(MODES)}; got {', '.join(modes) or 'none'}")
+        raise MedSAMError(f"modes are some of {', '.join(MODES)}; got {', '.join(modes) or 'none'}")
 
 
-def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str], settings: PropagationSettings):
-    """``(mode, result, seconds, slices encoded)`` per mode. Both modes come from one walk
+def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str], settings: PropagationSettings,
+               ref: np.ndarray, box_margin: int):
+    """``(mode, result, seconds, slices encoded)`` per mode. ``3d`` and ``2d`` come from one walk
     (:func:`~MedSAMSlicerLib.propagation.propagate_both`, the same masks as two runs); its time
     and encoding are shared out in proportion to the slices each mode predicted."""
     from ..propagation import propagate_both
 
+    out = []
+    walk = [m for m in modes if m != PER_SLICE]
     before = seg.predictor.encoded_slices
     t0 = time.perf_counter()
-    if len(modes) == 1:
-        mode = modes[0]
+    if len(walk) == 1:
+        mode = walk[0]
         result = seg.segment_3d(z, box, z_range=z_range if mode == "3d" else None, settings=settings)
-        return [(mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before)]
-    ranged, auto = propagate_both(seg.predictor, z, box, z_range, settings=settings)
-    seconds, encoded = time.perf_counter() - t0, seg.predictor.encoded_slices - before
-    walked = len({r.z for r in ranged.slices} | {r.z for r in auto.slices})
-    out = []
-    for mode in modes:
-        result = ranged if mode == "3d" else auto
-        share = len(result.slices) / max(1, walked)
-        out.append((mode, result, seconds * share, int(round(encoded * share))))
+        out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before))
+    elif walk:
+        ranged, auto = propagate_both(seg.predictor, z, box, z_range, settings=settings)
+        seconds, encoded = time.perf_counter() - t0, seg.predictor.encoded_slices - before
+        walked = len({r.z for r in ranged.slices} | {r.z for r in auto.slices})
+        for mode in walk:
+            result = ranged if mode == "3d" else auto
+            share = len(result.slices) / max(1, walked)
+            out.append((mode, result, seconds * share, int(round(encoded * share))))
+    if PER_SLICE in modes:
+        before = seg.predictor.encoded_slices
+        t0 = time.perf_counter()
+        result = per_slice(seg.predictor, ref, box_margin)
+        out.append((PER_SLICE, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before))
     return out
+
+
+def per_slice(predictor, ref: np.ndarray, box_margin: int = 0):
+    """Each labelled slice of ``ref`` ``(z, y, x)`` predicted alone from the label's box there
+    (:func:`label_box`), as the first slice of a propagation or a box correction is: the
+    ``per-slice`` mode. Returns a :class:`~MedSAMSlicerLib.propagation.PropagationResult` with one
+    record per slice."""
+    from ..propagation import PropagationResult, slice_record
+
+    zs = [int(z) for z in np.flatnonzero(ref.any(axis=(1, 2)))]
+    predictor.encode(zs)
+    mask = np.zeros(ref.shape, dtype=bool)
+    records = []
+    for z in zs:
+        result = predictor.predict(z, label_box(ref[z], box_margin))
+        mask[z] = result.mask
+        records.append(slice_record(z, result, predictor.volume[z], reason="label box"))
+    return PropagationResult(mask=mask, z_extent=z_extent(mask), slices=records)
 
 
 def _box_grow(window: Optional[str]) -> Optional[float]:
