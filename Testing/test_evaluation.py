@@ -207,8 +207,8 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
     ref = case.mask(kidney)
     ref[4] = False  # a gap in the label: per-slice predicts nothing there
     rows = E.evaluate([case], [E.builtin_variants()["default"]], segmenter=lite_segmenter,
-                      modes=("3d", E.PER_SLICE), include=lambda c, s: s is kidney)
-    assert [r.mode for r in rows] == ["3d", E.PER_SLICE]
+                      modes=("3d", E.PER_SLICE, E.PER_PART), include=lambda c, s: s is kidney)
+    assert [r.mode for r in rows] == ["3d", E.PER_SLICE, E.PER_PART]
     lite_segmenter.set_volume(case.image, resolve_window(None, case.image))
     result = E.per_slice(lite_segmenter.predictor, ref)
     labelled = np.flatnonzero(ref.any(axis=(1, 2)))
@@ -221,6 +221,17 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
     full = E.per_slice(lite_segmenter.predictor, case.mask(kidney))
     assert rows[1].dice == pytest.approx(metrics.dice(full.mask, case.mask(kidney)))
     assert rows[1].slices_found <= rows[1].slices_true == 11 and rows[1].stopped == ""
+    # per-part: one box per piece of the label; a slice in one piece is per-slice's, a slice in two
+    # pieces is the union of each piece's own prediction.
+    two = ref.copy()
+    two[z] = False
+    two[z, 20:26, 30:36] = True
+    two[z, 40:46, 60:66] = True
+    split, whole = E.per_slice(lite_segmenter.predictor, two, parts=True), E.per_slice(lite_segmenter.predictor, two)
+    one_piece = [int(k) for k in labelled if k != z]
+    assert np.array_equal(split.mask[one_piece], whole.mask[one_piece])
+    each = [lite_segmenter.predictor.predict(z, b).mask for b in ((30, 20, 35, 25), (60, 40, 65, 45))]
+    assert np.array_equal(split.mask[z], each[0] | each[1])
 
 
 def test_report_files(tmp_path):
@@ -284,7 +295,7 @@ CORE = ["ct/liver", "ct/spleen", "ct/kidney_right", "ct/kidney_left", "ct/pancre
         "ct/adrenal_gland_left", "ct/aorta_iliac_arteries", "mr/*"]
 
 
-def _measure(segmenter, patterns, cases=None):
+def _measure(segmenter, patterns, cases=None, per_slice=False):
     import fnmatch
 
     cases = cases or [c for c in C.load_inputs() if any(p.split("/")[0] == c.name for p in patterns)]
@@ -295,6 +306,8 @@ def _measure(segmenter, patterns, cases=None):
     builtin = E.builtin_variants()
     rows = E.evaluate(cases, [builtin["default"]], segmenter=segmenter, modes=("3d", "2d"), include=wanted)
     rows += E.evaluate(cases, [builtin["original"]], segmenter=segmenter, modes=("3d",), include=wanted)
+    if per_slice:  # decoding only: the slices are encoded above
+        rows += E.evaluate(cases, [builtin["default"]], segmenter=segmenter, modes=(E.PER_SLICE,), include=wanted)
     print("\n" + R.format_summary(R.summarize(rows), groups=["all"]))
     print(R.format_structures(rows, "3d"))
     print(R.format_structures(rows, "2d"))
@@ -346,10 +359,19 @@ CORE_QUICK_REACHED = dict(mean_3d=0.77, mean_2d=0.75, low_3d=0.45, low_2d=0.32, 
                           max_loss_vs_original=0.07)
 
 
+# What box prompts give at best there: the label's box on every labelled slice (per-slice mode),
+# 0.808 mean (2026-12-02), with 3 structures on >= 10 slices below 0.70 (pancreas, right adrenal
+# gland, MR left kidney): the issue's 0.86 / 0.70 floors are above what this model gives even
+# when every slice is boxed (README, "What box prompts can give at best").
+CORE_QUICK_PER_SLICE = 0.80
+
+
 def test_quality_floors_core(lite_segmenter):
     """The abdominal organs but the long vessels and the stomach, and the MR organs (~1.5 min idle)."""
-    rows = _measure(lite_segmenter, CORE_QUICK)
+    rows = _measure(lite_segmenter, CORE_QUICK, per_slice=True)
     _floors(rows, **CORE_QUICK_REACHED)
+    boxed = E.rows_by(rows, "default", E.PER_SLICE)
+    assert len(boxed) == 13 and E.mean([r.dice for r in boxed.values()]) >= CORE_QUICK_PER_SLICE
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ Measure segmentation quality on labelled volumes. For each structure a simulated
 label's bounding box on the middle slice of its extent; the structure is segmented with its true
 z-range ("3d") and from the box alone, its extent found automatically ("2d"); on request
 ("--modes per-slice") every labelled slice gets the label's own box, no propagation: the most box
-prompts can give, as MedSAM's papers evaluate. Per structure:
+prompts can give, as MedSAM's papers evaluate ("per-part": one box per piece). Per structure:
 Dice, normalised surface Dice (FLARE22's NSD; FLARE22's tolerance for its organs, else 3 mm),
 slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png.
 
@@ -80,7 +80,7 @@ Variants compare settings in one run (slices are encoded once for all of them):
   medsam-slicer evaluate --variant default --variant narrow wider_box=0 --include 'ct/*'
 Settings (PropagationSettings): margin, wider_box, wider_box_relative, confidence_gain, auto_stop,
 wider_box_when, wider_max_growth, follow_parts, part_min_fraction, part_min_px, box_jitter,
-zoom_below, zoom_context, zoom_enlarge, rejoin (corrections); stop.<field> (StopRule: min_pixels,
+zoom_below, zoom_context, zoom_enlarge, rejoin (corrections), wider_first; stop.<field> (StopRule: min_pixels,
 max_intensity_shift, intensity_scale, min_spread, min_area_fraction, min_overlap, grow_px,
 min_score, max_slices, tip_growth, tip_slack_px); window (a preset,
 LEVEL,WIDTH, or box: per structure, from the intensities around its box);
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="common",
                     help="a setting for every variant (repeatable)")
     ev.add_argument("--modes", default="3d,2d", help="comma-separated: 3d (true z-range), 2d (automatic extent), per-slice (the label's box on "
-                    "every labelled slice, no propagation: the most box prompts give) (default 3d,2d)")
+                    "every labelled slice, no propagation: the most box prompts give), per-part (the same, one box "
+                    "per piece of the label) (default 3d,2d)")
     ev.add_argument("--box-margin", type=int, default=0, help="pixels around the label's box (default 0: tight)")
     ev.add_argument("--include", action="append", default=[], metavar="PATTERN",
                     help="only structures matching case/structure glob patterns, e.g. 'mr/*' (repeatable)")

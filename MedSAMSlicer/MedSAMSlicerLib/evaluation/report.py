@@ -153,7 +153,8 @@ def format_structures(rows: Sequence[EvaluationRow], mode: str, variants: Option
 
 #: How the plot names each mode.
 MODE_TITLES = {"3d": "with the true z-range (3d)", "2d": "automatic extent (2d box)",
-               "per-slice": "the label's box on every slice (per-slice)"}
+               "per-slice": "the label's box on every slice (per-slice)",
+               "per-part": "the label's box around each piece on every slice (per-part)"}
 
 
 def plot(rows: Sequence[EvaluationRow], path: PathLike) -> Path:

@@ -9,7 +9,10 @@ empty), grown by ``box_margin`` pixels. Each structure is then segmented in two 
 - ``per-slice`` (on request): no propagation; every labelled slice gets the label's own box
   there, as MedSAM's papers and the CVPR 2024 challenge evaluate, and as a user who corrected
   every slice would get. It measures what box prompts can give at best with this model and
-  window, the ceiling of propagation and of the annotator's corrections.
+  window, the ceiling of propagation and of the annotator's corrections;
+- ``per-part`` (on request): the same with one box around each piece (8-connected) of the label
+  on each slice, the masks joined: a structure in several pieces (the iliac arteries below the
+  bifurcation, bowel loops) boxed as a user would box each piece.
 
 and for each *variant*: a named :class:`~MedSAMSlicerLib.propagation.PropagationSettings` (plus
 an optional intensity window), so alternatives are compared in one run on one embedding cache:
@@ -31,9 +34,11 @@ from ..propagation import PropagationSettings, StopRule
 from .cases import Case, Structure, labelled_slices
 
 #: ``3d``: the true z-range; ``2d``: automatic extent; ``per-slice``: the label's box on every
-#: labelled slice, no propagation (MedSAM's own 2D evaluation; the most box prompts give).
+#: labelled slice, no propagation (MedSAM's own 2D evaluation; the most box prompts give);
+#: ``per-part``: the same with one box per piece of the label on each slice.
 PER_SLICE = "per-slice"
-MODES = ("3d", "2d", PER_SLICE)
+PER_PART = "per-part"
+MODES = ("3d", "2d", PER_SLICE, PER_PART)
 
 
 @dataclass(frozen=True)
@@ -332,7 +337,7 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
     from ..propagation import propagate_both
 
     out = []
-    walk = [m for m in modes if m != PER_SLICE]
+    walk = [m for m in modes if m not in (PER_SLICE, PER_PART)]
     before = seg.predictor.encoded_slices
     t0 = time.perf_counter()
     if len(walk) == 1:
@@ -347,19 +352,25 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
             result = ranged if mode == "3d" else auto
             share = len(result.slices) / max(1, walked)
             out.append((mode, result, seconds * share, int(round(encoded * share))))
-    if PER_SLICE in modes:
-        before = seg.predictor.encoded_slices
-        t0 = time.perf_counter()
-        result = per_slice(seg.predictor, ref, box_margin)
-        out.append((PER_SLICE, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before))
+    for mode in (PER_SLICE, PER_PART):
+        if mode in modes:
+            before = seg.predictor.encoded_slices
+            t0 = time.perf_counter()
+            result = per_slice(seg.predictor, ref, box_margin, parts=mode == PER_PART)
+            out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before))
     return out
 
 
-def per_slice(predictor, ref: np.ndarray, box_margin: int = 0):
+def per_slice(predictor, ref: np.ndarray, box_margin: int = 0, parts: bool = False):
     """Each labelled slice of ``ref`` ``(z, y, x)`` predicted alone from the label's box there
     (:func:`label_box`), as the first slice of a propagation or a box correction is: the
-    ``per-slice`` mode. Returns a :class:`~MedSAMSlicerLib.propagation.PropagationResult` with one
-    record per slice."""
+    ``per-slice`` mode; with ``parts``, one box per 8-connected piece of the label on the slice and
+    the masks joined (``per-part``). Returns a
+    :class:`~MedSAMSlicerLib.propagation.PropagationResult` with one record per slice (the
+    predicted IoU of its largest piece's box with ``parts``)."""
+    from scipy import ndimage as ndi
+
+    from ..predictor import SliceResult
     from ..propagation import PropagationResult, slice_record
 
     zs = [int(z) for z in np.flatnonzero(ref.any(axis=(1, 2)))]
@@ -367,8 +378,13 @@ def per_slice(predictor, ref: np.ndarray, box_margin: int = 0):
     mask = np.zeros(ref.shape, dtype=bool)
     records = []
     for z in zs:
-        result = predictor.predict(z, label_box(ref[z], box_margin))
-        mask[z] = result.mask
+        pieces = [ref[z]]
+        if parts:
+            labels, n = ndi.label(ref[z], structure=np.ones((3, 3), bool))
+            pieces = sorted((labels == i for i in range(1, n + 1)), key=lambda p: -int(p.sum()))
+        results = [predictor.predict(z, label_box(p, box_margin)) for p in pieces]
+        mask[z] = np.logical_or.reduce([r.mask for r in results])
+        result = SliceResult(mask=mask[z], score=results[0].score, box_model=results[0].box_model)
         records.append(slice_record(z, result, predictor.volume[z], reason="label box"))
     return PropagationResult(mask=mask, z_extent=z_extent(mask), slices=records)
 
