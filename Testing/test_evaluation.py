@@ -221,6 +221,7 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
     full = E.per_slice(lite_segmenter.predictor, case.mask(kidney))
     assert rows[1].dice == pytest.approx(metrics.dice(full.mask, case.mask(kidney)))
     assert rows[1].slices_found <= rows[1].slices_true == 11 and rows[1].stopped == ""
+    assert rows[1].mean_score == pytest.approx(np.mean([r.score for r in full.slices]))
     # per-part: one box per piece of the label; a slice in one piece is per-slice's, a slice in two
     # pieces is the union of each piece's own prediction.
     two = ref.copy()
@@ -237,13 +238,14 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
 def test_report_files(tmp_path):
     rows = [
         E.EvaluationRow("ct", name, variant, mode, d, d - 0.05, 3.0, slices, slices, "1-9", "1-9", 5, "1 2 3 4", 1.5,
-                        2, "")
+                        2, "", d - 0.1)
         for name, d, slices in (("liver", 0.9, 40), ("rib", 0.5, 12), ("tiny", 0.4, 6))
         for variant in ("default", "original") for mode in ("3d", "2d")
     ]
     R.write_csv(rows, tmp_path / "e.csv")
     back = R.read_csv(tmp_path / "e.csv")
-    assert back == [dataclasses.replace(r, dice=round(r.dice, 4), nsd=round(r.nsd, 4)) for r in rows]
+    assert back == [dataclasses.replace(r, dice=round(r.dice, 4), nsd=round(r.nsd, 4), mean_score=round(r.mean_score, 4))
+                    for r in rows]
     with open(tmp_path / "e.csv", newline="") as handle:
         assert next(csv.reader(handle))[:4] == ["case", "structure", "variant", "mode"]
     summary = R.summarize(rows)

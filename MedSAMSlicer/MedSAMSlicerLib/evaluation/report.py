@@ -53,7 +53,7 @@ class CsvLog:
 
 def _formatted(row: EvaluationRow) -> dict:
     values = dataclasses.asdict(row)
-    for key in ("dice", "nsd"):
+    for key in ("dice", "nsd", "mean_score"):
         values[key] = f"{values[key]:.4f}"
     values["seconds"] = f"{values['seconds']:.2f}"
     return values

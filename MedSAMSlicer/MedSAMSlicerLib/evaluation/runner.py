@@ -185,6 +185,7 @@ class EvaluationRow:
     seconds: float
     encoded: int
     stopped: str
+    mean_score: float = float("nan")
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -308,6 +309,7 @@ def evaluate(
                         box_slice=z, box=" ".join(str(v) for v in box), seconds=seconds,
                         encoded=encoded,
                         stopped="; ".join(f"{k}: {v}" for k, v in result.stop_reasons.items()),
+                        mean_score=mean([s.score for s in result.slices if np.isfinite(s.score)]),
                     )
                     rows.append(row)
                     if on_row is not None:
