@@ -52,7 +52,8 @@ def run_evaluation(
             ``default``. ``original`` is LiteMedSAM's own algorithm on the same boxes.
         common: ``key=value`` settings applied to every variant.
         modes: some of :data:`~.runner.MODES`: ``3d`` (true z-range), ``2d`` (automatic extent),
-            ``per-slice`` (the label's box on every labelled slice, no propagation).
+            ``per-slice`` (the label's box on every labelled slice, no propagation), ``per-part``
+            (the same, one box per piece of the label).
         box_margin: pixels around the label's box on the middle slice.
         include: glob patterns on ``case/structure`` (e.g. ``mr/*``, ``*/aorta*``).
         min_slices: leave out structures on fewer slices (folders and pairs; sets say their own).

@@ -253,8 +253,8 @@ def evaluate(
         segmenter: a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter` (LiteMedSAM on the
             CPU when ``None``); its embedding cache is shared by all variants and modes.
         modes: some of :data:`MODES`: ``"3d"`` (true z-range), ``"2d"`` (automatic extent),
-            ``"per-slice"`` (the label's box on every labelled slice; of a variant's settings only
-            its window and enlargement apply).
+            ``"per-slice"`` / ``"per-part"`` (the label's box on every labelled slice, or around
+            each piece of it; of a variant's settings only its window and enlargement apply).
         box_margin: pixels added around the label's box on its middle slice.
         include: ``include(case, structure)`` picks structures (all when ``None``).
         embedding_store: an :class:`~.store.EmbeddingStore` to reuse embeddings across runs.
