@@ -12,4 +12,5 @@ from typing import Dict
 ARCHITECTURE_TITLES: Dict[str, str] = {
     "vit_b": "MedSAM",
     "tiny_vit": "LiteMedSAM",
+    "hiera_t512": "MedSAM2",
 }

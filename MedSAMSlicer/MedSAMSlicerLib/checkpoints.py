@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from .errors import MedSAMError
-from .modeling import ARCHITECTURE_TITLES, ARCHITECTURES, SamModel, build_model, describe_architecture
+from .modeling import (
+    ARCHITECTURE_TITLES,
+    ARCHITECTURES,
+    NOT_ON_META,
+    SamModel,
+    build_model,
+    describe_architecture,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -32,6 +39,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 IGNORED_KEYS = ("pixel_mean", "pixel_std")
 #: Wrapper prefixes stripped when every key carries them (DDP, torch.compile).
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+#: Keys only SAM 2's networks (MedSAM2) have.
+SAM2_KEY_PREFIXES = ("memory_attention.", "memory_encoder.", "image_encoder.trunk.")
 #: Keys under which training checkpoints keep the model's state dict.
 NESTED_STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
@@ -109,10 +118,23 @@ def _to_state_dict(obj: object, path: Path) -> Dict[str, torch.Tensor]:
 
 @functools.cache
 def expected_shapes(architecture: str) -> Dict[str, Tuple[int, ...]]:
-    """``{key: shape}`` of an architecture's state dict, built on the meta device (no memory)."""
-    with torch.device("meta"):
+    """``{key: shape}`` of an architecture's state dict, built on the meta device (no memory; MedSAM2's,
+    which cannot be, once on the CPU)."""
+    if architecture in NOT_ON_META:
         model = build_model(architecture)
+    else:
+        with torch.device("meta"):
+            model = build_model(architecture)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _buildable(architecture: str) -> bool:
+    """Whether the architecture's code is installed (MedSAM2 needs the optional ``sam2`` package)."""
+    try:
+        expected_shapes(architecture)
+        return True
+    except MedSAMError:
+        return False
 
 
 def _resolve_architecture(architecture_or_spec: object) -> str:
@@ -155,7 +177,15 @@ def check_state_dict(architecture: str, state_dict: Mapping[str, torch.Tensor], 
         same = sum(1 for k in keys if k in other and tuple(state_dict[k].shape) == other[k])
         return same / max(len(keys | set(other)), 1)
 
-    scores = {arch: overlap(arch) for arch in ARCHITECTURES}
+    def candidate(arch: str) -> bool:
+        # MedSAM2's network is built for real (not on the meta device): only for files that look like SAM 2.
+        if arch == architecture:
+            return True
+        if arch in NOT_ON_META and not any(k.startswith(SAM2_KEY_PREFIXES) for k in keys):
+            return False
+        return _buildable(arch)
+
+    scores = {arch: overlap(arch) for arch in ARCHITECTURES if candidate(arch)}
     best = max(scores, key=scores.__getitem__)
     counts = f"{len(missing)} missing keys, {len(unexpected)} unexpected keys, {len(wrong_shape)} tensors of the wrong shape"
     examples = []

@@ -100,14 +100,17 @@ def checkpoint_file_name(run: str, model: str) -> str:
 def checkpoint_model(path: PathLike) -> str:
     """The registry model a checkpoint file is for, from its name.
 
-    ``<run>-<model>.pth`` names it; otherwise names containing ``lite`` are LiteMedSAM, names
-    containing ``vit`` MedSAM (ViT-B), and the rest LiteMedSAM. Loading checks the weights
+    ``<run>-<model>.pth`` names it; otherwise names containing ``medsam2`` or ``sam2`` are MedSAM2
+    (its authors' ``MedSAM2_latest.pt``), ``lite`` LiteMedSAM, ``vit`` MedSAM (ViT-B), and the rest
+    LiteMedSAM. Loading checks the weights
     strictly and names the right architecture if this guess is wrong.
     """
     stem = os.path.basename(os.fspath(path)).lower().rsplit(".", 1)[0]
     for model in sorted(model_names(), key=len, reverse=True):
         if stem.endswith("-" + model):
             return model
+    if "medsam2" in stem or "sam2" in stem:  # MedSAM2's own files: MedSAM2_latest.pt, MedSAM2_CTLesion.pt, ...
+        return "medsam2"
     if "lite" in stem:
         return "litemedsam"
     if "vit" in stem:

@@ -214,6 +214,10 @@ class PropagationResult:
         slices: one :class:`SliceRecord` per predicted slice, in prediction order.
         locked: the slices the user drew a box on or accepted, sorted: a correction
             (:func:`~MedSAMSlicerLib.corrections.correct`) never changes them.
+        prompts: a memory-propagation model's (MedSAM2's) conditioning prompts, each a
+            :class:`~MedSAMSlicerLib.medsam2.Conditioning` (a box or an accepted slice): what a
+            correction adds to (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.correct`); empty for
+            box propagation.
     """
 
     mask: np.ndarray
@@ -221,6 +225,7 @@ class PropagationResult:
     stop_reasons: Dict[str, str] = field(default_factory=dict)
     slices: List[SliceRecord] = field(default_factory=list)
     locked: Tuple[int, ...] = ()
+    prompts: Tuple = ()
 
 
 WIDER_BOX_PX = 6.0  # at 256 input

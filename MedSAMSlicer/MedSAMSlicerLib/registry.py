@@ -35,7 +35,11 @@ DEFAULT_WEIGHTS_DIR = Path("~/.cache/medsam-slicer/weights")
 VERIFIED_CACHE_NAME = "verified.json"
 
 SOURCES = ("package", "url")
-PREPROCESSINGS = ("medsam", "litemedsam")
+PREPROCESSINGS = ("medsam", "litemedsam", "medsam2")
+#: How a model goes from the box's slice to the others: "box" (each slice prompted with a box
+#: around the previous slice's mask, :mod:`~MedSAMSlicerLib.propagation`) or "memory" (SAM 2's
+#: memory attention, :mod:`~MedSAMSlicerLib.medsam2`).
+PROPAGATIONS = ("box", "memory")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class ModelSpec:
         weights: where the weights come from.
         recommended_device: "cpu" when the model is fast enough there, else "cuda".
         description: one sentence for users.
+        propagation: "box" (our slice-by-slice box propagation) or "memory" (SAM 2's memory
+            attention, MedSAM2): which engine the :class:`~MedSAMSlicerLib.segmenter.Segmenter` runs.
+        requires: the optional Python package the model's code needs (e.g. ``"sam2==1.1.0"``), or ``""``.
     """
 
     name: str
@@ -108,6 +115,8 @@ class ModelSpec:
     weights: WeightsSource
     recommended_device: str = "cpu"
     description: str = ""
+    propagation: str = "box"
+    requires: str = ""
 
 
 def _parse_spec(entry: Dict[str, Any]) -> ModelSpec:
@@ -127,6 +136,8 @@ def _parse_spec(entry: Dict[str, Any]) -> ModelSpec:
         problems.append(f"architecture {spec.architecture!r} is not one of {sorted(ARCHITECTURE_TITLES)}")
     if spec.preprocessing not in PREPROCESSINGS:
         problems.append(f"preprocessing {spec.preprocessing!r} is not one of {PREPROCESSINGS}")
+    if spec.propagation not in PROPAGATIONS:
+        problems.append(f"propagation {spec.propagation!r} is not one of {PROPAGATIONS}")
     if weights.source not in SOURCES:
         problems.append(f"weights source {weights.source!r} is not one of {SOURCES}")
     if weights.source == "package" and not (weights.distribution and weights.path):
@@ -318,6 +329,15 @@ def resolve_weights(
     if target.is_file():
         verify_weights(target, weights, fix=f"delete it and download it again, or give your file as the checkpoint ({where})")
         return target
+    if not (weights.sha256 or weights.md5):
+        # Nothing to check a download against: the file is the user's to fetch and choose.
+        manual = f" or {weights.manual}" if weights.manual else ""
+        raise MedSAMError(
+            f"the {spec.title} weights ({weights.filename}) are not on this computer, and they are not downloaded "
+            f"for you: their publisher gives no checksum to check a download against. Download them yourself from "
+            f"{weights.url}{manual} and give the file as the checkpoint (--checkpoint PATH on the command line, "
+            f"the weights file chooser in Slicer), or put it at {target}."
+        )
     if not download:
         manual = f" (or by hand from {weights.manual})" if weights.manual else ""
         raise MedSAMError(

@@ -67,7 +67,8 @@ class Segmenter:
     """A loaded model plus the volume it works on.
 
     Args:
-        model: registry name, ``"litemedsam"`` (CPU-friendly) or ``"medsam"`` (ViT-B, for GPUs).
+        model: registry name, ``"litemedsam"`` (CPU-friendly), ``"medsam"`` (ViT-B, for GPUs) or
+            ``"medsam2"`` (SAM 2.1 tiny with memory propagation, for GPUs; needs the ``sam2`` package).
         checkpoint: a weights file to use instead of the registry's (e.g. one made by
             ``medsam-train``); it must fit ``model``'s architecture.
         device: ``auto|cpu|cuda|mps``.
@@ -107,6 +108,16 @@ class Segmenter:
         self.speed: SpeedTier = get_speed(speed)
         self.device = select_device(device)
         self.dtype = select_precision(precision, self.device)
+        self.window: Optional[Window] = None
+        #: The propagation settings :meth:`segment_3d` and :meth:`segment_box3d` use by default.
+        self.propagation = PropagationSettings()
+        self.bfloat16_matmuls = False
+        self.encoder_runtime: Optional[str] = None
+        #: MedSAM2's engine (SAM 2's memory propagation) when the registry says ``"propagation": "memory"``.
+        self.memory = None
+        if self.spec.propagation == "memory":
+            self._init_memory(checkpoint, download, progress, cache_mb)
+            return
         # The tier's encoder runtime and precision are for CPUs in float32 (speed.py).
         cpu_recipe = self.device.type == "cpu" and self.dtype == torch.float32
         runtime = self.speed.encoder if cpu_recipe else "torch"
@@ -124,7 +135,7 @@ class Segmenter:
         )
         stat = self.weights.stat()
         model_key = f"{self.spec.name}:{self.weights.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
-        self.encoder_runtime: Optional[str] = None
+        self.encoder_runtime = None
         if runtime != "torch":
             from .encoder_runtimes import RuntimeEncoder
 
@@ -150,9 +161,28 @@ class Segmenter:
             batch_size=batch_size,
             cache=EmbeddingCache(int(cache_mb) << 20),
         )
-        self.window: Optional[Window] = None
-        #: The propagation settings :meth:`segment_3d` and :meth:`segment_box3d` use by default.
-        self.propagation = PropagationSettings()
+
+    def _init_memory(self, checkpoint, download, progress, cache_mb) -> None:
+        """MedSAM2: SAM 2's network and memory propagation (:mod:`~MedSAMSlicerLib.medsam2`). Its
+        encoder is not rewritten (no speed settings: the tiers convert LiteMedSAM/MedSAM encoders)."""
+        from .medsam2 import FeatureCache, MedSAM2Engine
+
+        if self.speed.name != "exact":
+            raise MedSAMError(f"the '{self.speed.name}' speed setting is for LiteMedSAM and MedSAM (it converts their "
+                              f"image encoders); {self.spec.title} runs at the 'exact' speed")
+        self.weights = resolve_weights(self.spec, checkpoint=checkpoint, download=download, progress=progress)
+        self.model = load_model(self.spec, self.weights, device=self.device)
+        stat = self.weights.stat()
+        model_key = f"{self.spec.name}:{self.weights.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+        self.memory = MedSAM2Engine(self.model, model_key, self.device, self.dtype,
+                                    cache=FeatureCache(int(cache_mb) << 20))
+        #: For the front ends that prefetch (``predictor.encode``): the engine encodes slices too.
+        self.predictor = self.memory  # type: ignore[assignment]
+
+    def _no_box_settings(self, settings, stop=None) -> None:
+        if stop is not None or (settings is not None and settings != PropagationSettings()):
+            raise MedSAMError(f"{self.spec.title} propagates with SAM 2's memory: the box-propagation settings "
+                              "(margins, wider box, stop rule) do not apply to it")
 
     # -- volume -------------------------------------------------------------------------------
     def set_volume(
@@ -181,6 +211,14 @@ class Segmenter:
         window = resolve_window(window, arr)
         base = key if key is not None else volume_key(arr)
         self.window = window
+        if self.memory is not None:
+            from .medsam2 import window_volume
+
+            # MedSAM2's own windowing (clip, then min-max the clipped volume); MR percentiles as ours.
+            u8 = (apply_window(arr, window) if window.percentiles is not None else
+                  window_volume(arr, window.level - window.width / 2.0, window.level + window.width / 2.0))
+            self.memory.set_volume(u8, key=f"{base}|{window.key}|medsam2")
+            return
         self.predictor.set_volume(apply_window(arr, window), key=f"{base}|{window.key}")
 
     @property
@@ -191,6 +229,8 @@ class Segmenter:
     # -- segmentation ---------------------------------------------------------------------------
     def segment_slice(self, z: int, box: Sequence[float]) -> SliceResult:
         """2D: the mask ``(y, x)`` on slice ``z`` for a box ``(x0, y0, x1, y1)``."""
+        if self.memory is not None:
+            return self.memory.segment_slice(z, box)
         return self.predictor.predict(self.predictor.check_slice_index(z), box)
 
     def segment_3d(
@@ -209,7 +249,16 @@ class Segmenter:
         ``settings`` (default :attr:`propagation`) holds every propagation choice. With a speed
         tier whose stride is above 1 the model runs on every ``stride``-th slice and the slices
         between are filled (:func:`~MedSAMSlicerLib.strided.propagate_strided`).
+
+        MedSAM2 (``"propagation": "memory"``) propagates as its own inference does
+        (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.propagate`): over every slice of the volume
+        or the z-range, both ways, the largest connected component kept; ``stop`` and ``settings``
+        are for box propagation and refused.
         """
+        if self.memory is not None:
+            self._no_box_settings(settings, stop)
+            return self.memory.propagate(z, box, z_range=z_range, direction=direction, progress=progress,
+                                         cancel=cancel)
         return propagate_strided(
             self.predictor, z, box, stride=self.speed.stride, z_range=z_range, direction=direction, stop=stop,
             progress=progress, cancel=cancel, fill=self.speed.fill, settings=settings or self.propagation,
@@ -257,7 +306,11 @@ class Segmenter:
         """Several structures in 3D as one job (:func:`~MedSAMSlicerLib.structures.segment_structures`):
         each slice encoded once for all, a slice's boxes decoded together, overlaps settled by the
         decoder's logits. Every slice is computed, whatever the speed setting's stride (the strided
-        path follows one structure); its encoder runtime and precision apply."""
+        path follows one structure); its encoder runtime and precision apply. MedSAM2: each
+        structure as alone, the features shared (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.segment_structures`)."""
+        if self.memory is not None:
+            self._no_box_settings(settings)
+            return self.memory.segment_structures(prompts, progress=progress, cancel=cancel)
         return segment_structures(self.predictor, prompts, settings=settings or self.propagation,
                                   progress=progress, cancel=cancel)
 
@@ -287,12 +340,21 @@ class Segmenter:
         ``(z, y, x)`` mask (with ``locked``), ``corrections`` are
         :meth:`Correction.with_box` (a new box on a slice) or :meth:`Correction.accept` (the
         mask's slice marked good). The locked slices never change; slices beyond the next locked
-        slice on each side are kept. Returns a new result; ``current`` is not changed (Undo)."""
+        slice on each side are kept. Returns a new result; ``current`` is not changed (Undo).
+
+        MedSAM2: each correction is a new prompt in SAM 2's memory and both passes run again from
+        all prompts (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.correct`)."""
+        if self.memory is not None:
+            self._no_box_settings(settings)
+            return self.memory.correct(current, corrections, locked=locked, z_range=z_range, progress=progress,
+                                       cancel=cancel)
         return correct(self.predictor, current, corrections, locked=locked, z_range=z_range,
                        settings=settings or self.propagation, progress=progress, cancel=cancel)
 
     def prefetch(self, zs: Sequence[int]) -> BackgroundTask:
         """Encode slices ``zs`` in a background task so later boxes on them answer at once."""
+        if self.memory is not None:
+            return self.memory.prefetch(zs)
         return self.predictor.prefetch(zs)
 
     def describe(self) -> str:

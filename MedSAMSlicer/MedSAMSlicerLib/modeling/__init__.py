@@ -8,6 +8,7 @@ Build a model with :func:`build_model` ("vit_b" or "tiny_vit") and load weights 
 from .build import (
     ARCHITECTURE_TITLES,
     ARCHITECTURES,
+    NOT_ON_META,
     available_architectures,
     build_model,
     build_tiny_vit,
@@ -25,6 +26,7 @@ from .transformer import TwoWayTransformer
 __all__ = [
     "ARCHITECTURES",
     "ARCHITECTURE_TITLES",
+    "NOT_ON_META",
     "ImageEncoderViT",
     "LayerNorm2d",
     "MLPBlock",

@@ -81,11 +81,25 @@ def build_tiny_vit() -> SamModel:
     return SamModel(encoder, _prompt_encoder(input_size), _mask_decoder(), input_size, architecture="tiny_vit")
 
 
+def build_hiera_t512():
+    """MedSAM2: SAM 2.1 tiny (Hiera) at 512 px, built by Meta's ``sam2`` package from its own config
+    with MedSAM2's changes (:func:`MedSAMSlicerLib.medsam2.build_medsam2`); not a :class:`SamModel`
+    but SAM 2's video predictor. Needs the ``sam2`` package (a clear error says how to install it)."""
+    from ..medsam2 import build_medsam2
+
+    return build_medsam2()
+
+
 #: architecture name -> factory returning a randomly initialised model.
 ARCHITECTURES: Dict[str, Callable[[], SamModel]] = {
     "vit_b": build_vit_b,
     "tiny_vit": build_tiny_vit,
+    "hiera_t512": build_hiera_t512,
 }
+
+#: Architectures whose modules cannot be built on the meta device (they compute on tensors while
+#: being built); :func:`~MedSAMSlicerLib.checkpoints.expected_shapes` builds them on the CPU once.
+NOT_ON_META = ("hiera_t512",)
 
 
 
@@ -101,7 +115,7 @@ def describe_architecture(architecture: str) -> str:
 
 
 def build_model(architecture: str) -> SamModel:
-    """A new, randomly initialised model of the named architecture ("vit_b" or "tiny_vit").
+    """A new, randomly initialised model of the named architecture ("vit_b", "tiny_vit", "hiera_t512").
 
     Raises:
         MedSAMError: for an unknown name (the message lists the known ones).

@@ -1,0 +1,372 @@
+"""MedSAM2 as the registry's third model, on identical random weights (no MedSAM2 weights are reachable).
+
+The reference is MedSAM2's own inference, ``medsam2_infer_3D_CT.py`` (bowang-lab/MedSAM2, commit
+332f30d), replayed here step by step on Meta's ``sam2`` package: its predictor
+``SAM2VideoPredictorNPZ`` is the package's ``sam2_video_predictor_legacy.SAM2VideoPredictor`` line for
+line except that ``init_state`` takes the frames instead of a JPEG folder, so the reference calls the
+package's own ``init_state`` with its frame loader handing over the frames MedSAM2's script makes
+(``monkeypatch``, in this test only). Windowing, ``resize_grayscale_to_rgb_and_resize``, the
+normalisation, the two passes and ``getLargestCC`` are written as the script writes them.
+
+The real CT is cut to a few slices. MedSAM2's encoder costs 1-7 s per 512 px slice on a shared
+2-core CPU, so the engine's behaviour is checked on the same network built for 128 px frames
+(``build_medsam2(image_size=128)``: the same code and weights, 1/16 of the pixels), on both sides; the
+512 px model goes through the Segmenter front door (2D, the command line's record and replay), and
+the full 512 px comparison in 3D is marked slow (``pytest -m slow Testing/test_medsam2.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+pytest.importorskip("sam2")
+
+from MedSAMSlicerLib.boxes import BoxPrompt  # noqa: E402
+from MedSAMSlicerLib.corrections import Correction  # noqa: E402
+from MedSAMSlicerLib.errors import MedSAMError  # noqa: E402
+from MedSAMSlicerLib.segmenter import Segmenter  # noqa: E402
+
+#: Slices of the shipped CT (canonical z) the model runs on: liver and spleen on all four.
+Z0, DEPTH = 80, 4
+#: The engine tests' frame size (MedSAM2's is 512).
+SMALL = 128
+LIVER, SPLEEN = 5, 1
+LEVEL_WIDTH = (40.0, 400.0)
+LOWER, UPPER = -160.0, 240.0
+
+#: MedSAM2's ``sam2/configs/sam2.1_hiera_t512.yaml`` against the package's ``sam2.1_hiera_t.yaml``.
+MEDSAM2_YAML = ["++model.image_size=512", "++model.memory_attention.layer.self_attention.feat_sizes=[32,32]",
+                "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]"]
+#: MedSAM2's ``build_sam.build_sam2_video_predictor_npz``.
+NPZ_BUILDER = ["++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+               "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+               "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+               "++model.binarize_mask_from_pts_for_mem_enc=true", "++model.fill_hole_area=8"]
+
+
+# -- MedSAM2's script, as written there ---------------------------------------------------------
+def resize_grayscale_to_rgb_and_resize(array, image_size):
+    from PIL import Image
+
+    d, h, w = array.shape
+    resized_array = np.zeros((d, 3, image_size, image_size))
+    for i in range(d):
+        img_pil = Image.fromarray(array[i].astype(np.uint8))
+        img_rgb = img_pil.convert("RGB")
+        img_resized = img_rgb.resize((image_size, image_size))
+        resized_array[i] = np.array(img_resized).transpose(2, 0, 1)
+    return resized_array
+
+
+def getLargestCC(segmentation):  # noqa: N802  (the script's name)
+    from skimage import measure
+
+    labels = measure.label(segmentation)
+    return labels == np.argmax(np.bincount(labels.flat)[1:]) + 1
+
+
+def medsam2_window(nii_image_data, lower_bound, upper_bound):
+    pre = np.clip(nii_image_data, lower_bound, upper_bound)
+    pre = (pre - np.min(pre)) / (np.max(pre) - np.min(pre)) * 255.0
+    return np.uint8(pre)
+
+
+def medsam2_frames(img_3D_ori, image_size=512):
+    img_resized = resize_grayscale_to_rgb_and_resize(img_3D_ori, image_size)
+    img_resized = img_resized / 255.0
+    img_resized = torch.from_numpy(img_resized)
+    img_mean = torch.tensor((0.485, 0.456, 0.406), dtype=torch.float32)[:, None, None]
+    img_std = torch.tensor((0.229, 0.224, 0.225), dtype=torch.float32)[:, None, None]
+    img_resized -= img_mean
+    img_resized /= img_std
+    return img_resized
+
+
+def build_reference(weights_path, image_size=512):
+    """``build_sam2_video_predictor_npz`` on the package: its legacy predictor, MedSAM2's config
+    (``image_size`` other than 512: the same network for smaller frames, as ``build_medsam2``)."""
+    import sam2  # noqa: F401
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose(config_name="configs/sam2.1/sam2.1_hiera_t.yaml",
+                  overrides=["++model._target_=sam2.sam2_video_predictor_legacy.SAM2VideoPredictor"]
+                  + [o.replace("=512", f"={image_size}").replace("[32,32]", f"[{image_size // 16},{image_size // 16}]")
+                     for o in MEDSAM2_YAML] + NPZ_BUILDER)
+    OmegaConf.resolve(cfg)
+    model = instantiate(cfg.model, _recursive_=True)
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True)["model"])
+    return model.eval()
+
+
+def medsam2_script(predictor, monkeypatch, raw_zyx, prompts):
+    """``medsam2_infer_3D_CT.py`` for one structure: ``prompts`` ``[(key slice, box), ...]`` (one in
+    the script; more are SAM 2's way of adding a box on another frame). Returns the first prompt's
+    own mask (``add_new_points_or_box``) and the 3D mask."""
+    from sam2 import sam2_video_predictor_legacy as legacy
+
+    img_3D_ori = medsam2_window(raw_zyx, LOWER, UPPER)
+    video_height, video_width = img_3D_ori.shape[1:]
+    img_resized = medsam2_frames(img_3D_ori, predictor.image_size)
+    monkeypatch.setattr(legacy, "load_video_frames", lambda **kwargs: (img_resized, video_height, video_width))
+    segs_3D = np.zeros(img_3D_ori.shape, dtype=np.uint8)
+    key_mask = None
+    with torch.inference_mode():  # the script's autocast("cuda") does nothing on a CPU
+        inference_state = predictor.init_state("frames made by medsam2_frames")
+        for reverse in (False, True):
+            for key_slice_idx_offset, bbox in prompts:
+                _, _, out_mask_logits = predictor.add_new_points_or_box(
+                    inference_state=inference_state, frame_idx=key_slice_idx_offset, obj_id=1, box=np.array(bbox))
+                if key_mask is None:
+                    key_mask = (out_mask_logits[0] > 0.0).cpu().numpy()[0]
+            for out_frame_idx, _, out_mask_logits in predictor.propagate_in_video(inference_state, reverse=reverse):
+                segs_3D[out_frame_idx, (out_mask_logits[0] > 0.0).cpu().numpy()[0]] = 1
+            predictor.reset_state(inference_state)
+    if np.max(segs_3D) > 0:
+        segs_3D = np.uint8(getLargestCC(segs_3D))
+    return key_mask, segs_3D.astype(bool)
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on the shared 2-core machine SAM 2's many small matrix products ran ~10x
+    slower with two threads fighting other processes (3D on 4 slices at 128 px: 3.2 s vs 0.34 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Seeded random MedSAM2 weights in MedSAM2's checkpoint layout ``{"model": state_dict}``."""
+    from MedSAMSlicerLib.medsam2 import build_medsam2
+
+    torch.manual_seed(2024)
+    model = build_medsam2()
+    path = tmp_path_factory.mktemp("medsam2") / "MedSAM2_random.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def crop(ct, labels, tmp_path_factory):
+    """Slices ``Z0..Z0+3`` of the shipped CT as a file, read back: ``(volume, labels, path)``."""
+    from MedSAMSlicerLib.volumes import read_volume
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(ct.array[Z0:Z0 + DEPTH]).astype(np.int16))
+    image.SetSpacing((3.0, 3.0, 3.0))
+    path = tmp_path_factory.mktemp("medsam2-ct") / "ct_crop.nii.gz"
+    sitk.WriteImage(image, str(path))
+    volume = read_volume(path)
+    lab = sitk.GetImageFromArray(np.ascontiguousarray(labels[Z0:Z0 + DEPTH]).astype(np.uint8))
+    lab.CopyInformation(image)
+    lab_path = path.with_name("labels.nii.gz")
+    sitk.WriteImage(lab, str(lab_path))
+    return volume, read_volume(lab_path, labels=True).array, path
+
+
+@pytest.fixture(scope="module")
+def seg(weights, crop):
+    """The front door at MedSAM2's 512 px."""
+    segmenter = Segmenter("medsam2", checkpoint=weights, device="cpu")
+    segmenter.set_volume(crop[0].array, LEVEL_WIDTH)
+    return segmenter
+
+
+@pytest.fixture(scope="module")
+def engine(weights, crop):
+    """The engine on the same weights with 128 px frames (MedSAM2's windowing, as the Segmenter's)."""
+    from MedSAMSlicerLib.medsam2 import MedSAM2Engine, build_medsam2, window_volume
+
+    model = build_medsam2(image_size=SMALL)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
+    small = MedSAM2Engine(model.eval(), "random-128", torch.device("cpu"))
+    small.set_volume(window_volume(crop[0].array, LOWER, UPPER))
+    return small
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    return build_reference(weights, SMALL)
+
+
+def _box(labels, label, z):
+    ys, xs = np.nonzero(labels[z] == label)
+    return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+# -- the preprocessing and post-processing steps, each against the script's ---------------------
+def test_windowing_frames_and_largest_component_match_medsam2(crop):
+    from MedSAMSlicerLib.medsam2 import Frames, connected_components_8, largest_component, window_volume
+
+    raw = crop[0].array
+    u8 = window_volume(raw, LOWER, UPPER)
+    assert np.array_equal(u8, medsam2_window(raw, LOWER, UPPER))
+    ref = medsam2_frames(u8[:2]).float()  # _get_image_feature's .float()
+    frames = Frames(u8, [0, 1])
+    assert len(frames) == 2
+    assert all(torch.equal(frames[i], ref[i]) for i in range(2))
+
+    rng = np.random.default_rng(7)
+    blobs = rng.random((6, 20, 20)) > 0.7
+    assert np.array_equal(largest_component(blobs), getLargestCC(blobs))
+    assert not largest_component(np.zeros((2, 3, 3), bool)).any()
+
+    from skimage import measure
+
+    masks = torch.from_numpy(rng.random((2, 1, 16, 16)) > 0.6)
+    lab, counts = connected_components_8(masks)
+    for i in range(2):
+        ref_lab = measure.label(masks[i, 0].numpy(), connectivity=2)
+        areas = np.bincount(ref_lab.ravel())
+        areas[0] = 0
+        assert np.array_equal(counts[i, 0].numpy(), areas[ref_lab])
+        assert np.array_equal(lab[i, 0].numpy() > 0, ref_lab > 0)
+
+
+# -- the masks, against MedSAM2's script ----------------------------------------------------------
+def test_2d_and_3d_masks_equal_medsam2s_inference(engine, reference, crop, monkeypatch):
+    volume, lab, _ = crop
+    box = _box(lab, LIVER, 1)
+    key_mask, ref_3d = medsam2_script(reference, monkeypatch, volume.array, [(1, box)])
+    assert 0 < ref_3d.sum() < ref_3d.size  # random weights, yet masks with edges: the check can fail
+
+    two = engine.segment_slice(1, box)
+    assert np.array_equal(two.mask, key_mask)
+    three = engine.propagate(1, box)
+    assert np.array_equal(three.mask, ref_3d)
+    assert three.locked == (1,) and len(three.prompts) == 1
+    assert set(three.stop_reasons) == {"up", "down"}
+    assert [r.z for r in three.slices] == list(range(DEPTH))
+    # Features are computed once per slice and kept: the 2D slice was not encoded again.
+    assert engine.encoded_slices == DEPTH
+
+
+def test_one_direction_and_z_range(engine, crop):
+    volume, lab, _ = crop
+    box = _box(lab, LIVER, 1)
+    up = engine.propagate(1, box, direction="up")
+    assert not up.mask[0].any() and up.mask[1].any() and set(up.stop_reasons) == {"up"}
+    ranged = engine.propagate(1, box, z_range=(1, 2))
+    assert not ranged.mask[[0, 3]].any() and ranged.mask[1].any()
+    assert "z-range" in ranged.stop_reasons["up"]
+    with pytest.raises(MedSAMError, match="outside the z-range"):
+        engine.propagate(0, box, z_range=(1, 2))
+    assert engine.encoded_slices == DEPTH
+
+
+def test_correction_is_a_new_prompt_in_sam2s_memory(engine, reference, crop, monkeypatch):
+    """A box on another slice joins the first as a conditioning frame (SAM 2's video predictor's
+    way): the result is MedSAM2's passes with both boxes in the memory."""
+    volume, lab, _ = crop
+    first, fix = _box(lab, LIVER, 1), _box(lab, LIVER, 3)
+    before = engine.propagate(1, first)
+    after = engine.correct(before, [Correction.with_box(3, fix)])
+    _, expected = medsam2_script(reference, monkeypatch, volume.array, [(1, first), (3, fix)])
+    assert np.array_equal(after.mask, expected)
+    assert after.locked == (1, 3) and [p.z for p in after.prompts] == [1, 3]
+    assert before.locked == (1,)  # not changed
+    # A slice accepted as it is goes into the memory as a mask (add_new_mask).
+    accepted = engine.correct(after, [Correction.accept(0)])
+    assert accepted.locked == (0, 1, 3) and accepted.prompts[0].box is None
+    assert [r.reason for r in accepted.slices if r.z in (0, 1, 3)] == ["accepted", "box", "box"]
+    with pytest.raises(MedSAMError, match="one correction per slice"):
+        engine.correct(after, [Correction.with_box(2, fix), Correction.accept(2)])
+
+
+def test_several_structures_each_as_alone(engine, crop):
+    volume, lab, _ = crop
+    prompts = {"liver": BoxPrompt(1, _box(lab, LIVER, 1)), "spleen": BoxPrompt(2, _box(lab, SPLEEN, 2))}
+    alone = {n: engine.propagate(p.z, p.box).mask for n, p in prompts.items()}
+    job = engine.segment_structures(prompts)
+    assert job.encoded_slices == 0  # every slice's features were computed before, once
+    for name in prompts:
+        mask = job.results[name].mask
+        assert np.array_equal(mask, alone[name] & ~job.contested | (mask & job.contested))
+        assert np.array_equal(mask & ~job.contested, alone[name] & ~job.contested)
+    assert not (job.results["liver"].mask & job.results["spleen"].mask).any()
+    assert (job.contested == (alone["liver"] & alone["spleen"])).all()
+
+
+def test_front_door_2d_command_line_record_and_replay(seg, crop, tmp_path):
+    """MedSAM2 at 512 px through the Segmenter and ``medsam-slicer segment``: the mask, the record
+    in the segment's tags, and ``--replay`` giving the same mask."""
+    from MedSAMSlicerLib.provenance import Provenance
+    from MedSAMSlicerLib.segment_command import replay_file, segment_file
+    from MedSAMSlicerLib.segnrrd import read_seg_nrrd
+
+    volume, lab, path = crop
+    x0, y0, x1, y1 = _box(lab, LIVER, 1)
+    two = seg.segment(BoxPrompt(1, (x0, y0, x1, y1)), "2d")
+    assert two.mask[1].any() and not two.mask[[0, 2, 3]].any() and two.covered == [1]
+    out = tmp_path / "liver.seg.nrrd"
+    box_ras = volume.canonical_to_ras(np.array([[x0, y0, 1], [x1, y1, 1]], dtype=float)).ravel().tolist()
+    summary = segment_file(str(path), out, box_ras=box_ras, name="liver", slice_only=True, segmenter=seg,
+                           progress=False)
+    assert summary.startswith("liver:")
+    written = read_seg_nrrd(out)
+    assert np.array_equal(volume.orientation.to_canonical(written.mask_kji(written.segments[0])), two.mask)
+    record = Provenance.from_tags(written.segments[0].tags)
+    assert (record.model, record.mode, record.speed) == ("medsam2", "2d", "exact")
+    again = replay_file(str(out), str(path), tmp_path / "again.seg.nrrd", segmenter=seg, progress=False)
+    assert "the same mask as in the file" in again
+    assert seg.memory.encoded_slices == 1  # the file's volume is the same voxels: its features were reused
+
+
+@pytest.mark.slow
+def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop, monkeypatch, tmp_path):
+    """MedSAM2's own 512 px network, 3D, against its script; then a 3D segment with a correction,
+    recorded, replayed."""
+    from MedSAMSlicerLib.provenance import Provenance
+    from MedSAMSlicerLib.segment_command import _Done, _replay_corrections
+
+    volume, lab, path = crop
+    box = _box(lab, LIVER, 1)
+    key_mask, ref_3d = medsam2_script(build_reference(weights), monkeypatch, volume.array, [(1, box)])
+    three = seg.segment(BoxPrompt(1, box), "3d")
+    assert np.array_equal(three.mask, ref_3d) and np.array_equal(seg.segment_slice(1, box).mask, key_mask)
+    fixed = seg.correct(three.result, [Correction.with_box(3, _box(lab, LIVER, 3))])
+    done = _Done("liver", BoxPrompt(1, box), three.mask, "", three.result)
+    record = Provenance.of(seg, [[[0, 0, 0], [1, 1, 1]]], "3d", "both", {"id": "x", "structures": ["liver"]}, "v")
+    assert record.model == "medsam2"
+    corners = volume.canonical_to_ras(np.array([[*_box(lab, LIVER, 3)[:2], 3], [*_box(lab, LIVER, 3)[2:], 3]],
+                                               dtype=float))
+    _replay_corrections(seg, volume, done, [{"kind": "box", "ras": corners.tolist()}])
+    assert np.array_equal(done.mask, fixed.mask)
+
+
+# -- registry, weights, model lists -------------------------------------------------------------
+def test_registry_lists_medsam2_and_refuses_what_it_cannot_check(capsys, weights, tmp_path, monkeypatch):
+    from MedSAMSlicerLib.cli import main
+    from MedSAMSlicerLib.model_choice import checkpoint_model, model_choices
+    from MedSAMSlicerLib.registry import get_spec, resolve_weights
+
+    spec = get_spec("medsam2")
+    assert (spec.architecture, spec.input_size, spec.propagation) == ("hiera_t512", 512, "memory")
+    monkeypatch.setenv("MEDSAM_SLICER_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(MedSAMError, match="no checksum"):
+        resolve_weights(spec, download=True)
+    assert main(["models"]) == 0
+    assert "medsam2" in capsys.readouterr().out
+    # The Slicer module's model list reads the registry.
+    assert "medsam2" in [c.model for c in model_choices(tmp_path)]
+    assert checkpoint_model("/x/MedSAM2_latest.pt") == "medsam2"
+    # Speed tiers convert LiteMedSAM/MedSAM encoders; MedSAM2 runs exact.
+    with pytest.raises(MedSAMError, match="'exact' speed"):
+        Segmenter("medsam2", checkpoint=weights, device="cpu", speed="fastest")
+
+
+def test_wrong_model_weights_are_refused_by_name(weights):
+    from MedSAMSlicerLib.checkpoints import load_model
+    from MedSAMSlicerLib.registry import resolve_weights
+
+    with pytest.raises(MedSAMError, match="for MedSAM2"):
+        load_model("litemedsam", weights)
+    with pytest.raises(MedSAMError, match="for LiteMedSAM"):
+        load_model("medsam2", resolve_weights("litemedsam"))
