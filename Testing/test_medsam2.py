@@ -370,3 +370,14 @@ def test_wrong_model_weights_are_refused_by_name(weights):
         load_model("litemedsam", weights)
     with pytest.raises(MedSAMError, match="for LiteMedSAM"):
         load_model("medsam2", resolve_weights("litemedsam"))
+
+
+def test_slicer_installs_medsam2s_packages_without_touching_torch():
+    from MedSAMBridgeLib import compat
+
+    spec_requires = "sam2==1.1.0"
+    assert compat.model_install_args(spec_requires) is None  # this environment has them
+    args = compat.model_install_args(spec_requires, {"tqdm": "4.67.1", "pillow": "11.0.0"}.get)
+    assert args.startswith('"sam2==1.1.0" "hydra-core>=1.3.2"') and args.endswith("--no-deps --no-build-isolation")
+    assert "torch" not in args and compat.MODEL_INSTALL_ENV == {"SAM2_BUILD_CUDA": "0"}
+    assert compat.model_install_args("") is None

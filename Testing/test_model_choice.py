@@ -48,11 +48,11 @@ def test_choices_list_the_registry_then_the_folder(tmp_path):
     (tmp_path / "liver-litemedsam.pth").write_bytes(b"x")
     elsewhere = mc.ModelChoice.for_file(tmp_path.parent / "other-medsam.pth")
     choices = mc.model_choices(tmp_path, extra=[elsewhere, mc.ModelChoice("litemedsam")])
-    assert [c.model for c in choices] == ["litemedsam", "medsam", "litemedsam", "medsam"]
-    assert choices[2] == mc.ModelChoice("litemedsam", str(tmp_path / "liver-litemedsam.pth"))
+    assert [c.model for c in choices] == ["litemedsam", "medsam", "medsam2", "litemedsam", "medsam"]
+    assert choices[3] == mc.ModelChoice("litemedsam", str(tmp_path / "liver-litemedsam.pth"))
     assert choices[-1] is elsewhere
-    assert choices[0].label() == "LiteMedSAM"
-    assert choices[2].label() == "liver-litemedsam.pth (LiteMedSAM, fine-tuned)"
+    assert choices[0].label() == "LiteMedSAM" and choices[2].label() == "MedSAM2"
+    assert choices[3].label() == "liver-litemedsam.pth (LiteMedSAM, fine-tuned)"
 
 
 def test_settings_with_a_stale_file_or_model_say_so(tmp_path):

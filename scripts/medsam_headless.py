@@ -48,7 +48,7 @@ def build_parser():
     parser.add_argument("--segmentation", help="add the segment to this existing .seg.nrrd instead of a new one")
     parser.add_argument("--others", default="none", choices=["none", "all"],
                         help="with --segmentation: 'all' removes the new segment's voxels from the other segments")
-    parser.add_argument("--model", default="litemedsam", help="litemedsam (default) or medsam")
+    parser.add_argument("--model", default="litemedsam", help="litemedsam (default), medsam or medsam2")
     parser.add_argument("--checkpoint", help="weights file to use instead of the registry's (e.g. fine-tuned)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     parser.add_argument("--speed", default=DEFAULT_SPEED, choices=list(SPEED_TIERS),

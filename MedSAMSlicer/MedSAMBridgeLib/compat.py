@@ -90,6 +90,34 @@ def requirement_problems(
     return {"missing": missing, "mismatched": mismatched}
 
 
+#: MedSAM2's code: Meta's ``sam2`` (a source distribution) and what its video predictor imports.
+#: Installed with ``--no-deps`` (sam2 pins torch and torchvision, which the PyTorch extension owns)
+#: and ``--no-build-isolation`` (its build asks for torch: with isolation pip would download one),
+#: with ``SAM2_BUILD_CUDA=0`` (its optional CUDA extension; the engine fills holes on the CPU).
+MODEL_REQUIREMENTS: Dict[str, Tuple[str, ...]] = {
+    "sam2==1.1.0": ("sam2==1.1.0", "hydra-core>=1.3.2", "omegaconf>=2.3", "antlr4-python3-runtime==4.9.3",
+                    "iopath>=0.1.10", "portalocker", "tqdm>=4.66.1", "pillow>=9.4.0"),
+}
+#: The environment ``pip`` needs for :data:`MODEL_REQUIREMENTS`.
+MODEL_INSTALL_ENV = {"SAM2_BUILD_CUDA": "0"}
+
+
+def model_requirements(requires: str) -> List[str]:
+    """The pip requirements a registry model's ``requires`` (``ModelSpec.requires``) stands for."""
+    if not requires:
+        return []
+    return list(MODEL_REQUIREMENTS.get(requires, (requires,)))
+
+
+def model_install_args(requires: str, version_of: Callable[[str], Optional[str]] = installed_version) -> Optional[str]:
+    """The ``pip install`` arguments (for ``slicer.util.pip_install``) that provide a model's
+    missing packages, or ``None`` when nothing is missing. Set :data:`MODEL_INSTALL_ENV` first."""
+    missing = requirement_problems(model_requirements(requires), version_of)["missing"]
+    if not missing:
+        return None
+    return " ".join(f'"{r}"' for r in missing) + " --no-deps --no-build-isolation"
+
+
 def runtime_requirements() -> List[str]:
     """Everything the engine needs at run time: torch first, then the pip packages."""
     return [TORCH_REQUIREMENT, *PIP_REQUIREMENTS]

@@ -14,7 +14,6 @@ Hashing, files inside wheels and downloads are in ``files.py``.
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 from pathlib import Path
@@ -116,16 +115,21 @@ def _to_state_dict(obj: object, path: Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
-@functools.cache
+_SHAPES: Dict[str, Dict[str, Tuple[int, ...]]] = {}
+
+
 def expected_shapes(architecture: str) -> Dict[str, Tuple[int, ...]]:
     """``{key: shape}`` of an architecture's state dict, built on the meta device (no memory; MedSAM2's,
-    which cannot be, once on the CPU)."""
-    if architecture in NOT_ON_META:
-        model = build_model(architecture)
-    else:
-        with torch.device("meta"):
+    which cannot be, once on the CPU, or taken from the first model :func:`load_model` builds)."""
+    shapes = _SHAPES.get(architecture)
+    if shapes is None:
+        if architecture in NOT_ON_META:
             model = build_model(architecture)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        else:
+            with torch.device("meta"):
+                model = build_model(architecture)
+        shapes = _SHAPES[architecture] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes
 
 
 def _buildable(architecture: str) -> bool:
@@ -262,9 +266,14 @@ def load_model(
     sd = load_state_dict(path)
     for key in IGNORED_KEYS:
         sd.pop(key, None)
+    model = None
+    if architecture in NOT_ON_META and architecture not in _SHAPES:
+        # Built for real anyway: its shapes serve the check (no second build).
+        model = build_model(architecture)
+        _SHAPES[architecture] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(architecture, sd, source=f"checkpoint {Path(os.fspath(path)).name}")
     check_finite_weights(sd, source=f"checkpoint {Path(os.fspath(path)).name}")
-    model = build_model(architecture)
+    model = model if model is not None else build_model(architecture)
     model.load_state_dict(sd, strict=True)
     try:
         model = model.to(device)

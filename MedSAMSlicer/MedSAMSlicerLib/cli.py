@@ -90,7 +90,9 @@ enlarge (area or cubic: how LiteMedSAM enlarges slices smaller than its input).
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="litemedsam", help="litemedsam (fast on a CPU, default) or medsam (ViT-B, for a GPU)")
+    g.add_argument("--model", default="litemedsam",
+                   help="litemedsam (fast on a CPU, default), medsam (ViT-B, for a GPU) or medsam2 (SAM 2 memory "
+                        "propagation, for a GPU; needs the sam2 package and your weights file as --checkpoint)")
     g.add_argument("--checkpoint", help="weights file to use instead of the default (e.g. one made by medsam-train)")
     g.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda or mps")
     g.add_argument("--precision", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16")
