@@ -1,12 +1,14 @@
 """MedSAM2 as the registry's third model, on identical random weights (no MedSAM2 weights are reachable).
 
 The reference is MedSAM2's own inference, ``medsam2_infer_3D_CT.py`` (bowang-lab/MedSAM2, commit
-332f30d), replayed here step by step on Meta's ``sam2`` package: its predictor
-``SAM2VideoPredictorNPZ`` is the package's ``sam2_video_predictor_legacy.SAM2VideoPredictor`` line for
-line except that ``init_state`` takes the frames instead of a JPEG folder, so the reference calls the
-package's own ``init_state`` with its frame loader handing over the frames MedSAM2's script makes
-(``monkeypatch``, in this test only). Windowing, ``resize_grayscale_to_rgb_and_resize``, the
-normalisation, the two passes and ``getLargestCC`` are written as the script writes them.
+332f30d), replayed step by step on Meta's ``sam2`` package by the benchmark's
+:class:`~MedSAMSlicerLib.bench.medsam2.ReferenceMedSAM2` (the one home of that replay, shared with
+``medsam-slicer bench --models medsam2``): MedSAM2's predictor ``SAM2VideoPredictorNPZ`` is the
+package's ``sam2_video_predictor_legacy.SAM2VideoPredictor`` line for line except that ``init_state``
+takes the frames instead of a JPEG folder, so the reference calls the package's own ``init_state``
+with its frame loader handing over the frames MedSAM2's script makes. Windowing,
+``resize_grayscale_to_rgb_and_resize``, the normalisation, the two passes and ``getLargestCC`` are
+written as the script writes them, none of it shared with the engine.
 
 The real CT is cut to a few slices. MedSAM2's encoder costs 1-7 s per 512 px slice on a shared
 2-core CPU, so the engine's behaviour is checked on the same network built for 128 px frames
@@ -24,6 +26,12 @@ import torch
 
 pytest.importorskip("sam2")
 
+from MedSAMSlicerLib.bench.medsam2 import (  # noqa: E402
+    ReferenceMedSAM2,
+    get_largest_cc,
+    medsam2_frames,
+    medsam2_window,
+)
 from MedSAMSlicerLib.boxes import BoxPrompt  # noqa: E402
 from MedSAMSlicerLib.corrections import Correction  # noqa: E402
 from MedSAMSlicerLib.errors import MedSAMError  # noqa: E402
@@ -36,100 +44,6 @@ SMALL = 128
 LIVER, SPLEEN = 5, 1
 LEVEL_WIDTH = (40.0, 400.0)
 LOWER, UPPER = -160.0, 240.0
-
-#: MedSAM2's ``sam2/configs/sam2.1_hiera_t512.yaml`` against the package's ``sam2.1_hiera_t.yaml``.
-MEDSAM2_YAML = ["++model.image_size=512", "++model.memory_attention.layer.self_attention.feat_sizes=[32,32]",
-                "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]"]
-#: MedSAM2's ``build_sam.build_sam2_video_predictor_npz``.
-NPZ_BUILDER = ["++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
-               "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
-               "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
-               "++model.binarize_mask_from_pts_for_mem_enc=true", "++model.fill_hole_area=8"]
-
-
-# -- MedSAM2's script, as written there ---------------------------------------------------------
-def resize_grayscale_to_rgb_and_resize(array, image_size):
-    from PIL import Image
-
-    d, h, w = array.shape
-    resized_array = np.zeros((d, 3, image_size, image_size))
-    for i in range(d):
-        img_pil = Image.fromarray(array[i].astype(np.uint8))
-        img_rgb = img_pil.convert("RGB")
-        img_resized = img_rgb.resize((image_size, image_size))
-        resized_array[i] = np.array(img_resized).transpose(2, 0, 1)
-    return resized_array
-
-
-def getLargestCC(segmentation):  # noqa: N802  (the script's name)
-    from skimage import measure
-
-    labels = measure.label(segmentation)
-    return labels == np.argmax(np.bincount(labels.flat)[1:]) + 1
-
-
-def medsam2_window(nii_image_data, lower_bound, upper_bound):
-    pre = np.clip(nii_image_data, lower_bound, upper_bound)
-    pre = (pre - np.min(pre)) / (np.max(pre) - np.min(pre)) * 255.0
-    return np.uint8(pre)
-
-
-def medsam2_frames(img_3D_ori, image_size=512):
-    img_resized = resize_grayscale_to_rgb_and_resize(img_3D_ori, image_size)
-    img_resized = img_resized / 255.0
-    img_resized = torch.from_numpy(img_resized)
-    img_mean = torch.tensor((0.485, 0.456, 0.406), dtype=torch.float32)[:, None, None]
-    img_std = torch.tensor((0.229, 0.224, 0.225), dtype=torch.float32)[:, None, None]
-    img_resized -= img_mean
-    img_resized /= img_std
-    return img_resized
-
-
-def build_reference(weights_path, image_size=512):
-    """``build_sam2_video_predictor_npz`` on the package: its legacy predictor, MedSAM2's config
-    (``image_size`` other than 512: the same network for smaller frames, as ``build_medsam2``)."""
-    import sam2  # noqa: F401
-    from hydra import compose
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = compose(config_name="configs/sam2.1/sam2.1_hiera_t.yaml",
-                  overrides=["++model._target_=sam2.sam2_video_predictor_legacy.SAM2VideoPredictor"]
-                  + [o.replace("=512", f"={image_size}").replace("[32,32]", f"[{image_size // 16},{image_size // 16}]")
-                     for o in MEDSAM2_YAML] + NPZ_BUILDER)
-    OmegaConf.resolve(cfg)
-    model = instantiate(cfg.model, _recursive_=True)
-    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True)["model"])
-    return model.eval()
-
-
-def medsam2_script(predictor, monkeypatch, raw_zyx, prompts):
-    """``medsam2_infer_3D_CT.py`` for one structure: ``prompts`` ``[(key slice, box), ...]`` (one in
-    the script; more are SAM 2's way of adding a box on another frame). Returns the first prompt's
-    own mask (``add_new_points_or_box``) and the 3D mask."""
-    from sam2 import sam2_video_predictor_legacy as legacy
-
-    img_3D_ori = medsam2_window(raw_zyx, LOWER, UPPER)
-    video_height, video_width = img_3D_ori.shape[1:]
-    img_resized = medsam2_frames(img_3D_ori, predictor.image_size)
-    monkeypatch.setattr(legacy, "load_video_frames", lambda **kwargs: (img_resized, video_height, video_width))
-    segs_3D = np.zeros(img_3D_ori.shape, dtype=np.uint8)
-    key_mask = None
-    with torch.inference_mode():  # the script's autocast("cuda") does nothing on a CPU
-        inference_state = predictor.init_state("frames made by medsam2_frames")
-        for reverse in (False, True):
-            for key_slice_idx_offset, bbox in prompts:
-                _, _, out_mask_logits = predictor.add_new_points_or_box(
-                    inference_state=inference_state, frame_idx=key_slice_idx_offset, obj_id=1, box=np.array(bbox))
-                if key_mask is None:
-                    key_mask = (out_mask_logits[0] > 0.0).cpu().numpy()[0]
-            for out_frame_idx, _, out_mask_logits in predictor.propagate_in_video(inference_state, reverse=reverse):
-                segs_3D[out_frame_idx, (out_mask_logits[0] > 0.0).cpu().numpy()[0]] = 1
-            predictor.reset_state(inference_state)
-    if np.max(segs_3D) > 0:
-        segs_3D = np.uint8(getLargestCC(segs_3D))
-    return key_mask, segs_3D.astype(bool)
-
 
 # -- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
@@ -193,7 +107,7 @@ def engine(weights, crop):
 
 @pytest.fixture(scope="module")
 def reference(weights):
-    return build_reference(weights, SMALL)
+    return ReferenceMedSAM2(weights, torch.device("cpu"), SMALL)
 
 
 def _box(labels, label, z):
@@ -215,7 +129,7 @@ def test_windowing_frames_and_largest_component_match_medsam2(crop):
 
     rng = np.random.default_rng(7)
     blobs = rng.random((6, 20, 20)) > 0.7
-    assert np.array_equal(largest_component(blobs), getLargestCC(blobs))
+    assert np.array_equal(largest_component(blobs), get_largest_cc(blobs))
     assert not largest_component(np.zeros((2, 3, 3), bool)).any()
 
     from skimage import measure
@@ -231,10 +145,10 @@ def test_windowing_frames_and_largest_component_match_medsam2(crop):
 
 
 # -- the masks, against MedSAM2's script ----------------------------------------------------------
-def test_2d_and_3d_masks_equal_medsam2s_inference(engine, reference, crop, monkeypatch):
+def test_2d_and_3d_masks_equal_medsam2s_inference(engine, reference, crop):
     volume, lab, _ = crop
     box = _box(lab, LIVER, 1)
-    key_mask, ref_3d = medsam2_script(reference, monkeypatch, volume.array, [(1, box)])
+    key_mask, ref_3d = reference.segment(volume.array, [(1, box)])
     assert 0 < ref_3d.sum() < ref_3d.size  # random weights, yet masks with edges: the check can fail
 
     two = engine.segment_slice(1, box)
@@ -261,14 +175,14 @@ def test_one_direction_and_z_range(engine, crop):
     assert engine.encoded_slices == DEPTH
 
 
-def test_correction_is_a_new_prompt_in_sam2s_memory(engine, reference, crop, monkeypatch):
+def test_correction_is_a_new_prompt_in_sam2s_memory(engine, reference, crop):
     """A box on another slice joins the first as a conditioning frame (SAM 2's video predictor's
     way): the result is MedSAM2's passes with both boxes in the memory."""
     volume, lab, _ = crop
     first, fix = _box(lab, LIVER, 1), _box(lab, LIVER, 3)
     before = engine.propagate(1, first)
     after = engine.correct(before, [Correction.with_box(3, fix)])
-    _, expected = medsam2_script(reference, monkeypatch, volume.array, [(1, first), (3, fix)])
+    _, expected = reference.segment(volume.array, [(1, first), (3, fix)])
     assert np.array_equal(after.mask, expected)
     assert after.locked == (1, 3) and [p.z for p in after.prompts] == [1, 3]
     assert before.locked == (1,)  # not changed
@@ -320,7 +234,7 @@ def test_front_door_2d_command_line_record_and_replay(seg, crop, tmp_path):
 
 
 @pytest.mark.slow
-def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop, monkeypatch, tmp_path):
+def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop):
     """MedSAM2's own 512 px network, 3D, against its script; then a 3D segment with a correction,
     recorded, replayed."""
     from MedSAMSlicerLib.provenance import Provenance
@@ -328,7 +242,7 @@ def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop, monk
 
     volume, lab, path = crop
     box = _box(lab, LIVER, 1)
-    key_mask, ref_3d = medsam2_script(build_reference(weights), monkeypatch, volume.array, [(1, box)])
+    key_mask, ref_3d = ReferenceMedSAM2(weights, torch.device("cpu")).segment(volume.array, [(1, box)])
     three = seg.segment(BoxPrompt(1, box), "3d")
     assert np.array_equal(three.mask, ref_3d) and np.array_equal(seg.segment_slice(1, box).mask, key_mask)
     fixed = seg.correct(three.result, [Correction.with_box(3, _box(lab, LIVER, 3))])

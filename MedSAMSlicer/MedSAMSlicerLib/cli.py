@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
 
     bench = sub.add_parser("bench", help="time our pipeline against the reference pipeline on the shipped CT")
-    bench.add_argument("--models", default="litemedsam", help="comma-separated: litemedsam,medsam")
+    bench.add_argument("--models", default="litemedsam", help="comma-separated: litemedsam,medsam,medsam2 (medsam2: against MedSAM2's own "
+                       "inference on the same random weights)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--out", default="medsam-bench.json", help="JSON results file")
     bench.add_argument("--quick", action="store_true", help="fewer slices and repeats (a smoke run)")

@@ -19,6 +19,11 @@ def markdown_table(result: Dict[str, Any]) -> str:
     ]
     titles = {"litemedsam": "LiteMedSAM", "medsam": "MedSAM (ViT-B, random weights)"}
     for name, row in result["models"].items():
+        if name == "medsam2":
+            from .medsam2 import markdown_rows
+
+            lines += markdown_rows(row)
+            continue
         title = titles.get(name, name)
         n = row["propagation_3d_s"]["slices"]
         entries = [

@@ -30,7 +30,8 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
     """Time the reference pipelines and ours side by side; print a markdown table, write ``out`` (JSON).
 
     Args:
-        models: ``litemedsam`` and/or ``medsam``.
+        models: ``litemedsam``, ``medsam`` and/or ``medsam2`` (against MedSAM2's own inference:
+            :mod:`.medsam2`).
         device: ``auto|cpu|cuda|mps``.
         out: the JSON results file.
         quick: fewer slices and repeats (a smoke run).
@@ -50,9 +51,9 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
 
     if compare not in COMPARISONS:
         raise MedSAMError(f"unknown comparison '{compare}'; choose one of: {', '.join(COMPARISONS)}")
-    unknown = [m for m in models if m not in SLICES]
+    unknown = [m for m in models if m not in SLICES and m != "medsam2"]
     if unknown or not models:
-        raise MedSAMError(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join(SLICES)}")
+        raise MedSAMError(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from: {', '.join([*SLICES, 'medsam2'])}")
     dev = select_device(device)
     result: Dict[str, Any] = {
         "machine": machine_info(dev),
@@ -66,6 +67,11 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
     if compare in ("reference", "all"):
         with tempfile.TemporaryDirectory(prefix="medsam-bench-") as tmp:
             for model in models:
+                if model == "medsam2":
+                    from .medsam2 import bench_medsam2
+
+                    result["models"][model] = bench_medsam2(dev, quick, Path(tmp))
+                    continue
                 result["models"][model] = bench_model(model, dev, quick, Path(tmp))
         tables.append(markdown_table(result))
         result["table_markdown"] = tables[-1]
