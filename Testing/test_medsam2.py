@@ -295,3 +295,33 @@ def test_slicer_installs_medsam2s_packages_without_touching_torch():
     assert args.startswith('"sam2==1.1.0" "hydra-core>=1.3.2"') and args.endswith("--no-deps --no-build-isolation")
     assert "torch" not in args and compat.MODEL_INSTALL_ENV == {"SAM2_BUILD_CUDA": "0"}
     assert compat.model_install_args("") is None
+
+
+@pytest.mark.slow
+def test_headless_script_runs_medsam2(weights, crop, tmp_path):
+    """``scripts/medsam_headless.py --model medsam2`` in a fresh process (slicer-core): the bridge and
+    the engine take MedSAM2 as data; one slice (``--slice-only``) keeps it to one encoder run (still
+    ~20-35 s on the shared machine: a fresh process builds the network and encodes at 512 px)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("slicer")
+    volume, lab, path = crop
+    x0, y0, x1, y1 = _box(lab, LIVER, 1)
+    box = volume.canonical_to_ras(np.array([[x0, y0, 1], [x1, y1, 1]], dtype=float)).ravel()
+    out = tmp_path / "liver.seg.nrrd"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "medsam_headless.py"
+    cmd = [sys.executable, str(script), "--volume", str(path), "--box-ras", *map(str, box), "--output", str(out),
+           "--segment-name", "liver", "--model", "medsam2", "--checkpoint", str(weights), "--device", "cpu",
+           "--slice-only", "--window", "40", "400"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "liver" in done.stdout and out.is_file(), done.stdout
+    from MedSAMSlicerLib.segnrrd import read_seg_nrrd
+
+    written = read_seg_nrrd(out)
+    assert written.segments[0].tags["MedSAM.Model"] == "medsam2"
+    mask = volume.orientation.to_canonical(written.mask_kji(written.segments[0]))
+    assert mask[1].any() and not mask[[0, 2, 3]].any()
