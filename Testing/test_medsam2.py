@@ -271,6 +271,9 @@ def test_registry_lists_medsam2_and_refuses_what_it_cannot_check(capsys, weights
     # The Slicer module's model list reads the registry.
     assert "medsam2" in [c.model for c in model_choices(tmp_path)]
     assert checkpoint_model("/x/MedSAM2_latest.pt") == "medsam2"
+    # evaluate's variants are box-propagation settings: it says so instead of failing inside.
+    assert main(["evaluate", "--model", "medsam2", "--out", str(tmp_path / "ev")]) == 2
+    assert "not evaluated by it yet" in capsys.readouterr().err
     # Speed tiers convert LiteMedSAM/MedSAM encoders; MedSAM2 runs exact.
     with pytest.raises(MedSAMError, match="'exact' speed"):
         Segmenter("medsam2", checkpoint=weights, device="cpu", speed="fastest")

@@ -66,9 +66,14 @@ def run_evaluation(
     """
     import torch
 
+    from ..registry import get_spec
     from ..segmenter import Segmenter
     from .store import EmbeddingStore
 
+    spec = get_spec(segmenter.spec if segmenter is not None else model)
+    if spec.propagation != "box":
+        raise MedSAMError(f"evaluate measures box propagation (its variants are box-propagation settings); "
+                          f"{spec.title} propagates with SAM 2's memory and is not evaluated by it yet (docs/medsam2.md)")
     if threads is not None:
         if threads < 1:
             raise MedSAMError(f"--threads must be at least 1; got {threads}")
