@@ -2,7 +2,7 @@
 corrections of the worst slice from the label (MedSAMSlicerLib.evaluation.loop), on the real CT.
 
 The default run checks the loop's guarantees on two small structures; the whole measurement (every
-CT structure on at least 10 slices, the README's table) is ``@pytest.mark.slow``.
+CT structure on at least 10 slices, docs/evaluation.md's table) is ``@pytest.mark.slow``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_loop_liver_after_one_correction(whole_loop):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="not met: 21 of 171 corrections lower the Dice, 18 by at most "
-                                       "0.01, the portal vein by 0.094 (README, 'The annotator's loop, measured')")
+                                       "0.01, the portal vein by 0.094 (docs/evaluation.md, 'The annotator's loop, measured')")
 def test_loop_never_lower_after_a_correction(whole_loop):
     lower = [(r.structure, a, b) for r in whole_loop for a, b in zip(r.dice, r.dice[1:]) if b < a]
     assert not lower, lower
@@ -81,6 +81,6 @@ def test_loop_never_lower_after_a_correction(whole_loop):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="not met: mean 0.524 after three; lungs (abdomen window), ribs, bones, "
-                                       "bowel stay low (README)")
+                                       "bowel stay low (docs/evaluation.md)")
 def test_loop_mean_after_three_corrections(whole_loop):
     assert np.mean([r.dice[min(3, len(r.dice) - 1)] for r in whole_loop]) > 0.90

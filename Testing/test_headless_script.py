@@ -119,7 +119,7 @@ def test_script_adds_to_an_existing_segmentation(shared_segmenter, ct_scene, ct_
 def test_script_speed_setting_reaches_the_engine(shared_segmenter, ct_scene, ct_sm_path, tmp_path, capsys,
                                                    monkeypatch):
     """--speed fast: the bridge's segmenter runs the encoder through OpenVINO and the spleen comes
-    out as with the exact setting (the 'fast' tier's claim, README "Speed settings")."""
+    out as with the exact setting (the 'fast' tier's claim, docs/performance.md, "Speed settings")."""
     pytest.importorskip("openvino")
     from MedSAMBridgeLib.headless import load_segmentation
     from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV

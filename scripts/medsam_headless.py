@@ -53,7 +53,7 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     parser.add_argument("--speed", default=DEFAULT_SPEED, choices=list(SPEED_TIERS),
                         help="exact (default), fast or fastest: what the model may trade for speed on a CPU "
-                             "(fast and fastest need OpenVINO; README, 'Speed settings')")
+                             "(fast and fastest need OpenVINO; see docs/performance.md)")
     parser.add_argument("--direction", default="both", choices=DIRECTIONS,
                         help="propagation direction for a flat box")
     parser.add_argument("--slice-only", action="store_true", help="segment only the box's slice (2D)")

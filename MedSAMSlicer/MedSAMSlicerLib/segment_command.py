@@ -31,7 +31,7 @@ from .progress import TerminalProgress
 #: Embedding-cache cap of a one-shot ``segment`` run. The propagation needs only the batch of
 #: slices being encoded (1 on a CPU, 16 x 4 MB on a GPU); keeping every slice's embedding, as
 #: the interactive front ends do, only grew the process (liver, 43 slices, CPU: +398 MiB during
-#: the propagation; +220 MiB with this cap; README "Memory, as measured"). Several structures
+#: the propagation; +220 MiB with this cap; docs/performance.md, "Memory, as measured"). Several structures
 #: hold the slices they share beyond the cap (``Predictor.holding``).
 ONE_SHOT_CACHE_MB = 80
 

@@ -172,8 +172,8 @@ def read_volume(path: PathLike, allow_gaps: bool = False, labels: bool = False) 
             the uniform grid SimpleITK makes of it (a warning says how far slices are moved).
         labels: the file is a label map: a blank (all-zero) or constant volume is fine.
 
-    Checks, so that nothing wrong is segmented or trained on silently (see "Input checks" in the
-    README): the file holds every voxel byte its header promises and its compressed data passes
+    Checks, so that nothing wrong is segmented or trained on silently (see "Input checks" in
+    docs/user-guide.md): the file holds every voxel byte its header promises and its compressed data passes
     its own integrity check (SimpleITK fills missing voxels of a truncated NIfTI with zeros and
     reads damaged compressed data without a word); a DICOM series has no missing or unreadable
     slice between its first and last and evenly spaced slices; no voxel is NaN or infinite; an
