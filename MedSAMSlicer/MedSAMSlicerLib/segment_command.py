@@ -88,9 +88,9 @@ def _prompt_schema():
     coordinate = Int(-(2 ** 31), 2 ** 31 - 1, integral_floats=True)
     return Table({
         "name": Str(max_len=200),
-        "box_ijk": ListOf(coordinate, 6, 6),
-        "box_ras": ListOf(Num(-1e7, 1e7), 6, 6),
-        "color": ListOf(Num(0.0, 1.0), 3, 3),
+        "box_ijk": ListOf(coordinate, 6, 6, "six whole numbers I0 J0 K0 I1 J1 K1 (voxel indices)"),
+        "box_ras": ListOf(Num(-1e7, 1e7), 6, 6, "six finite numbers R0 A0 S0 R1 A1 S1 (mm)"),
+        "color": ListOf(Num(0.0, 1.0), 3, 3, "three numbers in 0..1 (red, green, blue)"),
     }, required=["name"], what="a table")
 
 

@@ -8,9 +8,10 @@ Prompt files (``segment --prompts``), evaluation sets (``evaluate SET.toml``), t
    device such as a link to ``/dev/zero``, a socket or a folder is refused before a byte is read,
    so nothing hangs or fills the memory) of at most ``max_bytes``;
 2. :func:`read_user_text`: UTF-8 (the offset of the first bad byte is named);
-3. :func:`load_table`: JSON or TOML, strictly: ``NaN``/``Infinity`` and numbers too large for a
-   float are refused, as are integers of more than :data:`MAX_INT_DIGITS` digits and nesting
-   deeper than :data:`MAX_DEPTH`;
+3. :func:`load_table`: JSON or TOML, strictly: ``NaN``/``Infinity``, numbers too large for a
+   float and integers of more than :data:`MAX_INT_DIGITS` digits become a :class:`Rejected`
+   marker that no schema accepts (so the error names their entry); nesting deeper than
+   :data:`MAX_DEPTH` is refused;
 4. a schema (:class:`Table`, :class:`ListOf`, :class:`Int`, :class:`Num`, :class:`Str`, ...):
    types and ranges. ``true`` is not a number, ``"5"`` is not a number, ``5.5`` is not a label,
    a list is not a name.
@@ -135,25 +136,26 @@ def read_user_text(path: PathLike, what: str, max_bytes: int = MAX_TABLE_BYTES) 
 # Strict JSON and TOML
 
 
-class _Refused(ValueError):
-    pass
+class Rejected:
+    """A literal the reader does not turn into a number: ``NaN``, ``Infinity``, ``1e999``, an
+    integer of more than :data:`MAX_INT_DIGITS` digits. It is kept as this marker, which no schema
+    accepts, so that the error names the entry that holds it (``box_ras[1]: ... got NaN``)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        digits = len(self.text.lstrip("-"))
+        return self.text if len(self.text) <= 30 else f"{self.text[:12]}... (a number of {digits} digits)"
 
 
-def _no_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not a number this file may hold")
-
-
-def _finite_float(text: str) -> float:
+def _number_or_rejected(text: str) -> Any:
     value = float(text)
-    if not math.isfinite(value):
-        raise _Refused(f"the number {text[:30]} is not finite (too large, inf or nan)")
-    return value
+    return value if math.isfinite(value) else Rejected(text)
 
 
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _Refused(f"the integer {text[:20]}... has {len(text.lstrip('-'))} digits")
-    return int(text)
+def _bounded_int(text: str) -> Any:
+    return Rejected(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
 
 
 def _depth(value: Any) -> int:
@@ -170,15 +172,13 @@ def _depth(value: Any) -> int:
 
 
 def parse_json(text: str, what: str) -> Any:
-    """JSON text as data, strictly (no NaN or Infinity, no numbers beyond a float, no integers of
-    more than :data:`MAX_INT_DIGITS` digits, nesting at most :data:`MAX_DEPTH`); ``what`` names
-    the text in the error."""
+    """JSON text as data, strictly: NaN, Infinity, numbers beyond a float and integers of more than
+    :data:`MAX_INT_DIGITS` digits become :class:`Rejected` markers (refused by every schema, naming
+    their entry); nesting at most :data:`MAX_DEPTH`; ``what`` names the text in the error."""
     try:
-        data = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+        data = json.loads(text, parse_constant=Rejected, parse_float=_number_or_rejected, parse_int=_bounded_int)
     except RecursionError:
         raise MedSAMError(f"{what} is nested too deeply (more than {MAX_DEPTH} levels)") from None
-    except _Refused as exc:
-        raise MedSAMError(f"{what}: {exc}") from None
     except ValueError as exc:
         raise MedSAMError(f"{what} is not valid JSON: {exc}") from None
     if _depth(data) > MAX_DEPTH:
@@ -196,11 +196,9 @@ def load_table(path: PathLike, what: str, max_bytes: int = MAX_TABLE_BYTES) -> A
         except ImportError:
             raise MedSAMError(f"TOML files ({what} '{p}') need Python 3.11 or newer; write it as JSON") from None
         try:
-            data = tomllib.loads(text, parse_float=_finite_float)
+            data = tomllib.loads(text, parse_float=_number_or_rejected)
         except RecursionError:
             raise MedSAMError(f"{what} '{p}' is nested too deeply (more than {MAX_DEPTH} levels)") from None
-        except _Refused as exc:
-            raise MedSAMError(f"{what} '{p}': {exc}") from None
         except ValueError as exc:
             raise MedSAMError(f"{what} '{p}' is not valid TOML: {exc}") from None
         if _depth(data) > MAX_DEPTH:
@@ -234,14 +232,18 @@ class Spec:
         return SchemaError(where, problem or f"must be {self.expected}", value)
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def _range_text(lo: Optional[float], hi: Optional[float], lo_open: bool = False) -> str:
     if lo is not None and hi is not None and not lo_open:
-        return f" in {lo:g}..{hi:g}"
+        return f" in {_num(lo)}..{_num(hi)}"
     parts = []
     if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+        parts.append(f"{'>' if lo_open else '>='} {_num(lo)}")
     if hi is not None:
-        parts.append(f"<= {hi:g}")
+        parts.append(f"<= {_num(hi)}")
     return (" " + " and ".join(parts)) if parts else ""
 
 
@@ -335,10 +337,10 @@ class OrNone(Spec):
 class ListOf(Spec):
     """A list of ``min_len..max_len`` items, each checked by ``item`` (``where[n]``, from 1)."""
 
-    def __init__(self, item: Spec, min_len: int = 0, max_len: int = 10_000) -> None:
+    def __init__(self, item: Spec, min_len: int = 0, max_len: int = 10_000, expected: str = "") -> None:
         self.item, self.min_len, self.max_len = item, min_len, max_len
         count = str(min_len) if min_len == max_len else f"{min_len}..{max_len}"
-        self.expected = f"a list of {count} items, each {item.expected}"
+        self.expected = expected or f"a list of {count} items, each {item.expected}"
 
     def check(self, value: Any, where: str) -> list:
         if not isinstance(value, list) or not self.min_len <= len(value) <= self.max_len:
@@ -406,5 +408,5 @@ def checked(spec: Spec, value: Any, what: str, where: str = "") -> Any:
 
 
 __all__ = ["MAX_TABLE_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "check_regular_file", "read_user_bytes",
-           "read_user_text", "parse_json", "load_table", "Spec", "Int", "Num", "Str", "Bool", "OrNone", "ListOf", "Either",
+           "read_user_text", "parse_json", "load_table", "Rejected", "Spec", "Int", "Num", "Str", "Bool", "OrNone", "ListOf", "Either",
            "MapOf", "Table", "SchemaError", "checked", "shown"]

@@ -144,8 +144,8 @@ class TrainConfig:
 
         p = Path(path).expanduser()
         data = load_table(p, "the training config")
-        if not isinstance(data, dict):
-            raise MedSAMError(f"the training config '{p}' must hold a table/object of settings")
+        if not isinstance(data, dict) or not data:
+            raise MedSAMError(f"the training config '{p}' must hold a table/object of settings (data, out, ...)")
         for key in ("data", "out", "checkpoint"):
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
