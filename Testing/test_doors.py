@@ -446,6 +446,18 @@ def test_evaluate_label_files(door, tmp_path):
     assert time.perf_counter() - started < 1
 
 
+def test_an_empty_structure_is_named_before_the_model_loads(door):
+    """Issue: an empty structure in evaluate was not named."""
+    from MedSAMSlicerLib.evaluation import Structure, builtin_variants, evaluate, load_case
+
+    case = load_case(door / "ct.nii.gz", door / "labels.nii.gz", structures={"spleen": 1}, name="ct")
+    case.structures.append(Structure("ghost", (250,)))
+    started = time.perf_counter()
+    with pytest.raises(MedSAMError, match=r"^ct/ghost is empty: none of its label value\(s\) 250 is in its labels"):
+        evaluate([case], [builtin_variants()["default"]], segmenter=None, modes=("3d",))
+    assert time.perf_counter() - started < 1  # the model was never loaded
+
+
 # ---------------------------------------------------------------------------------------------
 # medsam-train: configs, preprocess, export
 
@@ -571,7 +583,12 @@ def _headless_main():
     return module.main
 
 
-BOX_RAS = ["-60", "40", "-180", "-20", "80", "-180"]
+def _box_ras(path: Path) -> List[str]:
+    """The RAS corners (mm) of the voxel box i 47..103, j 30..86 on slice k=15 of the small CT."""
+    volume = read_volume(path)
+    corners = [volume.orientation.ijk_to_canonical(c) for c in ((47, 30, 15), (103, 86, 15))]
+    ras = volume.canonical_to_ras(np.array(corners, dtype=float))
+    return [f"{v:.3f}" for v in ras.reshape(-1)]
 
 
 def test_headless_script_inputs_and_outputs(door, ct_path, tmp_path):
@@ -583,7 +600,7 @@ def test_headless_script_inputs_and_outputs(door, ct_path, tmp_path):
     (tmp_path / "junk.nii.gz").write_bytes(b"\x1f\x8b" + os.urandom(4000))
     (tmp_path / "dangling.seg.nrrd").symlink_to(tmp_path / "created-by-a-link.seg.nrrd")
     (tmp_path / "a_file").write_text("x")
-    base = ["--box-ras", *BOX_RAS, "--checkpoint", door / "tripwire.pth", "--device", "cpu"]
+    base = ["--box-ras", *_box_ras(door / "ct.nii.gz"), "--checkpoint", door / "tripwire.pth", "--device", "cpu"]
     cases = [
         (["--volume", tmp_path / "t.nii.gz", "--output", tmp_path / "o.seg.nrrd"], ["t.nii.gz", "truncated"]),
         (["--volume", tmp_path / "junk.nii.gz", "--output", tmp_path / "o.seg.nrrd"], ["junk.nii.gz"]),
@@ -607,7 +624,7 @@ def test_headless_overwrite_replaces_a_link_not_its_target(door, tmp_path):
     victim.write_bytes(b"precious")
     out = tmp_path / "out.seg.nrrd"
     out.symlink_to(victim)
-    code, _, err = _call(main, ["--volume", door / "ct.nii.gz", "--box-ras", *BOX_RAS, "--output", out,
+    code, _, err = _call(main, ["--volume", door / "ct.nii.gz", "--box-ras", *_box_ras(door / "ct.nii.gz"), "--output", out,
                                 "--overwrite", "--slice-only", "--device", "cpu"])
     assert code == 0, err
     assert victim.read_bytes() == b"precious"

@@ -274,6 +274,11 @@ def evaluate(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise MedSAMError(f"variant names must differ; got {', '.join(names)}")
+    for case in cases:  # before any model loads: every structure to measure has voxels
+        for structure in case.structures:
+            if (include is None or include(case, structure)) and not case.mask(structure).any():
+                raise MedSAMError(f"{case.name}/{structure.name} is empty: none of its label value(s) "
+                                  f"{', '.join(map(str, structure.labels))} is in its labels ({case.source})")
     seg = segmenter if segmenter is not None else Segmenter("litemedsam", device="cpu")
     rows: List[EvaluationRow] = []
     for case in cases:
