@@ -83,7 +83,7 @@ def test_script_refuses_to_replace_output_and_bad_arguments(ct_sm_path, tmp_path
     existing = tmp_path / "out.seg.nrrd"
     existing.write_text("keep me")
     argv = ["--volume", str(ct_sm_path), "--box-ras", "0", "0", "0", "1", "1", "1", "--output", str(existing)]
-    assert _script_module().main(argv) == 1
+    assert _script_module().main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
     assert _script_module().main(["--volume", str(ct_sm_path)]) == 2

@@ -414,7 +414,7 @@ def segment_file(
 
     out = check_output(output, overwrite, inputs=[volume_path], formats=LABELMAP_EXTENSIONS)
     if not slice_only:  # the review beside it: checked with the output, before anything is written
-        check_output(review_path(out), overwrite, inputs=[volume_path], what="review (written beside the output)")
+        check_output(review_path(out), overwrite, inputs=[volume_path], what="the review written beside the output")
     volume = _read_checked_volume(volume_path, allow_gaps)
     boxes = {spec.name: canonical_box(volume, spec, several) for spec in prompts}
 
