@@ -63,6 +63,9 @@ Before the model loads, the input is checked: a truncated or damaged file, a DIC
 a missing or unreadable slice or uneven spacing (--allow-gaps reads it anyway), NaN or infinite
 voxels, or a blank volume end the run with a message, as do a box under 2 voxels across and an
 output that cannot be written. A window that shows next to nothing of the image gets a warning.
+A --prompts file and a --replay record are checked whole (types, ranges, every box) first too;
+names that differ only in spaces are one name. Exit code 2 and one line for any bad input,
+nothing written (docs/safety.md).
 """
 
 
@@ -73,7 +76,8 @@ z-range ("3d") and from the box alone, its extent found automatically ("2d"); on
 ("--modes per-slice") every labelled slice gets the label's own box, no propagation: the most box
 prompts can give, as MedSAM's papers evaluate ("per-part": one box per piece). Per structure:
 Dice, normalised surface Dice (FLARE22's NSD; FLARE22's tolerance for its organs, else 3 mm),
-slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png.
+slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png (an earlier
+run's results in --out are replaced only with --overwrite; docs/safety.md).
 
 Variants compare settings in one run (slices are encoded once for all of them):
   medsam-slicer evaluate --variant default --variant original
