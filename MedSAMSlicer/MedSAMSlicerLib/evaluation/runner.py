@@ -221,7 +221,7 @@ def simulated_box(mask_zyx: np.ndarray, margin: int = 0) -> Tuple[int, Tuple[int
     """
     extent = z_extent(mask_zyx)
     if extent is None:
-        raise MedSAMError("the structure is empty")
+        raise MedSAMError("the structure is empty: none of its label values is in the labelmap")
     z0, z1 = extent
     z = int((z1 - z0) / 2 + z0)
     labelled = np.nonzero(mask_zyx.any(axis=(1, 2)))[0]
@@ -274,6 +274,11 @@ def evaluate(
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise MedSAMError(f"variant names must differ; got {', '.join(names)}")
+    for case in cases:  # before any model loads: every structure to measure has voxels
+        for structure in case.structures:
+            if (include is None or include(case, structure)) and not case.mask(structure).any():
+                raise MedSAMError(f"{case.name}/{structure.name} is empty: none of its label value(s) "
+                                  f"{', '.join(map(str, structure.labels))} is in its labels ({case.source})")
     seg = segmenter if segmenter is not None else Segmenter("litemedsam", device="cpu")
     rows: List[EvaluationRow] = []
     for case in cases:
@@ -285,7 +290,11 @@ def evaluate(
         loaded: Optional[Tuple] = None
         for structure in structures:
             ref = case.mask(structure)
-            z, box, z_range = simulated_box(ref, box_margin)
+            try:
+                z, box, z_range = simulated_box(ref, box_margin)
+            except MedSAMError as exc:
+                raise MedSAMError(f"{case.name}/{structure.name} (label(s) {', '.join(map(str, structure.labels))} of "
+                                  f"{case.source}): {exc}") from None
             for variant in variants:
                 # window=box: from the intensities around this structure's box (Window.around_box).
                 window = windows[variant.name] or Window.around_box(case.image, z, box, _box_grow(variant.window))
