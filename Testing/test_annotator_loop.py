@@ -84,3 +84,34 @@ def test_loop_never_lower_after_a_correction(whole_loop):
                                        "bowel stay low (docs/evaluation.md)")
 def test_loop_mean_after_three_corrections(whole_loop):
     assert np.mean([r.dice[min(3, len(r.dice) - 1)] for r in whole_loop]) > 0.90
+
+
+def test_loop_is_a_mode_of_evaluate(lite_segmenter, ct_case, tmp_path):
+    """``evaluate --modes 2d,loop --corrections N`` (issue 23, part 4): rows ``loop-0`` .. ``loop-N``
+    for each structure, the same simulated user as the loop command: ``loop-0`` is the 2d row (the
+    same box, automatic extent), each later row the loop's Dice after that many corrections, with
+    the slices fixed so far; the rows reach the CSV and the summary."""
+    from MedSAMSlicerLib.errors import MedSAMError
+    from MedSAMSlicerLib.evaluation.runner import check_modes
+
+    name = "adrenal_gland_left"
+    from MedSAMSlicerLib.evaluation import evaluate
+    from MedSAMSlicerLib.evaluation.report import format_summary, summarize, write_csv
+    from MedSAMSlicerLib.evaluation.runner import builtin_variants
+
+    structure = _structure(ct_case, name)
+    rows = evaluate([ct_case], [builtin_variants()["default"]], segmenter=lite_segmenter, modes=("2d", "loop"),
+                    corrections=1, include=lambda c, s: s is structure)
+    assert [r.mode for r in rows] == ["2d", "loop-0", "loop-1"]
+    lite_segmenter.set_volume(ct_case.image)
+    looped = run_loop(lite_segmenter, ct_case.mask(structure), corrections=1)
+    assert rows[1].dice == pytest.approx(rows[0].dice) and rows[1].corrected == ""
+    assert [r.dice for r in rows[1:]] == pytest.approx(looped.dice)
+    assert rows[2].corrected == "; ".join(looped.corrected)
+    write_csv(rows, tmp_path / "evaluation.csv")
+    header, *lines = (tmp_path / "evaluation.csv").read_text().splitlines()
+    assert "corrected" in header.split(",") and len(lines) == 3
+    assert "loop-1" in format_summary(summarize(rows))
+    for bad in (-1, 51, True, 1.5):
+        with pytest.raises(MedSAMError, match="--corrections must be a whole number from 0 to 50"):
+            check_modes(("loop",), bad)

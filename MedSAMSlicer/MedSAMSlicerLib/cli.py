@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a setting for every variant (repeatable)")
     ev.add_argument("--modes", default="3d,2d", help="comma-separated: 3d (true z-range), 2d (automatic extent), per-slice (the label's box on "
                     "every labelled slice, no propagation: the most box prompts give), per-part (the same, one box "
-                    "per piece of the label) (default 3d,2d)")
+                    "per piece of the label), loop (the simulated annotator: rows loop-0 .. loop-N, the "
+                    "first box then each fix of the worst slice from the label) (default 3d,2d)")
+    ev.add_argument("--corrections", type=int, default=3, help="the loop's corrections at most (default 3)")
     ev.add_argument("--box-margin", type=int, default=0, help="pixels around the label's box (default 0: tight)")
     ev.add_argument("--include", action="append", default=[], metavar="PATTERN",
                     help="only structures matching case/structure glob patterns, e.g. 'mr/*' (repeatable)")
@@ -263,7 +265,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,
         include=args.include, min_slices=args.min_slices, out=args.out, embedding_cache=args.embedding_cache,
         model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-        threads=args.threads, overwrite=args.overwrite,
+        threads=args.threads, overwrite=args.overwrite, corrections=args.corrections,
     )
     return 0
 

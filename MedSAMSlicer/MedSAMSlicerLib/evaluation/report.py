@@ -172,6 +172,14 @@ MODE_TITLES = {"3d": "with the true z-range (3d)", "2d": "automatic extent (2d b
                "per-part": "the label's box around each piece on every slice (per-part)"}
 
 
+def mode_title(mode: str) -> str:
+    """How the plot and the summary name a mode (``loop-2``: the loop after two corrections)."""
+    if mode.startswith("loop-") and mode[5:].isdigit():
+        k = int(mode[5:])
+        return f"one box, then {k} correction{'s' if k != 1 else ''} of the worst slice ({mode})"
+    return MODE_TITLES.get(mode, mode)
+
+
 def plot(rows: Sequence[EvaluationRow], path: PathLike, overwrite: bool = True) -> Path:
     """Dice per structure (sorted by the first variant), one panel per mode, one marker per variant."""
     import matplotlib
@@ -195,7 +203,7 @@ def plot(rows: Sequence[EvaluationRow], path: PathLike, overwrite: bool = True) 
             ax.plot(x, ys, markers[i % len(markers)], markersize=3.5, alpha=0.8,
                     label=f"{variant} (mean {np.nanmean(ys):.3f})")
         ax.axhline(LOW_DICE, color="grey", linewidth=0.6, linestyle=":")
-        title = MODE_TITLES.get(mode, mode)
+        title = MODE_TITLES.get(mode) or mode_title(mode)
         ax.set_title(f"Dice per structure, {title}; sorted by {variants[0]}", fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.set_xlim(-1, len(order))

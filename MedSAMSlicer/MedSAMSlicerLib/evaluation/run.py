@@ -13,6 +13,7 @@ from ..errors import MedSAMError
 from .cases import DEFAULT_MIN_SLICES, load_inputs
 from .report import CsvLog, format_summary, plot, summarize, write_csv
 from .runner import (
+    DEFAULT_CORRECTIONS,
     EvaluationRow,
     Variant,
     apply_assignments,
@@ -58,6 +59,7 @@ def run_evaluation(
     quiet: bool = False,
     threads: Optional[int] = None,
     overwrite: bool = True,
+    corrections: int = DEFAULT_CORRECTIONS,
 ) -> List[EvaluationRow]:
     """Evaluate and write ``evaluation.csv``, ``summary.md`` and ``evaluation.png`` to ``out``.
 
@@ -69,7 +71,8 @@ def run_evaluation(
         common: ``key=value`` settings applied to every variant.
         modes: some of :data:`~.runner.MODES`: ``3d`` (true z-range), ``2d`` (automatic extent),
             ``per-slice`` (the label's box on every labelled slice, no propagation), ``per-part``
-            (the same, one box per piece of the label).
+            (the same, one box per piece of the label), ``loop`` (the simulated annotator: rows
+            ``loop-0`` .. ``loop-N``, the first box then each correction of the worst slice).
         box_margin: pixels around the label's box on the middle slice.
         include: glob patterns on ``case/structure`` (e.g. ``mr/*``, ``*/aorta*``).
         min_slices: leave out structures on fewer slices (folders and pairs; sets say their own).
@@ -82,6 +85,7 @@ def run_evaluation(
         threads: CPU threads for torch (default: torch's choice). On a machine shared with other
             work, 1 thread avoids oversubscription (measured on 2 busy cores: decoder 0.64 s per
             box with 2 threads, 0.16 s with 1).
+        corrections: the loop's corrections at most (``loop`` mode).
     """
     import torch
 
@@ -93,7 +97,7 @@ def run_evaluation(
             raise MedSAMError(f"--threads must be at least 1; got {threads}")
         torch.set_num_threads(int(threads))
 
-    check_modes(modes)
+    check_modes(modes, corrections)
     chosen: List[Variant] = [parse_variant(v) for v in variants] or [builtin_variants()["default"]]
     chosen = [apply_assignments(v, common) for v in chosen]
     if out is not None:
@@ -116,7 +120,7 @@ def run_evaluation(
     store = EmbeddingStore(embedding_cache) if embedding_cache else None
     partial = CsvLog(Path(out) / "evaluation.partial.csv") if out is not None else None
     rows = evaluate(cases, chosen, segmenter=seg, modes=modes, box_margin=box_margin, include=wanted,
-                    embedding_store=store, log=say, on_row=partial)
+                    embedding_store=store, log=say, on_row=partial, corrections=corrections)
     summary = summarize(rows)
     if out is not None:
         folder = Path(out)
