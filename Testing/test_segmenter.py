@@ -136,7 +136,7 @@ def test_bad_volume_and_settings(seg):
     with pytest.raises(MedSAMError, match="unknown device"):
         Segmenter("litemedsam", device="tpu")
     with pytest.raises(MedSAMError, match="(?i)unknown model"):
-        Segmenter("medsam2")
+        Segmenter("medsam3")
     with pytest.raises(MedSAMError, match="direction"):
         seg.segment_3d(80, (30, 30, 60, 60), direction="sideways")
 

@@ -387,7 +387,6 @@ class _Passes:
 
     logits: Dict[int, np.ndarray]  # (H, W) float32 at slice resolution, the max over the passes
     scores: Dict[int, float]  # object presence probability, the max over the passes
-    first: Dict[int, np.ndarray]  # the conditioning slices' own masks
 
 
 class MedSAM2Engine:
@@ -517,20 +516,17 @@ class MedSAM2Engine:
         zs = list(range(lo, hi + 1))
         logits: Dict[int, np.ndarray] = {}
         scores: Dict[int, float] = {}
-        first: Dict[int, np.ndarray] = {}
         directions = [d for d in ("up", "down") if direction in ("both", d)]
         with self._lock, torch.inference_mode(), self._autocast():
             state = self._state(zs)
             for name in directions:
                 for p in prompts:
                     if p.box is not None:
-                        _, _, out = self.model.add_new_points_or_box(state, frame_idx=p.z - lo, obj_id=1,
-                                                                     box=np.array(p.box))
+                        self.model.add_new_points_or_box(state, frame_idx=p.z - lo, obj_id=1, box=np.array(p.box))
                         self.decoded_boxes += 1
                     else:
-                        _, _, out = self.model.add_new_mask(state, frame_idx=p.z - lo, obj_id=1,
-                                                            mask=torch.as_tensor(masks[p.z], dtype=torch.bool))
-                    first[p.z] = out[0, 0].float().cpu().numpy() > 0.0
+                        self.model.add_new_mask(state, frame_idx=p.z - lo, obj_id=1,
+                                                mask=torch.as_tensor(masks[p.z], dtype=torch.bool))
                 check_cancel(cancel)
                 for frame, _, out in self.model.propagate_in_video(state, reverse=(name == "down")):
                     z = zs[frame]
@@ -543,7 +539,7 @@ class MedSAM2Engine:
                     report(progress, done, total, f"slice {z} ({name})")
                     check_cancel(cancel)
                 self.model.reset_state(state)
-        return _Passes(logits, scores, first), done
+        return _Passes(logits, scores), done
 
     def _result(self, passes: _Passes, prompts: Sequence[Conditioning], direction: str,
                 z_range: Optional[Tuple[int, int]], edge_reason: str):
