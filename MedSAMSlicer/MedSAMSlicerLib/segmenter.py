@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,35 +31,12 @@ from .preprocessing import Window, apply_window, resolve_window
 from .progress import CancelToken, ProgressCallback
 from .propagation import PropagationResult, PropagationSettings, StopRule, split_box3d
 from .registry import ModelSpec, get_spec, resolve_weights
+from .results import Segmentation  # noqa: F401  (its home is results.py, torch-free)
 from .speed import SpeedTier, get_speed
 from .strided import propagate_strided
 from .structures import StructuresResult, segment_structures
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass
-class Segmentation:
-    """What one prompt gave, in the whole volume (:meth:`Segmenter.segment`).
-
-    Attributes:
-        prompt: the :class:`~MedSAMSlicerLib.boxes.BoxPrompt`.
-        mode: ``"3d"`` or ``"2d"``.
-        mask: ``(z, y, x)`` bool, the volume's shape.
-        covered: the slices the model segmented and accepted (``"2d"``: the box's slice).
-        score: the decoder's predicted IoU on the box's slice.
-        stop_reasons: ``"3d"`` without a z-range: why each direction's pass ended.
-        result: the :class:`~MedSAMSlicerLib.propagation.PropagationResult` (``"3d"``), with the
-            per-slice records; ``None`` for ``"2d"``.
-    """
-
-    prompt: BoxPrompt
-    mode: str
-    mask: np.ndarray
-    covered: List[int]
-    score: float = float("nan")
-    stop_reasons: Dict[str, str] = field(default_factory=dict)
-    result: Optional[PropagationResult] = None
 
 
 class Segmenter:
@@ -153,6 +129,20 @@ class Segmenter:
         self.window: Optional[Window] = None
         #: The propagation settings :meth:`segment_3d` and :meth:`segment_box3d` use by default.
         self.propagation = PropagationSettings()
+
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights file (computed once; what a record stores and a replay checks)."""
+        if getattr(self, "_weights_sha256", None) is None:
+            from .registry import file_digest
+
+            self._weights_sha256 = file_digest(self.weights)
+        return self._weights_sha256
+
+    @property
+    def precision(self) -> str:
+        """The image encoder's precision as a record names it (``"float32"``, ``"bfloat16"``, ...)."""
+        return str(self.dtype).replace("torch.", "")
 
     # -- volume -------------------------------------------------------------------------------
     def set_volume(
