@@ -56,7 +56,12 @@ class RemoteError(MedSAMError):
 
 
 class Unreachable(MedSAMError):
-    """No answer at all: nobody listening, the connection dropped, or no answer in time."""
+    """No answer at all: nobody listening, the connection dropped, or no answer in time
+    (``lost``: nobody listening or dropped, so it may come back, e.g. a restart)."""
+
+    def __init__(self, message: str, lost: bool = False) -> None:
+        super().__init__(message)
+        self.lost = lost
 
 
 def _is_loopback(host: str) -> bool:
@@ -126,8 +131,10 @@ class RemoteClient:
 
     def request(self, method: str, path: str, body: Optional[bytes] = None, data: Any = None,
                 headers: Optional[Mapping[str, str]] = None, timeout: Optional[float] = None,
-                ) -> Tuple[int, Dict[str, Any]]:
-        """One request; the JSON answer (``{}`` when empty).
+                patient: bool = False, wait_rate: bool = True) -> Tuple[int, Dict[str, Any]]:
+        """One request; the JSON answer (``{}`` when empty). ``patient``: a server that is not
+        there (refused, dropped) is tried again for up to ``timeout`` (it may be restarting);
+        ``wait_rate``: a 429 is waited out (``Retry-After``) within ``timeout``.
 
         Raises:
             Unreachable: no answer (refused, dropped, timed out, name unknown).
@@ -143,8 +150,14 @@ class RemoteClient:
         all_headers.update(headers or {})
         give_up = time.monotonic() + timeout
         while True:
-            status, answer, retry = self._once(method, self.prefix + path, body, all_headers, timeout)
-            if status == 429 and retry is not None and time.monotonic() + retry < give_up:
+            try:
+                status, answer, retry = self._once(method, self.prefix + path, body, all_headers, timeout)
+            except Unreachable as exc:
+                if not (patient and exc.lost and time.monotonic() + 0.5 < give_up):
+                    raise
+                time.sleep(0.5)
+                continue
+            if status == 429 and wait_rate and retry is not None and time.monotonic() + retry < give_up:
                 time.sleep(retry)
                 continue
             if status >= 400:
@@ -168,7 +181,7 @@ class RemoteClient:
                     if attempt == 0:  # a kept-alive connection the server had closed: once more, afresh
                         continue
                     raise Unreachable(f"the connection to {self.url} was dropped before it answered ({exc}); "
-                                      "check the network, or whether the server restarted") from None
+                                      "check the network, or whether the server restarted", lost=True) from None
                 except ssl.SSLCertVerificationError as exc:
                     self._drop()
                     raise MedSAMError(f"the certificate of {self.url} is not trusted ({exc.verify_message}); if "
@@ -184,7 +197,7 @@ class RemoteClient:
                 except ConnectionRefusedError:
                     self._drop()
                     raise Unreachable(f"nobody answers at {self.url} (connection refused): is the server "
-                                      "running, and the port right?") from None
+                                      "running, and the port right?", lost=True) from None
                 except socket.gaierror:
                     self._drop()
                     raise Unreachable(f"the server's name '{self.host}' is unknown (check the URL)") from None
@@ -335,7 +348,7 @@ class RemoteSegmenter:
         if self._array is None:
             raise MedSAMError("no volume set: call set_volume() first")
         body = protocol.pack_volume(self._array)
-        _, answer = self.client.request("POST", "/sessions", body=body,
+        _, answer = self.client.request("POST", "/sessions", body=body, patient=True,
                                         headers={protocol.SHA_HEADER: self._sha or volume_sha256(self._array),
                                                  "Content-Type": "application/octet-stream"})
         self._session = str(answer["session"])
@@ -362,7 +375,7 @@ class RemoteSegmenter:
                 cancel.raise_if_cancelled()
             try:
                 sid = self._session or self._open()
-                _, answer = self.client.request("POST", f"/sessions/{sid}/jobs", data=payload)
+                _, answer = self.client.request("POST", f"/sessions/{sid}/jobs", data=payload, patient=True)
                 return protocol.result_from_json(self._follow(str(answer["job"]), progress, cancel))
             except RemoteError as exc:
                 if exc.code not in _GONE or attempt == 1:
@@ -389,7 +402,7 @@ class RemoteSegmenter:
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > self.client.timeout:
                     raise Unreachable(f"{exc}; the server stopped answering during the run (waited "
-                                      f"{self.client.timeout:g} s); nothing was written") from None
+                                      f"{self.client.timeout:g} s)") from None
                 time.sleep(0.5)
                 continue
             if int(status.get("version", -1)) == seen and status.get("state") in ("queued", "running"):

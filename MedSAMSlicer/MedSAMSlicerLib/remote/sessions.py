@@ -313,7 +313,7 @@ class Service:
     def stats(self) -> Dict[str, Any]:
         with self._lock:
             return {"sessions": len(self.sessions), "volume_bytes": sum(s.nbytes for s in self.sessions.values()),
-                    "jobs_run": self.jobs_run, "embedding_bytes": int(self.segmenter.predictor.cache.nbytes)}
+                    "jobs_run": self.jobs_run, "running": sum(j.state == "running" for j in self.jobs.values()), "embedding_bytes": int(self.segmenter.predictor.cache.nbytes)}
 
     def stop(self) -> None:
         self._stop.set()
