@@ -29,6 +29,7 @@ from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.provenance import VERSION, volume_sha256
 from MedSAMSlicerLib.remote import protocol
 from MedSAMSlicerLib.remote.client import RemoteClient, RemoteError, RemoteSegmenter, check_connection
+from MedSAMSlicerLib.remote.server import free_port, launch
 from MedSAMSlicerLib.remote.sessions import FairQueue, Job, Session
 from MedSAMSlicerLib.segment_command import NamedBox, segment_file
 from MedSAMSlicerLib.segnrrd import read_seg_nrrd
@@ -36,12 +37,6 @@ from MedSAMSlicerLib.volumes import read_volume
 
 TOKENS = ("alice-token-0123456789abcdef", "bob-token-0123456789abcdef", "carol-token-0123456789abcdef")
 LIVER, SPLEEN = 5, 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(token=None):
@@ -59,23 +54,8 @@ def _cli(*args, token=None, timeout=300):
 
 
 def _start(port, *extra, cafile=None, env=None):
-    """A server on 127.0.0.1:port; returns (process, url) once /health answers."""
-    scheme = "https" if "--ssl-certfile" in extra else "http"
-    proc = subprocess.Popen([sys.executable, "-m", "MedSAMSlicerLib.cli", "serve", "--host", "127.0.0.1", "--port",
-                             str(port), "--device", "cpu", *map(str, extra)], env=env or _env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"{scheme}://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited: {proc.stdout.read()}")
-        try:
-            RemoteClient(url, timeout=2, cafile=cafile).health()
-            return proc, url
-        except MedSAMError:
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("the server did not start in 120 s")
+    """A server on 127.0.0.1:port (CPU); returns (process, url) once /health answers."""
+    return launch(port, ["--device", "cpu", *map(str, extra)], env=env or _env(), cafile=cafile)
 
 
 def _stop(proc):
@@ -93,7 +73,7 @@ def server(tmp_path_factory):
     """The module's server: three users' tokens, small limits (6 sessions, 3 MiB uploads, 20 requests/s)."""
     folder = tmp_path_factory.mktemp("server")
     (folder / "tokens").write_text("# one token per user\n" + "\n".join(TOKENS) + "\n")
-    proc, url = _start(_free_port(), "--token-file", folder / "tokens", "--max-sessions", 6, "--max-upload-mb", 3,
+    proc, url = _start(free_port(), "--token-file", folder / "tokens", "--max-sessions", 6, "--max-upload-mb", 3,
                        "--rate-limit", 20)
     yield url
     _stop(proc)
@@ -167,9 +147,9 @@ def test_health_is_open_everything_else_needs_a_token_and_the_protocol(server):
 
 
 def test_serve_refuses_a_public_address_without_a_token():
-    done = _cli("serve", "--host", "0.0.0.0", "--port", _free_port(), timeout=60)
+    done = _cli("serve", "--host", "0.0.0.0", "--port", free_port(), timeout=60)
     assert "refusing to listen on 0.0.0.0 without a token" in _error_line(done)
-    done = _cli("serve", "--port", _free_port(), token="short", timeout=60)
+    done = _cli("serve", "--port", free_port(), token="short", timeout=60)
     assert "at least 16 random characters" in _error_line(done)
 
 
@@ -347,7 +327,7 @@ def test_command_line_faults_say_one_thing_and_write_nothing(server, ct_path, bo
     out = tmp_path / "x.seg.nrrd"
     args = ["segment", ct_path, *_box_args(boxes[:1]), "-o", out, "--timeout", 2]
     assert "refused the token" in _error_line(_cli(*args, "--server", server, token="wrong-" + "x" * 20))
-    port = _free_port()
+    port = free_port()
     assert "connection refused" in _error_line(_cli(*args, "--server", f"http://127.0.0.1:{port}", token=TOKENS[0]))
     dropped, url = _socket_server(lambda conn: conn.close())
     assert "was dropped" in _error_line(_cli(*args, "--server", url, token=TOKENS[0]))
@@ -376,7 +356,7 @@ def test_tls_server_killed_and_restarted_under_a_running_client(ct_path, boxes, 
     finishes with the local result. Killed for good, the client says so and writes nothing. A
     session left idle expires, and the client opens a new one."""
     cert, key = _certificate(tmp_path)
-    port = _free_port()
+    port = free_port()
     tls = ["--ssl-certfile", cert, "--ssl-keyfile", key, "--session-ttl", 2]
     proc, url = _start(port, *tls, cafile=str(cert))
     try:

@@ -230,11 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer slices and repeats (a smoke run)")
     bench.add_argument("--rounds", type=int, default=None,
                        help="rounds of --compare alternatives (default 2, 1 with --quick)")
-    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "structures", "all"],
+    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "structures", "all", "remote"],
                        help="reference: ours against the reference pipelines (default); alternatives: LiteMedSAM's "
                             "CPU speed alternatives (OpenVINO, ONNX Runtime, bfloat16, every 2nd slice) against our "
                             "exact path, on the CPU; structures: liver, spleen, both kidneys and aorta as one job "
-                            "against the liver alone (LiteMedSAM); all: all three")
+                            "against the liver alone (LiteMedSAM); all: all three; remote: a 'medsam-slicer serve' on "
+                            "loopback against a local run (liver, 40 slices) and 8 clients x 50 requests at once")
     return parser
 
 

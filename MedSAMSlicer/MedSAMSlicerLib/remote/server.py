@@ -358,3 +358,42 @@ def serve(options: ServeOptions) -> None:
                     timeout_graceful_shutdown=2)
     finally:
         service.stop()
+
+
+def launch(port: int, args: List[str], env: Optional[Dict[str, str]] = None, cafile: Optional[str] = None,
+           timeout: float = 180.0):
+    """Start ``medsam-slicer serve --host 127.0.0.1 --port PORT ARGS`` in a subprocess (this Python)
+    and wait until ``/health`` answers (benchmarks, tests). Returns ``(process, url)``.
+
+    Raises:
+        MedSAMError: the server exited (its output in the message) or did not answer in time.
+    """
+    import subprocess
+
+    from .client import RemoteClient
+
+    scheme = "https" if "--ssl-certfile" in args else "http"
+    proc = subprocess.Popen([sys.executable, "-m", "MedSAMSlicerLib.cli", "serve", "--host", "127.0.0.1", "--port",
+                             str(port), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"{scheme}://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise MedSAMError(f"the server exited: {proc.stdout.read().strip()}")
+        try:
+            RemoteClient(url, timeout=2, cafile=cafile).health()
+            return proc, url
+        except MedSAMError:
+            time.sleep(0.3)
+    proc.kill()
+    raise MedSAMError(f"the server did not answer within {timeout:g} s")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
