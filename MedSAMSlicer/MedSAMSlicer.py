@@ -191,8 +191,90 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.setupRemotePanel()
         self.initializeParameterNode()
         self.updateModelGUI()
+
+    def setupRemotePanel(self):
+        """Local / Remote: where the model runs (MedSAMBridgeLib.backends decides; docs/remote.md)."""
+        import ctk
+
+        box = ctk.ctkCollapsibleButton()
+        box.text = "Where the model runs"
+        box.collapsed = not self.logic.backend().remote
+        self.layout.addWidget(box)
+        form = qt.QFormLayout(box)
+        self.backendSelector = qt.QComboBox()
+        self.backendSelector.addItem("Local (PyTorch in Slicer)", "local")
+        self.backendSelector.addItem("Remote GPU server", "remote")
+        self.serverUrlEdit = qt.QLineEdit()
+        self.serverUrlEdit.placeholderText = "https://gpu.example.org:8765"
+        self.serverTokenEdit = qt.QLineEdit()
+        self.serverTokenEdit.echoMode = qt.QLineEdit.Password
+        self.serverTokenEdit.placeholderText = "the token from the server's operator (or set MEDSAM_SLICER_TOKEN)"
+        self.rememberTokenCheck = qt.QCheckBox("Remember the token (in Slicer's settings file, as plain text)")
+        self.testConnectionButton = qt.QPushButton("Test connection")
+        self.connectionLabel = qt.QLabel()
+        self.connectionLabel.wordWrap = True
+        form.addRow("Run on:", self.backendSelector)
+        form.addRow("Server URL:", self.serverUrlEdit)
+        form.addRow("Token:", self.serverTokenEdit)
+        form.addRow(self.rememberTokenCheck)
+        form.addRow(self.testConnectionButton)
+        form.addRow(self.connectionLabel)
+        backend = self.logic.backend()
+        self.backendSelector.currentIndex = 1 if backend.remote else 0
+        self.serverUrlEdit.text = backend.url
+        self.serverTokenEdit.text = backend.token
+        self.backendSelector.connect("currentIndexChanged(int)", lambda _i: self.onBackendChanged())
+        self.serverUrlEdit.connect("editingFinished()", self.onBackendChanged)
+        self.serverTokenEdit.connect("editingFinished()", self.onBackendChanged)
+        self.rememberTokenCheck.connect("toggled(bool)", lambda _on: self.onBackendChanged())
+        self.testConnectionButton.connect("clicked()", self.onTestConnection)
+        self.connectionTimer = qt.QTimer()
+        self.connectionTimer.setInterval(0)
+        self.connectionTimer.connect("timeout()", self.onConnectionPump)
+        self.connectionTask = None
+
+    def _backendFromGUI(self):
+        from MedSAMBridgeLib.backends import Backend
+
+        return Backend(self.backendSelector.currentData, self.serverUrlEdit.text.strip(),
+                       self.serverTokenEdit.text.strip(), self.logic.backend().cafile)
+
+    def onBackendChanged(self):
+        from MedSAMSlicerLib.errors import MedSAMError
+
+        try:
+            self.logic.setBackend(self._backendFromGUI(), self.rememberTokenCheck.checked)
+            self.connectionLabel.text = self._backendFromGUI().describe()
+        except MedSAMError as exc:
+            self.connectionLabel.text = str(exc)
+
+    def onTestConnection(self):
+        """Asks the server in a worker thread (a slow network never freezes the window)."""
+        from MedSAMSlicerLib.background import run_in_background
+
+        if self.connectionTask is not None:
+            return
+        backend = self._backendFromGUI()
+        self.connectionLabel.text = "Asking the server..."
+        self.connectionTask = run_in_background(lambda progress, cancel: backend.test_connection(), "medsam-connect")
+        self.connectionTimer.start()
+
+    def onConnectionPump(self):
+        task = self.connectionTask
+        task.pump()
+        if not task.done:
+            return
+        self.connectionTimer.stop()
+        self.connectionTask = None
+        from MedSAMSlicerLib.errors import MedSAMError
+
+        try:
+            self.connectionLabel.text = task.result()
+        except MedSAMError as exc:
+            self.connectionLabel.text = f"Cannot use the server: {exc}"
 
     def cleanup(self):
         self.cancelRun()
@@ -378,6 +460,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 # Shared by every MedSAMSlicerLogic instance (widget, effect, scripts): one bridge, one model.
 _BRIDGE = None
+# A server token typed in the module: this Slicer session only (MedSAMBridgeLib.backends).
+_SESSION_TOKEN = ""
 
 
 class MedSAMRun:
@@ -490,11 +574,31 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
         return model_choices(self.checkpointFolder(), extra=[self.modelChoice()])
 
+    # -- where the model runs (Local / Remote; MedSAMBridgeLib.backends decides) ------------------
+    def backend(self):
+        """The :class:`MedSAMBridgeLib.backends.Backend` the user chose (Slicer's per-user settings;
+        a token typed this session is kept in memory only)."""
+        from MedSAMBridgeLib import backends
+
+        keys = (backends.SETTINGS_BACKEND, backends.SETTINGS_SERVER_URL, backends.SETTINGS_SERVER_TOKEN,
+                backends.SETTINGS_SERVER_CA)
+        return backends.Backend.from_settings({k: self._settings().value(k, "") for k in keys}, _SESSION_TOKEN)
+
+    def setBackend(self, backend, rememberToken=False):
+        """Use ``backend``; its token goes into Slicer's settings only with ``rememberToken``."""
+        global _SESSION_TOKEN
+        backend.check()
+        _SESSION_TOKEN = backend.token
+        for key, value in backend.settings(rememberToken).items():
+            self._settings().setValue(key, value)
+        if _BRIDGE is not None:
+            _BRIDGE.configure(backend=backend)
+
     # -- dependencies -----------------------------------------------------------------------------
     def dependencyProblems(self):
         """``{"missing": [...], "mismatched": [...]}`` for torch and the other packages (nothing
         is imported or installed)."""
-        return compat.requirement_problems(compat.runtime_requirements())
+        return compat.requirement_problems(compat.runtime_requirements(remote=self.backend().remote))
 
     def dependenciesReady(self):
         problems = self.dependencyProblems()
@@ -608,7 +712,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
             choice = self.modelChoice()
             _BRIDGE = MedSAMBridge(model=choice.model, checkpoint=choice.checkpoint, device=self.device(),
-                                   speed=self.speed())
+                                   speed=self.speed(), backend=self.backend())
         return _BRIDGE
 
     def process(self, volumeNode, roiNode, segmentationNode, segmentName="MedSAM", window="auto",

@@ -35,6 +35,8 @@ from MedSAMSlicerLib.segment_command import NamedBox, segment_file
 from MedSAMSlicerLib.segnrrd import read_seg_nrrd
 from MedSAMSlicerLib.volumes import read_volume
 
+pytest_plugins = ["conftest_slicer"]
+
 TOKENS = ("alice-token-0123456789abcdef", "bob-token-0123456789abcdef", "carol-token-0123456789abcdef")
 LIVER, SPLEEN = 5, 1
 
@@ -409,3 +411,80 @@ def test_tls_server_killed_and_restarted_under_a_running_client(ct_path, boxes, 
         assert not gone.exists()
     finally:
         _stop(proc)
+
+
+# -- the Slicer side --------------------------------------------------------------------------------
+def test_backend_choice_and_where_the_token_is_kept(monkeypatch):
+    """The module's Local / Remote setting (Qt-free): the token typed this session first, then the
+    remembered one, then $MEDSAM_SLICER_TOKEN; it goes into Slicer's settings only when asked."""
+    pytest.importorskip("slicer")
+    from MedSAMBridgeLib import backends, compat
+
+    s = {backends.SETTINGS_BACKEND: "remote", backends.SETTINGS_SERVER_URL: " https://gpu:8765 ",
+         backends.SETTINGS_SERVER_TOKEN: "remembered"}
+    assert backends.Backend.from_settings(s, "typed", {}).token == "typed"
+    assert backends.Backend.from_settings(s, "", {}).token == "remembered"
+    chosen = backends.Backend.from_settings({**s, backends.SETTINGS_SERVER_TOKEN: ""}, "", {"MEDSAM_SLICER_TOKEN": "env"})
+    assert chosen.token == "env" and chosen.url == "https://gpu:8765" and "env" not in repr(chosen)
+    assert chosen.settings(remember_token=False)[backends.SETTINGS_SERVER_TOKEN] == ""
+    assert chosen.settings(remember_token=True)[backends.SETTINGS_SERVER_TOKEN] == "env"
+    assert not backends.Backend.from_settings({}, "", {}).remote
+    with pytest.raises(MedSAMError, match="give the server's URL"):
+        backends.Backend("remote", "gpu:8765").check()
+    assert compat.runtime_requirements(remote=True) == [] and compat.runtime_requirements()
+
+
+def test_slicer_bridge_in_remote_mode_is_torch_free_and_gives_the_local_result(server, ct_sm_path, tmp_path):
+    """The bridge with a Remote backend, on real MRML nodes (slicer-core) in a process where torch
+    cannot be imported: a 3D box and a correction give the masks and records of the local bridge."""
+    pytest.importorskip("slicer")
+    import slicer
+    from slicer_helpers import MODULE_DIR, ijk_to_ras, label_box_ijk
+
+    from MedSAMBridgeLib.headless import create_headless_scene, load_volume
+    from MedSAMBridgeLib.MRMLBridge import BoxPrompt, MedSAMBridge
+    from MedSAMSlicerLib.segmenter import shared_segmenter
+
+    create_headless_scene()
+    ct = load_volume(ct_sm_path, "CT")
+    labels = load_volume(str(ct_sm_path).replace("example_ct_sm", "example_seg"), "labels", labelmap=True)
+    lo, hi = label_box_ijk(slicer.util.arrayFromVolume(labels) == LIVER, (17, 19))
+    matrix = ijk_to_ras(ct)
+    corners = [list((matrix @ np.r_[c, 1.0])[:3]) for c in (lo, hi)]
+
+    script = f"""
+import json, sys
+sys.modules['torch'] = None
+sys.path.insert(0, {str(MODULE_DIR)!r})
+import numpy as np
+from MedSAMBridgeLib.backends import Backend
+from MedSAMBridgeLib.headless import create_headless_scene, load_volume
+from MedSAMBridgeLib.MRMLBridge import BoxPrompt, MedSAMBridge
+scene = create_headless_scene()
+ct = load_volume({str(ct_sm_path)!r}, "CT")
+seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+bridge = MedSAMBridge(backend=Backend("remote", {server!r}, {TOKENS[2]!r}))
+sid, first = bridge.segment(ct, seg, box_ras={corners!r}, mode="3d")
+z, (x0, y0, x1, y1) = first.prompt.z, first.prompt.box
+fixed = bridge.compute(bridge.correction_request(first, BoxPrompt(z - 1, (x0 + 2, y0 + 2, x1 - 2, y1 - 2))))
+np.save({str(tmp_path / 'first.npy')!r}, first.mask)
+np.save({str(tmp_path / 'fixed.npy')!r}, fixed.mask)
+json.dump({{"first": first.record.tags(), "fixed": fixed.record.tags(),
+           "torch": [m for m in sys.modules if m.split('.')[0] == 'torch' and sys.modules[m] is not None]}},
+          open({str(tmp_path / 'out.json')!r}, "w"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    remote = json.loads((tmp_path / "out.json").read_text())
+    assert remote["torch"] == []
+
+    local = MedSAMBridge("litemedsam", None, "cpu", segmenter=shared_segmenter("litemedsam", None, "cpu"))
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    _, first = local.segment(ct, seg, box_ras=corners, mode="3d")
+    z, (x0, y0, x1, y1) = first.prompt.z, first.prompt.box
+    fixed = local.compute(local.correction_request(first, BoxPrompt(z - 1, (x0 + 2, y0 + 2, x1 - 2, y1 - 2))))
+    assert np.array_equal(np.load(tmp_path / "first.npy"), first.mask) and first.mask.any()
+    assert np.array_equal(np.load(tmp_path / "fixed.npy"), fixed.mask)
+    for name, record in (("first", first.record), ("fixed", fixed.record)):
+        theirs = remote[name]
+        assert {k for k, v in record.tags().items() if theirs[k] != v} <= {"MedSAM.Date", "MedSAM.Job"}, name

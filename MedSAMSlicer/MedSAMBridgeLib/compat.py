@@ -90,6 +90,8 @@ def requirement_problems(
     return {"missing": missing, "mismatched": mismatched}
 
 
-def runtime_requirements() -> List[str]:
-    """Everything the engine needs at run time: torch first, then the pip packages."""
-    return [TORCH_REQUIREMENT, *PIP_REQUIREMENTS]
+def runtime_requirements(remote: bool = False) -> List[str]:
+    """Everything the engine needs at run time: torch first, then the pip packages. ``remote``
+    (the model runs on a ``medsam-slicer serve``): nothing beyond what Slicer ships (the client
+    is the standard library and numpy)."""
+    return [] if remote else [TORCH_REQUIREMENT, *PIP_REQUIREMENTS]
