@@ -201,6 +201,32 @@ def test_sessions_belong_to_their_token_and_come_back_by_themselves(server, ct, 
     seg.close()
 
 
+def test_cancel_stops_the_job_on_the_server(server, ct, boxes):
+    """Cancel (the Slicer button, Ctrl+C) stops the client at once and the server's job at its next
+    slice; the server is free again."""
+    from MedSAMSlicerLib.progress import Cancelled, CancelToken
+
+    seg = RemoteSegmenter(server, TOKENS[1], timeout=30)
+    seg.set_volume(ct.array, (55, 333))  # a window no other test uses: nothing cached, the job takes a while
+    cancel = CancelToken()
+    z, box = _canonical(ct, boxes[0])
+    seen = []
+
+    def progress(done, total, message):
+        seen.append(message)
+        cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        seg.segment(BoxPrompt(int(z[2]), (int(z[0]), int(z[1]), int(box[0]), int(box[1]))), "3d", progress=progress,
+                    cancel=cancel)
+    assert seen
+    deadline = time.monotonic() + 60
+    while seg.client.request("GET", "/stats")[1]["running"]:
+        assert time.monotonic() < deadline, "the job went on after Cancel"
+        time.sleep(0.2)
+    seg.close()
+
+
 def _canonical(ct, spec):
     from MedSAMSlicerLib.volumes import ijk_box_to_canonical
 

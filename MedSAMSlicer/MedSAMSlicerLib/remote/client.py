@@ -376,7 +376,12 @@ class RemoteSegmenter:
             try:
                 sid = self._session or self._open()
                 _, answer = self.client.request("POST", f"/sessions/{sid}/jobs", data=payload, patient=True)
-                return protocol.result_from_json(self._follow(str(answer["job"]), progress, cancel))
+                job = str(answer["job"])
+                try:
+                    return protocol.result_from_json(self._follow(job, progress, cancel))
+                except KeyboardInterrupt:
+                    self._cancel(job)  # Ctrl+C: the server stops too
+                    raise
             except RemoteError as exc:
                 if exc.code not in _GONE or attempt == 1:
                     raise
@@ -389,10 +394,7 @@ class RemoteSegmenter:
         seen, lost_since = -1, None
         while True:
             if cancel is not None and cancel.cancelled:
-                try:
-                    self.client.request("DELETE", f"/jobs/{job}", timeout=5.0)
-                except MedSAMError:
-                    pass
+                self._cancel(job)
                 raise Cancelled("cancelled by the user")
             try:
                 _, status = self.client.request("GET", f"/jobs/{job}?wait={POLL_WAIT_S}&seen={seen}",
@@ -421,6 +423,13 @@ class RemoteSegmenter:
                 raise RemoteError(str(status.get("error", "the job failed")), 400, "failed")
             if state == "cancelled":
                 raise Cancelled("cancelled")
+
+    def _cancel(self, job: str) -> None:
+        """Ask the server to stop ``job`` (best effort: the client stops waiting anyway)."""
+        try:
+            self.client.request("DELETE", f"/jobs/{job}", timeout=5.0)
+        except MedSAMError:
+            pass
 
     def segment(self, prompt: BoxPrompt, mode: str = "3d", direction: str = "both",
                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
