@@ -301,6 +301,8 @@ class RemoteSegmenter:
         self._session: Optional[str] = None
         #: Sessions opened (1 + how often the server had lost one): for messages and tests.
         self.sessions_opened = 0
+        #: Seconds the server's engine spent on the last job (its wall time minus this is the network's share).
+        self.last_run_s = float("nan")
 
     @property
     def weights_sha256(self) -> str:
@@ -418,6 +420,7 @@ class RemoteSegmenter:
                 elif int(status.get("total", 0)) > 0:
                     progress(int(status["done"]), int(status["total"]), str(status.get("message", "")))
             if state == "done":
+                self.last_run_s = float(status.get("run_s", float("nan")))
                 return status["result"]
             if state == "failed":
                 raise RemoteError(str(status.get("error", "the job failed")), 400, "failed")

@@ -114,6 +114,7 @@ class Job:
     answer: Optional[Dict[str, Any]] = None
     error: str = ""
     finished_at: float = 0.0
+    started_at: float = 0.0
     cancel: CancelToken = field(default_factory=CancelToken)
     version: int = 0
 
@@ -137,6 +138,7 @@ class Job:
             out["position"] = position
         if self.state == "done":
             out["result"] = self.answer
+            out["run_s"] = self.finished_at - self.started_at  # the engine's time, without the network
         if self.state == "failed":
             out["error"] = self.error
         return out
@@ -269,7 +271,7 @@ class Service:
             if job.cancel.cancelled:
                 job.finish("cancelled")
                 continue
-            job.state = "running"
+            job.state, job.started_at = "running", time.monotonic()
             job.version += 1
             try:
                 job.finish("done", job.run(self._load(job.session), job.progress, job.cancel))
