@@ -573,7 +573,7 @@ def test_job_runner_trains_from_raw_data_and_cancels(tmp_path, flare_dir):
     job = TrainingJob(settings, env=_job_env(), preprocess={"preset": "litemedsam"}, grace_s=60, export_to=exported)
     job.start()
     assert job.command[3] == "preprocess" and len(job.commands) == 2
-    assert job.commands[1][-3:] == ["--export-to", str(exported), "--progress-json"]
+    assert job.commands[1][-4:] == ["--export-to", str(exported), "--progress-json", "--stop-on-stdin"]
     events, deadline = [], time.monotonic() + 240
     while job.running and time.monotonic() < deadline:
         events += job.poll()
@@ -610,3 +610,93 @@ def test_torchrun_two_cpu_processes(prep_lite, tmp_path):
     ck = load_checkpoint(run / "latest.pth")
     assert ck["world_size"] == 2 and ck["step"] == 2
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "latest.pth", "log.csv", "training.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# stopping a run behind Slicer's launcher (PythonSlicer -> python-real; Testing/launcher_replay.py)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "\nState:\tZ" in status.read_text())  # a zombie has ended
+
+
+def _launcher_settings(prep_lite, run):
+    return {"data": str(prep_lite), "out": str(run), "model": "litemedsam", "labels": [GALLBLADDER],
+            "freeze_image_encoder": True, "batch_size": 1, "epochs": 50, "jitter": 2, "validation": False,
+            "save_every": 1, "device": "cpu"}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the launcher shim is a POSIX shell script")
+def test_cancel_stops_the_real_trainer_behind_slicers_launcher(prep_lite, tmp_path):
+    """Cancel with PythonSlicer as the Python: the launcher forwards no signals, so the stop goes
+    through the trainer's stdin; the real trainer (not the launcher) saves a resumable step and
+    exits, and nothing is left running."""
+    sys.path.insert(0, str(REPO / "Testing"))
+    from launcher_replay import make_python_slicer
+    from MedSAMTrainingLib.jobs import TrainingJob
+
+    python_slicer = make_python_slicer(tmp_path / "bin")
+    exported = tmp_path / "models" / "run-litemedsam.pth"
+    job = TrainingJob(_launcher_settings(prep_lite, tmp_path / "run"), python=str(python_slicer), env=_job_env(),
+                      grace_s=90, export_to=exported)
+    job.start()
+    events, deadline = [], time.monotonic() + 240
+    while job.running and time.monotonic() < deadline and not any(e.get("event") == "step" for e in events):
+        events += job.poll()
+        time.sleep(0.2)
+    assert any(e.get("event") == "step" for e in events), job.error_text()
+    launcher, trainer = job._proc.pid, job.worker_pid
+    assert trainer and trainer != launcher  # the trainer is the launcher's child, as in Slicer
+    job.cancel()
+    assert job.wait(120) == cli.EXIT_CANCELLED, job.error_text()
+    assert not _alive(trainer) and not _alive(launcher)
+    events += job.poll()
+    assert any(e.get("event") == "cancelled" for e in events)
+    assert load_checkpoint(tmp_path / "run" / "latest.pth")["step"] >= 1  # resumable
+    assert exported.is_file()
+
+
+SLICER_STAND_IN = """
+import json, sys, time
+from MedSAMTrainingLib.jobs import TrainingJob
+job = TrainingJob(json.loads(sys.argv[1]), python=sys.argv[2])
+job.start()
+while job.running:
+    for event in job.poll():
+        if event.get("event") == "step":
+            print(job.worker_pid, flush=True)
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the launcher shim is a POSIX shell script")
+def test_trainer_stops_by_itself_when_slicer_is_killed(prep_lite, tmp_path):
+    """The program that started the run (here a stand-in for Slicer, through the launcher) is
+    killed without any chance to clean up: the trainer sees its stdin close, saves the step and
+    exits by itself."""
+    sys.path.insert(0, str(REPO / "Testing"))
+    from launcher_replay import make_python_slicer
+    from MedSAMTrainingLib.jobs import engine_folder
+
+    env = _job_env()
+    env["PYTHONPATH"] = os.pathsep.join([engine_folder(), str(REPO / "MedSAMTraining"), env.get("PYTHONPATH", "")])
+    run = tmp_path / "run"
+    slicer = subprocess.Popen([sys.executable, "-c", SLICER_STAND_IN, json.dumps(_launcher_settings(prep_lite, run)),
+                               str(make_python_slicer(tmp_path / "bin"))],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        trainer = int(slicer.stdout.readline())
+        slicer.kill()  # SIGKILL: no quit handler, no cleanup
+        slicer.wait(10)
+        deadline = time.monotonic() + 120
+        while _alive(trainer) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(trainer), "the trainer kept running after Slicer went away"
+    finally:
+        slicer.kill()
+    assert load_checkpoint(run / "latest.pth")["step"] >= 1

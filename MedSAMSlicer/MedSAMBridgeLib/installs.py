@@ -388,15 +388,22 @@ class FirstUse:
         self.task = start_installs(self.plan, self.python, self.env)
         return self.task
 
+    def run(self, progress: ProgressCallback = None, log: Optional[Callable[[str], None]] = None) -> bool:
+        """Install in this thread (scripts, headless runs: no window, no dialog); then as :meth:`finish`."""
+        return self._conclude(lambda: run_plan(self.plan, self.python, progress, None, self.env, log))
+
     def finish(self) -> bool:
         """After the task ended: ``True`` when everything needed is now installed; otherwise
         :attr:`message` says why in one line (and :attr:`output` holds pip's output)."""
+        return self._conclude(self.task.result)
+
+    def _conclude(self, outcome: Callable[[], object]) -> bool:
         import importlib
 
         from MedSAMSlicerLib.progress import Cancelled
 
         try:
-            self.task.result()
+            outcome()
         except Cancelled:
             self.message = "Installing was cancelled; what was not installed yet is asked for again on the next use."
             return False
