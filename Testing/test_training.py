@@ -638,6 +638,7 @@ def test_cancel_stops_the_real_trainer_behind_slicers_launcher(prep_lite, tmp_pa
     exits, and nothing is left running."""
     sys.path.insert(0, str(REPO / "Testing"))
     from launcher_replay import make_python_slicer
+
     from MedSAMTrainingLib.jobs import TrainingJob
 
     python_slicer = make_python_slicer(tmp_path / "bin")
@@ -681,6 +682,7 @@ def test_trainer_stops_by_itself_when_slicer_is_killed(prep_lite, tmp_path):
     exits by itself."""
     sys.path.insert(0, str(REPO / "Testing"))
     from launcher_replay import make_python_slicer
+
     from MedSAMTrainingLib.jobs import engine_folder
 
     env = _job_env()
