@@ -10,21 +10,50 @@ the name of its folder (see ``MedSAMBridgeLib/__init__.py``).
 
 import logging
 import os
+import sys
 
-import qt
-import slicer
-import vtk
-from slicer.parameterNodeWrapper import parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+#: Our packages, shipped next to this file in the installed extension.
+OWN_PACKAGES = ("MedSAMSlicerLib", "MedSAMBridgeLib", "MedSAMTrainingLib")
+
+
+def useOwnPackages():
+    """Make ``import MedSAMSlicerLib`` (and the bridge, the job runner) give the extension's own copy.
+
+    Slicer appends each module's folder to the END of ``sys.path``
+    (``qSlicerScriptedLoadableModuleFactory.cxx`` -> ``qSlicerCorePythonManager::appendPythonPath``:
+    ``sys.path.append``, v5.10.0 and v5.12.3), so a ``medsam-slicer`` wheel pip-installed into
+    Slicer's Python (site-packages comes first) would shadow the extension's engine, possibly
+    another version of it. This folder is therefore moved to the front of ``sys.path``, and
+    copies of our packages already imported from elsewhere are forgotten (imported again from
+    here on first use). Returns the folder whose copies are in use (logged at start-up)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path[:1] != [here]:
+        sys.path[:] = [here] + [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in OWN_PACKAGES:
+            where = os.path.abspath(getattr(module, "__file__", None) or here)
+            if not where.startswith(here + os.sep):
+                logging.warning(f"MedSAM: not using the copy of {name} at {where}; the extension's is in {here}")
+                del sys.modules[name]
+    return here
+
+
+ENGINE_FOLDER = useOwnPackages()
+
+import qt  # noqa: E402  (after useOwnPackages: our imports below must find our own copies)
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+from slicer.parameterNodeWrapper import parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
+from slicer.util import VTKObservationMixin  # noqa: E402
 
-from MedSAMBridgeLib import compat
-from MedSAMBridgeLib.choices import DEVICE_CHOICES, WINDOW_CHOICES, choice_enum
+from MedSAMBridgeLib import compat  # noqa: E402
+from MedSAMBridgeLib.choices import DEVICE_CHOICES, WINDOW_CHOICES, choice_enum  # noqa: E402
 
 HOMEPAGE = "https://github.com/medsam-slicer/SlicerMedSAM"
 SETTINGS_MODEL = "MedSAM/Model"

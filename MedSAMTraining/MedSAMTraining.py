@@ -22,6 +22,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+import MedSAMSlicer  # noqa: F401  (loaded first, as our dependency: it makes our packages the extension's own)
 from MedSAMBridgeLib.choices import DEVICE_CHOICES, choice_enum
 
 #: Packages the training process needs besides the MedSAM module's (cc3d removes small label
@@ -102,7 +103,6 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        import MedSAMSlicer
 
         self.ui = MedSAMSlicer.setupPanel(self, "MedSAMTraining.ui")
         if self.ui is None:
@@ -304,7 +304,6 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     def checkpointFolder(self):
         """Where the MedSAM module looks for fine-tuned checkpoints."""
-        import MedSAMSlicer
 
         return MedSAMSlicer.MedSAMSlicerLogic().checkpointFolder()
 
@@ -319,13 +318,11 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
         return installs.FirstUse(lambda: installs.plan_installs(model, checkpoint, TRAINING_REQUIREMENTS))
 
     def askToInstall(self, setup):
-        import MedSAMSlicer
 
         return MedSAMSlicer.MedSAMSlicerLogic().askToInstall(setup)
 
     def setupPythonRequirements(self, askConfirmation=True, settings=None):
         """Install what training needs, in this thread (scripts, the self-test). Returns True when ready."""
-        import MedSAMSlicer
 
         return MedSAMSlicer.MedSAMSlicerLogic().runFirstUse(self.firstUse(settings), askConfirmation)
 
@@ -446,7 +443,6 @@ class MedSAMTrainingTest(ScriptedLoadableModuleTest):
         self.assertEqual(run.job.returncode, 0, run.job.error_text())
         message = logic.finish(run)
         self.delayDisplay(message)
-        import MedSAMSlicer
 
         files = [choice.checkpoint or "" for choice in MedSAMSlicer.MedSAMSlicerLogic().modelChoices()]
         self.assertTrue(any(f.endswith("selftest-litemedsam.pth") for f in files), files)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -328,7 +329,11 @@ def replay_startup(install_dir: Path, major: int = 5, minor: int = 12, headless_
     Returns a report: ``failures`` (``[file:line, statement, error]``), the names registered,
     and which of our packages ``sys.modules`` holds as packages.
     """
-    sys.path.insert(0, str(install_dir))
+    # qSlicerScriptedLoadableModuleFactory.cxx -> qSlicerCorePythonManager::appendPythonPath
+    # (v5.10.0, v5.12.3): the module folder goes to the END of sys.path, after site-packages.
+    folder = os.path.abspath(str(install_dir))
+    if folder not in sys.path:
+        sys.path.append(folder)
     app = install_stand_ins(major, minor)
     report: dict = {"failures": [], "registered": [], "packages": {}, "messages": []}
 
@@ -384,10 +389,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("install_dir")
     parser.add_argument("--slicer-version", default="5.12")
     parser.add_argument("--headless-script")
+    parser.add_argument("--site", help="a folder put first on sys.path, as site-packages is in Slicer's Python "
+                                       "(e.g. holding a pip-installed copy of our packages)")
     args = parser.parse_args(argv)
     major, minor = (int(v) for v in args.slicer_version.split("."))
     # Slicer's Python does not have the repository's module folders on sys.path; neither do we.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in {ROOT / m for m in MODULES}]
+    if args.site:
+        sys.path.insert(0, os.path.abspath(args.site))
     report = replay_startup(Path(args.install_dir), major, minor,
                             Path(args.headless_script) if args.headless_script else None)
     report["engine_file"] = getattr(sys.modules.get("MedSAMSlicerLib"), "__file__", None)
