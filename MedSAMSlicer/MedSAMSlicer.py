@@ -554,11 +554,9 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def speedSetup(self, speed):
         """The first-use flow (``installs.FirstUse``) for speed setting ``speed``: what it needs
         installed (OpenVINO for the faster settings), with the model's own needs."""
-        from MedSAMSlicerLib.speed import RUNTIMES, get_speed
+        from MedSAMBridgeLib import installs
 
-        tier = get_speed(speed)
-        packages = RUNTIMES[tier.encoder][0] if tier.missing() else ()
-        return self.firstUse(extra=packages)
+        return self.firstUse(extra=installs.speed_requirements(speed))
 
     def chooseSpeed(self, speed, askConfirmation=True):
         """Use speed setting ``speed`` (for scripts: installs what it needs here, in this thread,

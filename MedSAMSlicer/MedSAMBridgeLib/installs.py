@@ -422,3 +422,12 @@ class FirstUse:
         self.message = ("Installed, but Slicer's Python does not see " + _join([s.what for s in self.plan.steps])
                         + " yet: restart Slicer and try again.") if self.plan.steps else self.plan.problem_message()
         return False
+
+
+def speed_requirements(speed: str) -> Tuple[str, ...]:
+    """The packages speed setting ``speed`` needs that are not installed here (OpenVINO for the
+    faster settings; ``MedSAMSlicerLib.speed.RUNTIMES``), as extra requirements for :func:`plan_installs`."""
+    from MedSAMSlicerLib.speed import RUNTIMES, get_speed
+
+    tier = get_speed(speed)
+    return tuple(RUNTIMES[tier.encoder][0]) if tier.missing() else ()
