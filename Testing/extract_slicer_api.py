@@ -61,6 +61,9 @@ PY_CLASSES = {
     "Modules/Loadable/Segmentations/EditorEffects/Python/SegmentEditorEffects/AbstractScriptedSegmentEditorEffect.py":
         ("AbstractScriptedSegmentEditorEffect",),
 }
+#: PythonQt decorators: methods Slicer adds to its classes for Python (``static_<Class>_<name>``, or
+#: a first parameter ``<Class>*``).
+DECORATORS = ("Base/QTCore/qSlicerBaseQTCorePythonQtDecorators.h", "Base/QTGUI/qSlicerBaseQTGUIPythonQtDecorators.h")
 PYTHONQT_EXTRAS = ("connect", "disconnect", "className", "delete", "help")
 _NOT_NAMES = {"Q_PROPERTY", "Q_OBJECT", "Q_ENUM", "Q_ENUMS", "Q_FLAGS", "Q_FLAG", "Q_DECLARE_PRIVATE",
               "Q_DECLARE_PUBLIC", "Q_DISABLE_COPY", "Q_DECLARE_FLAGS", "Q_INVOKABLE", "if", "return", "sizeof",
@@ -110,7 +113,8 @@ def _normalise(params: str) -> str:
 def cpp_class(text: str, name: str) -> Dict[str, object]:
     """Names of one C++ class declared in ``text`` (a header)."""
     body, base = _class_body(_strip_comments(text), name)
-    names: Set[str] = set(re.findall(r"Q_PROPERTY\s*\(\s*[\w:<>*\s]+?\s+\**(\w+)\s+READ", body))
+    properties: Set[str] = set(re.findall(r"Q_PROPERTY\s*\(\s*[\w:<>*\s]+?\s+\**(\w+)\s+READ", body))
+    names: Set[str] = set(properties)
     for enum in re.findall(r"\benum\s+(?:class\s+)?\w*\s*(?::\s*\w+\s*)?\{([^}]*)\}", body):
         names |= {e.split("=")[0].strip() for e in enum.split(",") if e.split("=")[0].strip()}
     names |= {n for n in re.findall(r"\b([A-Za-z_]\w*)\s*\(", body) if n not in _NOT_NAMES and n != name}
@@ -120,7 +124,18 @@ def cpp_class(text: str, name: str) -> Dict[str, object]:
         for method, params in re.findall(r"\b(\w+)\s*\(([^()]*)\)", section):
             if method not in _NOT_NAMES:
                 signals.add(f"{method}({_normalise(params)})")
-    return {"base": base, "names": names, "signals": signals}
+    return {"base": base, "names": names, "signals": signals, "properties": properties}
+
+
+def decorated(text: str) -> Dict[str, Set[str]]:
+    """Class -> names a PythonQt decorator header adds."""
+    out: Dict[str, Set[str]] = {}
+    text = _strip_comments(text)
+    for cls, name in re.findall(r"\bstatic_(q\w+?)_(\w+)\s*\(", text):
+        out.setdefault(cls, set()).add(name)
+    for name, cls in re.findall(r"\b(\w+)\s*\(\s*(q\w+)\s*\*\s*\w+\s*[,)]", text):
+        out.setdefault(cls, set()).add(name)
+    return out
 
 
 def py_names(text: str, class_name: Optional[str] = None) -> Set[str]:
@@ -145,11 +160,13 @@ def qt_classes() -> Dict[str, Dict[str, object]]:
             cls = getattr(modules[module], name)
             names = {n for n in dir(cls) if not n.startswith("_")}
             signals: Set[str] = set()
+            properties: Set[str] = set()
             meta = getattr(cls, "staticMetaObject", None)
             base = None
             if meta is not None and name != "Qt":
                 for i in range(meta.propertyCount()):
-                    names.add(meta.property(i).name())
+                    properties.add(meta.property(i).name())
+                names |= properties
                 for i in range(meta.methodCount()):
                     method = meta.method(i)
                     if method.methodType() in (method.Signal, method.Slot):
@@ -157,7 +174,7 @@ def qt_classes() -> Dict[str, Dict[str, object]]:
                 base = meta.superClass().className() if meta.superClass() is not None else None
             if meta is not None and name != "Qt" and "QObject" in {c.__name__ for c in cls.__mro__}:
                 names |= set(PYTHONQT_EXTRAS)
-            out[name] = {"base": None, "names": names, "signals": signals, "qt_base": base}
+            out[name] = {"base": None, "names": names, "signals": signals, "properties": properties, "qt_base": base}
     return out
 
 
@@ -172,6 +189,10 @@ def extract(slicer_repo: str, ctk_repo: str) -> dict:
             classes[name] = cpp_class(git_show(slicer_repo, tag, path), name)
         for name, path in CTK_CPP.items():
             classes[name] = cpp_class(git_show(ctk_repo, ctk, path), name)
+        for path in DECORATORS:
+            for cls, names in decorated(git_show(slicer_repo, tag, path) or "").items():
+                if cls in classes:
+                    classes[cls]["names"] = set(classes[cls]["names"]) | names
         util = py_names(git_show(slicer_repo, tag, "Base/Python/slicer/util.py"))
         packaging = git_show(slicer_repo, tag, "Base/Python/slicer/packaging.py")
         classes["slicer.util"] = {"base": None, "names": util, "signals": set()}
@@ -185,12 +206,15 @@ def extract(slicer_repo: str, ctk_repo: str) -> dict:
     for name in per_tag[0]:
         names = set.intersection(*[set(t[name]["names"]) for t in per_tag])
         signals = set.intersection(*[set(t[name]["signals"]) for t in per_tag])
-        merged[name] = {"base": per_tag[-1][name]["base"], "names": sorted(names), "signals": sorted(signals)}
+        properties = set.intersection(*[set(t[name].get("properties", ())) for t in per_tag])
+        merged[name] = {"base": per_tag[-1][name]["base"], "names": sorted(names), "signals": sorted(signals),
+                        "properties": sorted(properties)}
     from PyQt5.QtCore import PYQT_VERSION_STR, QT_VERSION_STR
 
     sources["qt"] = f"PyQt5 {PYQT_VERSION_STR} (Qt {QT_VERSION_STR})"
     for name, entry in qt_classes().items():
-        merged[name] = {"base": entry["qt_base"], "names": sorted(entry["names"]), "signals": sorted(entry["signals"])}
+        merged[name] = {"base": entry["qt_base"], "names": sorted(entry["names"]), "signals": sorted(entry["signals"]),
+                        "properties": sorted(entry["properties"])}
     return {"sources": sources, "pythonqt_extras": list(PYTHONQT_EXTRAS), "classes": dict(sorted(merged.items()))}
 
 

@@ -47,6 +47,13 @@ class API:
             cls = self.classes[cls]["base"]
         return out
 
+    def properties(self, cls: str) -> Set[str]:
+        out: Set[str] = set()
+        while cls in self.classes:
+            out |= set(self.classes[cls].get("properties", ()))
+            cls = self.classes[cls]["base"]
+        return out
+
     def signals(self, cls: str) -> Set[str]:
         out: Set[str] = set()
         while cls in self.classes:

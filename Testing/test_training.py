@@ -702,3 +702,35 @@ def test_trainer_stops_by_itself_when_slicer_is_killed(prep_lite, tmp_path):
     finally:
         slicer.kill()
     assert load_checkpoint(run / "latest.pth")["step"] >= 1
+
+
+@pytest.mark.slow  # 1-2 min on 2 busy cores: the panel's run validates first (not configurable there)
+@pytest.mark.skipif(os.name != "posix", reason="the launcher shim is a POSIX shell script")
+def test_quitting_slicer_stops_the_run_the_panel_started(prep_lite, tmp_path):
+    """The training panel, replayed on strict stand-ins, starts a run as a user would (its Python
+    is PythonSlicer: the launcher replay, found on PATH as Slicer finds it); then Slicer quits in
+    its own order (its onAboutToQuit unloads the modules first: the panel's cleanup() runs). The
+    trainer, the launcher's child, saves its step and ends while Slicer is still alive."""
+    sys.path.insert(0, str(REPO / "Testing"))
+    import slicer_replay
+    from launcher_replay import make_python_slicer
+
+    install = slicer_replay.install_extension(tmp_path / "ext")
+    bin_dir = tmp_path / "bin"
+    make_python_slicer(bin_dir)
+    env = _job_env()
+    env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
+    env["MEDSAM_SLICER_CHECKPOINTS"] = str(tmp_path / "models")
+    env.pop("PYTHONPATH", None)  # Slicer's Python has only the installed extension
+    done = subprocess.run([sys.executable, str(REPO / "Testing" / "slicer_replay.py"), str(install),
+                           "--quit-during-training", str(prep_lite), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not report["failures"] and report["started"], report
+    assert report["python"] == str(bin_dir / "PythonSlicer") and report["trainer"] != report["launcher"]
+    assert report["stopped_before_slicer_exit"] and report["returncode"] == cli.EXIT_CANCELLED, report
+    assert report["timer_slots_after_quit"] == 0  # cleanup() undid the timer's connection
+    assert not _alive(report["trainer"])
+    assert load_checkpoint(tmp_path / "run" / "latest.pth")["step"] >= 0  # saved where it stopped: resumable
+    assert list((tmp_path / "models").glob("*-litemedsam.pth")), "the stopped run's weights reach the model list"

@@ -111,7 +111,9 @@ class TrainingJob:
         preprocess: options for the preprocessing of a raw ``data`` folder (see :func:`preprocess_args`).
         commands: run these argument lists instead (each becomes a :func:`cli_command`); ``settings``
             is then ignored.
-        grace_s: seconds between the polite stop request and killing the process tree.
+        grace_s: seconds between the stop request and killing the process tree: a last resort,
+            after the trainer's own ``--stop-grace`` (120 s), since a kill loses the step in progress
+            (a slow step, validation or saving on a busy CPU can take tens of seconds).
         export_to: when the run ends (finished or cancelled), the training process itself writes its
             best (else latest) weights there as a plain weights file (``medsam-train train --export-to``).
     """
@@ -124,7 +126,7 @@ class TrainingJob:
         resume: bool = False,
         preprocess: Optional[Mapping[str, Any]] = None,
         commands: Optional[Sequence[Sequence[str]]] = None,
-        grace_s: float = 30.0,
+        grace_s: float = 150.0,
         cwd: Optional[str] = None,
         export_to: Optional[str] = None,
     ) -> None:
