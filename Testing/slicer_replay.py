@@ -125,10 +125,14 @@ class StrictQObject:
 
     _cls = "QObject"
 
+    #: every stand-in made (to find connections left behind)
+    created: List[StrictQObject] = []
+
     def __init__(self, *args, **kwargs) -> None:
         object.__setattr__(self, "_values", {})
         object.__setattr__(self, "_slots", {})
         object.__setattr__(self, "calls", [])
+        StrictQObject.created.append(self)
 
     def _check(self, name: str) -> None:
         if name not in api().names(self._cls):
@@ -384,6 +388,30 @@ def install_panel_stand_ins(install_dir: Path) -> None:
     util.confirmOkCancelDisplay = util.confirmYesNoDisplay = shown
     if getattr(slicer, "mrmlScene", None) is None:
         slicer.mrmlScene = slicer.vtkMRMLScene()
+    for name in ("qMRMLNodeComboBox", "qMRMLWidget", "qMRMLSegmentEditorWidget"):  # Slicer's Qt widgets
+        setattr(slicer, name, type(name, (StrictQObject,), {"_cls": name}))
+
+
+def replay_effect_lifecycle(install_dir: Path) -> dict:
+    """Register the effect as Slicer does, build its options (``setupOptionsFrame``), activate,
+    deactivate and clean it up, all on strict stand-ins; report the connections to the effect that
+    are left afterwards (``AbstractScriptedSegmentEditorEffect.cleanup``: they keep it alive)."""
+    replay = replay_startup(install_dir)
+    install_panel_stand_ins(install_dir)
+    effect = AbstractScriptedSegmentEditorEffect.registered[-1]
+    report = {"failures": replay["failures"]}
+    for step in ("setupOptionsFrame", "setMRMLDefaults", "activate", "deactivate", "cleanup"):
+        try:
+            getattr(effect, step)()
+        except Exception as exc:  # noqa: BLE001 - reported
+            report["failures"].append([step, f"{type(exc).__name__}: {exc}"])
+    left = []
+    for obj in StrictQObject.created:
+        for signal, slots in obj._slots.items():
+            left += [f"{obj._cls}.{signal} -> {getattr(s, '__name__', s)}" for s in slots
+                     if getattr(s, "__self__", None) is effect]
+    report["left_connected"] = left
+    return report
 
 
 def replay_quit_during_training(install_dir: Path, data: str, out: str, wait_s: float = 180.0) -> dict:
@@ -681,6 +709,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--headless-script")
     parser.add_argument("--site", help="a folder put first on sys.path, as site-packages is in Slicer's Python "
                                        "(e.g. holding a pip-installed copy of our packages)")
+    parser.add_argument("--effect-lifecycle", action="store_true", help="replay_effect_lifecycle")
     parser.add_argument("--quit-during-training", nargs=2, metavar=("DATA", "OUT"),
                         help="replay_quit_during_training: start a run from the training panel, then quit")
     args = parser.parse_args(argv)
@@ -689,6 +718,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in {ROOT / m for m in MODULES}]
     if args.site:
         sys.path.insert(0, os.path.abspath(args.site))
+    if args.effect_lifecycle:
+        print(json.dumps(replay_effect_lifecycle(Path(args.install_dir))))
+        return 0
     if args.quit_during_training:
         report = replay_quit_during_training(Path(args.install_dir), *args.quit_during_training)
         print(json.dumps(report))

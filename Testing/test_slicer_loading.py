@@ -77,3 +77,16 @@ def test_a_pip_installed_engine_does_not_shadow_the_extensions(tmp_path):
     assert report["engine_file"].startswith(report["install"]), report["engine_file"]
     for name in ("MedSAMSlicerLib", "MedSAMBridgeLib"):
         assert report["packages"][name]["file"].startswith(report["install"]), report["packages"][name]
+
+
+def test_effect_lifecycle_on_strict_stand_ins_leaves_nothing_connected(tmp_path):
+    """The effect's options, activation and cleanup run on stand-ins that accept only Slicer's,
+    CTK's and Qt's real names; after ``cleanup()`` no connection to the effect is left (its pump
+    timer's included), as ``AbstractScriptedSegmentEditorEffect.cleanup`` asks."""
+    install = slicer_replay.install_extension(tmp_path)
+    proc = subprocess.run([sys.executable, str(HERE / "slicer_replay.py"), str(install), "--effect-lifecycle"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["failures"], report["failures"]
+    assert report["left_connected"] == [], report["left_connected"]
