@@ -248,6 +248,11 @@ class TrainingJob:
                 out_thread.start()
                 code = self._wait(proc, out_thread)
                 err_thread.join(timeout=5)
+                if proc.stdin is not None:
+                    try:
+                        proc.stdin.close()
+                    except (OSError, ValueError):
+                        pass
                 if code != 0:
                     break
         finally:
