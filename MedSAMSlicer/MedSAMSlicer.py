@@ -66,9 +66,14 @@ def fillSpeedSelector(combo, current):
 
     wasBlocked = combo.blockSignals(True)
     combo.clear()
+    from MedSAMSlicerLib.speed import get_speed
+
     for index, (value, label, note, missing) in enumerate(speed_items()):
-        combo.addItem(label + (" - needs installing" if missing else ""), value)
-        combo.setItemData(index, note + (f" Not installed: {missing}." if missing else ""), qt.Qt.ToolTipRole)
+        install = bool(missing) and bool(get_speed(value).missing())  # else: this CPU lacks a feature
+        suffix = (" - needs installing" if install else " - not on this CPU") if missing else ""
+        why = (f" Not installed: {missing}." if install else f" Not on this CPU: {missing}.") if missing else ""
+        combo.addItem(label + suffix, value)
+        combo.setItemData(index, note + why, qt.Qt.ToolTipRole)
     combo.setCurrentIndex(max(combo.findData(current), 0))
     combo.blockSignals(wasBlocked)
 
@@ -434,6 +439,10 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         from MedSAMSlicerLib.speed import RUNTIMES, get_speed
 
         tier = get_speed(speed)
+        unsupported = tier.unsupported()
+        if unsupported:  # runs, in float32: say so, once, where the user chose it
+            slicer.util.warningDisplay(f"'{tier.label}' runs in float32 on this computer: {unsupported}.",
+                                       "MedSAM: speed setting")
         missing = tier.missing()
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
