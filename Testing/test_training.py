@@ -570,18 +570,19 @@ def test_job_runner_trains_from_raw_data_and_cancels(tmp_path, flare_dir):
                 "freeze_image_encoder": True, "batch_size": 1, "epochs": 50, "jitter": 2, "validation": False,
                 "save_every": 1, "device": "cpu"}
     exported = tmp_path / "models" / "run-litemedsam.pth"
-    job = TrainingJob(settings, env=_job_env(), preprocess={"preset": "litemedsam"}, grace_s=60, export_to=exported)
+    # The limits below only guard against a hang: a loaded 2-core machine is slow, not wrong.
+    job = TrainingJob(settings, env=_job_env(), preprocess={"preset": "litemedsam"}, grace_s=300, export_to=exported)
     job.start()
     assert job.command[3] == "preprocess" and len(job.commands) == 2
     assert job.commands[1][-3:] == ["--export-to", str(exported), "--progress-json"]
-    events, deadline = [], time.monotonic() + 240
+    events, deadline = [], time.monotonic() + 900
     while job.running and time.monotonic() < deadline:
         events += job.poll()
         if any(e.get("event") == "step" for e in events):
             # What the Slicer panel does when Slicer closes: stop, wait, nothing left running.
-            assert job.stop(60) == cli.EXIT_CANCELLED, job.error_text()
+            assert job.stop(300) == cli.EXIT_CANCELLED, job.error_text()
         time.sleep(0.2)
-    assert job.wait(60) == cli.EXIT_CANCELLED, job.error_text()
+    assert job.wait(300) == cli.EXIT_CANCELLED, job.error_text()
     events += job.poll()
     # The process exported the step it stopped at by itself: a plain LiteMedSAM weights file.
     assert any(e.get("event") == "exported" and e.get("source") == "latest.pth" for e in events), events
@@ -596,7 +597,7 @@ def test_job_runner_trains_from_raw_data_and_cancels(tmp_path, flare_dir):
     # a failing command: exit code 2 and its message
     bad = TrainingJob(commands=[["export", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")]], env=_job_env())
     bad.start()
-    assert bad.wait(120) == 2 and "not found" in bad.error_text()
+    assert bad.wait(600) == 2 and "not found" in bad.error_text()
 
 
 def test_torchrun_two_cpu_processes(prep_lite, tmp_path):
@@ -605,7 +606,7 @@ def test_torchrun_two_cpu_processes(prep_lite, tmp_path):
                "train", "--data", str(prep_lite), "--out", str(run), "--labels", str(GALLBLADDER),
                "--freeze-image-encoder", "--batch-size", "1", "--max-steps", "2", "--no-validation",
                "--device", "cpu", "--quiet"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_job_env(), cwd=tmp_path)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_job_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ck = load_checkpoint(run / "latest.pth")
     assert ck["world_size"] == 2 and ck["step"] == 2
