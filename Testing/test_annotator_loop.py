@@ -2,7 +2,7 @@
 corrections of the worst slice from the label (MedSAMSlicerLib.evaluation.loop), on the real CT.
 
 The default run checks the loop's guarantees on two small structures; the whole measurement (every
-CT structure on at least 10 slices, the README's table) is ``@pytest.mark.slow``.
+CT structure on at least 10 slices, docs/evaluation.md's table) is ``@pytest.mark.slow``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_loop_liver_after_one_correction(whole_loop):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="not met: 21 of 171 corrections lower the Dice, 18 by at most "
-                                       "0.01, the portal vein by 0.094 (README, 'The annotator's loop, measured')")
+                                       "0.01, the portal vein by 0.094 (docs/evaluation.md, 'The annotator's loop, measured')")
 def test_loop_never_lower_after_a_correction(whole_loop):
     lower = [(r.structure, a, b) for r in whole_loop for a, b in zip(r.dice, r.dice[1:]) if b < a]
     assert not lower, lower
@@ -81,6 +81,37 @@ def test_loop_never_lower_after_a_correction(whole_loop):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="not met: mean 0.524 after three; lungs (abdomen window), ribs, bones, "
-                                       "bowel stay low (README)")
+                                       "bowel stay low (docs/evaluation.md)")
 def test_loop_mean_after_three_corrections(whole_loop):
     assert np.mean([r.dice[min(3, len(r.dice) - 1)] for r in whole_loop]) > 0.90
+
+
+def test_loop_is_a_mode_of_evaluate(lite_segmenter, ct_case, tmp_path):
+    """``evaluate --modes 2d,loop --corrections N`` (issue 23, part 4): rows ``loop-0`` .. ``loop-N``
+    for each structure, the same simulated user as the loop command: ``loop-0`` is the 2d row (the
+    same box, automatic extent), each later row the loop's Dice after that many corrections, with
+    the slices fixed so far; the rows reach the CSV and the summary."""
+    from MedSAMSlicerLib.errors import MedSAMError
+    from MedSAMSlicerLib.evaluation.runner import check_modes
+
+    name = "adrenal_gland_left"
+    from MedSAMSlicerLib.evaluation import evaluate
+    from MedSAMSlicerLib.evaluation.report import format_summary, summarize, write_csv
+    from MedSAMSlicerLib.evaluation.runner import builtin_variants
+
+    structure = _structure(ct_case, name)
+    rows = evaluate([ct_case], [builtin_variants()["default"]], segmenter=lite_segmenter, modes=("2d", "loop"),
+                    corrections=1, include=lambda c, s: s is structure)
+    assert [r.mode for r in rows] == ["2d", "loop-0", "loop-1"]
+    lite_segmenter.set_volume(ct_case.image)
+    looped = run_loop(lite_segmenter, ct_case.mask(structure), corrections=1)
+    assert rows[1].dice == pytest.approx(rows[0].dice) and rows[1].corrected == ""
+    assert [r.dice for r in rows[1:]] == pytest.approx(looped.dice)
+    assert rows[2].corrected == "; ".join(looped.corrected)
+    write_csv(rows, tmp_path / "evaluation.csv")
+    header, *lines = (tmp_path / "evaluation.csv").read_text().splitlines()
+    assert "corrected" in header.split(",") and len(lines) == 3
+    assert "loop-1" in format_summary(summarize(rows))
+    for bad in (-1, 51, True, 1.5):
+        with pytest.raises(MedSAMError, match="--corrections must be a whole number from 0 to 50"):
+            check_modes(("loop",), bad)

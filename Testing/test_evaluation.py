@@ -2,7 +2,7 @@
 
 The floors test runs the real model on the shipped data through the same code path as the
 command (``evaluate``), on the session's shared LiteMedSAM segmenter, so slices other tests
-encoded are not encoded again. Measured values are printed (``-s``) and are in the README.
+encoded are not encoded again. Measured values are printed (``-s``) and are in docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ def test_evaluate_command(tmp_path):
 # core (the abdominal organs FLARE22 labels, the aorta with the iliac arteries, the MR organs);
 # the whole set (152 structures: ribs, vertebrae, muscles, bowel, thick slices, another scanner)
 # runs with -m slow. Where a floor of the issue is not reached, the test asserts what is reached
-# and says so (see the README's "Evaluation" section for the numbers and the gap).
+# and says so (see docs/evaluation.md for the numbers and the gap).
 
 CORE = ["ct/liver", "ct/spleen", "ct/kidney_right", "ct/kidney_left", "ct/pancreas", "ct/aorta",
         "ct/inferior_vena_cava", "ct/gallbladder", "ct/stomach", "ct/duodenum", "ct/adrenal_gland_right",
@@ -333,9 +333,9 @@ def _floors(rows, mean_3d, mean_2d, low_2d, low_3d, aorta_iliac_2d, mr_2d, max_l
     assert max(losses.values()) <= max_loss_vs_original, max(losses.items(), key=lambda kv: kv[1])
 
 
-# The issue's floors, and what this engine reaches on the shipped set (README, "Evaluation").
+# The issue's floors, and what this engine reaches on the shipped set (docs/evaluation.md).
 # Floors the engine does not reach are asserted at the level reached, rounded down, so that any
-# regression fails; the gap is stated in the README, not hidden here.
+# regression fails; the gap is stated in docs/evaluation.md, not hidden here.
 ISSUE_FLOORS = dict(mean_3d=0.86, mean_2d=0.83, low_3d=0.70, low_2d=0.70, aorta_iliac_2d=0.85, mr_2d=0.85,
                     max_loss_vs_original=0.01)
 # Measured on the core (17 structures, 2026-12-01): mean 3D Dice 0.785 (3d) / 0.754 (2d); worst
@@ -364,7 +364,7 @@ CORE_QUICK_REACHED = dict(mean_3d=0.77, mean_2d=0.75, low_3d=0.45, low_2d=0.32, 
 # What box prompts give at best there: the label's box on every labelled slice (per-slice mode),
 # 0.808 mean (2026-12-02), with 3 structures on >= 10 slices below 0.70 (pancreas, right adrenal
 # gland, MR left kidney): the issue's 0.86 / 0.70 floors are above what this model gives even
-# when every slice is boxed (README, "What box prompts can give at best").
+# when every slice is boxed (docs/evaluation.md, "What box prompts can give at best").
 CORE_QUICK_PER_SLICE = 0.80
 
 

@@ -59,10 +59,10 @@ def test_script_end_to_end(ct_scene, ct_sm_path, tmp_path, record_property):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--volume": "missing.nii.gz"}, "volume file not found"),
+        ({"--volume": "missing.nii.gz"}, "volume file 'missing.nii.gz' not found"),
         ({"--box-ras": ["500", "500", "500", "520", "520", "520"]}, "outside the volume"),
         ({"--output": "out.nii.gz"}, "must be a Slicer segmentation file"),
-        ({"--checkpoint": "no-such.pth"}, "checkpoint file not found"),
+        ({"--checkpoint": "no-such.pth"}, "checkpoint file 'no-such.pth' not found"),
     ],
 )
 def test_script_bad_input_exits_non_zero(change, message, ct_scene, ct_sm_path, tmp_path, capsys):
@@ -73,7 +73,7 @@ def test_script_bad_input_exits_non_zero(change, message, ct_scene, ct_sm_path, 
     argv = []
     for key, value in args.items():
         argv += [key, *(value if isinstance(value, list) else [value])]
-    assert _script_module().main(argv) == 1
+    assert _script_module().main(argv) == 2  # bad input: 2, as every command (docs/safety.md)
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "out.seg.nrrd").exists()
@@ -83,7 +83,7 @@ def test_script_refuses_to_replace_output_and_bad_arguments(ct_sm_path, tmp_path
     existing = tmp_path / "out.seg.nrrd"
     existing.write_text("keep me")
     argv = ["--volume", str(ct_sm_path), "--box-ras", "0", "0", "0", "1", "1", "1", "--output", str(existing)]
-    assert _script_module().main(argv) == 1
+    assert _script_module().main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
     assert _script_module().main(["--volume", str(ct_sm_path)]) == 2
@@ -119,7 +119,7 @@ def test_script_adds_to_an_existing_segmentation(shared_segmenter, ct_scene, ct_
 def test_script_speed_setting_reaches_the_engine(shared_segmenter, ct_scene, ct_sm_path, tmp_path, capsys,
                                                    monkeypatch):
     """--speed fast: the bridge's segmenter runs the encoder through OpenVINO and the spleen comes
-    out as with the exact setting (the 'fast' tier's claim, README "Speed settings")."""
+    out as with the exact setting (the 'fast' tier's claim, docs/performance.md, "Speed settings")."""
     pytest.importorskip("openvino")
     from MedSAMBridgeLib.headless import load_segmentation
     from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV

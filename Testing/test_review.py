@@ -99,7 +99,7 @@ def test_existing_review_is_replaced_only_with_overwrite(ct_path, kidney_box, tm
     path = review_path(out)
     path.write_text("precious")
     code = main(["segment", str(ct_path), "--box-ijk", *map(str, kidney_box), "-o", str(out)])
-    assert code == 2 and "kidney.review.json exists" in capsys.readouterr().err
+    assert code == 2 and "kidney.review.json' already exists" in capsys.readouterr().err
     assert path.read_text() == "precious" and not out.exists()
     segment_file(str(ct_path), out, box_ijk=kidney_box, segmenter=lite_segmenter, progress=False, overwrite=True)
     report = json.loads(path.read_text())

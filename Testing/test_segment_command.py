@@ -158,7 +158,8 @@ def test_prompt_errors_name_the_prompt(ct, ct_path, named_boxes, tmp_path, capsy
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"name": "liver", "box_ijk": [1, 2, 3]}]))
     code, err = _cli(["segment", str(ct_path), "--prompts", str(bad), "-o", str(out)], capsys)
-    assert code == 2 and "structure 1 of 'bad.json' ('liver'): box_ijk needs six numbers" in err
+    assert code == 2 and ("bad.json': structure 1 ('liver'), box_ijk: must be six whole numbers I0 J0 K0 I1 J1 K1 "
+                          "(voxel indices); got [1, 2, 3]") in err
     bad.write_text(json.dumps([{"name": "liver", "box_ijk": [1, 2, 3, 4, 5, 6], "box_ras": [1, 2, 3, 4, 5, 6]}]))
     code, err = _cli(["segment", str(ct_path), "--prompts", str(bad), "-o", str(out)], capsys)
     assert code == 2 and "exactly one of box_ijk or box_ras" in err

@@ -2,7 +2,7 @@
 
 One Segmenter (and its embedding cache) serves the whole module, so every slice is encoded once.
 The boxes play the user: the tight box of the reference label on the slice where it is largest.
-Measured Dice values are printed (run with ``-s``) for the notes and the README.
+Measured Dice values are printed (run with ``-s``) for the notes and docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from MedSAMSlicerLib.progress import Cancelled, CancelToken
 from MedSAMSlicerLib.segmenter import Segmenter
 
 LABELS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3, "aorta": 52}
-# Floors asserted on this CT (3 mm voxels, 122x101 slices). Measured values are in the README.
+# Floors asserted on this CT (3 mm voxels, 122x101 slices). Measured values are in docs/evaluation.md.
 FLOORS_AUTO = {"liver": 0.85, "spleen": 0.85, "kidney_right": 0.85, "kidney_left": 0.85, "aorta": 0.85}
 FLOORS_RANGE = {"liver": 0.85, "spleen": 0.85, "kidney_right": 0.85, "kidney_left": 0.85, "aorta": 0.80}
 

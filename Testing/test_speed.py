@@ -1,8 +1,8 @@
 """Speed settings give the masks they claim (``speed.py``, ``strided.py``, ``encoder_runtimes.py``).
 
 Real CT, real LiteMedSAM weights. The exact tier must give today's masks; the others must stay
-within the agreement floors measured by ``medsam-slicer bench --compare alternatives`` (README,
-"Speed settings"). Speed itself is the benchmark's business, not asserted here. The boxes are on
+within the agreement floors measured by ``medsam-slicer bench --compare alternatives``
+(docs/performance.md, "Speed settings"). Speed itself is the benchmark's business, not asserted here. The boxes are on
 the left kidney's slices, which ``test_segmenter.py`` already encodes with the shared segmenter;
 the OpenVINO and ONNX Runtime checks encode a few slices of their own and are skipped when the
 runtime is not installed (``pip install medsam-slicer[fast]``).
@@ -28,7 +28,7 @@ from MedSAMSlicerLib.strided import SliceSubset, computed_slices, interpolate_ma
 from MedSAMSlicerLib.volumes import read_volume
 
 KIDNEY_LEFT = 3
-#: "fastest" on this test's case (README, "Speed settings", has the benchmark's cases).
+#: "fastest" on this test's case (docs/performance.md, "Speed settings", has the benchmark's cases).
 FASTEST_FLOOR_VS_EXACT = 0.93
 FASTEST_LOSS_VS_LABELS = 0.02
 

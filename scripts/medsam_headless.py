@@ -9,8 +9,10 @@ Runs unchanged in two places:
 Without ``slicer.app`` it builds the MRML scene and the module logics itself
 (``MedSAMBridgeLib.headless.create_headless_scene``). Either way it loads the volume with
 the Volumes logic, runs the same bridge the Segment Editor effect uses, and writes the
-``.seg.nrrd`` with the segmentation's storage node. Bad input ends with exit code 1 and a message
-saying what to fix; command-line mistakes with exit code 2.
+``.seg.nrrd`` with the segmentation's storage node, through the engine's one writer. Bad input
+ends, before any model loads, with exit code 2 and one line saying what to fix (as every
+``medsam-slicer`` command: docs/safety.md); other failures with exit code 1; Ctrl+C with 130 and
+SIGTERM with 143, nothing written.
 
 The box is two opposite corners in RAS millimetres (Slicer's world coordinates). A box that
 spans several slices bounds the propagation (LiteMedSAM's 3D box); a flat box (S0 == S1) is drawn
@@ -53,7 +55,7 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     parser.add_argument("--speed", default=DEFAULT_SPEED, choices=list(SPEED_TIERS),
                         help="exact (default), fast or fastest: what the model may trade for speed on a CPU "
-                             "(fast and fastest need OpenVINO; README, 'Speed settings')")
+                             "(fast and fastest need OpenVINO; see docs/performance.md)")
     parser.add_argument("--direction", default="both", choices=DIRECTIONS,
                         help="propagation direction for a flat box")
     parser.add_argument("--slice-only", action="store_true", help="segment only the box's slice (2D)")
@@ -74,18 +76,26 @@ def run(args):
 
     from MedSAMBridgeLib import headless
     from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
+    from MedSAMSlicerLib.atomic import check_output
     from MedSAMSlicerLib.errors import MedSAMError
+    from MedSAMSlicerLib.integrity import check_image_file
     from MedSAMSlicerLib.progress import TerminalProgress
+    from MedSAMSlicerLib.userfiles import check_regular_file
+    from MedSAMSlicerLib.volumes import check_volume_file
 
-    output = os.path.abspath(args.output)
-    if not output.lower().endswith(".seg.nrrd"):
+    # Everything the command line checks, before any module or model loads: the inputs (regular
+    # files, complete, readable headers) and the output (name, folder, links, --overwrite).
+    if not args.output.lower().endswith(".seg.nrrd"):
         raise MedSAMError(f"the output must be a Slicer segmentation file ending in .seg.nrrd; got '{args.output}'")
-    if os.path.exists(output) and not args.overwrite:
-        raise MedSAMError(f"the output '{args.output}' exists; choose another name or pass --overwrite")
-    if not os.path.isdir(os.path.dirname(output)):
-        raise MedSAMError(f"the output folder '{os.path.dirname(output)}' does not exist")
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
-        raise MedSAMError(f"checkpoint file not found: {args.checkpoint}")
+    check_volume_file(args.volume, "volume file")
+    inputs = [args.volume]
+    if args.segmentation:
+        check_image_file(args.segmentation, "segmentation file")
+        inputs.append(args.segmentation)
+    if args.checkpoint:
+        check_regular_file(args.checkpoint, "checkpoint file")
+    output = os.fspath(check_output(os.path.abspath(args.output), args.overwrite, inputs=inputs,
+                                    formats=(".seg.nrrd",)))
     if headless.has_application() and args.install_dependencies:
         import MedSAMSlicer
 
@@ -122,7 +132,7 @@ def run(args):
         segment_name=args.segment_name,
         progress=TerminalProgress("MedSAM"),
     )
-    headless.save_node(segmentation, output)
+    headless.save_node(segmentation, output, overwrite=args.overwrite)
     # Slices named as the volume's own index (what Slicer's Data Probe shows), not our canonical z.
     name_slice = prediction.source.orientation.slice_to_index
     axis, k = name_slice(prediction.prompt.z)
@@ -140,7 +150,8 @@ def run(args):
 
 
 def main(argv=None):
-    """Exit status: 0 done, 1 bad input or failure (message on stderr), 2 command-line error."""
+    """Exit status: 0 done, 2 bad input or command-line error (one line on stderr), 1 another
+    failure, 130 interrupted, 143 terminated."""
     _add_module_path()
     try:
         from MedSAMSlicerLib.errors import MedSAMError
@@ -152,11 +163,20 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage
         return int(exc.code or 0)
+    from MedSAMSlicerLib.progress import Terminated, sigterm_as_interrupt
+
     try:
-        run(args)
+        with sigterm_as_interrupt():
+            run(args)
     except MedSAMError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    except Terminated:
+        print("\nterminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        return 130
     except ImportError as exc:
         print(f"error: a Python package is missing ({exc}). In Slicer, open the MedSAM module once or pass "
               "--install-dependencies; elsewhere install the project's requirements.", file=sys.stderr)

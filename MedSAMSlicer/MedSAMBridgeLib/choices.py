@@ -61,7 +61,7 @@ COMBINE_MODES = tuple(value for value, _ in COMBINE_CHOICES)
 def speed_items() -> List[Tuple[str, str, str, Optional[str]]]:
     """The speed settings a panel offers, fastest last: ``(value, label, tooltip, missing)``;
     ``missing`` is ``None`` when the setting can run here, else why not and what to install.
-    The tooltip states what the setting costs in accuracy (measured; README "Speed settings")."""
+    The tooltip states what the setting costs in accuracy (measured; docs/performance.md, "Speed settings")."""
     items = []
     for value, label, note, missing in speed_choices():
         if value == DEFAULT_SPEED:

@@ -86,55 +86,78 @@ def segmentations_logic():
 def load_volume(path: str, name: Optional[str] = None, labelmap: bool = False):
     """Load a scalar (or label) volume file (NIfTI, NRRD, MHA, ...) into the scene.
 
+    The file is checked first as the command line checks it
+    (:func:`~MedSAMSlicerLib.volumes.check_volume_file`: a regular file, every voxel byte there,
+    intact compressed data, a header SimpleITK reads), so a truncated NIfTI is refused here too
+    and Slicer's readers never print their own errors before ours.
+
     Raises:
         MedSAMError: the file does not exist or cannot be read as a volume.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MedSAMError(f"volume file not found: {path}")
+    from MedSAMSlicerLib.itk_io import quiet_itk
+    from MedSAMSlicerLib.volumes import check_volume_file
+
+    path = os.fspath(check_volume_file(path, "volume file"))
     if name is None:
         name = _stem(path)
-    # Bit 0 of the options is "label map".
-    node = volumes_logic().AddArchetypeVolume(path, name, 1 if labelmap else 0)
+    # Bit 0 of the options is "label map". Slicer's readers print their errors (with colour
+    # codes) straight to the process's stderr: collected, and ours said instead.
+    with quiet_itk():
+        node = volumes_logic().AddArchetypeVolume(path, name, 1 if labelmap else 0)
     if node is None or node.GetImageData() is None:
         raise MedSAMError(f"could not read a volume from {path}: is it an image file (NIfTI, NRRD, MHA)?")
     return node
 
 
 def load_segmentation(path: str, name: Optional[str] = None):
-    """Load a segmentation file (``.seg.nrrd``, or a labelmap image: one segment per label).
+    """Load a segmentation file (``.seg.nrrd``, or a labelmap image: one segment per label),
+    checked first as every image file is (:func:`~MedSAMSlicerLib.integrity.check_image_file`).
 
     Raises:
         MedSAMError: the file does not exist or cannot be read as a segmentation.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MedSAMError(f"segmentation file not found: {path}")
+    from MedSAMSlicerLib.integrity import check_image_file
+    from MedSAMSlicerLib.itk_io import quiet_itk
+
+    path = os.fspath(check_image_file(path, "segmentation file"))
     if name is None:
         name = _stem(path)
-    node = segmentations_logic().LoadSegmentationFromFile(path, True, name)
+    with quiet_itk():
+        node = segmentations_logic().LoadSegmentationFromFile(path, True, name)
     if node is None:
         raise MedSAMError(f"could not read a segmentation from {path}")
     return node
 
 
-def save_node(node, path: str) -> None:
-    """Write ``node`` with its default storage node (``.seg.nrrd`` for segmentations).
+def save_node(node, path: str, overwrite: bool = True) -> None:
+    """Write ``node`` with its default storage node (``.seg.nrrd`` for segmentations), through the
+    one writer (:func:`~MedSAMSlicerLib.atomic.atomic_write`): into a temporary file beside
+    ``path``, then published at once; a link at ``path`` is replaced, never written through;
+    without ``overwrite`` an existing file is never replaced.
 
     Raises:
         MedSAMError: the file could not be written.
     """
+    from MedSAMSlicerLib.atomic import atomic_write
+    from MedSAMSlicerLib.itk_io import quiet_itk
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MedSAMError(f"output folder does not exist: {folder}")
     storage = node.GetStorageNode()
     if storage is None:
         node.AddDefaultStorageNode()
         storage = node.GetStorageNode()
-    storage.SetFileName(path)
-    if not storage.WriteData(node):
-        raise MedSAMError(f"could not write {path}")
+
+    def write(tmp) -> None:
+        storage.SetFileName(os.fspath(tmp))
+        with quiet_itk() as native:
+            written = storage.WriteData(node)
+        if not written:
+            raise OSError(f"Slicer's {storage.GetClassName()} could not write it" + (f": {native[-1]}" if native else ""))
+
+    try:
+        atomic_write(path, write, overwrite=overwrite)
+    finally:
+        storage.SetFileName(path)
 
 
 def _stem(path: str) -> str:

@@ -182,14 +182,35 @@ def check_destination(path: PathLike, overwrite: bool = True, what: str = "outpu
     return target
 
 
+def check_folder(path: PathLike, what: str = "output folder") -> Path:
+    """Check, before any work, that files can be written into the folder ``path`` (an existing
+    folder, or one that can be created where it would be); return it (``~`` expanded).
+
+    Refuses (:class:`MedSAMError`): a file (or anything but a folder) at ``path`` or on the way
+    to it; a folder where nothing can be created (tested as :func:`check_destination` does).
+    """
+    folder = Path(os.path.expanduser(os.fspath(path)))
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise MedSAMError(f"{what} '{folder}' is a file, not a folder; give a folder (it is created if missing)")
+    except OSError as exc:
+        raise MedSAMError(f"{what} '{folder}' cannot be used ({exc.strerror or exc})") from None
+    check_destination(folder / ".medsam-probe", overwrite=True, what=what)
+    return folder
+
+
 def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLike] = (),
-                 formats: Sequence[str] = ()) -> Path:
+                 formats: Sequence[str] = (), what: str = "output", input_kind: str = "image") -> Path:
     """Check, before any work, that a result made from ``inputs`` can be written to ``path``; return it.
 
     Refuses (:class:`MedSAMError`): an extension not in ``formats`` (when given); a path that is one
-    of the ``inputs`` (or a detached data file of one: writing there would destroy the image); and
-    everything :func:`check_destination` refuses (a folder at that path, a name too long, a folder
-    where nothing can be written, an existing file without ``overwrite``).
+    of the ``inputs`` (or a detached data file of one: writing there would destroy the image), even
+    through a link; and everything :func:`check_destination` refuses (a folder at that path, a name
+    too long, a folder where nothing can be written, an existing file or link without ``overwrite``).
+    ``what`` names the file in messages ("output", "review", "summary"); ``input_kind`` the inputs.
+
+    With ``overwrite``, a link at ``path`` is replaced by the new file, never written through: the
+    file it points to is left as it was (:func:`atomic_write` publishes with ``os.replace``).
     """
     p = Path(os.path.expanduser(os.fspath(path)))
     for source in inputs:
@@ -200,15 +221,15 @@ def check_output(path: PathLike, overwrite: bool = True, inputs: Sequence[PathLi
                 same = False
             if same:
                 raise MedSAMError(
-                    f"The output '{p}' is the input image{'' if f == Path(source) else f' data ({f})'}; writing "
-                    "the result there would destroy the image. Choose another output name."
+                    f"The {what} '{p}' is the input {input_kind}{'' if f == Path(source) else f' data ({f})'}; "
+                    f"writing the result there would destroy the {input_kind}. Choose another output name."
                 )
     if formats and split_extension(p.name)[1].lower() not in formats and not p.is_dir():
         raise MedSAMError(
             f"Cannot write to '{p.name}': the name must end in one of {', '.join(formats)} "
             "(.mhd is not supported because it writes two files)."
         )
-    return check_destination(p, overwrite=overwrite)
+    return check_destination(p, overwrite=overwrite, what=what)
 
 
 def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
@@ -290,13 +311,13 @@ def write_json(path: PathLike, data: Any) -> Path:
     return atomic_write(path, _write)
 
 
-def write_text(path: PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8), atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def write_text(path: PathLike, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` (UTF-8), atomically (without ``overwrite``, never over an existing file)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
 
 
-def torch_save(path: PathLike, obj: Any) -> Path:
-    """``torch.save(obj)`` atomically."""
+def torch_save(path: PathLike, obj: Any, overwrite: bool = True) -> Path:
+    """``torch.save(obj)`` atomically (without ``overwrite``, never over an existing file)."""
     import torch
 
     def _write(tmp: Path) -> None:
@@ -305,4 +326,4 @@ def torch_save(path: PathLike, obj: Any) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
 
-    return atomic_write(path, _write)
+    return atomic_write(path, _write, overwrite=overwrite)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from .boxes import DIRECTIONS
 from .errors import MedSAMError
-from .progress import Cancelled
+from .progress import Cancelled, Terminated, sigterm_as_interrupt
 from .segment_command import review_path, segment_file  # noqa: F401  (re-exported: the command's API)
 from .speed import SPEED_TIERS
 
@@ -63,6 +63,9 @@ Before the model loads, the input is checked: a truncated or damaged file, a DIC
 a missing or unreadable slice or uneven spacing (--allow-gaps reads it anyway), NaN or infinite
 voxels, or a blank volume end the run with a message, as do a box under 2 voxels across and an
 output that cannot be written. A window that shows next to nothing of the image gets a warning.
+A --prompts file and a --replay record are checked whole (types, ranges, every box) first too;
+names that differ only in spaces are one name. Exit code 2 and one line for any bad input,
+nothing written (docs/safety.md).
 """
 
 
@@ -73,7 +76,8 @@ z-range ("3d") and from the box alone, its extent found automatically ("2d"); on
 ("--modes per-slice") every labelled slice gets the label's own box, no propagation: the most box
 prompts can give, as MedSAM's papers evaluate ("per-part": one box per piece). Per structure:
 Dice, normalised surface Dice (FLARE22's NSD; FLARE22's tolerance for its organs, else 3 mm),
-slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png.
+slices found vs true, seconds. Writes evaluation.csv, summary.md and evaluation.png (an earlier
+run's results in --out are replaced only with --overwrite; docs/safety.md).
 
 Variants compare settings in one run (slices are encoded once for all of them):
   medsam-slicer evaluate --variant default --variant original
@@ -184,12 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a setting for every variant (repeatable)")
     ev.add_argument("--modes", default="3d,2d", help="comma-separated: 3d (true z-range), 2d (automatic extent), per-slice (the label's box on "
                     "every labelled slice, no propagation: the most box prompts give), per-part (the same, one box "
-                    "per piece of the label) (default 3d,2d)")
+                    "per piece of the label), loop (the simulated annotator: rows loop-0 .. loop-N, the "
+                    "first box then each fix of the worst slice from the label) (default 3d,2d)")
+    ev.add_argument("--corrections", type=int, default=3, help="the loop's corrections at most (default 3)")
     ev.add_argument("--box-margin", type=int, default=0, help="pixels around the label's box (default 0: tight)")
     ev.add_argument("--include", action="append", default=[], metavar="PATTERN",
                     help="only structures matching case/structure glob patterns, e.g. 'mr/*' (repeatable)")
     ev.add_argument("--min-slices", type=int, default=5, help="skip structures on fewer slices (default 5)")
     ev.add_argument("--out", default="medsam-evaluation", help="output folder (default ./medsam-evaluation)")
+    ev.add_argument("--overwrite", action="store_true",
+                    help="replace the result files of an earlier run in --out (refused otherwise)")
     ev.add_argument("--embedding-cache", metavar="DIR", help="keep slice embeddings in DIR between runs")
     ev.add_argument("--threads", type=int, help="CPU threads (default: all; 1 is fastest on a busy machine)")
     _add_model_args(ev)
@@ -261,7 +269,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,
         include=args.include, min_slices=args.min_slices, out=args.out, embedding_cache=args.embedding_cache,
         model=args.model, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
-        threads=args.threads,
+        threads=args.threads, overwrite=args.overwrite, corrections=args.corrections,
     )
     return 0
 
@@ -289,6 +297,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    with sigterm_as_interrupt():
+        return _run_command(parser, args)
+
+
+def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """One subcommand, with every failure turned into its message and exit code (2 bad input,
+    130 interrupted by Ctrl+C, 143 terminated by SIGTERM)."""
     try:
         if args.command == "segment":
             return cmd_segment(args)
@@ -315,6 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Cancelled:
         print("medsam-slicer: cancelled; nothing was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nmedsam-slicer: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\nmedsam-slicer: interrupted; nothing was written", file=sys.stderr)
         return 130

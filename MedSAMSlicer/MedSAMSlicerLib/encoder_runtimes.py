@@ -1,7 +1,7 @@
 """The image encoder run by another CPU runtime: OpenVINO or ONNX Runtime (optional installs).
 
 The encoder is ~90% of a propagation's time on a CPU, and both runtimes run LiteMedSAM's TinyViT
-encoder faster than torch on the CPUs measured (README, "Speed settings"). Each takes the plain
+encoder faster than torch on the CPUs measured (docs/performance.md, "Speed settings"). Each takes the plain
 model (the checkpoint's own modules, before :func:`~.optimize.optimize_for_inference`), converts
 it once and keeps the converted file on disk, so later sessions load it in about a second:
 
@@ -9,7 +9,7 @@ it once and keeps the converted file on disk, so later sessions load it in about
   ``openvino.convert_model``, saved as OpenVINO IR (``.xml`` + ``.bin``, float32 weights).
   ``precision="f32"`` computes in float32 (embeddings equal torch's to ~1e-5); ``"bf16"`` lets
   OpenVINO compute in bfloat16 where the CPU has it natively (AVX512-BF16, AMX): faster, and the
-  masks move (measured in the README).
+  masks move (measured in docs/performance.md).
 - **ONNX Runtime** (``pip install onnxruntime onnx``): the encoder exported by
   ``torch.onnx.export`` (the TorchScript exporter, which needs the ``onnx`` package), float32.
 

@@ -5,7 +5,8 @@ cheap (a panel opening).
 
 - :func:`hash_file` / :func:`sha256_file`: digests, read in 1 MiB chunks.
 - :func:`package_file` finds a file inside an installed distribution without importing it.
-- :func:`read_table` reads a small JSON or TOML file (an evaluation set, a list of prompts).
+- :func:`read_table` reads a small JSON or TOML file (an evaluation set, a list of prompts) through
+  :mod:`~MedSAMSlicerLib.userfiles`.
 - :func:`download` streams a URL to ``dest`` through a temporary file, verifies the digest and
   renames atomically, so ``dest`` is either complete or absent.
 """
@@ -15,12 +16,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import importlib.metadata
-import json
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .errors import MedSAMError
 from .progress import CancelToken, ProgressCallback, check_cancel, report
@@ -151,20 +151,9 @@ def download(
     return dest
 
 
+def read_table(path: Path, what: str) -> Any:
+    """A user's JSON or TOML (``.toml``) file as data; ``what`` names it in errors (the one reader,
+    :func:`~MedSAMSlicerLib.userfiles.load_table`: a regular file, at most 1 MiB, UTF-8, strict)."""
+    from .userfiles import load_table
 
-def read_table(path: Path, what: str) -> dict:
-    """A JSON or TOML (``.toml``; Python 3.11 or newer) file as data; ``what`` names it in errors."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MedSAMError(f"cannot read the {what} '{path}' ({exc.strerror})") from None
-    try:
-        if Path(path).suffix.lower() == ".toml":
-            import tomllib  # Python >= 3.11
-
-            return tomllib.loads(text)
-        return json.loads(text)
-    except ImportError:
-        raise MedSAMError(f"TOML files ({what}) need Python 3.11 or newer; write it as JSON") from None
-    except ValueError as exc:
-        raise MedSAMError(f"the {what} '{path}' is not valid {Path(path).suffix.lstrip('.').upper()}: {exc}") from None
+    return load_table(path, what)

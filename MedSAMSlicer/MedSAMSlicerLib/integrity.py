@@ -261,6 +261,22 @@ def check_file_complete(path: PathLike) -> None:
         )
 
 
+def check_image_file(path: PathLike, what: str = "input") -> Path:
+    """The one check of every image file any command reads (volumes, labelmaps, ``.seg.nrrd``),
+    before SimpleITK, ITK or Slicer opens it: a regular file (a FIFO, a device or a folder is
+    refused: :func:`~MedSAMSlicerLib.userfiles.check_regular_file`) with every voxel byte its
+    header promises and intact compressed data (:func:`check_file_complete`). Returns the path.
+
+    Raises:
+        MedSAMError: naming the file and the problem.
+    """
+    from .userfiles import check_regular_file
+
+    p = check_regular_file(path, what)
+    check_file_complete(p)
+    return p
+
+
 def input_files(path: Path) -> List[Path]:
     """The files a volume is read from: the file itself and, for a header with detached voxel data
     (``.nhdr``, ``.mhd``), its data file (a DICOM folder: none, since none can be an output)."""

@@ -9,7 +9,7 @@ same (the tests check both on real CT with the real LiteMedSAM weights). Reduced
 whole encoder is a separate choice, the ``precision`` setting
 (:func:`~MedSAMSlicerLib.devices.select_precision`).
 
-What is done, and why (measured with ``medsam-slicer bench``; see the README):
+What is done, and why (measured with ``medsam-slicer bench``; see docs/performance.md):
 
 TinyViT (LiteMedSAM). Stage 0 runs MBConv blocks at full 256x256 resolution with 256 channels, so
 every elementwise pass costs a 64 MB tensor per slice:

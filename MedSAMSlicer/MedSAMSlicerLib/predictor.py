@@ -158,8 +158,8 @@ class Predictor:
         #: Decode the boxes of one slice in one decoder call (a batch). On by default on GPUs, where
         #: one call for B boxes costs about as much as one box. Off on CPUs: there a batch costs what
         #: its boxes cost one by one, and multi-threaded CPU kernels are chosen by the batch size, so
-        #: a box's logits in a batch differ from its logits alone by ~1e-5 (README, "Several
-        #: structures at once"); one call per box keeps every mask bit-identical to the box alone.
+        #: a box's logits in a batch differ from its logits alone by ~1e-5 (docs/performance.md,
+        #: "Several structures as one job"); one call per box keeps every mask bit-identical to the box alone.
         self.batch_decode = torch.device(device).type != "cpu"
 
     # -- volume -------------------------------------------------------------------------------

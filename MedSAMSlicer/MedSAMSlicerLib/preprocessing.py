@@ -113,7 +113,7 @@ class Window:
         """A window from the intensities around a prompt: the ``percentiles`` of slice ``z`` of
         ``volume`` ``(z, y, x)`` inside the box ``(x0, y0, x1, y1)`` grown by ``grow`` times its
         size on each side (kept inside the slice). Measured by ``medsam-slicer evaluate`` as
-        ``window=box``, not a default (README, "What was tried")."""
+        ``window=box``, not a default (docs/decisions.md)."""
         data = np.asarray(volume)
         h, w = data.shape[1:]
         x0, y0, x1, y1 = (float(v) for v in box)

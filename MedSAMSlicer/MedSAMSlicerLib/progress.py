@@ -8,10 +8,12 @@ cancelled run stops at a clean boundary and the caller decides what to keep (usu
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional, TextIO
+from typing import Callable, Iterator, Optional, TextIO
 
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -87,3 +89,31 @@ class TerminalProgress:
         if finished:
             self.stream.write("\n")
         self.stream.flush()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a closing terminal, a job scheduler), raised like Ctrl+C's
+    :class:`KeyboardInterrupt` so that the same clean-up runs (no temporary file is left)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread, as SIGINT raises
+    :class:`KeyboardInterrupt`: the one rule of the command-line front ends (``medsam-slicer``,
+    the headless script). Outside the main thread (or without SIGTERM) it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

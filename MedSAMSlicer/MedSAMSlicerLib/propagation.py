@@ -15,7 +15,7 @@ CT the spleen falls from Dice 0.95 to 0.79). ``wider_box=0`` reproduces the orig
 Without a z-range the structure's extent is ours to find: MedSAM was trained on non-empty slices
 only and always outputs *something* (MedSAM issue #136), so a stop rule decides where the
 structure ends. :class:`StopRule` documents the rule and its defaults, which were measured on the
-real CT shipped in ``Testing/Data`` (see the README's "Automatic extent" section).
+real CT shipped in ``Testing/Data`` (see docs/evaluation.md, "The stop rule, measured").
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class StopRule:
       abdomen window (L40/W400). With ``intensity_scale="spread"`` the threshold is instead in
       units of the structure's own spread (the interquartile range under the first mask, at
       least ``min_spread`` grey levels), the same meaning under any window; measured with
-      ``medsam-slicer evaluate`` it let the CT liver drift (README, "Evaluation"), so grey levels
+      ``medsam-slicer evaluate`` it let the CT liver drift (docs/decisions.md), so grey levels
       stay the default;
     - it has shrunk below ``min_area_fraction`` (15%) of the largest accepted slice: below that a
       box prompt no longer holds the model on the tapering tip, and it drifts to a neighbour of
@@ -68,7 +68,7 @@ class StopRule:
       bowel at a similar intensity without this rule).
 
     The defaults were chosen on the real CT shipped in ``Testing/Data`` by simulating each rule on
-    unbounded propagations of nine structures (README, "Automatic extent"). ``max_slices`` bounds
+    unbounded propagations of nine structures (docs/evaluation.md, "The stop rule, measured"). ``max_slices`` bounds
     a pass in any case.
     """
 

@@ -161,31 +161,56 @@ class Provenance:
 
     @classmethod
     def from_tags(cls, tags: Mapping[str, str], where: str = "the segment") -> Provenance:
-        """Read a record back from segment tags.
+        """Read a record back from segment tags, checked whole before anything uses it.
+
+        The JSON fields are parsed by the one strict reader (:func:`~MedSAMSlicerLib.userfiles.parse_json`:
+        no NaN, no numbers beyond a float, bounded nesting) and every field is checked against
+        the record's schema (:func:`_record_schema`): prompts and corrections of a known kind with
+        finite RAS numbers, a window with a finite level and a positive width (or percentiles
+        ``0 <= low < high <= 100``), a job with an id and its structures' names, known mode,
+        direction, speed and precision, SHA-256 digests of 64 hex digits.
 
         Raises:
-            MedSAMError: the tags hold no record (``where`` names the segment), or a damaged one.
+            MedSAMError: the tags hold no record (``where`` names the segment), or a damaged one
+                (naming the tag, the entry and the value).
         """
+        from .userfiles import SchemaError, parse_json
+
         if PREFIX + "Prompts" not in tags:
             raise MedSAMError(f"{where} has no record of how it was made (no {PREFIX}Prompts tag): only segments "
                               "written by medsam-slicer 0.1 or later can be replayed")
+        what = f"the record of {where} is damaged"
+        missing = [n for n in TAG_NAMES if n not in tags and n not in _OPTIONAL_TAGS]
+        if missing:
+            raise MedSAMError(f"{what}: it has no {missing[0]} tag")
+        values: Dict[str, Any] = {}
+        for name in TAG_NAMES:
+            if name not in tags:
+                continue
+            text = tags[name]
+            values[name] = parse_json(text, f"{what}: {name}") if name in _JSON_TAGS else text
+        values.setdefault(PREFIX + "Corrections", [])
+        schema = _record_schema()
         try:
-            record = cls(
-                prompts=json.loads(tags[PREFIX + "Prompts"]), mode=tags[PREFIX + "Mode"],
-                direction=tags[PREFIX + "Direction"], model=tags[PREFIX + "Model"],
-                weights_sha256=tags[PREFIX + "WeightsSHA256"], speed=tags[PREFIX + "Speed"],
-                precision=tags[PREFIX + "Precision"], window=json.loads(tags[PREFIX + "Window"]),
-                job=json.loads(tags[PREFIX + "Job"]), volume_sha256=tags[PREFIX + "Volume"],
-                version=tags.get(PREFIX + "Version", ""), date=tags.get(PREFIX + "Date", ""),
-                corrections=json.loads(tags.get(PREFIX + "Corrections", "[]")),
-            )
-        except (KeyError, ValueError) as exc:
-            raise MedSAMError(f"the record of {where} is damaged ({type(exc).__name__}: {exc})") from None
-        for prompt in record.prompts:
-            ras = prompt.get("ras") if isinstance(prompt, dict) else None
-            if prompt.get("kind") != "box" or not (isinstance(ras, list) and len(ras) == 2
-                                                   and all(isinstance(c, list) and len(c) == 3 for c in ras)):
-                raise MedSAMError(f"the record of {where} holds a prompt this version cannot replay: {prompt}")
+            for name, value in values.items():
+                values[name] = schema[name].check(value, name)
+            for n, c in enumerate(values[PREFIX + "Corrections"], 1):
+                _correction_schema(c, f"{PREFIX}Corrections[{n}]").check(c, f"{PREFIX}Corrections[{n}]")
+        except SchemaError as exc:
+            raise MedSAMError(f"{what}: {exc}") from None
+        record = cls(
+            prompts=values[PREFIX + "Prompts"], mode=values[PREFIX + "Mode"],
+            direction=values[PREFIX + "Direction"], model=values[PREFIX + "Model"],
+            weights_sha256=values[PREFIX + "WeightsSHA256"], speed=values[PREFIX + "Speed"],
+            precision=values[PREFIX + "Precision"], window=values[PREFIX + "Window"],
+            job=values[PREFIX + "Job"], volume_sha256=values[PREFIX + "Volume"],
+            version=values.get(PREFIX + "Version", ""), date=values.get(PREFIX + "Date", ""),
+            corrections=values[PREFIX + "Corrections"],
+        )
+        try:
+            record.window_object()
+        except MedSAMError as exc:
+            raise MedSAMError(f"{what}: {PREFIX}Window: {exc}") from None
         return record
 
     def window_object(self):
@@ -195,6 +220,84 @@ class Provenance:
         if "percentiles" in self.window:
             return Window(percentiles=tuple(self.window["percentiles"]))
         return Window(level=self.window["level"], width=self.window["width"])
+
+
+#: Tags a record may lack (written by older versions, or empty).
+_OPTIONAL_TAGS = (PREFIX + "Corrections", PREFIX + "Version", PREFIX + "Date")
+#: Tags that hold JSON.
+_JSON_TAGS = (PREFIX + "Prompts", PREFIX + "Corrections", PREFIX + "Window", PREFIX + "Job")
+
+
+def _record_schema():
+    """The schema of each tag of a record (:meth:`Provenance.from_tags`)."""
+    from .boxes import DIRECTIONS
+    from .speed import SPEED_TIERS
+    from .userfiles import Either, ListOf, Num, Str, Table
+
+    point = ListOf(Num(-1e7, 1e7), 3, 3)
+    box = Table({"kind": Str(choices=("box",)), "ras": ListOf(point, 2, 2), "combine": Str(max_len=40),
+                 "mode": Str(choices=("3d", "2d"))}, required=("kind", "ras"))
+    digest = _Digest()
+    return {
+        PREFIX + "Prompts": ListOf(box, 1, 1),
+        PREFIX + "Corrections": ListOf(_AnyTable(), 0, 10_000),
+        PREFIX + "Mode": Str(choices=("3d", "2d")),
+        PREFIX + "Direction": Str(choices=tuple(DIRECTIONS)),
+        PREFIX + "Model": Str(max_len=60),
+        PREFIX + "WeightsSHA256": digest,
+        PREFIX + "Speed": Str(choices=tuple(SPEED_TIERS)),
+        PREFIX + "Precision": Str(choices=("float32", "bfloat16", "float16")),
+        PREFIX + "Window": Either(
+            Table({"level": Num(-1e7, 1e7), "width": Num(0.0, 1e7, lo_open=True)}, required=("level", "width"),
+                  what="a level/width window"),
+            Table({"percentiles": ListOf(Num(0.0, 100.0), 2, 2)}, required=("percentiles",),
+                  what="a percentile window")),
+        PREFIX + "Job": Table({"id": Str(max_len=100), "structures": ListOf(Str(max_len=200), 1, 1000)},
+                              required=("id", "structures")),
+        PREFIX + "Volume": digest,
+        PREFIX + "Version": Str(max_len=40, empty=True),
+        PREFIX + "Date": Str(max_len=40, empty=True),
+    }
+
+
+def _correction_schema(value: Any, where: str):
+    """The schema of one correction, chosen by its ``kind`` (``box`` or ``accept``)."""
+    from .userfiles import Bool, ListOf, Num, SchemaError, Str, Table
+
+    point = ListOf(Num(-1e7, 1e7), 3, 3)
+    common = {"combine": Str(max_len=40), "mode": Str(choices=("3d", "2d"))}
+    kind = value.get("kind") if isinstance(value, dict) else None
+    if kind == "box":
+        return Table({"kind": Str(), "ras": ListOf(point, 2, 2), **common}, required=("kind", "ras"))
+    if kind == "accept":
+        return Table({"kind": Str(), "slice_ras": point, "edited": Bool(), **common}, required=("kind", "slice_ras"))
+    raise SchemaError(f"{where}, kind", "must be 'box' or 'accept'", kind)
+
+
+class _AnyTable:
+    """Each item a table (its kind's schema is checked after: :func:`_correction_schema`)."""
+
+    expected = "a table"
+
+    def check(self, value: Any, where: str) -> Any:
+        from .userfiles import SchemaError
+
+        if not isinstance(value, dict):
+            raise SchemaError(where, "must be a table", value)
+        return value
+
+
+class _Digest:
+    """A SHA-256 digest: 64 lower-case hex digits."""
+
+    expected = "a SHA-256 digest (64 hex digits)"
+
+    def check(self, value: Any, where: str) -> str:
+        from .userfiles import SchemaError
+
+        if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+            raise SchemaError(where, f"must be {self.expected}", value)
+        return value
 
 
 def new_job(structures: Sequence[str]) -> Dict[str, Any]:

@@ -4,7 +4,7 @@ Every slice of a :class:`~MedSAMSlicerLib.propagation.PropagationResult` keeps w
 said about it (:class:`~MedSAMSlicerLib.propagation.SliceRecord`: predicted IoU, area, the
 agreement of the narrow and the wider box, the overlap with the previous slice). :class:`DoubtRule`
 flags the slices worth a look; the signals and thresholds were chosen by measuring which of them
-predict a slice's error (per-slice Dice against the labels) on the shipped CT and MR (README,
+predict a slice's error (per-slice Dice against the labels) on the shipped CT and MR (docs/evaluation.md,
 "Doubtful slices"). Slices the user locked are never doubtful: the user made them.
 
 >>> doubtful_slices(result)            # [z, ...], the most doubtful first
@@ -34,7 +34,7 @@ class DoubtRule:
         max_intensity_shift: the median intensity under the mask (windowed, 0-255) further than
             this from the median over the result's slices: the mask has moved onto other tissue.
 
-    Measured (README, "Doubtful slices"): on the 14 structures of the shipped CT and MR that one
+    Measured (docs/evaluation.md, "Doubtful slices"): on the 14 structures of the shipped CT and MR that one
     box segments with 3D Dice >= 0.8 (421 propagated slices, 15% of them with slice Dice < 0.8),
     the predicted IoU (AUC 0.77), the narrow/wide agreement (0.74) and the intensity shift (0.64)
     predict a bad slice; the overlap with the previous slice (0.57), the area change (0.57) and

@@ -31,7 +31,7 @@ from .progress import TerminalProgress
 #: Embedding-cache cap of a one-shot ``segment`` run. The propagation needs only the batch of
 #: slices being encoded (1 on a CPU, 16 x 4 MB on a GPU); keeping every slice's embedding, as
 #: the interactive front ends do, only grew the process (liver, 43 slices, CPU: +398 MiB during
-#: the propagation; +220 MiB with this cap; README "Memory, as measured"). Several structures
+#: the propagation; +220 MiB with this cap; docs/performance.md, "Memory, as measured"). Several structures
 #: hold the slices they share beyond the cap (``Predictor.holding``).
 ONE_SHOT_CACHE_MB = 80
 
@@ -49,6 +49,8 @@ class NamedBox:
         values: ``(I0, J0, K0, I1, J1, K1)`` or ``(R0, A0, S0, R1, A1, S1)``.
         color: RGB in 0..1, or ``None`` (a default colour).
         where: how the user finds it again in errors, e.g. ``"prompt 2 'spleen'"``.
+        from_file: it comes from a prompts file (``where`` names the file; every error about it
+            starts with ``where``).
     """
 
     name: str
@@ -56,6 +58,7 @@ class NamedBox:
     values: Tuple[float, ...]
     color: Optional[Tuple[float, float, float]] = None
     where: str = ""
+    from_file: bool = False
 
 
 def _note(text: str) -> None:
@@ -75,6 +78,22 @@ def pair_boxes(boxes: Sequence[Tuple[str, Sequence[float]]], names: Optional[Seq
             for n, ((kind, values), name) in enumerate(zip(boxes, names))]
 
 
+#: At most this many structures in one run (a labelmap gives the n-th the value n, in uint8).
+MAX_STRUCTURES = 255
+
+
+def _prompt_schema():
+    from .userfiles import Int, ListOf, Num, Str, Table
+
+    coordinate = Int(-(2 ** 31), 2 ** 31 - 1, integral_floats=True)
+    return Table({
+        "name": Str(max_len=200),
+        "box_ijk": ListOf(coordinate, 6, 6, "six whole numbers I0 J0 K0 I1 J1 K1 (voxel indices)"),
+        "box_ras": ListOf(Num(-1e7, 1e7), 6, 6, "six finite numbers R0 A0 S0 R1 A1 S1 (mm)"),
+        "color": ListOf(Num(0.0, 1.0), 3, 3, "three numbers in 0..1 (red, green, blue)"),
+    }, required=["name"], what="a table")
+
+
 def read_prompts_file(path: Path) -> List[NamedBox]:
     """Structures from a JSON or TOML file (TOML needs Python 3.11)::
 
@@ -82,38 +101,49 @@ def read_prompts_file(path: Path) -> List[NamedBox]:
         name = "liver"
         box_ijk = [30, 20, 60, 80, 70, 60]  # or box_ras = [R0, A0, S0, R1, A1, S1]
         color = [0.86, 0.55, 0.4]           # optional, RGB in 0..1
-    """
-    from .files import read_table
 
-    data = read_table(Path(path), "prompts file")
-    entries = data.get("structure") if isinstance(data, dict) else data
+    Read by the one reader of user files (:mod:`~MedSAMSlicerLib.userfiles`: a regular file of at
+    most 1 MiB, UTF-8, strict JSON/TOML) and checked against its schema before anything else:
+    a name is text, ``box_ijk`` six whole numbers, ``box_ras`` six finite numbers (``true``,
+    ``"5"``, NaN are refused), ``color`` three numbers in 0..1, at most :data:`MAX_STRUCTURES`
+    structures. Errors name the file, the structure and the value.
+    """
+    from .userfiles import SchemaError, load_table, shown
+
+    p = Path(path)
+    what = f"the prompts file '{p}'"
+    data = load_table(p, "the prompts file")
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - {"structure"})
+        if unknown:
+            raise MedSAMError(f"{what}: unknown key {unknown[0]!r} at the top; list the structures as "
+                              "[[structure]] tables (JSON: {\"structure\": [...]})")
+        entries = data.get("structure")
+    else:
+        entries = data
     if not isinstance(entries, list) or not entries:
-        raise MedSAMError(f"the prompts file '{path}' lists no structures: give a list of "
+        raise MedSAMError(f"{what} lists no structures: give a list of "
                           "{name, box_ijk or box_ras[, color]} (in TOML: [[structure]] tables)")
+    if len(entries) > MAX_STRUCTURES:
+        raise MedSAMError(f"{what} lists {len(entries)} structures; at most {MAX_STRUCTURES} run as one job")
+    schema = _prompt_schema()
     out = []
     for n, entry in enumerate(entries, 1):
-        where = f"structure {n} of '{Path(path).name}'"
-        if not isinstance(entry, dict):
-            raise MedSAMError(f"{where} must be a table with name and box_ijk or box_ras; got {entry!r}")
-        unknown = sorted(set(entry) - {"name", "box_ijk", "box_ras", "color"})
-        if unknown:
-            raise MedSAMError(f"{where}: unknown key(s) {', '.join(unknown)}; use name, box_ijk or box_ras, color")
-        name = str(entry.get("name", "")).strip()
-        if not name:
-            raise MedSAMError(f"{where} has no name")
-        where = f"{where} ('{name}')"
+        where = f"structure {n}"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            where += f" ({shown(entry['name'])})"
+        try:
+            entry = schema.check(entry, where)
+        except SchemaError as exc:
+            raise MedSAMError(f"{what}: {exc}") from None
         kinds = [k for k in ("box_ijk", "box_ras") if k in entry]
         if len(kinds) != 1:
-            raise MedSAMError(f"{where}: give exactly one of box_ijk or box_ras")
-        values = entry[kinds[0]]
-        if not (isinstance(values, list) and len(values) == 6 and all(isinstance(v, (int, float)) for v in values)):
-            raise MedSAMError(f"{where}: {kinds[0]} needs six numbers; got {values!r}")
+            raise MedSAMError(f"{what}: {where}: give exactly one of box_ijk or box_ras; got "
+                              f"{' and '.join(kinds) or 'neither'}")
         color = entry.get("color")
-        if color is not None:
-            from .segnrrd import check_color
-
-            color = check_color(color, name)
-        out.append(NamedBox(name, kinds[0][4:], tuple(float(v) for v in values), color, where))
+        out.append(NamedBox(entry["name"], kinds[0][4:], tuple(float(v) for v in entry[kinds[0]]),
+                            None if color is None else (color[0], color[1], color[2]),
+                            f"{what}: {where}", from_file=True))
     return out
 
 
@@ -145,7 +175,9 @@ def canonical_box(volume, spec: NamedBox, several: bool) -> Tuple[int, int, int,
     try:
         if len(spec.values) != 6 or not all(math.isfinite(v) for v in spec.values):
             axes = "I0 J0 K0 I1 J1 K1" if spec.kind == "ijk" else "R0 A0 S0 R1 A1 S1"
-            raise MedSAMError(f"--box-{spec.kind} needs six finite numbers {axes}; got {len(spec.values)}")
+            shown = ", ".join(f"{v:g}" for v in spec.values)
+            raise MedSAMError(f"box_{spec.kind} needs six finite numbers {axes}; got [{shown}]" if spec.from_file
+                              else f"--box-{spec.kind} needs six finite numbers {axes}; got {shown}")
         if spec.kind == "ijk":
             box = ijk_box_to_canonical(volume, *spec.values)
         else:
@@ -154,7 +186,7 @@ def canonical_box(volume, spec: NamedBox, several: bool) -> Tuple[int, int, int,
         if problem:
             raise MedSAMError(problem)
     except MedSAMError as exc:
-        if several:
+        if several or spec.from_file:
             raise MedSAMError(f"{spec.where}: {exc}") from None
         raise
     return box
@@ -361,14 +393,23 @@ def segment_file(
         prompts = [NamedBox(name, kind, tuple(values), None, f"--box-{kind}")]
     if not prompts:
         raise MedSAMError("give at least one box (--box-ijk / --box-ras) or a --prompts file")
+    if len(prompts) > MAX_STRUCTURES:
+        raise MedSAMError(f"{len(prompts)} structures; at most {MAX_STRUCTURES} run as one job")
+    from dataclasses import replace as _replace
+
+    from .segnrrd import segment_name
+
     seen: Dict[str, str] = {}
+    named = []
     for spec in prompts:
-        if not spec.name.strip():
-            raise MedSAMError(f"{spec.where}: every structure needs a name")
-        if spec.name in seen:
-            raise MedSAMError(f"two structures are named '{spec.name}' ({seen[spec.name]} and {spec.where}); "
+        name = segment_name(spec.name, spec.where)
+        if name in seen:
+            same = "" if name == spec.name else f" (given as {spec.name!r}: names are compared with their spaces collapsed)"
+            raise MedSAMError(f"two structures are named '{name}' ({seen[name]} and {spec.where}){same}; "
                               "give each its own name")
-        seen[spec.name] = spec.where
+        seen[name] = spec.where
+        named.append(_replace(spec, name=name))
+    prompts = named
     several = len(prompts) > 1
     if several and slice_only:
         raise MedSAMError("--slice-only works on one structure; give one box")
@@ -378,9 +419,8 @@ def segment_file(
     from .volumes import LABELMAP_EXTENSIONS
 
     out = check_output(output, overwrite, inputs=[volume_path], formats=LABELMAP_EXTENSIONS)
-    if not slice_only and not overwrite and review_path(out).exists():
-        raise MedSAMError(f"{review_path(out)} exists (the review written beside the output); "
-                          "pass --overwrite to replace it or choose another output name")
+    if not slice_only:  # the review beside it: checked with the output, before anything is written
+        check_output(review_path(out), overwrite, inputs=[volume_path], what="the review written beside the output")
     volume = _read_checked_volume(volume_path, allow_gaps)
     boxes = {spec.name: canonical_box(volume, spec, several) for spec in prompts}
 
@@ -455,30 +495,49 @@ def _recorded_prompt(volume, corners_ras) -> BoxPrompt:
     return BoxPrompt.from_voxel_box(first_v, last_v)
 
 
-def _replay_corrections(segmenter, volume, done: _Done, corrections: Sequence[Mapping[str, object]]) -> None:
-    """Apply a record's corrections to a replayed 3D result, in order, as the Slicer effect made
-    them (:meth:`MedSAMBridge._correct <MedSAMBridgeLib.MRMLBridge.MedSAMBridge>`)."""
+def _correction_steps(volume, name: str, corrections: Sequence[Mapping[str, object]]) -> List[Tuple[int, object]]:
+    """A record's corrections on ``volume``, checked before the model loads: per correction
+    ``(z, box)`` for a new box, ``(z, None)`` for an accepted slice (canonical slice ``z``).
+
+    Raises:
+        MedSAMError: a correction whose box or slice misses the volume (naming the segment and
+            the correction).
+    """
     import numpy as np
 
     from .boxes import BoxOutside
-    from .corrections import Correction
 
-    result = done.result
+    steps: List[Tuple[int, object]] = []
     for i, c in enumerate(corrections, 1):
         try:
             if c["kind"] == "box":
                 fix = _recorded_prompt(volume, c["ras"])
-                correction = Correction.with_box(fix.z, fix.box)
+                steps.append((fix.z, fix.box))
             else:
-                z = volume.ras_to_canonical(np.asarray([c["slice_ras"]], dtype=float))[0][2]
-                correction = Correction.accept(int(round(float(z))))
+                z = int(round(float(volume.ras_to_canonical(np.asarray([c["slice_ras"]], dtype=float))[0][2])))
+                if not 0 <= z < volume.shape[0]:
+                    raise BoxOutside(2)
+                steps.append((z, None))
         except (BoxOutside, KeyError, TypeError, ValueError):
-            raise MedSAMError(f"segment '{done.name}', correction {i}: its slice or box does not fit the volume "
+            raise MedSAMError(f"segment '{name}', correction {i}: its slice or box lies outside the volume "
                               f"({dict(c)})") from None
+    return steps
+
+
+def _replay_corrections(segmenter, done: _Done, steps: Sequence[Tuple[int, object]]) -> None:
+    """Apply a record's corrections (:func:`_correction_steps`) to a replayed 3D result, in order,
+    as the Slicer effect made them (:meth:`MedSAMBridge._correct <MedSAMBridgeLib.MRMLBridge.MedSAMBridge>`)."""
+    import numpy as np
+
+    from .corrections import Correction
+
+    result = done.result
+    for z, box in steps:
+        correction = Correction.accept(z) if box is None else Correction.with_box(z, box)
         result = segmenter.correct(result, [correction], locked=result.locked, z_range=done.prompt.z_range)
     done.result = result
     done.mask = np.asarray(result.mask, dtype=bool)
-    done.how += f"; {len(corrections)} correction(s) replayed"
+    done.how += f"; {len(steps)} correction(s) replayed"
 
 
 def replay_file(
@@ -521,6 +580,11 @@ def replay_file(
     out = check_output(output, overwrite, inputs=[volume_path, seg_path], formats=LABELMAP_EXTENSIONS)
     seg = read_seg_nrrd(seg_path)
     records = [(s.name, Provenance.from_tags(s.tags, f"segment '{s.name}' of '{seg.path.name}'")) for s in seg.segments]
+    names = [name for name, _ in records]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MedSAMError(f"'{seg.path.name}' has several segments named '{twice[0]}'; a replay could not tell their "
+                          "results apart. Rename them (e.g. in Slicer) and save the file again")
     for name, record in records:
         _check_replayable(name, record)
     first = records[0][1]
@@ -553,6 +617,7 @@ def replay_file(
             prompts[name] = _recorded_prompt(volume, record.prompts[0]["ras"])
         except BoxOutside:
             raise MedSAMError(f"segment '{name}': its box lies outside '{volume_path}'") from None
+    steps = {name: _correction_steps(volume, name, record.corrections) for name, record in records}
 
     t0 = time.perf_counter()
     if segmenter is None:
@@ -568,7 +633,7 @@ def replay_file(
     done = [by_name[name] for name, _ in records]
     for d, (_, record) in zip(done, records):
         if record.corrections:
-            _replay_corrections(segmenter, volume, d, record.corrections)
+            _replay_corrections(segmenter, d, steps[d.name])
     colors = [s.color for s in seg.segments]
     new = [Provenance.of(segmenter, [prompt_ras(volume, d.prompt)], r.mode, r.direction, r.job, r.volume_sha256)
            .with_corrections(r.corrections) for d, (_, r) in zip(done, records)]

@@ -7,9 +7,20 @@ the ``Segmentation_*`` keys Slicer reads (Slicer's ``vtkMRMLSegmentationStorageN
 
 Segment tags are written as Slicer writes them: ``key:value|`` for each tag, sorted by key, with no
 escaping; Slicer reads them back by splitting at ``|`` and then at the first ``:``. So a key may hold
-neither ``:`` nor ``|``, a value no ``|``, and neither a line break (the header is line based):
-:func:`write_seg_nrrd` refuses those (callers that store free text, such as
-:mod:`~MedSAMSlicerLib.provenance`, encode it first).
+neither ``:`` nor ``|``, a value no ``|``, and neither a line break: :func:`write_seg_nrrd` refuses
+those (callers that store free text, such as :mod:`~MedSAMSlicerLib.provenance`, encode it first).
+
+Every header value (names, tags, ...) is then written as teem's NRRD writer writes it, which is how
+Slicer writes (``vtkMRMLSegmentationStorageNode`` -> ``vtkTeemNRRDWriter::SetAttribute``) and reads
+(ITK's NrrdIO, ``airUnescape``) these files, Slicer 5.12.3: a backslash as ``\\\\``, a line break
+as ``\\n``, any other whitespace but a tab as a space (:func:`nrrd_value`). Without this a name with
+a backslash came back changed, and the record holding it (JSON, whose escapes use backslashes) was
+called damaged by ``--replay``.
+
+Segment names follow one rule (:func:`segment_name`): whitespace runs (spaces, tabs, line breaks)
+become one space and the ends are trimmed, as Slicer's users see names; other control characters
+are refused. Two names that differ only in whitespace are therefore the same name, and
+``segment`` refuses them as two structures with one name.
 
 Why our own reader and writer and not ``slicerio`` (1.4.0, maintained by Slicer's developers, over
 ``pynrrd`` 1.1.3), measured on the shipped CT with five segments:
@@ -126,6 +137,36 @@ def extent_kji(mask_kji: np.ndarray) -> Tuple[int, int, int, int, int, int]:
     return (out[0], out[1], out[2], out[3], out[4], out[5])
 
 
+#: The longest segment name we write.
+MAX_NAME_LENGTH = 200
+
+
+def segment_name(name: str, where: str = "a segment") -> str:
+    """The one rule for a segment's name: whitespace runs (spaces, tabs, line breaks) become one
+    space, the ends are trimmed; an empty name, other control characters, or more than
+    :data:`MAX_NAME_LENGTH` characters are refused (:class:`MedSAMError` naming ``where``)."""
+    if not isinstance(name, str):
+        raise MedSAMError(f"{where}: a name must be text; got {name!r:.60}")
+    text = " ".join(name.split())
+    if not text:
+        raise MedSAMError(f"{where}: every structure needs a name (got {name!r:.60})")
+    bad = [c for c in text if ord(c) < 32 or 127 <= ord(c) < 160]
+    if bad:
+        raise MedSAMError(f"{where}: the name {name!r:.60} holds the control character {bad[0]!r}; "
+                          "names are plain text")
+    if len(text) > MAX_NAME_LENGTH:
+        raise MedSAMError(f"{where}: the name is {len(text)} characters long; at most {MAX_NAME_LENGTH}")
+    return text
+
+
+def nrrd_value(text: str) -> str:
+    """A header value as teem's NRRD writer writes it (``_nrrdWriteEscaped``, used by Slicer):
+    ``\\`` -> ``\\\\``, a line break -> ``\\n``, other whitespace but a tab -> a space. ITK and
+    Slicer read it back (``airUnescape``) as ``text``, apart from those other whitespace characters."""
+    out = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return "".join(" " if c in "\r\v\f" else c for c in out)
+
+
 def check_color(color: Sequence[float], name: str) -> Color:
     """Three floats in 0..1, or :class:`MedSAMError` naming the segment."""
     try:
@@ -207,9 +248,7 @@ def write_seg_nrrd(segments: Sequence[Segment], volume, path: PathLike, overwrit
             raise MedSAMError(f"Segment {n} must be (name, mask, colour) or (name, mask, colour, tags).") from exc
         if len(rest) > 1:
             raise MedSAMError(f"Segment {n} must be (name, mask, colour) or (name, mask, colour, tags).")
-        name = " ".join(str(name).split())
-        if not name:
-            raise MedSAMError(f"Segment {n} has an empty name; give each segment a name.")
+        name = segment_name(str(name), f"Segment {n}")
         mask_zyx = orientation.check_canonical(mask, f"mask of segment '{name}'").astype(bool, copy=False)
         tags = check_tags(rest[0] if rest else {}, name)
         checked.append((name, orientation.from_canonical(mask_zyx), check_color(color, name), tags))
@@ -248,16 +287,22 @@ def write_label_values(labels_kji: np.ndarray, image: sitk.Image, path: Path, ov
 def read_seg_nrrd(path: PathLike) -> SegmentationFile:
     """Read a ``.seg.nrrd`` (ours or Slicer's): its grid, layers and segments with their tags.
 
+    The file is checked first as every image file is (:func:`~MedSAMSlicerLib.integrity.check_image_file`:
+    a regular file whose voxel bytes are all there and whose compressed data pass their checksum).
+
     Raises:
-        MedSAMError: the file is missing, unreadable, not 3D, or has no segments.
+        MedSAMError: the file is missing, not a regular file, truncated or damaged, unreadable,
+            not 3D, or has no segments.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise MedSAMError(f"segmentation not found: '{p}'")
+    from .integrity import check_image_file
+    from .itk_io import quiet_itk, sitk_reason
+
+    p = check_image_file(path, "segmentation")
     try:
-        image = sitk.ReadImage(str(p))
+        with quiet_itk() as native:
+            image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
-        raise MedSAMError(f"cannot read the segmentation '{p}': {str(exc).strip().splitlines()[-1]}") from None
+        raise MedSAMError(f"cannot read the segmentation '{p}': {sitk_reason(exc, native)}") from None
     if image.GetDimension() != 3:
         raise MedSAMError(f"'{p}' is not a 3D segmentation (it has {image.GetDimension()} dimensions)")
 
@@ -359,12 +404,12 @@ def _write_file(path: Path, layers_kji: List[np.ndarray], entries: List[SegmentE
             f"Segment{n}_Color:=" + " ".join(_num(round(v, 6)) for v in entry.color),
             f"Segment{n}_ColorAutoGenerated:=0",
             f"Segment{n}_Extent:=" + " ".join(str(v) for v in entry.extent),
-            f"Segment{n}_ID:={entry.id}",
+            f"Segment{n}_ID:={nrrd_value(entry.id)}",
             f"Segment{n}_LabelValue:={entry.label}",
             f"Segment{n}_Layer:={entry.layer}",
-            f"Segment{n}_Name:={entry.name}",
+            f"Segment{n}_Name:={nrrd_value(entry.name)}",
             f"Segment{n}_NameAutoGenerated:=0",
-            f"Segment{n}_Tags:={format_tags(entry.tags)}",
+            f"Segment{n}_Tags:={nrrd_value(format_tags(entry.tags))}",
         ]
     lines += [
         "Segmentation_ContainedRepresentationNames:=Binary labelmap|",

@@ -4,8 +4,8 @@ A :class:`SpeedTier` is a recipe: which runtime computes the image encoder on a 
 (:mod:`.encoder_runtimes`), at which precision, and whether 3D propagation computes every slice
 or every ``stride``-th slice and fills the others (:mod:`.strided`). The named tiers users choose
 from are :data:`SPEED_TIERS`; each one's speed and its measured agreement with the exact tier are
-in its ``note`` (the numbers come from ``medsam-slicer bench --compare alternatives``, README
-"Speed settings"). ``Segmenter(speed=...)`` and ``medsam-slicer segment --speed`` take a name.
+in its ``note`` (the numbers come from ``medsam-slicer bench --compare alternatives``,
+docs/performance.md, "Speed settings"). ``Segmenter(speed=...)`` and ``medsam-slicer segment --speed`` take a name.
 
 The encoder runtime and precision apply on the CPU only: on a GPU the encoder is torch's there
 (already batched and in bfloat16) and a tier changes only the stride.
@@ -115,7 +115,7 @@ def _ordinal(n: int) -> str:
 
 
 #: The tiers users choose from, in order of speed. The measurements behind each ``note`` are in
-#: the README ("Speed settings") and ``docs/perf/``.
+#: docs/performance.md ("Speed settings") and ``docs/perf/``.
 SPEED_TIERS: Dict[str, SpeedTier] = {
     tier.name: tier
     for tier in (

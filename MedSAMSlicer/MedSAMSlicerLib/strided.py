@@ -17,7 +17,7 @@ the whole volume and the slices between two computed ones are filled:
   leaves the slices between empty.
 - ``"decode"``: the mask decoder on the mean of the two neighbours' embeddings, prompted with the
   box around both neighbours' masks. On the shipped CT its worst structure lost more against the
-  labels than with ``"interpolate"`` (README, "Speed settings"), and it costs a decoder call per
+  labels than with ``"interpolate"`` (docs/performance.md, "Speed settings"), and it costs a decoder call per
   skipped slice, so the speed settings interpolate; it stays for the benchmark.
 
 Without a z-range the extent is found on the computed slices; the slices past the last accepted

@@ -50,6 +50,7 @@ Box3D = Tuple[int, int, int, int, int, int]
 __all__ = [
     "Volume",
     "read_volume",
+    "check_volume_file",
     "check_voxel_values",
     "ras_box_to_canonical",
     "ijk_box_to_canonical",
@@ -172,8 +173,8 @@ def read_volume(path: PathLike, allow_gaps: bool = False, labels: bool = False) 
             the uniform grid SimpleITK makes of it (a warning says how far slices are moved).
         labels: the file is a label map: a blank (all-zero) or constant volume is fine.
 
-    Checks, so that nothing wrong is segmented or trained on silently (see "Input checks" in the
-    README): the file holds every voxel byte its header promises and its compressed data passes
+    Checks, so that nothing wrong is segmented or trained on silently (see "Input checks" in
+    docs/user-guide.md): the file holds every voxel byte its header promises and its compressed data passes
     its own integrity check (SimpleITK fills missing voxels of a truncated NIfTI with zeros and
     reads damaged compressed data without a word); a DICOM series has no missing or unreadable
     slice between its first and last and evenly spaced slices; no voxel is NaN or infinite; an
@@ -248,7 +249,36 @@ def check_array_values(array: np.ndarray, orientation: AxialOrientation, source:
         )
 
 
+def check_volume_file(path: PathLike, what: str = "input") -> Path:
+    """Everything about a volume file that can be checked without reading its voxels, for front
+    ends that hand the file to another reader (the headless script: Slicer's Volumes logic): a
+    regular file, complete and intact (:func:`~MedSAMSlicerLib.integrity.check_image_file`), whose
+    header SimpleITK reads as one 3D scalar image. Returns the path (``~`` expanded).
+
+    Raises:
+        MedSAMError: naming the file and the problem, in the words :func:`read_volume` uses.
+    """
+    from .integrity import check_image_file
+
+    p = check_image_file(path, what)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        with quiet_itk() as native:
+            reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise MedSAMError(
+            f"'{p}' is not an image file that can be read ({sitk_reason(exc, native)}). Give {SUPPORTED_INPUTS}."
+        ) from None
+    check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                 sitk.GetPixelIDValueAsString(reader.GetPixelID()), f"'{p}'")
+    return p
+
+
 def _read_image_file(p: Path, notes: List[str], allow_gaps: bool = False) -> sitk.Image:
+    from .userfiles import check_regular_file
+
+    check_regular_file(p, "input")  # a FIFO or a device would hang or fill the memory
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(p))
     try:

@@ -171,7 +171,8 @@ class TrainingJob:
         os.replace(tmp, config_path)
         train = ["train", "--config", str(config_path)] + (["--resume"] if self.resume else [])
         if self.export_to:
-            train += ["--export-to", self.export_to]
+            # The panel names the export after the run and replaces that run's previous export.
+            train += ["--overwrite", "--export-to", self.export_to]
         plan.append(cli_command(self.python, train))
         return plan
 

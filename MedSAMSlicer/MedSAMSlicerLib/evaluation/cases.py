@@ -28,6 +28,8 @@ A :class:`Case` is an image in canonical ``(z, y, x)`` order with its spacing an
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +45,10 @@ PathLike = Union[str, Path]
 
 #: Structures on fewer labelled slices than this are left out (the issue's evaluation set).
 DEFAULT_MIN_SLICES = 5
+#: A labelmap read without a structures table may hold at most this many label values.
+MAX_LABELS_WITHOUT_TABLE = 512
+#: The most memory a slice resampling may make (image and labels together).
+MAX_RESAMPLED_BYTES = 2 * 2 ** 30
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ def _read_labels_on_grid(path: Path, volume) -> Tuple[List[np.ndarray], List[Tup
         image = seg.image
         segments = [(s.name, s.layer, s.label) for s in seg.segments]
     else:
-        image = read_volume(path).image
+        image = read_volume(path, labels=True).image
     if image.GetDimension() != 3:
         raise MedSAMError(f"the labels '{path}' must be a 3D labelmap; got {image.GetDimension()}D")
     same = (
@@ -134,6 +140,20 @@ def _read_labels_on_grid(path: Path, volume) -> Tuple[List[np.ndarray], List[Tup
     stacked = array[..., None] if array.ndim == 3 else array
     layers = [volume.orientation.to_canonical(stacked[..., i]).copy() for i in range(stacked.shape[-1])]
     return layers, segments
+
+
+def _label_values(name: str, value) -> Tuple[int, ...]:
+    """A structure's label values (one, or a list) as given by a caller, checked: whole numbers
+    from 1 (``True``, ``"5"`` and ``5.5`` are refused, never truncated)."""
+    from ..userfiles import Either, Int, ListOf, SchemaError
+
+    label = Int(1, MAX_LABEL)
+    try:
+        got = Either(label, ListOf(label, 1, 256)).check(list(value) if isinstance(value, tuple) else value,
+                                                         f"structure '{name}'")
+    except SchemaError as exc:
+        raise MedSAMError(str(exc)) from None
+    return tuple(got) if isinstance(got, list) else (got,)
 
 
 def _tolerance(name: str, overrides: Mapping[str, float]) -> float:
@@ -164,25 +184,44 @@ def load_case(
     from ..volumes import read_volume
 
     image_path, label_path = Path(image), Path(labels)
+    if int(min_slices) < 1:
+        raise MedSAMError(f"min_slices must be at least 1; got {min_slices}")
+    try:
+        same = image_path.exists() and label_path.exists() and os.path.samefile(image_path, label_path)
+    except OSError:
+        same = False
+    if same:
+        raise MedSAMError(f"the labels '{label_path}' are the image itself; give the image's labelmap or .seg.nrrd")
     volume = read_volume(image_path)
     layers, segments = _read_labels_on_grid(label_path, volume)
     sx, sy, sz = volume.spacing
     overrides = dict(tolerance_mm or {})
     found: List[Structure] = []
     if structures is not None:
+        present = [set(int(v) for v in np.unique(layer)) for layer in layers]
         for sname, value in structures.items():
-            values = tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+            values = _label_values(sname, value)
             layer = 0
             if segments:
                 # With a .seg.nrrd a table value may also name a segment's label in its layer.
                 match = [s for s in segments if s[0] == sname]
                 layer = match[0][1] if match else 0
+            absent = [v for v in values if v not in present[layer]]
+            if absent:
+                have = sorted(present[layer] - {0})
+                listed = ", ".join(map(str, have[:20])) + (", ..." if len(have) > 20 else "")
+                raise MedSAMError(f"structure '{sname}': label value {absent[0]} is not in '{label_path}' "
+                                  f"(it holds {listed or 'no label'}); check the structures table")
             found.append(Structure(sname, values, layer, _tolerance(sname, overrides)))
     elif segments:
         for sname, layer, value in segments:
             found.append(Structure(sname, (value,), layer, _tolerance(sname, overrides)))
     else:
-        for value in np.unique(layers[0]):
+        values = np.unique(layers[0])
+        if len(values) > MAX_LABELS_WITHOUT_TABLE + 1:
+            raise MedSAMError(f"'{label_path}' holds {len(values):,} different values; a labelmap holds a few labels. "
+                              "Is it an image? Give the labels of the image (or a structures table)")
+        for value in values:
             if value != 0:
                 found.append(Structure(f"label_{int(value)}", (int(value),), 0, _tolerance(f"label_{int(value)}", overrides)))
     case = Case(
@@ -201,11 +240,21 @@ def load_case(
 
 def resample_slices(case: Case, thickness_mm: float) -> Case:
     """The case with slices ``thickness_mm`` apart: the image interpolated linearly along z, the
-    labels by nearest neighbour, the first slice kept in place (in memory; nothing written)."""
-    if not thickness_mm > 0:
-        raise MedSAMError(f"slice thickness must be positive; got {thickness_mm}")
+    labels by nearest neighbour, the first slice kept in place (in memory; nothing written).
+
+    Refuses (:class:`MedSAMError`) a thickness that is not a positive finite number, and one that
+    would make the volume larger than :data:`MAX_RESAMPLED_BYTES` (1e-5 mm on a 3 mm CT would ask
+    for 1.5 TiB)."""
+    if not (isinstance(thickness_mm, (int, float)) and math.isfinite(thickness_mm) and thickness_mm > 0):
+        raise MedSAMError(f"slice thickness must be a positive number of mm; got {thickness_mm!r}")
     sz = case.spacing[0]
     nz = case.image.shape[0]
+    new_nz = int((nz - 1) * sz / thickness_mm) + 1
+    per_slice = int(np.prod(case.image.shape[1:])) * (4 + sum(layer.dtype.itemsize for layer in case.layers))
+    if new_nz * per_slice > MAX_RESAMPLED_BYTES:
+        raise MedSAMError(f"slice_thickness_mm {thickness_mm:g} would make {new_nz:,} slices of {sz:g} mm ones "
+                          f"({new_nz * per_slice / 2**30:,.1f} GiB); this resampling is meant for thicker slices: "
+                          f"give at least {(nz - 1) * sz * per_slice / MAX_RESAMPLED_BYTES:.3g} mm")
     positions = np.arange(0.0, (nz - 1) * sz + 1e-6, thickness_mm) / sz  # in old slice indices
     low = np.floor(positions).astype(int)
     high = np.minimum(low + 1, nz - 1)
@@ -243,41 +292,102 @@ def load_folder(folder: PathLike, min_slices: int = DEFAULT_MIN_SLICES,
     return cases
 
 
+#: A structure's label values: whole numbers from 1 (0 is the background).
+MAX_LABEL = 2 ** 31 - 1
+#: Slice thicknesses a set may ask for (mm).
+THICKNESS_RANGE_MM = (0.1, 100.0)
+
+
+def _set_schemas():
+    from ..userfiles import Either, Int, ListOf, MapOf, Num, Str, Table
+
+    label = Int(1, MAX_LABEL)
+    structures = MapOf(Either(label, ListOf(label, 1, 256)), key=Str(max_len=200), min_len=1, max_len=1000)
+    case = Table({
+        "name": Str(max_len=100),
+        "image": Str(max_len=4096),
+        "labels": Str(max_len=4096),
+        "slice_thickness_mm": Num(*THICKNESS_RANGE_MM),
+        "structures": structures,
+        "structures_from": Str(max_len=100),
+        "min_slices": Int(1, 100_000),
+        "tolerance_mm": MapOf(Num(0.0, 100.0, lo_open=True), key=Str(max_len=200), max_len=1000),
+    }, required=("image", "labels"), what="a [[case]] table")
+    top = Table({"min_slices": Int(1, 100_000), "case": _AnyList()}, required=("case",), what="an evaluation set")
+    return top, case
+
+
 def load_set(path: PathLike) -> List[Case]:
-    """Read an evaluation set file (TOML or JSON; format in the module docstring)."""
+    """Read an evaluation set file (TOML or JSON; format in the module docstring).
+
+    The file is read by the one reader of user files (:mod:`~MedSAMSlicerLib.userfiles`) and
+    checked against the set's schema before any image is read: label values are whole numbers
+    from 1 (not ``"5"``, ``5.5``, ``true``), ``min_slices`` a whole number from 1, a slice
+    thickness within :data:`THICKNESS_RANGE_MM`, tolerances positive; unknown keys are refused.
+    Errors name the file, the case and the value.
+    """
+    from ..userfiles import SchemaError, shown
+
     p = Path(path)
-    data = read_table(p, "evaluation set")
+    what = f"the evaluation set '{p}'"
+    data = read_table(p, "the evaluation set")
+    top, case_schema = _set_schemas()
+    if not isinstance(data, dict):
+        raise MedSAMError(f"{what} must be a table with [[case]] entries; got {shown(data)}")
     entries = data.get("case")
     if not isinstance(entries, list) or not entries:
-        raise MedSAMError(f"the evaluation set '{p}' has no [[case]] entries")
+        raise MedSAMError(f"{what} has no [[case]] entries")
+    try:
+        top.check(data, "")
+    except SchemaError as exc:
+        raise MedSAMError(f"{what}: {exc}") from None
     default_min = int(data.get("min_slices", DEFAULT_MIN_SLICES))
+    checked_entries = []
+    for n, entry in enumerate(entries):
+        where = f"case {n + 1}" + (f" ({shown(entry['name'])})" if isinstance(entry, dict) and "name" in entry else "")
+        try:
+            checked_entries.append(case_schema.check(entry, where))
+        except SchemaError as exc:
+            raise MedSAMError(f"{what}: {exc}") from None
     tables: Dict[str, Mapping] = {}
     cases: List[Case] = []
-    for n, entry in enumerate(entries):
+    for n, entry in enumerate(checked_entries):
         name = str(entry.get("name") or f"case{n + 1}")
-        missing = [key for key in ("image", "labels") if key not in entry]
-        if missing:
-            raise MedSAMError(f"case '{name}' of '{p}' needs {' and '.join(missing)}")
         structures = entry.get("structures")
         if "structures_from" in entry:
-            source = str(entry["structures_from"])
+            source = entry["structures_from"]
             if source not in tables:
-                raise MedSAMError(f"case '{name}': structures_from '{source}' names no earlier case with structures")
+                raise MedSAMError(f"{what}: case '{name}': structures_from '{source}' names no earlier case with "
+                                  "structures")
             structures = tables[source]
         if structures is not None:
-            if not isinstance(structures, Mapping):
-                raise MedSAMError(f"case '{name}': structures must be a table of name = label value(s)")
             tables[name] = structures
-        cases.append(load_case(
-            (p.parent / str(entry["image"])).resolve(),
-            (p.parent / str(entry["labels"])).resolve(),
-            structures=structures,
-            name=name,
-            min_slices=int(entry.get("min_slices", default_min)),
-            slice_thickness_mm=entry.get("slice_thickness_mm"),
-            tolerance_mm=entry.get("tolerance_mm"),
-        ))
+        try:
+            cases.append(load_case(
+                (p.parent / entry["image"]).resolve(),
+                (p.parent / entry["labels"]).resolve(),
+                structures=structures,
+                name=name,
+                min_slices=entry.get("min_slices", default_min),
+                slice_thickness_mm=entry.get("slice_thickness_mm"),
+                tolerance_mm=entry.get("tolerance_mm"),
+            ))
+        except MedSAMError as exc:
+            raise MedSAMError(f"{what}: case '{name}': {exc}") from None
     return cases
+
+
+class _AnyList:
+    """The ``case`` list itself (each entry is checked with its own schema)."""
+
+    expected = "a list of [[case]] tables"
+
+    def check(self, value, where):
+        from ..userfiles import SchemaError
+
+        if not isinstance(value, list) or not value:
+            raise SchemaError(where, f"must be {self.expected}", value)
+        return value
 
 
 def load_inputs(

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -85,10 +85,60 @@ class LoopRow:
     seconds: float = 0.0
 
 
+@dataclass
+class LoopStep:
+    """One step of the loop: ``corrections`` made so far and the result after them.
+
+    Attributes:
+        corrections: 0 for the first box's result, then 1, 2, ...
+        result: the :class:`~MedSAMSlicerLib.propagation.PropagationResult` after them.
+        corrected: the slice fixed at this step, ``"Z box"`` or ``"Z erase"`` (``""`` at step 0).
+        seconds: wall time of this step (the first box's propagation, or one correction).
+        encoded: slices encoded during this step (the first to reach a slice pays for it).
+    """
+
+    corrections: int
+    result: PropagationResult
+    corrected: str
+    seconds: float
+    encoded: int
+
+
+def loop_steps(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[PropagationSettings] = None,
+               start: Optional[Tuple[int, Tuple[int, int, int, int]]] = None) -> Iterator[LoopStep]:
+    """The simulated annotator on one structure of the volume ``seg`` is set to, step by step.
+
+    Args:
+        seg: a :class:`~MedSAMSlicerLib.segmenter.Segmenter` with the volume set.
+        ref: the label ``(z, y, x)`` bool.
+        corrections: how many corrections at most; the loop ends earlier when no slice is left to fix.
+        settings: propagation settings (default: the segmenter's).
+        start: the first box ``(z, (x0, y0, x1, y1))`` (default: :func:`~.runner.simulated_box`, the
+            label's tight box on its middle slice), propagated with automatic extent.
+
+    Yields:
+        :class:`LoopStep` for 0 corrections, then after each correction.
+    """
+    settings = settings or seg.propagation
+    z, box = start if start is not None else simulated_box(ref)[:2]
+    before, t0 = seg.predictor.encoded_slices, time.perf_counter()
+    result = seg.segment_3d(z, box, settings=settings)
+    yield LoopStep(0, result, "", time.perf_counter() - t0, seg.predictor.encoded_slices - before)
+    for step in range(1, corrections + 1):
+        target = worst_slice(result.mask, ref, result.locked, z)
+        if target is None:
+            return
+        before, t0 = seg.predictor.encoded_slices, time.perf_counter()
+        current, fix = user_correction(result, ref, target)
+        result = seg.correct(current, [fix], settings=settings)
+        yield LoopStep(step, result, f"{target} {'box' if fix.box is not None else 'erase'}",
+                       time.perf_counter() - t0, seg.predictor.encoded_slices - before)
+
+
 def run_loop(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[PropagationSettings] = None,
              case: str = "", structure: str = "",
              on_result: Optional[Callable[[int, PropagationResult], None]] = None) -> LoopRow:
-    """The loop on one structure of the volume ``seg`` is set to.
+    """The loop on one structure of the volume ``seg`` is set to (:func:`loop_steps`, gathered).
 
     Args:
         seg: a :class:`~MedSAMSlicerLib.segmenter.Segmenter` with the volume set.
@@ -97,24 +147,15 @@ def run_loop(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[Prop
         settings: propagation settings (default: the segmenter's).
         on_result: called with ``(corrections so far, result)`` after each step.
     """
-    settings = settings or seg.propagation
-    z, box, _ = simulated_box(ref)
-    t0 = time.perf_counter()
-    result = seg.segment_3d(z, box, settings=settings)
-    row = LoopRow(case, structure, labelled_slices(ref), z, [dice(result.mask, ref)])
-    if on_result is not None:
-        on_result(0, result)
-    for step in range(1, corrections + 1):
-        target = worst_slice(result.mask, ref, result.locked, z)
-        if target is None:
-            break
-        current, fix = user_correction(result, ref, target)
-        result = seg.correct(current, [fix], settings=settings)
-        row.dice.append(dice(result.mask, ref))
-        row.corrected.append(f"{target} {'box' if fix.box is not None else 'erase'}")
+    z = simulated_box(ref)[0]
+    row = LoopRow(case, structure, labelled_slices(ref), z)
+    for step in loop_steps(seg, ref, corrections, settings):
+        row.dice.append(dice(step.result.mask, ref))
+        row.seconds += step.seconds
+        if step.corrected:
+            row.corrected.append(step.corrected)
         if on_result is not None:
-            on_result(step, result)
-    row.seconds = time.perf_counter() - t0
+            on_result(step.corrections, step.result)
     return row
 
 

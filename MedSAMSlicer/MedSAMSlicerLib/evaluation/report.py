@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .runner import EvaluationRow, mean
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -20,35 +22,48 @@ LONG_STRUCTURE_SLICES = 10
 LOW_DICE = 0.70
 
 
-def write_csv(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
-    """One line per structure, variant and mode (all :class:`EvaluationRow` fields)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+def _csv_text(names: Sequence[str], rows: Sequence[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(names))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def _write_csv_text(path: Path, text: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def write_csv(rows: Sequence[EvaluationRow], path: PathLike, overwrite: bool = True) -> Path:
+    """One line per structure, variant and mode (all :class:`EvaluationRow` fields), written
+    atomically (:func:`~MedSAMSlicerLib.atomic.atomic_write`: a link at ``path`` is replaced,
+    never written through)."""
     names = [f.name for f in dataclasses.fields(EvaluationRow)]
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=names)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(_formatted(row))
-    tmp.replace(p)
-    return p
+    text = _csv_text(names, [_formatted(row) for row in rows])
+    return atomic_write(path, lambda tmp: _write_csv_text(tmp, text), overwrite=overwrite)
 
 
 class CsvLog:
-    """Rows appended to a CSV as they are measured, so an interrupted run keeps what it measured
-    (``evaluation.partial.csv`` until the run ends)."""
+    """Rows kept in a CSV as they are measured, so an interrupted run keeps what it measured
+    (``evaluation.partial.csv`` until the run ends). The file is published again, whole and
+    atomically, after each row (a few hundred rows: microseconds against seconds per row), so it
+    is never appended to through a link."""
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._names = [f.name for f in dataclasses.fields(EvaluationRow)]
-        with open(self.path, "w", newline="", encoding="utf-8") as handle:
-            csv.DictWriter(handle, fieldnames=self._names).writeheader()
+        self._rows: List[dict] = []
+        self._publish()
+
+    def _publish(self) -> None:
+        text = _csv_text(self._names, self._rows)
+        atomic_write(self.path, lambda tmp: _write_csv_text(tmp, text))
 
     def __call__(self, row: EvaluationRow) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            csv.DictWriter(handle, fieldnames=self._names).writerow(_formatted(row))
+        self._rows.append(_formatted(row))
+        self._publish()
 
 
 def _formatted(row: EvaluationRow) -> dict:
@@ -157,7 +172,15 @@ MODE_TITLES = {"3d": "with the true z-range (3d)", "2d": "automatic extent (2d b
                "per-part": "the label's box around each piece on every slice (per-part)"}
 
 
-def plot(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
+def mode_title(mode: str) -> str:
+    """How the plot and the summary name a mode (``loop-2``: the loop after two corrections)."""
+    if mode.startswith("loop-") and mode[5:].isdigit():
+        k = int(mode[5:])
+        return f"one box, then {k} correction{'s' if k != 1 else ''} of the worst slice ({mode})"
+    return MODE_TITLES.get(mode, mode)
+
+
+def plot(rows: Sequence[EvaluationRow], path: PathLike, overwrite: bool = True) -> Path:
     """Dice per structure (sorted by the first variant), one panel per mode, one marker per variant."""
     import matplotlib
 
@@ -180,7 +203,7 @@ def plot(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
             ax.plot(x, ys, markers[i % len(markers)], markersize=3.5, alpha=0.8,
                     label=f"{variant} (mean {np.nanmean(ys):.3f})")
         ax.axhline(LOW_DICE, color="grey", linewidth=0.6, linestyle=":")
-        title = MODE_TITLES.get(mode, mode)
+        title = MODE_TITLES.get(mode) or mode_title(mode)
         ax.set_title(f"Dice per structure, {title}; sorted by {variants[0]}", fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.set_xlim(-1, len(order))
@@ -188,10 +211,7 @@ def plot(rows: Sequence[EvaluationRow], path: PathLike) -> Path:
         ax.set_ylabel("3D Dice")
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(p)
-    return p
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100), overwrite=overwrite)
+    finally:
+        plt.close(fig)

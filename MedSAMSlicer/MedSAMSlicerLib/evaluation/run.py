@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
+from ..atomic import check_folder, check_output, write_text
 from ..errors import MedSAMError
 from .cases import DEFAULT_MIN_SLICES, load_inputs
 from .report import CsvLog, format_summary, plot, summarize, write_csv
 from .runner import (
+    DEFAULT_CORRECTIONS,
     EvaluationRow,
     Variant,
     apply_assignments,
@@ -22,6 +24,20 @@ from .runner import (
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+#: The files ``evaluate`` writes into its folder.
+RESULT_FILES = ("evaluation.csv", "evaluation.partial.csv", "summary.md", "evaluation.png")
+
+
+def check_outputs(out: PathLike, overwrite: bool) -> Path:
+    """Before anything runs: ``out`` is a folder we may write into and none of
+    :data:`RESULT_FILES` is in the way (a folder there, or an existing file or link without
+    ``overwrite``)."""
+    folder = check_folder(out, "evaluation output folder")
+    for name in RESULT_FILES:
+        check_output(folder / name, overwrite, what="evaluation result")
+    return folder
 
 
 def run_evaluation(
@@ -42,6 +58,8 @@ def run_evaluation(
     precision: str = "auto",
     quiet: bool = False,
     threads: Optional[int] = None,
+    overwrite: bool = True,
+    corrections: int = DEFAULT_CORRECTIONS,
 ) -> List[EvaluationRow]:
     """Evaluate and write ``evaluation.csv``, ``summary.md`` and ``evaluation.png`` to ``out``.
 
@@ -53,16 +71,21 @@ def run_evaluation(
         common: ``key=value`` settings applied to every variant.
         modes: some of :data:`~.runner.MODES`: ``3d`` (true z-range), ``2d`` (automatic extent),
             ``per-slice`` (the label's box on every labelled slice, no propagation), ``per-part``
-            (the same, one box per piece of the label).
+            (the same, one box per piece of the label), ``loop`` (the simulated annotator: rows
+            ``loop-0`` .. ``loop-N``, the first box then each correction of the worst slice).
         box_margin: pixels around the label's box on the middle slice.
         include: glob patterns on ``case/structure`` (e.g. ``mr/*``, ``*/aorta*``).
         min_slices: leave out structures on fewer slices (folders and pairs; sets say their own).
         out: output folder (``None``: write nothing).
         embedding_cache: a folder that keeps slice embeddings between runs.
         segmenter: a loaded Segmenter to reuse; else one is loaded from ``model`` etc.
+        overwrite: replace result files of an earlier run in ``out`` (the command line's
+            ``--overwrite``; without it they are refused before anything runs). A link there is
+            replaced, never written through.
         threads: CPU threads for torch (default: torch's choice). On a machine shared with other
             work, 1 thread avoids oversubscription (measured on 2 busy cores: decoder 0.64 s per
             box with 2 threads, 0.16 s with 1).
+        corrections: the loop's corrections at most (``loop`` mode).
     """
     import torch
 
@@ -74,9 +97,13 @@ def run_evaluation(
             raise MedSAMError(f"--threads must be at least 1; got {threads}")
         torch.set_num_threads(int(threads))
 
-    check_modes(modes)
+    check_modes(modes, corrections)
     chosen: List[Variant] = [parse_variant(v) for v in variants] or [builtin_variants()["default"]]
     chosen = [apply_assignments(v, common) for v in chosen]
+    if out is not None:
+        check_outputs(out, overwrite)
+    if embedding_cache:
+        check_folder(embedding_cache, "embedding cache folder")
     cases = load_inputs(inputs, pairs, min_slices=min_slices)
     patterns = list(include)
 
@@ -93,14 +120,14 @@ def run_evaluation(
     store = EmbeddingStore(embedding_cache) if embedding_cache else None
     partial = CsvLog(Path(out) / "evaluation.partial.csv") if out is not None else None
     rows = evaluate(cases, chosen, segmenter=seg, modes=modes, box_margin=box_margin, include=wanted,
-                    embedding_store=store, log=say, on_row=partial)
+                    embedding_store=store, log=say, on_row=partial, corrections=corrections)
     summary = summarize(rows)
     if out is not None:
         folder = Path(out)
-        write_csv(rows, folder / "evaluation.csv")
+        write_csv(rows, folder / "evaluation.csv", overwrite=overwrite)
+        write_text(folder / "summary.md", format_summary(summary) + "\n", overwrite=overwrite)
+        plot(rows, folder / "evaluation.png", overwrite=overwrite)
         (folder / "evaluation.partial.csv").unlink(missing_ok=True)
-        (folder / "summary.md").write_text(format_summary(summary) + "\n", encoding="utf-8")
-        plot(rows, folder / "evaluation.png")
     if not quiet:
         print(format_summary(summary, groups=["all"]))
         if out is not None:

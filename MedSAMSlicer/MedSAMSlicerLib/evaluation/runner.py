@@ -38,7 +38,12 @@ from .cases import Case, Structure, labelled_slices
 #: ``per-part``: the same with one box per piece of the label on each slice.
 PER_SLICE = "per-slice"
 PER_PART = "per-part"
-MODES = ("3d", "2d", PER_SLICE, PER_PART)
+#: The annotator's loop (:mod:`.loop`): its rows are ``loop-0`` (the first box, automatic extent)
+#: to ``loop-N`` (after N corrections of the worst slice).
+LOOP = "loop"
+MODES = ("3d", "2d", PER_SLICE, PER_PART, LOOP)
+#: Corrections the loop makes at most, unless told (``--corrections``).
+DEFAULT_CORRECTIONS = 3
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,8 @@ class EvaluationRow:
     encoded: int
     stopped: str
     mean_score: float = float("nan")
+    #: ``loop-K`` rows: the slices fixed so far, ``"Z box"`` / ``"Z erase"``, in order (``;``-separated).
+    corrected: str = ""
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -221,7 +228,7 @@ def simulated_box(mask_zyx: np.ndarray, margin: int = 0) -> Tuple[int, Tuple[int
     """
     extent = z_extent(mask_zyx)
     if extent is None:
-        raise MedSAMError("the structure is empty")
+        raise MedSAMError("the structure is empty: none of its label values is in the labelmap")
     z0, z1 = extent
     z = int((z1 - z0) / 2 + z0)
     labelled = np.nonzero(mask_zyx.any(axis=(1, 2)))[0]
@@ -244,6 +251,7 @@ def evaluate(
     embedding_store=None,
     log: Optional[Callable[[str], None]] = None,
     on_row: Optional[Callable[[EvaluationRow], None]] = None,
+    corrections: int = DEFAULT_CORRECTIONS,
 ) -> List[EvaluationRow]:
     """Segment every structure of ``cases`` with every variant in every mode; measure each.
 
@@ -254,12 +262,16 @@ def evaluate(
             CPU when ``None``); its embedding cache is shared by all variants and modes.
         modes: some of :data:`MODES`: ``"3d"`` (true z-range), ``"2d"`` (automatic extent),
             ``"per-slice"`` / ``"per-part"`` (the label's box on every labelled slice, or around
-            each piece of it; of a variant's settings only its window and enlargement apply).
+            each piece of it; of a variant's settings only its window and enlargement apply),
+            ``"loop"`` (the simulated annotator: the first box, then up to ``corrections`` fixes of
+            the worst slice; rows ``loop-0`` .. ``loop-N``, a structure with nothing left to fix keeps
+            its last result in the later rows).
         box_margin: pixels added around the label's box on its middle slice.
         include: ``include(case, structure)`` picks structures (all when ``None``).
         embedding_store: an :class:`~.store.EmbeddingStore` to reuse embeddings across runs.
         log: called with one line per structure.
         on_row: called with each row as soon as it is measured (e.g. to write it at once).
+        corrections: the loop's corrections at most (``"loop"`` mode).
 
     Returns:
         One :class:`EvaluationRow` per structure, variant and mode, in that nesting order
@@ -268,12 +280,17 @@ def evaluate(
     from ..preprocessing import Window, resolve_window
     from ..segmenter import Segmenter
 
-    check_modes(modes)
+    check_modes(modes, corrections)
     if not variants:
         raise MedSAMError("nothing to evaluate: give at least one variant")
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise MedSAMError(f"variant names must differ; got {', '.join(names)}")
+    for case in cases:  # before any model loads: every structure to measure has voxels
+        for structure in case.structures:
+            if (include is None or include(case, structure)) and not case.mask(structure).any():
+                raise MedSAMError(f"{case.name}/{structure.name} is empty: none of its label value(s) "
+                                  f"{', '.join(map(str, structure.labels))} is in its labels ({case.source})")
     seg = segmenter if segmenter is not None else Segmenter("litemedsam", device="cpu")
     rows: List[EvaluationRow] = []
     for case in cases:
@@ -285,7 +302,11 @@ def evaluate(
         loaded: Optional[Tuple] = None
         for structure in structures:
             ref = case.mask(structure)
-            z, box, z_range = simulated_box(ref, box_margin)
+            try:
+                z, box, z_range = simulated_box(ref, box_margin)
+            except MedSAMError as exc:
+                raise MedSAMError(f"{case.name}/{structure.name} (label(s) {', '.join(map(str, structure.labels))} of "
+                                  f"{case.source}): {exc}") from None
             for variant in variants:
                 # window=box: from the intensities around this structure's box (Window.around_box).
                 window = windows[variant.name] or Window.around_box(case.image, z, box, _box_grow(variant.window))
@@ -297,8 +318,8 @@ def evaluate(
                     if embedding_store is not None:
                         embedding_store.load(seg.predictor)
                     loaded = (case.name, window)
-                for mode, result, seconds, encoded in _run_modes(seg, z, box, z_range, modes, variant.settings,
-                                                                 ref, box_margin):
+                for mode, result, seconds, encoded, corrected in _run_modes(
+                        seg, z, box, z_range, modes, variant.settings, ref, box_margin, corrections):
                     row = EvaluationRow(
                         case=case.name, structure=structure.name, variant=variant.name, mode=mode,
                         dice=dice(result.mask, ref),
@@ -310,6 +331,7 @@ def evaluate(
                         encoded=encoded,
                         stopped="; ".join(f"{k}: {v}" for k, v in result.stop_reasons.items()),
                         mean_score=mean([s.score for s in result.slices if np.isfinite(s.score)]),
+                        corrected=corrected,
                     )
                     rows.append(row)
                     if on_row is not None:
@@ -324,28 +346,33 @@ def evaluate(
     return rows
 
 
-def check_modes(modes: Sequence[str]) -> None:
-    """Raise :class:`MedSAMError` unless ``modes`` are some of :data:`MODES`."""
+def check_modes(modes: Sequence[str], corrections: int = DEFAULT_CORRECTIONS) -> None:
+    """Raise :class:`MedSAMError` unless ``modes`` are some of :data:`MODES` and ``corrections``
+    (the loop's) a whole number from 0 to 50."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise MedSAMError(f"modes are some of {', '.join(MODES)}; got {', '.join(modes) or 'none'}")
+    if isinstance(corrections, bool) or not isinstance(corrections, int) or not 0 <= corrections <= 50:
+        raise MedSAMError(f"--corrections must be a whole number from 0 to 50; got {corrections!r}")
 
 
 def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str], settings: PropagationSettings,
-               ref: np.ndarray, box_margin: int):
-    """``(mode, result, seconds, slices encoded)`` per mode. ``3d`` and ``2d`` come from one walk
+               ref: np.ndarray, box_margin: int, corrections: int = DEFAULT_CORRECTIONS):
+    """``(mode, result, seconds, slices encoded, slices corrected)`` per mode (``loop``: one per
+    step, ``loop-0`` .. ``loop-N``). ``3d`` and ``2d`` come from one walk
     (:func:`~MedSAMSlicerLib.propagation.propagate_both`, the same masks as two runs); its time
     and encoding are shared out in proportion to the slices each mode predicted."""
     from ..propagation import propagate_both
+    from .loop import loop_steps  # the loop builds on this module
 
     out = []
-    walk = [m for m in modes if m not in (PER_SLICE, PER_PART)]
+    walk = [m for m in modes if m in ("3d", "2d")]
     before = seg.predictor.encoded_slices
     t0 = time.perf_counter()
     if len(walk) == 1:
         mode = walk[0]
         result = seg.segment_3d(z, box, z_range=z_range if mode == "3d" else None, settings=settings)
-        out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before))
+        out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before, ""))
     elif walk:
         ranged, auto = propagate_both(seg.predictor, z, box, z_range, settings=settings)
         seconds, encoded = time.perf_counter() - t0, seg.predictor.encoded_slices - before
@@ -353,13 +380,21 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
         for mode in walk:
             result = ranged if mode == "3d" else auto
             share = len(result.slices) / max(1, walked)
-            out.append((mode, result, seconds * share, int(round(encoded * share))))
+            out.append((mode, result, seconds * share, int(round(encoded * share)), ""))
     for mode in (PER_SLICE, PER_PART):
         if mode in modes:
             before = seg.predictor.encoded_slices
             t0 = time.perf_counter()
             result = per_slice(seg.predictor, ref, box_margin, parts=mode == PER_PART)
-            out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before))
+            out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before, ""))
+    if LOOP in modes:
+        fixed: List[str] = []
+        step = None
+        for step in loop_steps(seg, ref, corrections, settings, start=(z, box)):
+            fixed += [step.corrected] if step.corrected else []
+            out.append((f"{LOOP}-{step.corrections}", step.result, step.seconds, step.encoded, "; ".join(fixed)))
+        for k in range(step.corrections + 1, corrections + 1):  # nothing left to fix: the result stays
+            out.append((f"{LOOP}-{k}", step.result, 0.0, 0, "; ".join(fixed + ["nothing to fix"])))
     return out
 
 

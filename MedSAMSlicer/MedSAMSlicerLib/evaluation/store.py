@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from typing import Set, Union
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write, check_folder
 from ..errors import MedSAMError
 
 
@@ -24,7 +24,7 @@ class EmbeddingStore:
     """A folder of ``.npy`` embeddings (float32, 4 MiB per LiteMedSAM slice)."""
 
     def __init__(self, folder: Union[str, os.PathLike[str]]) -> None:
-        self.folder = Path(folder)
+        self.folder = check_folder(folder, "embedding cache folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -55,10 +55,8 @@ class EmbeddingStore:
             name = self._name(key)
             if name in self._saved or key not in predictor.cache:
                 continue
-            emb = predictor.cache.get(key)
-            tmp = self.folder / f"{name}.tmp.npy"
-            np.save(tmp, emb.cpu().numpy())
-            os.replace(tmp, self.folder / f"{name}.npy")
+            array = predictor.cache.get(key).cpu().numpy()
+            atomic_write(self.folder / f"{name}.npy", lambda tmp, a=array: np.save(tmp, a))
             self._saved.add(name)
             n += 1
         return n

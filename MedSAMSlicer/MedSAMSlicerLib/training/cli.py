@@ -198,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--write-config", metavar="FILE", help="write the resulting config to FILE and exit")
     t.add_argument("--export-to", metavar="PTH",
                    help="when the run ends, finished or cancelled, also write its best (else latest) weights "
-                        "as a plain weights file here (what MedSAM Training in Slicer uses)")
+                        "as a plain weights file here (what MedSAM Training in Slicer uses); checked before "
+                        "training starts")
+    t.add_argument("--overwrite", action="store_true",
+                   help="with --export-to: replace an existing weights file there (never the run's own checkpoints)")
     _add_common(t)
 
     # -- evaluate
@@ -224,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the Slicer effect and `medsam-slicer segment --checkpoint` load.",
     )
     x.add_argument("checkpoint", metavar="CHECKPOINT", help="latest.pth or best.pth of a run")
-    x.add_argument("out", metavar="OUT", help="weights file to write, e.g. my_model.pth")
+    x.add_argument("out", metavar="OUT", help="weights file to write, e.g. my_model.pth (never the checkpoint "
+                   "itself; an existing file only with --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_common(x)
     return parser
 
@@ -284,6 +289,12 @@ def _cmd_train(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> D
     from .trainer import train
 
     config = _train_config(args)
+    if args.export_to and not args.write_config:
+        from .runfiles import check_export_target
+
+        # Before any training: the export at the end must not fail, nor replace what it may not.
+        check_export_target(args.export_to, args.overwrite,
+                            sources=[Path(config.out) / "latest.pth", *([config.checkpoint] if config.checkpoint else [])])
     if args.write_config:
         config.to_file(args.write_config)
         out.info(f"wrote {args.write_config}")
@@ -299,24 +310,24 @@ def _cmd_train(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> D
         # A cancelled run saved its current step: export it too, so that the weights reach the
         # model list even when nobody is left to do it (Slicer closed while training).
         if args.export_to:
-            _export_run(Path(config.out), args.export_to, out)
+            _export_run(Path(config.out), args.export_to, out, args.overwrite)
         raise
     if result.best_mean_dice is not None:
         out.info(f"best held-out mean Dice {result.best_mean_dice:.4f}; checkpoints in {result.run_dir}")
     summary = {"run_dir": str(result.run_dir), "step": result.step, "epoch": result.epoch,
                "latest": result.latest, "best": result.best, "best_mean_dice": result.best_mean_dice}
     if args.export_to:
-        summary["exported"] = _export_run(Path(result.run_dir), args.export_to, out)
+        summary["exported"] = _export_run(Path(result.run_dir), args.export_to, out, args.overwrite)
     return summary
 
 
-def _export_run(run_dir: Path, target: str, out: _Output) -> Optional[str]:
+def _export_run(run_dir: Path, target: str, out: _Output, overwrite: bool = False) -> Optional[str]:
     """Export ``best.pth``, else ``latest.pth``, of a run to ``target``; ``None`` if it has neither."""
     from .trainer import export
 
     for name in ("best.pth", "latest.pth"):
         if (run_dir / name).is_file():
-            path = export(run_dir / name, Path(target).expanduser())
+            path = export(run_dir / name, Path(target).expanduser(), overwrite=overwrite)
             out.event({"event": "exported", "path": str(path), "source": name})
             out.info(f"exported {name} to {path}")
             return str(path)
@@ -344,7 +355,7 @@ def _cmd_evaluate(args: argparse.Namespace, out: _Output, cancel: CancelToken) -
 def _cmd_export(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> Dict[str, Any]:
     from .trainer import export
 
-    path = export(args.checkpoint, args.out)
+    path = export(args.checkpoint, args.out, overwrite=args.overwrite)
     out.info(f"wrote {path}")
     return {"out": str(Path(path).resolve())}
 

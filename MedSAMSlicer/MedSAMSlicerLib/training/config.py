@@ -109,18 +109,25 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> TrainConfig:
-        """Build from a dict; unknown keys raise :class:`MedSAMError` naming them."""
+        """Build from a dict, every value checked against :func:`config_schema` (types and ranges:
+        ``"5"`` or ``true`` is not a number of epochs); unknown keys raise :class:`MedSAMError`
+        naming them."""
+        from ..userfiles import SchemaError
+
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise MedSAMError(
                 f"unknown training settings: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
-        cfg = cls(**data)
+        schema = config_schema()
+        try:
+            values = {k: schema[k].check(v, f"setting '{k}'") for k, v in data.items()}
+        except SchemaError as exc:
+            raise MedSAMError(str(exc)) from None
+        cfg = cls(**values)
         if isinstance(cfg.labels, int):
             cfg.labels = [cfg.labels]
-        if cfg.labels is not None:
-            cfg.labels = [int(v) for v in cfg.labels]
         return cfg
 
     def to_file(self, path: PathLike) -> Path:
@@ -133,29 +140,39 @@ class TrainConfig:
 
         Relative ``data``/``out``/``checkpoint`` paths are taken relative to the file's folder.
         """
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise MedSAMError(f"cannot read the training config '{p}' ({exc})") from exc
-        try:
-            if p.suffix.lower() == ".toml":
-                import tomllib  # Python >= 3.11
+        from ..userfiles import load_table
 
-                data = tomllib.loads(text)
-            else:
-                data = json.loads(text)
-        except ImportError as exc:
-            raise MedSAMError("TOML configs need Python 3.11 or newer; write the config as JSON") from exc
-        except ValueError as exc:
-            raise MedSAMError(f"the training config '{p}' is not valid {p.suffix.lstrip('.') or 'JSON'}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise MedSAMError(f"the training config '{p}' must hold a table/object of settings")
+        p = Path(path).expanduser()
+        data = load_table(p, "the training config")
+        if not isinstance(data, dict) or not data:
+            raise MedSAMError(f"the training config '{p}' must hold a table/object of settings (data, out, ...)")
         for key in ("data", "out", "checkpoint"):
             value = data.get(key)
             if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
                 data[key] = str((p.parent / value).resolve())
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except MedSAMError as exc:
+            raise MedSAMError(f"the training config '{p}': {exc}") from None
+
+
+def config_schema() -> Dict[str, Any]:
+    """Each :class:`TrainConfig` field's type and range (:mod:`~MedSAMSlicerLib.userfiles` specs)."""
+    from ..userfiles import Bool, Either, Int, ListOf, Num, OrNone, Str
+
+    path = Str(max_len=4096, empty=True)
+    steps = Int(0, 10 ** 12)
+    label = Int(0, 2 ** 31 - 1)
+    return {
+        "data": path, "out": path, "model": Str(max_len=60), "checkpoint": OrNone(Str(max_len=4096)),
+        "epochs": Int(1, 1_000_000), "max_steps": OrNone(Int(1, 10 ** 12)), "batch_size": Int(1, 100_000),
+        "accumulate": Int(1, 100_000), "lr": Num(0.0, 10.0, lo_open=True), "weight_decay": Num(0.0, 100.0),
+        "seed": Int(0, 2 ** 32 - 1), "jitter": Int(0, 100_000),
+        "labels": OrNone(Either(label, ListOf(label, 0, 1000))), "freeze_image_encoder": Bool(),
+        "amp": Str(choices=AMP_CHOICES), "device": Str(max_len=40), "num_workers": Int(0, 1024),
+        "val_every": steps, "save_every": steps, "log_every": Int(1, 10 ** 12), "validate_at_start": Bool(),
+        "validation": Bool(), "embedding_cache_gb": Num(0.0, 1e6), "allow_incomplete": Bool(),
+    }
 
 
 @dataclass

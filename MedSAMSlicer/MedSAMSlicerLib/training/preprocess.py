@@ -573,9 +573,11 @@ def preprocess_dataset(
         MedSAMError: a missing label file (before anything is written), or, after the other cases
             are done, one error naming every case that could not be used.
     """
+    from ..atomic import check_folder
+
     settings = settings or PreprocessSettings()
     root = Path(data_dir)
-    out = Path(out_dir)
+    out = check_folder(out_dir, "output folder")
     cases = find_cases(root, settings.image_suffix)
     train, val = split_cases([c.name for c in cases], holdout)
     out.mkdir(parents=True, exist_ok=True)

@@ -110,23 +110,61 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     return ckpt
 
 
-def export(checkpoint: PathLike, out: PathLike) -> Path:
+#: What an exported weights file may be called.
+WEIGHTS_EXTENSIONS = (".pth", ".pt")
+#: A run's own checkpoints: an export never lands on one (``--resume`` and ``best.pth`` need them).
+RUN_CHECKPOINTS = ("latest.pth", "best.pth")
+
+
+def check_export_target(out: PathLike, overwrite: bool, sources: Sequence[PathLike] = ()) -> Path:
+    """Check, before anything is loaded or trained, that weights may be exported to ``out``; return it.
+
+    The one output rule (:func:`~MedSAMSlicerLib.atomic.check_output`): a ``.pth``/``.pt`` name, a
+    folder we may write into, no existing file (or link) without ``overwrite``; and never one of
+    ``sources`` (the checkpoint exported from, a run's starting weights) nor a run's own
+    ``latest.pth`` / ``best.pth`` beside them, even with ``overwrite``: writing there would destroy
+    the checkpoint (``--resume`` would then fail).
+    """
+    from ..atomic import check_output
+
+    inputs: List[Path] = []
+    for source in sources:
+        p = Path(os.path.expanduser(os.fspath(source)))
+        inputs.append(p)
+        folder = p if p.is_dir() else p.parent
+        inputs += [folder / name for name in RUN_CHECKPOINTS]
+    target = check_output(out, overwrite, inputs=inputs, formats=WEIGHTS_EXTENSIONS, what="exported weights file",
+                          input_kind="training checkpoint")
+    if os.path.realpath(target) in {os.path.realpath(p) for p in inputs}:
+        raise MedSAMError(f"The exported weights file '{target}' is a training checkpoint of the run; exporting there "
+                          "would destroy it. Choose another output name.")
+    if target.name in RUN_CHECKPOINTS and (target.parent / "config.json").is_file():
+        raise MedSAMError(f"'{target}' is a run's own checkpoint name in a run folder; exporting there would replace "
+                          "the training checkpoint. Choose another name")
+    return target
+
+
+def export(checkpoint: PathLike, out: PathLike, overwrite: bool = True) -> Path:
     """Write the model weights of a training checkpoint as a plain state dict.
 
     The result loads with ``checkpoints.load_model(model_name, out, device)`` (strict), in the
-    Slicer effect and ``medsam-slicer segment --checkpoint``.
+    Slicer effect and ``medsam-slicer segment --checkpoint``. ``out`` is checked first
+    (:func:`check_export_target`: never the checkpoint itself or its run's other checkpoint;
+    without ``overwrite`` never an existing file, not even one created meanwhile).
 
     Args:
         checkpoint: ``latest.pth`` / ``best.pth`` of a run.
         out: the ``.pth`` file to write (atomically).
+        overwrite: replace an existing ``out`` (the command line's ``--overwrite``).
     """
     from ..checkpoints import check_state_dict
 
+    target = check_export_target(out, overwrite, sources=[checkpoint])
     ckpt = load_checkpoint(checkpoint)
     state = ckpt["model"]
     check_state_dict(ckpt["architecture"], state, source=f"checkpoint {Path(checkpoint).name}")
     check_finite_weights(state, source=f"checkpoint {Path(checkpoint).name}")
-    return torch_save(out, {k: v.contiguous() for k, v in state.items()})
+    return torch_save(target, {k: v.contiguous() for k, v in state.items()}, overwrite=overwrite)
 
 
 def check_preparation(manifest: Dict[str, Any], config: TrainConfig) -> List[str]:
