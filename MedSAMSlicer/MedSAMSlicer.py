@@ -91,9 +91,14 @@ def fillSpeedSelector(combo, current):
 
     wasBlocked = combo.blockSignals(True)
     combo.clear()
+    from MedSAMSlicerLib.speed import get_speed
+
     for index, (value, label, note, missing) in enumerate(speed_items()):
-        combo.addItem(label + (" - needs installing" if missing else ""), value)
-        combo.setItemData(index, note + (f" Not installed: {missing}." if missing else ""), qt.Qt.ToolTipRole)
+        install = bool(missing) and bool(get_speed(value).missing())  # else: this CPU lacks a feature
+        suffix = (" - needs installing" if install else " - not on this CPU") if missing else ""
+        why = (f" Not installed: {missing}." if install else f" Not on this CPU: {missing}.") if missing else ""
+        combo.addItem(label + suffix, value)
+        combo.setItemData(index, note + why, qt.Qt.ToolTipRole)
     combo.setCurrentIndex(max(combo.findData(current), 0))
     combo.blockSignals(wasBlocked)
 
@@ -400,7 +405,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._whenReady(lambda: self._useSpeed(speed), setup)
 
     def _useSpeed(self, speed):
-        self.logic.setSpeed(speed)
+        self.logic.useSpeed(speed)
         fillSpeedSelector(self.ui.speedSelector, self.logic.speed())
 
     def onCheckpointFolderSettled(self):
@@ -551,6 +556,18 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         self._settings().setValue(SETTINGS_SPEED, get_speed(speed).name)
         self._configureBridge()
 
+    def useSpeed(self, speed):
+        """Put speed setting ``speed`` in force (what it needs is installed); when this CPU runs
+        it in float32 instead of bfloat16, say so, once, where the user chose it."""
+        from MedSAMSlicerLib.speed import get_speed
+
+        tier = get_speed(speed)
+        unsupported = tier.unsupported()
+        if unsupported:
+            slicer.util.warningDisplay(f"'{tier.label}' runs in float32 on this computer: {unsupported}.",
+                                       "MedSAM: speed setting")
+        self.setSpeed(tier.name)
+
     def speedSetup(self, speed):
         """The first-use flow (``installs.FirstUse``) for speed setting ``speed``: what it needs
         installed (OpenVINO for the faster settings), with the model's own needs."""
@@ -564,7 +581,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         otherwise the setting in force is unchanged."""
         if not self.runFirstUse(self.speedSetup(speed), askConfirmation):
             return False
-        self.setSpeed(speed)
+        self.useSpeed(speed)
         return True
 
     def checkpointFolder(self):

@@ -82,16 +82,28 @@ def prep_lite(tmp_path_factory, flare_dir) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, prep_lite):
-    """A short pancreas fine-tune (shared by the Dice, checkpoint, export and evaluate tests)."""
-    run = tmp_path_factory.mktemp("run_pancreas")
+def _pancreas_run(tmp_path_factory, prep_lite, name, **settings):
+    run = tmp_path_factory.mktemp(name)
     config = TrainConfig(data=str(prep_lite), out=str(run), model="litemedsam", labels=[PANCREAS],
-                         freeze_image_encoder=True, batch_size=4, max_steps=20, epochs=100, jitter=1,
-                         val_every=1000, save_every=1000, log_every=5, device="cpu")
+                         freeze_image_encoder=True, epochs=100, jitter=1, val_every=1000, save_every=1000,
+                         device="cpu", **settings)
     events = []
     result = train(config, on_event=events.append)
     return config, result, events
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, prep_lite):
+    """A short pancreas fine-tune, 20 steps of 4 (the held-out Dice test, ``-m slow``)."""
+    return _pancreas_run(tmp_path_factory, prep_lite, "run_pancreas", batch_size=4, max_steps=20, log_every=5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prep_lite):
+    """Two pancreas steps of 2 and one validation at the end: a real run's checkpoints, for the
+    checkpoint, export, evaluate and refusal tests (a fraction of the 20-step run's slices)."""
+    return _pancreas_run(tmp_path_factory, prep_lite, "run_pancreas_short", batch_size=2, max_steps=2,
+                         log_every=1, validate_at_start=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +405,14 @@ def _log(run: Path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_finetune_raises_heldout_dice(finetuned):
     """Pancreas on the held-out upper slices: pretrained LiteMedSAM is weak (~0.63); 20 decoder
-    steps (batch 4, lr 1e-4) on the lower slices' pancreas raise it (measured: 0.627 -> 0.675)."""
+    steps (batch 4, lr 1e-4) on the lower slices' pancreas raise it (measured: 0.627 -> 0.675).
+
+    A quality measurement, two thirds of this file's time (355 of 542 s with a load of ~10 on
+    2 cores, 2026-12-07): ``-m slow``. The default run trains for real in ``trained`` (2 steps) and
+    in the resume, job-runner and torchrun tests."""
     config, result, events = finetuned
     run = Path(config.out)
     vals = [e for e in events if e["event"] == "validation"]
@@ -417,8 +434,8 @@ def test_finetune_raises_heldout_dice(finetuned):
     assert TrainConfig.from_file(run / "config.json") == config
 
 
-def test_checkpoints_load_weights_only_and_export(finetuned, tmp_path):
-    config, result, _ = finetuned
+def test_checkpoints_load_weights_only_and_export(trained, tmp_path):
+    config, result, _ = trained
     run = Path(config.out)
     for name in ("latest.pth", "best.pth"):
         ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
@@ -426,7 +443,7 @@ def test_checkpoints_load_weights_only_and_export(finetuned, tmp_path):
                 "metrics"} <= set(ckpt)
         assert ckpt["architecture"] == "tiny_vit" and ckpt["model_name"] == "litemedsam"
     latest = load_checkpoint(run / "latest.pth")
-    assert latest["step"] == 20 and latest["metrics"]["validation"]["step"] == 20
+    assert latest["step"] == config.max_steps == latest["metrics"]["validation"]["step"]
     best = load_checkpoint(run / "best.pth")
     assert best["metrics"]["best_mean_dice"] == pytest.approx(result.best_mean_dice)
     # frozen parts did not move; the decoder did
@@ -453,9 +470,9 @@ def test_checkpoints_load_weights_only_and_export(finetuned, tmp_path):
         export(out, tmp_path / "again.pth")
 
 
-def test_diverged_training_checkpoint_is_refused(finetuned, tmp_path):
+def test_diverged_training_checkpoint_is_refused(trained, tmp_path):
     """NaN weights (a diverged fine-tune) are refused by export, evaluate and resume."""
-    config, _, _ = finetuned
+    config, _, _ = trained
     ckpt = torch.load(Path(config.out) / "latest.pth", map_location="cpu", weights_only=True)
     key = next(k for k in ckpt["model"] if k.startswith("mask_decoder.transformer"))
     ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan"))
@@ -527,8 +544,8 @@ def _cli(args):
     return code, out.getvalue(), err.getvalue()
 
 
-def test_cli_preprocess_evaluate_and_errors(tmp_path, flare_dir, finetuned):
-    config, _, _ = finetuned
+def test_cli_preprocess_evaluate_and_errors(tmp_path, flare_dir, trained):
+    config, _, _ = trained
     code, out, err = _cli(["preprocess", flare_dir, tmp_path / "prep", "--preset", "litemedsam", "--progress-json"])
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
@@ -570,18 +587,19 @@ def test_job_runner_trains_from_raw_data_and_cancels(tmp_path, flare_dir):
                 "freeze_image_encoder": True, "batch_size": 1, "epochs": 50, "jitter": 2, "validation": False,
                 "save_every": 1, "device": "cpu"}
     exported = tmp_path / "models" / "run-litemedsam.pth"
-    job = TrainingJob(settings, env=_job_env(), preprocess={"preset": "litemedsam"}, grace_s=60, export_to=exported)
+    # The limits below only guard against a hang: a loaded 2-core machine is slow, not wrong.
+    job = TrainingJob(settings, env=_job_env(), preprocess={"preset": "litemedsam"}, grace_s=300, export_to=exported)
     job.start()
     assert job.command[3] == "preprocess" and len(job.commands) == 2
     assert job.commands[1][-4:] == ["--export-to", str(exported), "--progress-json", "--stop-on-stdin"]
-    events, deadline = [], time.monotonic() + 240
+    events, deadline = [], time.monotonic() + 900
     while job.running and time.monotonic() < deadline:
         events += job.poll()
         if any(e.get("event") == "step" for e in events):
             # What the Slicer panel does when Slicer closes: stop, wait, nothing left running.
-            assert job.stop(60) == cli.EXIT_CANCELLED, job.error_text()
+            assert job.stop(300) == cli.EXIT_CANCELLED, job.error_text()
         time.sleep(0.2)
-    assert job.wait(60) == cli.EXIT_CANCELLED, job.error_text()
+    assert job.wait(300) == cli.EXIT_CANCELLED, job.error_text()
     events += job.poll()
     # The process exported the step it stopped at by itself: a plain LiteMedSAM weights file.
     assert any(e.get("event") == "exported" and e.get("source") == "latest.pth" for e in events), events
@@ -596,7 +614,7 @@ def test_job_runner_trains_from_raw_data_and_cancels(tmp_path, flare_dir):
     # a failing command: exit code 2 and its message
     bad = TrainingJob(commands=[["export", str(tmp_path / "missing.pth"), str(tmp_path / "o.pth")]], env=_job_env())
     bad.start()
-    assert bad.wait(120) == 2 and "not found" in bad.error_text()
+    assert bad.wait(600) == 2 and "not found" in bad.error_text()
 
 
 def test_torchrun_two_cpu_processes(prep_lite, tmp_path):
@@ -605,7 +623,7 @@ def test_torchrun_two_cpu_processes(prep_lite, tmp_path):
                "train", "--data", str(prep_lite), "--out", str(run), "--labels", str(GALLBLADDER),
                "--freeze-image-encoder", "--batch-size", "1", "--max-steps", "2", "--no-validation",
                "--device", "cpu", "--quiet"]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_job_env(), cwd=tmp_path)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900, env=_job_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ck = load_checkpoint(run / "latest.pth")
     assert ck["world_size"] == 2 and ck["step"] == 2

@@ -270,7 +270,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._whenReady(lambda: self._useSpeed(speed), setup)
 
     def _useSpeed(self, speed):
-        self._logic().setSpeed(speed)
+        self._logic().useSpeed(speed)
         self._fillSpeeds()
 
     # -- first use: installs in the background (rules: MedSAMBridgeLib.installs) -------------------
