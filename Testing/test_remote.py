@@ -458,6 +458,9 @@ def test_backend_choice_and_where_the_token_is_kept(monkeypatch):
     with pytest.raises(MedSAMError, match="give the server's URL"):
         backends.Backend("remote", "gpu:8765").check()
     assert compat.runtime_requirements(remote=True) == [] and compat.runtime_requirements()
+    from MedSAMBridgeLib import installs
+
+    assert installs.plan_installs("litemedsam", remote=True).ready  # Remote: no PyTorch to install
 
 
 def test_slicer_bridge_in_remote_mode_is_torch_free_and_gives_the_local_result(server, ct_sm_path, tmp_path):

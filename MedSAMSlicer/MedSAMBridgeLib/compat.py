@@ -4,8 +4,9 @@
   ``vtkSlicerSegmentEditorLogic`` (first shipped in v5.10.0), and from 5.10 on Slicer loads
   scripted effects with ``importlib`` (``qSlicerScriptedUtils::loadSourceAsModule``).
 * The Python packages the engine needs at run time and the versions it was tested with: torch
-  (installed through the PyTorch extension, never by us with pip) and scipy; an installed
-  version outside the range is reported, not silently used.
+  (installed with light-the-torch, as the PyTorch extension does; never replaced) and scipy; an
+  installed version outside the range is reported, not silently used. ``installs`` turns them
+  into the install steps of first use.
 
 The module panel and the effect turn these answers into messages; the rules live here so that
 they are tested.
@@ -41,7 +42,7 @@ def slicer_version_problem(major: int, minor: int) -> Optional[str]:
             f"from its Extensions Manager.")
 
 
-def _split(requirement: str) -> Tuple[str, str]:
+def split_requirement(requirement: str) -> Tuple[str, str]:
     """``"scipy>=1.10,<2"`` -> ``("scipy", ">=1.10,<2")``."""
     for i, ch in enumerate(requirement):
         if ch in "<>=!~ ;[":
@@ -74,7 +75,7 @@ def requirement_problems(
     missing: List[str] = []
     mismatched: List[str] = []
     for requirement in requirements:
-        name, spec = _split(requirement)
+        name, spec = split_requirement(requirement)
         version = version_of(name)
         if version is None:
             missing.append(requirement)

@@ -98,7 +98,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="litemedsam", help="litemedsam (fast on a CPU, default) or medsam (ViT-B, for a GPU)")
     g.add_argument("--checkpoint", help="weights file to use instead of the default (e.g. one made by medsam-train)")
     g.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda or mps")
-    g.add_argument("--precision", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16")
+    g.add_argument("--precision", default="auto",
+                   help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16; bfloat16 on a CPU is "
+                        "native only with AVX512-BF16 or AMX, emulated and slower elsewhere ('medsam-slicer models' "
+                        "lists what this computer supports)")
     g.add_argument("--download", action="store_true", help="allow downloading the model's weights if they are missing")
     g.add_argument("--speed", default="exact", choices=list(SPEED_TIERS),
                    help="; ".join(f"{t.name}: {t.note}" for t in SPEED_TIERS.values()))
@@ -179,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "repository: Testing/Data/totalsegmentator)")
     _add_model_args(demo)
 
-    sub.add_parser("models", help="list the models, where their weights come from, and whether they are installed")
+    sub.add_parser("models", help="list the models, where their weights come from, whether they are installed, and "
+                                  "which CPU features (bfloat16, fused kernels) this computer supports")
 
     srv = sub.add_parser("serve", help="serve the model over HTTP(S) to 'segment --server' and Slicer's Remote mode",
                          description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,6 +371,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         except MedSAMError as exc:
             where = f"not installed: {exc}"
         print(f"{spec.name:11s} {spec.title}: {spec.architecture}, {spec.input_size}px input\n            weights: {where}")
+    from .cpu_features import summary_lines
+
+    print("\n".join(summary_lines()))
     return 0
 
 

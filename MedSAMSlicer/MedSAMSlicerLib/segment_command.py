@@ -327,12 +327,18 @@ def _new_segmenter(model, checkpoint, device, precision, download, speed, progre
                                     server.get("cafile"), model=model, speed=speed)
         print(segmenter.describe(), file=sys.stderr)
         return segmenter
+    import warnings
+
     from .segmenter import Segmenter
 
-    segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
-                          cache_mb=ONE_SHOT_CACHE_MB, speed=speed,
-                          progress=TerminalProgress("weights") if progress else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the segmenter's notes are printed below, in our words
+        segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
+                              cache_mb=ONE_SHOT_CACHE_MB, speed=speed,
+                              progress=TerminalProgress("weights") if progress else None)
     print(segmenter.describe(), file=sys.stderr)
+    for text in segmenter.notes:
+        _note(text)
     return segmenter
 
 

@@ -100,6 +100,9 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         print(table)
     print(f"\n{m['cpu']}, {m['physical_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
           f"device {m['device_name']}")
+    from ..cpu_features import summary_lines
+
+    print("\n".join(summary_lines()[1:]))  # what this machine supports; skipped alternatives say why
     out = Path(out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
