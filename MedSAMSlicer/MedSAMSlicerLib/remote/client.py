@@ -296,6 +296,8 @@ class RemoteSegmenter:
         self.device = f"{self.engine['device']} at {self.client.url}"
         self.weights = f"the weights of the server at {self.client.url}"
         self.window = None
+        #: A local segmenter's fallback notes; the server's are its operator's (its log).
+        self.notes: list = []
         self._array: Optional[np.ndarray] = None
         self._sha: Optional[str] = None
         self._session: Optional[str] = None
