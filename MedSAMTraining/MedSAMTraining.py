@@ -10,8 +10,6 @@ see end still reaches the model list. Module, Widget, Logic, Test, in Slicer's u
 
 import logging
 import os
-import shutil
-import sys
 
 import qt
 import slicer
@@ -24,7 +22,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from MedSAMBridgeLib import compat
+import MedSAMSlicer  # noqa: F401  (loaded first, as our dependency: it makes our packages the extension's own)
 from MedSAMBridgeLib.choices import DEVICE_CHOICES, choice_enum
 
 #: Packages the training process needs besides the MedSAM module's (cc3d removes small label
@@ -34,8 +32,6 @@ POLL_INTERVAL_MS = 1000
 PLOT_FILE = "training.png"
 #: Folders are per computer, so they are kept in the application settings, not in the scene.
 SETTINGS_PREFIX = "MedSAMTraining/"
-#: Seconds Slicer waits, when it closes during a run, for the training process to save its step.
-STOP_ON_QUIT_S = 60.0
 
 TrainingModel = choice_enum("TrainingModel", (("litemedsam", "LiteMedSAM (CPU-friendly)"), ("medsam", "MedSAM ViT-B (GPU)")))
 TrainingDevice = choice_enum("TrainingDevice", DEVICE_CHOICES)
@@ -57,7 +53,8 @@ class MedSAMTraining(ScriptedLoadableModule):
 Fine-tune MedSAM or LiteMedSAM on your labelled volumes (a folder with <tt>images/</tt> and
 <tt>labels/</tt>, FLARE22 layout). Training runs in a background process; Slicer stays usable.
 The best checkpoint is added to the MedSAM module's checkpoint folder, where the MedSAM effect
-lists it as a model. Closing Slicer stops the run after saving its current step (a run can be resumed).
+lists it as a model. Cancel, or closing Slicer, stops the run after it saves its current step (a run
+can be resumed); the process also stops by itself if Slicer ends in any other way.
 <p>See the <a href="https://github.com/medsam-slicer/SlicerMedSAM#fine-tuning-medsamtraining">documentation</a>.</p>
 """
         self.parent.acknowledgementText = "Training recipe after MedSAM's train_one_gpu.py (bowang-lab/MedSAM)."
@@ -100,12 +97,12 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.run = None
+        self.install = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        import MedSAMSlicer
 
         self.ui = MedSAMSlicer.setupPanel(self, "MedSAMTraining.ui")
         if self.ui is None:
@@ -126,15 +123,30 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.connect("timeout()", self.onPoll)
         self.ui.startButton.connect("clicked()", self.onStartOrCancel)
-        # Closing Slicer must not leave the training process running detached.
-        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
     def cleanup(self):
+        """Slicer is closing (or the module is reloaded): stop the run, undo the connections.
+
+        Quitting is handled here, not in an ``aboutToQuit()`` slot of ours: Slicer connects its own
+        ``qSlicerCoreApplication::onAboutToQuit`` first, and it unloads every module
+        (``qSlicerModuleFactoryManager::unloadModules`` -> ``moduleAboutToBeUnloaded`` ->
+        ``ScriptedLoadableModuleWidget.cleanup``) before any later slot runs (Base/QTCore/
+        qSlicerCoreApplication.cxx, Base/Python/slicer/ScriptedLoadableModule.py, v5.10.0 and v5.12.3).
+        The stop is not waited for: the trainer saves its step and exits by itself (its stdin closes
+        with Slicer anyway; ``MedSAMTrainingLib.jobs``), so Slicer closes at once."""
+        if self.run is not None and self.logic.isRunning(self.run):
+            logging.info("MedSAM Training: stopping the training run; it saves its current step first")
+            self.logic.cancel(self.run)
+        if self.install is not None:
+            self.install.cancel()
+            self.install.cleanup()
+            self.install = None
         if hasattr(self, "timer"):
             self.timer.stop()
-            slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+            self.timer.disconnect("timeout()", self.onPoll)
+            self.ui.startButton.disconnect("clicked()", self.onStartOrCancel)
         self.removeObservers()
         self.setParameterNode(None)
 
@@ -177,27 +189,46 @@ class MedSAMTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         }
 
     def onStartOrCancel(self):
+        if self.install is not None:
+            self.install.cancel()
+            self.ui.statusLabel.text = "Cancelling the install..."
+            return
         if self.run is not None:
             self.logic.cancel(self.run)
             self.ui.statusLabel.text = "Cancelling: the current step is saved to latest.pth..."
             return
+        settings = self._settings()
+        qt.QSettings().setValue(SETTINGS_PREFIX + "Data", settings["data"])
+        qt.QSettings().setValue(SETTINGS_PREFIX + "Out", settings["out"])
+        setup = self.logic.firstUse(settings)
+        if setup.ready:
+            self._start(settings)
+        elif setup.problem:
+            self.ui.statusLabel.text = setup.message
+        elif not self.logic.askToInstall(setup):
+            self.ui.statusLabel.text = setup.declined()
+        else:  # first use: installed in the background, then the run starts
+            import MedSAMSlicer
+
+            self.install = MedSAMSlicer.InstallPump(setup, self.ui.statusLabel, self.ui.progressBar,
+                                                    lambda ok: self._installDone(ok, settings))
+            self.install.start()
+            self.ui.startButton.text = "Cancel"
+
+    def _installDone(self, ok, settings):
+        self.install = None
+        self.ui.startButton.text = "Start training"
+        if ok:
+            self._start(settings)
+
+    def _start(self, settings):
         with slicer.util.tryWithErrorDisplay("Training could not start.", waitCursor=True):
-            settings = self._settings()
-            qt.QSettings().setValue(SETTINGS_PREFIX + "Data", settings["data"])
-            qt.QSettings().setValue(SETTINGS_PREFIX + "Out", settings["out"])
-            if not self.logic.setupPythonRequirements():
-                return
             self.run = self.logic.start(settings, name=self._parameterNode.checkpointName or None)
             self.ui.startButton.text = "Cancel"
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Starting the training process..."
             self.timer.start()
-
-    def onAboutToQuit(self):
-        if self.run is not None and self.logic.isRunning(self.run):
-            logging.info("MedSAM Training: Slicer is closing; stopping the training run after it saves its step")
-            self.logic.stop(self.run, STOP_ON_QUIT_S)
 
     def onPoll(self):
         if self.run is None:
@@ -265,37 +296,35 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
         return MedSAMTrainingParameterNode(super().getParameterNode())
 
     def pythonExecutable(self):
-        """PythonSlicer: Slicer's own Python, with the packages installed in Slicer."""
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-        candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
-        return candidate if os.path.exists(candidate) else sys.executable
+        """PythonSlicer: Slicer's own Python, with the packages installed in Slicer (the same
+        rule as for installs: ``MedSAMBridgeLib.installs.python_executable``)."""
+        from MedSAMBridgeLib import installs
+
+        return installs.python_executable()
 
     def checkpointFolder(self):
         """Where the MedSAM module looks for fine-tuned checkpoints."""
-        import MedSAMSlicer
 
         return MedSAMSlicer.MedSAMSlicerLogic().checkpointFolder()
 
-    def setupPythonRequirements(self, askConfirmation=True):
-        """The MedSAM module's packages (torch through the PyTorch extension), plus the training ones."""
-        import MedSAMSlicer
+    def firstUse(self, settings=None):
+        """The first-use flow (``MedSAMBridgeLib.installs.FirstUse``) for a run: the MedSAM
+        module's packages, the weights of the model to fine-tune (unless a weights file starts
+        it), and the training packages."""
+        from MedSAMBridgeLib import installs
 
-        if not MedSAMSlicer.MedSAMSlicerLogic().setupPythonRequirements(askConfirmation):
-            return False
-        problems = compat.requirement_problems(TRAINING_REQUIREMENTS)
-        if problems["mismatched"]:
-            slicer.util.errorDisplay("MedSAM Training needs other versions of: " + ", ".join(problems["mismatched"]))
-            return False
-        if problems["missing"]:
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "Training needs more Python packages: " + ", ".join(problems["missing"]) + ". Install them now?"
-            ):
-                return False
-            for requirement in problems["missing"]:
-                slicer.util.pip_install(requirement)
-        return True
+        settings = settings or {}
+        model, checkpoint = settings.get("model") or "litemedsam", settings.get("checkpoint")
+        return installs.FirstUse(lambda: installs.plan_installs(model, checkpoint, TRAINING_REQUIREMENTS))
+
+    def askToInstall(self, setup):
+
+        return MedSAMSlicer.MedSAMSlicerLogic().askToInstall(setup)
+
+    def setupPythonRequirements(self, askConfirmation=True, settings=None):
+        """Install what training needs, in this thread (scripts, the self-test). Returns True when ready."""
+
+        return MedSAMSlicer.MedSAMSlicerLogic().runFirstUse(self.firstUse(settings), askConfirmation)
 
     def exportPath(self, settings, name=None):
         """Where a run's weights go: ``<checkpoint folder>/<name or run folder>-<model>.pth``."""
@@ -330,7 +359,8 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
         return bool(run.job.running)
 
     def cancel(self, run):
-        """Ask the process to stop; the trainer saves the current step (and exports it) before it exits."""
+        """Ask the process to stop (through its stdin: ``PythonSlicer`` forwards no signals); the
+        trainer saves the current step (and exports it) before it exits."""
         run.cancelled = True
         run.job.cancel()
 
@@ -413,7 +443,6 @@ class MedSAMTrainingTest(ScriptedLoadableModuleTest):
         self.assertEqual(run.job.returncode, 0, run.job.error_text())
         message = logic.finish(run)
         self.delayDisplay(message)
-        import MedSAMSlicer
 
         files = [choice.checkpoint or "" for choice in MedSAMSlicer.MedSAMSlicerLogic().modelChoices()]
         self.assertTrue(any(f.endswith("selftest-litemedsam.pth") for f in files), files)

@@ -7,8 +7,11 @@ that does not exist in a supported version) show up in this test suite. Each fun
 Slicer file it replays; the tags read are v5.10.0 and v5.12.1 (the supported line), and v5.6.2 /
 v5.8.1 where older Slicer behaves differently.
 
-Everything that is only Qt (widgets, signals) is a permissive stand-in: it accepts any use and
-does nothing, because no Qt logic is tested here, only the loading.
+The Qt, CTK and Slicer objects are strict stand-ins (:class:`StrictQObject`): a name, property
+or signal that the class does not have in every supported Slicer (``Data/slicer_api_names.json``,
+extracted from Slicer's, CTK's and Qt's sources by ``extract_slicer_api.py``) raises, as it would
+in Slicer; connections are kept and signals call their slots in order; ``slicer.app.quit()``
+replays Slicer's quit sequence. Module folders go to the end of ``sys.path``, as Slicer puts them.
 
 Run this module as a script (``python slicer_replay.py INSTALL_DIR [--slicer-version 5.8]``) to
 replay a Slicer start-up over an installed extension tree in a fresh interpreter; it prints one
@@ -20,6 +23,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -94,32 +98,220 @@ class _Anything:
         return iter(())
 
 
-class _AnythingModule(types.ModuleType):
-    """A module whose every attribute is a class deriving from :class:`_Anything`."""
+# -- strict stand-ins: only names Slicer's, CTK's and Qt's API has at every supported tag ----------
+
+_API = None
+
+
+def api():
+    """The allowed names (``Data/slicer_api_names.json``; see ``slicer_api.py``)."""
+    global _API
+    if _API is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import slicer_api
+
+        _API = slicer_api.API()
+    return _API
+
+
+_DEFAULTS = {"findData": -1, "blockSignals": False, "isNull": False, "count": 0, "width": 0}
+
+
+class StrictQObject:
+    """A stand-in for one Qt/CTK/Slicer class: reading, writing or calling a name the class does
+    not have at every supported tag raises ``AttributeError`` (as PythonQt does in Slicer);
+    ``connect``/``disconnect`` accept only the class's signal signatures and keep the slots, and
+    :meth:`emit` calls them. Properties written are read back; other calls return a neutral value."""
+
+    _cls = "QObject"
+
+    #: every stand-in made (to find connections left behind)
+    created: List[StrictQObject] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        object.__setattr__(self, "_values", {})
+        object.__setattr__(self, "_slots", {})
+        object.__setattr__(self, "calls", [])
+        StrictQObject.created.append(self)
+
+    def _check(self, name: str) -> None:
+        if name not in api().names(self._cls):
+            raise AttributeError(f"{self._cls} has no attribute '{name}' in Slicer {', '.join(api().sources['slicer'])}")
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_values", "_slots", "calls"):
+            raise AttributeError(name)
+        self._check(name)
+        if name in self._values:
+            return self._values[name]
+        if name in ("connect", "disconnect"):
+            return getattr(self, "_" + name)
+        if name in api().properties(self._cls):
+            return None  # a property never set
+
+        def call(*args, **kwargs):
+            self.calls.append((name, args))
+            if name.startswith("set") and len(args) == 1 and name[3:4].isupper():
+                self._values[name[3].lower() + name[4:]] = args[0]
+            return _DEFAULTS.get(name)
+
+        return call
+
+    def __setattr__(self, name: str, value) -> None:
+        self._check(name)
+        self._values[name] = value
+
+    def _signal(self, signal: str) -> None:
+        if signal not in api().signals(self._cls):
+            raise AttributeError(f"{self._cls} has no signal '{signal}' in Slicer {', '.join(api().sources['slicer'])}")
+
+    def _connect(self, signal: str, slot) -> bool:
+        self._signal(signal)
+        self._slots.setdefault(signal, []).append(slot)
+        return True
+
+    def _disconnect(self, signal: str, slot=None) -> bool:
+        self._signal(signal)
+        slots = self._slots.get(signal, [])
+        if slot in slots:
+            slots.remove(slot)
+            return True
+        return False
+
+    def emit(self, signal: str, *args) -> None:
+        """What Qt does when the object emits ``signal``: its slots, in connection order."""
+        for slot in list(self._slots.get(signal, [])):
+            slot(*args)
+
+    def connected(self, signal: str) -> list:
+        return list(self._slots.get(signal, []))
+
+
+class QSettings(StrictQObject):
+    """``qt.QSettings``: a dictionary shared by every instance (one settings file)."""
+
+    _cls = "QSettings"
+    store: Dict[str, object] = {}
+
+    def value(self, key, default=None):
+        return QSettings.store.get(key, default)
+
+    def setValue(self, key, value) -> None:
+        QSettings.store[key] = value
+
+
+class QComboBox(StrictQObject):
+    """``qt.QComboBox`` that keeps its items (text, data), its current index and its blocked
+    state, and emits ``currentIndexChanged(int)`` as Qt does (not while signals are blocked)."""
+
+    _cls = "QComboBox"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        object.__setattr__(self, "items", [])
+        object.__setattr__(self, "_index", -1)
+        object.__setattr__(self, "_blocked", False)
+
+    def addItem(self, text, data=None) -> None:
+        self.items.append([text, data])
+        if self._index < 0:
+            self.setCurrentIndex(0)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.setCurrentIndex(-1)
+
+    def setItemData(self, index, value, role=None) -> None:
+        pass
+
+    def findData(self, data) -> int:
+        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
+
+    def itemData(self, index):
+        return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    def setCurrentIndex(self, index) -> None:
+        changed = index != self._index
+        object.__setattr__(self, "_index", index)
+        if changed and not self._blocked:
+            self.emit("currentIndexChanged(int)", index)
+
+    def blockSignals(self, block) -> bool:
+        was = self._blocked
+        object.__setattr__(self, "_blocked", bool(block))
+        return was
+
+    @property
+    def currentIndex(self) -> int:
+        return self._index
+
+    @property
+    def currentData(self):
+        return self.itemData(self._index)
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+
+for _name in ("addItem", "clear", "setItemData", "findData", "itemData", "setCurrentIndex", "blockSignals",
+              "currentIndex", "currentData", "count"):
+    assert _name in api().names("QComboBox"), _name  # the stand-in's behaviour only for real Qt names
+
+
+class _StrictModule(types.ModuleType):
+    """``qt`` / ``ctk``: only classes the names file has, each a :class:`StrictQObject`."""
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        cls = type(name, (_Anything,), {})
+        if name not in api().classes:
+            raise AttributeError(f"module '{self.__name__}' has no attribute '{name}' in the supported Slicer/CTK/Qt")
+        cls = {"QSettings": QSettings, "QComboBox": QComboBox}.get(name) or type(name, (StrictQObject,), {"_cls": name})
+        for member in api().classes[name]["names"]:  # enumerators (capitalised): plain values
+            if member[:1].isupper() and not hasattr(cls, member):
+                setattr(cls, member, hash(member) & 0xFFFF)
         setattr(self, name, cls)
         return cls
 
 
-class _SlicerApplication(_Anything):
-    """``slicer.app``: the version properties and the start-up signal the extension uses."""
+class _ModuleManager(StrictQObject):
+    """``slicer.app.moduleManager()`` (qSlicerModuleManager)."""
+
+    _cls = "qSlicerModuleManager"
+
+
+class _SlicerApplication(StrictQObject):
+    """``slicer.app`` (qSlicerApplication), with the quit sequence of Slicer's source."""
+
+    _cls = "qSlicerApplication"
 
     def __init__(self, major: int, minor: int) -> None:
-        self.majorVersion = major
-        self.minorVersion = minor
-        self.applicationVersion = f"{major}.{minor}.0"
-        self.connections: Dict[str, list] = {}
+        super().__init__()
+        self._values.update(majorVersion=major, minorVersion=minor, applicationVersion=f"{major}.{minor}.0")
+        object.__setattr__(self, "manager", _ModuleManager())
+        object.__setattr__(self, "loaded", [])  # module names in load order
 
-    def connect(self, signal: str, slot) -> None:
-        self.connections.setdefault(signal, []).append(slot)
+    @property
+    def connections(self) -> Dict[str, list]:
+        return self._slots
 
-    def emit(self, signal: str) -> None:
-        for slot in self.connections.get(signal, []):
-            slot()
+    def moduleManager(self):
+        return self.manager
+
+    def processEvents(self) -> None:
+        pass
+
+    def quit(self) -> None:
+        """``aboutToQuit()``: first Slicer's own ``qSlicerCoreApplication::onAboutToQuit`` (connected
+        in ``qSlicerCoreApplicationPrivate::init``, before any module exists), which unloads the
+        modules in reverse load order (``qSlicerModuleFactoryManager::unloadModules``: each emits
+        ``moduleAboutToBeUnloaded(QString)``, on which ``ScriptedLoadableModuleWidget`` calls
+        ``cleanup()`` and disconnects); then the ``aboutToQuit()`` slots still connected
+        (Base/QTCore/qSlicerCoreApplication.cxx, qSlicerModuleFactoryManager.cxx, v5.10.0 and v5.12.3)."""
+        for name in reversed(self.loaded):
+            self.manager.emit("moduleAboutToBeUnloaded(QString)", name)
+        self.emit("aboutToQuit()")
 
 
 class ScriptedLoadableModule:
@@ -134,13 +326,240 @@ class ScriptedLoadableModule:
 
 
 class ScriptedLoadableModuleWidget:
+    """``ScriptedLoadableModuleWidget`` as Base/Python/slicer/ScriptedLoadableModule.py (v5.10.0,
+    v5.12.3) builds it: ``moduleName`` from the class name, ``parent`` and ``layout``, and the
+    connection to ``moduleAboutToBeUnloaded(QString)`` whose slot calls ``cleanup()`` for this module
+    and then disconnects itself."""
+
     def __init__(self, parent=None) -> None:
+        import slicer
+
+        self.moduleName = self.__class__.__name__
+        if self.moduleName.endswith("Widget"):
+            self.moduleName = self.moduleName[:-6]
+        self.developerMode = False
+        if not parent:
+            parent = sys.modules["qt"].__getattr__("QWidget")()
         self.parent = parent
+        self.layout = sys.modules["qt"].__getattr__("QVBoxLayout")()
+        slicer.app.moduleManager().connect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
+
+    def setup(self) -> None:
+        pass
+
+    def resourcePath(self, filename: str) -> str:
+        import slicer
+
+        return os.path.join(os.path.dirname(slicer.util.modulePath(self.moduleName)), "Resources", filename)
+
+    def cleanup(self) -> None:
+        pass
+
+    def _onModuleAboutToBeUnloaded(self, moduleName: str) -> None:
+        import slicer
+
+        if moduleName == self.moduleName:
+            self.cleanup()
+            slicer.app.moduleManager().disconnect("moduleAboutToBeUnloaded(QString)", self._onModuleAboutToBeUnloaded)
 
 
 class ScriptedLoadableModuleLogic:
+    """``ScriptedLoadableModuleLogic``: ``getParameterNode`` returns the module's singleton
+    ``vtkMRMLScriptedModuleNode`` in ``slicer.mrmlScene`` (real MRML, slicer-core)."""
+
     def __init__(self, parent=None) -> None:
-        pass
+        self.moduleName = self.__class__.__name__.removesuffix("Logic")
+        self.isSingletonParameterNode = True
+
+    def getParameterNode(self):
+        import slicer
+
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)
+            node = slicer.mrmlScene.AddNode(node)
+        return node
+
+
+def parameter_node_wrapper(cls):
+    """``@parameterNodeWrapper``: the wrapped class is built on a parameter node and holds its
+    fields' defaults (the GUI connection is the real wrapper's job, not replayed)."""
+
+    class Wrapped:
+        def __init__(self, node) -> None:
+            self.parameterNode = node
+            for name in getattr(cls, "__annotations__", {}):
+                setattr(self, name, getattr(cls, name, None))
+
+        def connectGui(self, ui):
+            return object()
+
+        def disconnectGui(self, tag) -> None:
+            pass
+
+        # forwarded to the node, as Base/Python/slicer/parameterNodeWrapper/wrapper.py (v5.10.0, v5.12.3) does
+        def StartModify(self):
+            return self.parameterNode.StartModify()
+
+        def EndModify(self, wasModified):
+            return self.parameterNode.EndModify(wasModified)
+
+        def AddObserver(self, event, callback, priority=0.0):
+            return self.parameterNode.AddObserver(event, callback, priority)
+
+        def RemoveObserver(self, tag):
+            return self.parameterNode.RemoveObserver(tag)
+
+        def Modified(self):
+            return self.parameterNode.Modified()
+
+    Wrapped.__name__ = cls.__name__
+    return Wrapped
+
+
+class Messages:
+    """What ``slicer.util``'s message boxes would have shown; ``confirm`` is the answer to questions."""
+
+    shown: List[str] = []
+    confirm = True
+
+
+def _load_ui(path: str):
+    """``slicer.util.loadUI``: the ``.ui`` file's widgets as strict stand-ins of their classes."""
+    import xml.etree.ElementTree as ET
+
+    widgets = {}
+    top = None
+    for element in ET.parse(path).getroot().iter("widget"):
+        name = element.get("class")
+        if name not in api().classes:
+            raise AttributeError(f"{path}: widget class {name} is not in the supported Slicer/CTK/Qt")
+        cls = QComboBox if name == "QComboBox" else type(name, (StrictQObject,), {"_cls": name})
+        widget = cls()
+        widget.objectName = element.get("name")
+        widgets[element.get("name")] = widget
+        top = top or widget
+    object.__setattr__(top, "_children", widgets)
+    return top
+
+
+def install_panel_stand_ins(install_dir: Path) -> None:
+    """What the panels need besides the loaders: the ``slicer.util`` functions that only work with
+    the application (dialogs, ``.ui`` files) and a scene."""
+    import slicer
+    import slicer.util as util
+
+    util.loadUI = _load_ui
+    util.childWidgetVariables = lambda widget: types.SimpleNamespace(**widget._children)
+    util.modulePath = lambda name: str(install_dir / f"{name}.py")
+
+    def shown(message, *args, **kwargs):
+        Messages.shown.append(str(message))
+        return Messages.confirm
+
+    util.errorDisplay = util.warningDisplay = util.infoDisplay = shown
+    util.confirmOkCancelDisplay = util.confirmYesNoDisplay = shown
+    if getattr(slicer, "mrmlScene", None) is None:
+        slicer.mrmlScene = slicer.vtkMRMLScene()
+    for name in ("qMRMLNodeComboBox", "qMRMLWidget", "qMRMLSegmentEditorWidget"):  # Slicer's Qt widgets
+        setattr(slicer, name, type(name, (StrictQObject,), {"_cls": name}))
+
+
+def replay_first_use_failure(install_dir: Path, action: str, wait_s: float = 300.0) -> dict:
+    """The MedSAM module panel on strict stand-ins: ``action`` "weights" presses *Get weights*,
+    "speed" chooses the *fast* speed in its menu; the user agrees to the one question; the
+    installs then run in the background, pumped by the panel's timer as Slicer's event loop would.
+    Reports every message box, the status line, the speed in force and the one the menu shows,
+    and how many timer ticks the install took (the window was live during each)."""
+    import time
+
+    replay = replay_startup(install_dir)
+    install_panel_stand_ins(install_dir)
+    import MedSAMSlicer
+
+    widget = MedSAMSlicer.MedSAMSlicerWidget()
+    widget.setup()
+    report = {"failures": replay["failures"], "speed_before": widget.logic.speed()}
+    if action == "weights":
+        widget.ui.getWeightsButton.emit("clicked()")
+    else:
+        widget.ui.speedSelector.setCurrentIndex(widget.ui.speedSelector.findData("fast"))  # emits, as Qt does
+    report["menu_while_installing"] = widget.ui.speedSelector.currentData
+    report["installing"] = widget.install is not None
+    ticks, deadline = 0, time.monotonic() + wait_s
+    while widget.install is not None and time.monotonic() < deadline:
+        widget.install.timer.emit("timeout()")
+        ticks += 1
+    report.update(ticks=ticks, status=widget.ui.statusLabel.text, speed_after=widget.logic.speed(),
+                  menu_after=widget.ui.speedSelector.currentData, messages=list(Messages.shown),
+                  apply_text=widget.ui.applyButton.text)
+    return report
+
+
+def replay_effect_lifecycle(install_dir: Path) -> dict:
+    """Register the effect as Slicer does, build its options (``setupOptionsFrame``), activate,
+    deactivate and clean it up, all on strict stand-ins; report the connections to the effect that
+    are left afterwards (``AbstractScriptedSegmentEditorEffect.cleanup``: they keep it alive)."""
+    replay = replay_startup(install_dir)
+    install_panel_stand_ins(install_dir)
+    effect = AbstractScriptedSegmentEditorEffect.registered[-1]
+    report = {"failures": replay["failures"]}
+    for step in ("setupOptionsFrame", "setMRMLDefaults", "activate", "deactivate", "cleanup"):
+        try:
+            getattr(effect, step)()
+        except Exception as exc:  # noqa: BLE001 - reported
+            report["failures"].append([step, f"{type(exc).__name__}: {exc}"])
+    left = []
+    for obj in StrictQObject.created:
+        for signal, slots in obj._slots.items():
+            left += [f"{obj._cls}.{signal} -> {getattr(s, '__name__', s)}" for s in slots
+                     if getattr(s, "__self__", None) is effect]
+    report["left_connected"] = left
+    return report
+
+
+def replay_quit_during_training(install_dir: Path, data: str, out: str, wait_s: float = 180.0) -> dict:
+    """Open the MedSAM Training panel, start a run from it as a user would (its Python is whatever
+    ``PythonSlicer`` is on PATH: the launcher replay in the tests), wait for the first training
+    progress report, then quit Slicer as Slicer's source does (:meth:`_SlicerApplication.quit`) while this
+    process, Slicer, is still alive. Reports whether the trainer ended before Slicer's process did."""
+    import time
+
+    replay = replay_startup(install_dir)
+    install_panel_stand_ins(install_dir)
+    import MedSAMTraining
+
+    widget = MedSAMTraining.MedSAMTrainingWidget()
+    widget.setup()
+    widget.ui.dataSelector.currentPath = data
+    widget.ui.outputSelector.currentPath = out
+    p = widget._parameterNode
+    p.batchSize, p.freezeEncoder, p.epochs = 1, True, 50
+    p.device = MedSAMTraining.TrainingDevice.cpu
+    widget.onStartOrCancel()
+    job = widget.run.job if widget.run else None
+    report = {"failures": replay["failures"], "messages": list(Messages.shown), "started": job is not None}
+    if job is None:
+        return report
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and job.running:
+        widget.timer.emit("timeout()")  # the panel's poll timer fires
+        if job.worker_pid and job.last_progress:  # the trainer runs and reports progress
+            break
+        time.sleep(0.2)
+    report.update(trainer=job.worker_pid, launcher=job._proc.pid if job._proc else None,
+                  python=job.commands[-1][0], progress=job.last_progress)
+    quit_at = time.monotonic()
+    sys.modules["slicer"].app.quit()
+    report["timer_slots_after_quit"] = len(widget.timer.connected("timeout()"))
+    report["stopped_before_slicer_exit"] = job.wait(wait_s) is not None
+    report["stop_s"] = round(time.monotonic() - quit_at, 1)
+    report["log"] = job.log_lines()[-5:]
+    report["returncode"] = job.returncode
+    report["status"] = widget.ui.statusLabel._values.get("text")
+    return report
 
 
 class ScriptedLoadableModuleTest:
@@ -169,15 +588,16 @@ def install_stand_ins(major: int = 5, minor: int = 12) -> _SlicerApplication:
     """
     import slicer
 
-    for name in ("qt", "ctk", "PythonQt"):
-        sys.modules[name] = _AnythingModule(name)
+    for name in ("qt", "ctk"):
+        sys.modules[name] = _StrictModule(name)
+    sys.modules["PythonQt"] = types.ModuleType("PythonQt")
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
     for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
         setattr(slm, cls.__name__, cls)
     sys.modules["slicer.ScriptedLoadableModule"] = slm
     slicer.ScriptedLoadableModule = slm
     wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls  # Base/Python/slicer/parameterNodeWrapper: a class decorator
+    wrapper.parameterNodeWrapper = parameter_node_wrapper  # Base/Python/slicer/parameterNodeWrapper: a class decorator
     sys.modules["slicer.parameterNodeWrapper"] = wrapper
     slicer.parameterNodeWrapper = wrapper
     effects = types.ModuleType("SegmentEditorEffects")
@@ -229,7 +649,7 @@ def _find_or_load_class(module_name: str, class_name: str, file_path: str):
     return cls
 
 
-class ScriptedEffect(_Anything):
+class ScriptedEffect(StrictQObject):
     """``qSlicerSegmentEditorScriptedEffect`` with ``setPythonSource`` as in
     Modules/Loadable/Segmentations/EditorEffects/qSlicerSegmentEditorScriptedEffect.cxx (v5.12.1):
 
@@ -240,10 +660,11 @@ class ScriptedEffect(_Anything):
     * the instance is created with this C++ object and set as ``slicer.<moduleName>``.
     """
 
+    _cls = "qSlicerSegmentEditorScriptedEffect"
+
     def __init__(self, parent=None) -> None:
-        self._self = None
-        self.name = ""
-        self.title = ""
+        super().__init__()
+        object.__setattr__(self, "_self", None)
 
     def setPythonSource(self, path: str) -> bool:
         import slicer
@@ -255,7 +676,7 @@ class ScriptedEffect(_Anything):
         if not class_name.endswith("Effect"):
             class_name += "Effect"
         cls = _find_or_load_class(module_name, class_name, path)
-        self._self = cls(self)
+        object.__setattr__(self, "_self", cls(self))
         setattr(slicer, module_name, self._self)
         return True
 
@@ -268,9 +689,13 @@ def load_scripted_module(file_path: str):
     v5.12.1): module and class name = the file's base name; class from ``sys.modules`` or the
     file loaded with ``loadSourceAsModule``; then the class is instantiated with the module's
     C++ ``parent`` (here a stand-in). Returns the instance."""
+    import slicer
+
     module_name = Path(file_path).name.split(".")[0]
     cls = _find_or_load_class(module_name, module_name, file_path)
-    return cls(_Anything())
+    instance = cls(_Anything())  # the module's C++ parent (qSlicerScriptedLoadableModule): not modelled
+    slicer.app.loaded.append(module_name)
+    return instance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +753,11 @@ def replay_startup(install_dir: Path, major: int = 5, minor: int = 12, headless_
     Returns a report: ``failures`` (``[file:line, statement, error]``), the names registered,
     and which of our packages ``sys.modules`` holds as packages.
     """
-    sys.path.insert(0, str(install_dir))
+    # qSlicerScriptedLoadableModuleFactory.cxx -> qSlicerCorePythonManager::appendPythonPath
+    # (v5.10.0, v5.12.3): the module folder goes to the END of sys.path, after site-packages.
+    folder = os.path.abspath(str(install_dir))
+    if folder not in sys.path:
+        sys.path.append(folder)
     app = install_stand_ins(major, minor)
     report: dict = {"failures": [], "registered": [], "packages": {}, "messages": []}
 
@@ -384,10 +813,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("install_dir")
     parser.add_argument("--slicer-version", default="5.12")
     parser.add_argument("--headless-script")
+    parser.add_argument("--site", help="a folder put first on sys.path, as site-packages is in Slicer's Python "
+                                       "(e.g. holding a pip-installed copy of our packages)")
+    parser.add_argument("--first-use-failure", choices=("weights", "speed"), help="replay_first_use_failure")
+    parser.add_argument("--effect-lifecycle", action="store_true", help="replay_effect_lifecycle")
+    parser.add_argument("--quit-during-training", nargs=2, metavar=("DATA", "OUT"),
+                        help="replay_quit_during_training: start a run from the training panel, then quit")
     args = parser.parse_args(argv)
     major, minor = (int(v) for v in args.slicer_version.split("."))
     # Slicer's Python does not have the repository's module folders on sys.path; neither do we.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in {ROOT / m for m in MODULES}]
+    if args.site:
+        sys.path.insert(0, os.path.abspath(args.site))
+    if args.first_use_failure:
+        print(json.dumps(replay_first_use_failure(Path(args.install_dir), args.first_use_failure)))
+        return 0
+    if args.effect_lifecycle:
+        print(json.dumps(replay_effect_lifecycle(Path(args.install_dir))))
+        return 0
+    if args.quit_during_training:
+        report = replay_quit_during_training(Path(args.install_dir), *args.quit_during_training)
+        print(json.dumps(report))
+        return 0
     report = replay_startup(Path(args.install_dir), major, minor,
                             Path(args.headless_script) if args.headless_script else None)
     report["engine_file"] = getattr(sys.modules.get("MedSAMSlicerLib"), "__file__", None)

@@ -13,11 +13,14 @@ from slicer_helpers import SPLEEN, dice, ijk_to_ras, label_box_ijk, segment_kji
 
 pytest_plugins = ["conftest_slicer"]
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "medsam_headless.py"
+ROOT = Path(__file__).resolve().parent.parent
+#: The source tree's wrapper, and the script as the extension installs it.
+SCRIPT = ROOT / "scripts" / "medsam_headless.py"
+INSTALLED = ROOT / "MedSAMSlicer" / "MedSAMBridgeLib" / "medsam_headless.py"
 
 
 def _script_module():
-    spec = importlib.util.spec_from_file_location("medsam_headless", SCRIPT)
+    spec = importlib.util.spec_from_file_location("medsam_headless", INSTALLED)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -138,3 +141,26 @@ def test_script_speed_setting_reaches_the_engine(shared_segmenter, ct_scene, ct_
     assert _script_module().main(["--volume", str(ct_sm_path), "--box-ras", "0", "0", "0", "1", "1", "1",
                                   "--output", str(tmp_path / "x.seg.nrrd"), "--speed", "turbo"]) == 2
     assert "invalid choice: 'turbo'" in capsys.readouterr().err
+
+
+def test_the_installed_script_runs_from_the_installed_extension(tmp_path, ct_sm_path):
+    """The script ships with the extension (CMake lists it) and runs from the installed tree
+    alone: its own engine is used (not the repository's), bad input exits 1 with one line."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "Testing"))
+    import slicer_replay
+
+    install = slicer_replay.install_extension(tmp_path / "ext")
+    script = install / "MedSAMBridgeLib" / "medsam_headless.py"
+    assert script.is_file()
+    probe = ("import runpy, sys; sys.argv = [sys.argv[1]] + sys.argv[2:]; "
+             "g = runpy.run_path(sys.argv[0]); g['_add_module_path'](); import MedSAMSlicerLib; "
+             "print(MedSAMSlicerLib.__file__); sys.exit(g['main'](sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", probe, str(script), "--volume", str(tmp_path / "missing.nii.gz"),
+                           "--box-ras", "0", "0", "0", "1", "1", "1", "--output", str(tmp_path / "o.seg.nrrd")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr  # bad input
+    assert done.stdout.strip().startswith(str(install)), done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: volume file") and "not found" in lines[0], lines

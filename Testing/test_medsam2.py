@@ -238,7 +238,7 @@ def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop):
     """MedSAM2's own 512 px network, 3D, against its script; then a 3D segment with a correction,
     recorded, replayed."""
     from MedSAMSlicerLib.provenance import Provenance
-    from MedSAMSlicerLib.segment_command import _Done, _replay_corrections
+    from MedSAMSlicerLib.segment_command import _correction_steps, _Done, _replay_corrections
 
     volume, lab, path = crop
     box = _box(lab, LIVER, 1)
@@ -251,7 +251,8 @@ def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop):
     assert record.model == "medsam2"
     corners = volume.canonical_to_ras(np.array([[*_box(lab, LIVER, 3)[:2], 3], [*_box(lab, LIVER, 3)[2:], 3]],
                                                dtype=float))
-    _replay_corrections(seg, volume, done, [{"kind": "box", "ras": corners.tolist()}])
+    steps = _correction_steps(volume, "liver", [{"kind": "box", "ras": corners.tolist()}])
+    _replay_corrections(seg, done, steps)
     assert np.array_equal(done.mask, fixed.mask)
 
 
@@ -289,15 +290,29 @@ def test_wrong_model_weights_are_refused_by_name(weights):
         load_model("medsam2", resolve_weights("litemedsam"))
 
 
-def test_slicer_installs_medsam2s_packages_without_touching_torch():
-    from MedSAMBridgeLib import compat
+def test_slicer_installs_medsam2s_packages_without_touching_torch(tmp_path):
+    """Slicer's first-use plan for MedSAM2: Meta's sam2 and its helpers with --no-deps (the torch
+    there stays) and --no-build-isolation, SAM2_BUILD_CUDA=0 in the pip child's environment; no
+    weights download (no checksum: the user chooses the file)."""
+    import sys
 
-    spec_requires = "sam2==1.1.0"
-    assert compat.model_install_args(spec_requires) is None  # this environment has them
-    args = compat.model_install_args(spec_requires, {"tqdm": "4.67.1", "pillow": "11.0.0"}.get)
-    assert args.startswith('"sam2==1.1.0" "hydra-core>=1.3.2"') and args.endswith("--no-deps --no-build-isolation")
-    assert "torch" not in args and compat.MODEL_INSTALL_ENV == {"SAM2_BUILD_CUDA": "0"}
-    assert compat.model_install_args("") is None
+    from MedSAMBridgeLib import installs
+
+    have = {"torch": "2.14.1", "scipy": "1.14.0", "tqdm": "4.67.1", "pillow": "11.0.0"}
+    plan = installs.plan_installs("medsam2", version_of=have.get, weights_present=lambda name: False)
+    assert [s.what for s in plan.steps] == ["MedSAM2's code (sam2==1.1.0 and its helpers)"]
+    step = plan.steps[0]
+    assert step.args[:5] == ("-m", "pip", "install", "--no-deps", "--no-build-isolation")
+    assert "sam2==1.1.0" in step.args and not any(a.startswith("torch") for a in step.args)
+    assert dict(step.env) == {"SAM2_BUILD_CUDA": "0"}
+    assert installs.consent_question(plan)[1].startswith("SAM2_BUILD_CUDA=0 PythonSlicer -m pip install --no-deps")
+    assert installs.plan_installs("medsam2").ready  # this environment has everything
+    # The step's environment reaches the child process that runs it.
+    probe = installs.InstallStep("probe", ("x",), ("-c", "import os; print('flag', os.environ['SAM2_BUILD_CUDA'])"),
+                                 env=(("SAM2_BUILD_CUDA", "0"),))
+    lines = []
+    installs.run_plan(installs.InstallPlan([probe]), python=sys.executable, log=lines.append)
+    assert "flag 0" in lines
 
 
 @pytest.mark.slow

@@ -257,3 +257,15 @@ def test_icons_are_real_pngs():
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", path
         assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == size, path
+
+
+def test_index_entries_for_the_stable_branches():
+    """The Extensions Index builds its ``main`` branch for the Preview only; each stable Slicer
+    (5.10, 5.12) builds the entry on the index branch of that name (Slicer Docs/developer_guide/
+    extensions.md, v5.12.3). The entries to submit there differ from ``MedSAMSlicer.json`` only in
+    ``scm_revision``: this repository's branch of the same name (docs/slicer.md, 'Extensions Index')."""
+    main = json.loads((ROOT / "MedSAMSlicer.json").read_text())
+    assert main["scm_revision"] == "main"
+    for branch in ("5.10", "5.12"):
+        entry = json.loads((ROOT / "Resources" / "ExtensionsIndex" / branch / "MedSAMSlicer.json").read_text())
+        assert entry == {**main, "scm_revision": branch}

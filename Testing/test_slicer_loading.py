@@ -23,11 +23,11 @@ sys.path.insert(0, str(HERE))
 import slicer_replay  # noqa: E402
 
 
-def _replay(tmp_path: Path, version: str = "5.12") -> dict:
+def _replay(tmp_path: Path, version: str = "5.12", site: Path = None) -> dict:
     install = slicer_replay.install_extension(tmp_path)
     proc = subprocess.run(
         [sys.executable, str(HERE / "slicer_replay.py"), str(install), "--slicer-version", version,
-         "--headless-script", str(ROOT / "scripts" / "medsam_headless.py")],
+         "--headless-script", str(ROOT / "scripts" / "medsam_headless.py"), *(["--site", str(site)] if site else [])],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,3 +62,31 @@ def test_import_statements_are_found_at_any_depth(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("import os\n\ndef f():\n    from json import dumps\n    import qt\n")
     assert slicer_replay.import_statements(path) == [(1, "import os"), (4, "from json import dumps")]
+
+
+def test_a_pip_installed_engine_does_not_shadow_the_extensions(tmp_path):
+    """Slicer appends the module folder to the END of sys.path, after site-packages: a
+    ``medsam-slicer`` wheel pip-installed into Slicer's Python (here a decoy copy of our packages
+    first on sys.path, as site-packages is) must not be the one the extension uses."""
+    site = tmp_path / "site-packages"
+    for package in ("MedSAMSlicerLib", "MedSAMBridgeLib"):
+        (site / package).mkdir(parents=True)
+        (site / package / "__init__.py").write_text('"""A pip-installed copy (a decoy: it has no modules)."""\n')
+    report = _replay(tmp_path / "replay", site=site)
+    assert not report["failures"], report["failures"]
+    assert report["engine_file"].startswith(report["install"]), report["engine_file"]
+    for name in ("MedSAMSlicerLib", "MedSAMBridgeLib"):
+        assert report["packages"][name]["file"].startswith(report["install"]), report["packages"][name]
+
+
+def test_effect_lifecycle_on_strict_stand_ins_leaves_nothing_connected(tmp_path):
+    """The effect's options, activation and cleanup run on stand-ins that accept only Slicer's,
+    CTK's and Qt's real names; after ``cleanup()`` no connection to the effect is left (its pump
+    timer's included), as ``AbstractScriptedSegmentEditorEffect.cleanup`` asks."""
+    install = slicer_replay.install_extension(tmp_path)
+    proc = subprocess.run([sys.executable, str(HERE / "slicer_replay.py"), str(install), "--effect-lifecycle"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["failures"], report["failures"]
+    assert report["left_connected"] == [], report["left_connected"]

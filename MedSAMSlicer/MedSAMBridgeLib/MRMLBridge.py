@@ -52,10 +52,11 @@ from MedSAMSlicerLib.background import BackgroundTask, run_in_background
 from MedSAMSlicerLib.boxes import BoxPrompt
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
-from MedSAMSlicerLib.propagation import PropagationResult
 from MedSAMSlicerLib.provenance import Provenance, new_job, prompt_ras, volume_sha256
+from MedSAMSlicerLib.results import PropagationResult
 
 # The bridge's parts, imported here so that front ends use one module (``MRMLBridge.X``).
+from .backends import Backend
 from .choices import COMBINE_MODES, DIRECTIONS, MODES, WINDOW_CHOICES  # noqa: F401
 from .labelmaps import (  # noqa: F401
     MODIFICATION_MODES,
@@ -179,7 +180,10 @@ class MedSAMBridge:
     """
 
     def __init__(self, model: str = "litemedsam", checkpoint: Optional[str] = None, device: str = "auto",
-                 segmenter=None, speed: str = "exact"):
+                 segmenter=None, speed: str = "exact", backend: Optional[Backend] = None):
+        #: Where the model runs (:class:`~MedSAMBridgeLib.backends.Backend`): Local, or Remote (a
+        #: ``medsam-slicer serve``; then nothing here imports torch, and the server's model is used).
+        self.backend = backend or Backend()
         self.model = model
         self.checkpoint = checkpoint
         self.device = device
@@ -190,8 +194,12 @@ class MedSAMBridge:
 
     # -- model ----------------------------------------------------------------------------------
     def configure(self, model: Optional[str] = None, checkpoint: Optional[str] = None, device: Optional[str] = None,
-                  speed: Optional[str] = None) -> None:
-        """Switch model, checkpoint, device or speed setting (loaded on next use)."""
+                  speed: Optional[str] = None, backend: Optional[Backend] = None) -> None:
+        """Switch model, checkpoint, device, speed setting or backend (loaded on next use)."""
+        if backend is not None and backend != self.backend:
+            if self.backend.remote and self._segmenter is not None:
+                self._segmenter.close()
+            self.backend, self._segmenter = backend, None
         current = {"model": self.model, "checkpoint": self.checkpoint, "device": self.device, "speed": self.speed}
         wanted = {
             "model": self.model if model is None else model,
@@ -208,6 +216,8 @@ class MedSAMBridge:
     @property
     def segmenter(self):
         """The shared segmenter (loads the model on first use, in whichever thread asks first)."""
+        if self._segmenter is None and self.backend.remote:
+            self._segmenter = self.backend.segmenter()
         if self._segmenter is None:
             from MedSAMSlicerLib.segmenter import shared_segmenter
 
@@ -239,8 +249,9 @@ class MedSAMBridge:
         zs = sorted(range(max(0, z - radius), min(src.shape[0], z + radius + 1)), key=lambda v: abs(v - z))
 
         def work(progress, cancel):
-            self._load_volume(request)
-            self.segmenter.predictor.encode(zs, progress, cancel)
+            self._load_volume(request)  # Remote: the upload, early
+            if self.segmenter.predictor is not None:
+                self.segmenter.predictor.encode(zs, progress, cancel)
             return zs
 
         task = run_in_background(work, "medsam-prefetch")
@@ -355,7 +366,7 @@ class MedSAMBridge:
                                  current=current)
 
     def _correct(self, request: PredictionRequest, progress, cancel) -> Prediction:
-        from MedSAMSlicerLib.corrections import Correction
+        from MedSAMSlicerLib.results import Correction
 
         base, prompt = request.base, request.prompt
         correction = Correction.accept(prompt.z) if request.accept else Correction.with_box(prompt.z, prompt.box)

@@ -4,8 +4,9 @@
   ``vtkSlicerSegmentEditorLogic`` (first shipped in v5.10.0), and from 5.10 on Slicer loads
   scripted effects with ``importlib`` (``qSlicerScriptedUtils::loadSourceAsModule``).
 * The Python packages the engine needs at run time and the versions it was tested with: torch
-  (installed through the PyTorch extension, never by us with pip) and scipy; an installed
-  version outside the range is reported, not silently used.
+  (installed with light-the-torch, as the PyTorch extension does; never replaced) and scipy; an
+  installed version outside the range is reported, not silently used. ``installs`` turns them
+  into the install steps of first use.
 
 The module panel and the effect turn these answers into messages; the rules live here so that
 they are tested.
@@ -41,7 +42,7 @@ def slicer_version_problem(major: int, minor: int) -> Optional[str]:
             f"from its Extensions Manager.")
 
 
-def _split(requirement: str) -> Tuple[str, str]:
+def split_requirement(requirement: str) -> Tuple[str, str]:
     """``"scipy>=1.10,<2"`` -> ``("scipy", ">=1.10,<2")``."""
     for i, ch in enumerate(requirement):
         if ch in "<>=!~ ;[":
@@ -74,7 +75,7 @@ def requirement_problems(
     missing: List[str] = []
     mismatched: List[str] = []
     for requirement in requirements:
-        name, spec = _split(requirement)
+        name, spec = split_requirement(requirement)
         version = version_of(name)
         if version is None:
             missing.append(requirement)
@@ -98,7 +99,7 @@ MODEL_REQUIREMENTS: Dict[str, Tuple[str, ...]] = {
     "sam2==1.1.0": ("sam2==1.1.0", "hydra-core>=1.3.2", "omegaconf>=2.3", "antlr4-python3-runtime==4.9.3",
                     "iopath>=0.1.10", "portalocker", "tqdm>=4.66.1", "pillow>=9.4.0"),
 }
-#: The environment ``pip`` needs for :data:`MODEL_REQUIREMENTS`.
+#: The environment ``pip`` needs for :data:`MODEL_REQUIREMENTS` (``installs.plan_installs`` uses both).
 MODEL_INSTALL_ENV = {"SAM2_BUILD_CUDA": "0"}
 
 
@@ -109,15 +110,8 @@ def model_requirements(requires: str) -> List[str]:
     return list(MODEL_REQUIREMENTS.get(requires, (requires,)))
 
 
-def model_install_args(requires: str, version_of: Callable[[str], Optional[str]] = installed_version) -> Optional[str]:
-    """The ``pip install`` arguments (for ``slicer.util.pip_install``) that provide a model's
-    missing packages, or ``None`` when nothing is missing. Set :data:`MODEL_INSTALL_ENV` first."""
-    missing = requirement_problems(model_requirements(requires), version_of)["missing"]
-    if not missing:
-        return None
-    return " ".join(f'"{r}"' for r in missing) + " --no-deps --no-build-isolation"
-
-
-def runtime_requirements() -> List[str]:
-    """Everything the engine needs at run time: torch first, then the pip packages."""
-    return [TORCH_REQUIREMENT, *PIP_REQUIREMENTS]
+def runtime_requirements(remote: bool = False) -> List[str]:
+    """Everything the engine needs at run time: torch first, then the pip packages. ``remote``
+    (the model runs on a ``medsam-slicer serve``): nothing beyond what Slicer ships (the client
+    is the standard library and numpy)."""
+    return [] if remote else [TORCH_REQUIREMENT, *PIP_REQUIREMENTS]

@@ -1,7 +1,8 @@
 """``medsam-slicer``: box-prompted MedSAM / LiteMedSAM segmentation from the command line.
 
 Subcommands: ``segment`` (one structure from one box), ``demo`` (the shipped CT, five organs),
-``models`` (what is installed), ``bench`` (speed against the reference pipeline), ``evaluate``
+``models`` (what is installed), ``serve`` (the model over HTTP(S) for ``segment --server`` and
+Slicer's Remote mode, :mod:`MedSAMSlicerLib.remote`), ``bench`` (speed against the reference pipeline), ``evaluate``
 (quality on labelled volumes, :mod:`MedSAMSlicerLib.evaluation`).
 """
 
@@ -99,10 +100,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "propagation, for a GPU; needs the sam2 package and your weights file as --checkpoint)")
     g.add_argument("--checkpoint", help="weights file to use instead of the default (e.g. one made by medsam-train)")
     g.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda or mps")
-    g.add_argument("--precision", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16")
+    g.add_argument("--precision", default="auto",
+                   help="auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16, float16; bfloat16 on a CPU is "
+                        "native only with AVX512-BF16 or AMX, emulated and slower elsewhere ('medsam-slicer models' "
+                        "lists what this computer supports)")
     g.add_argument("--download", action="store_true", help="allow downloading the model's weights if they are missing")
     g.add_argument("--speed", default="exact", choices=list(SPEED_TIERS),
                    help="; ".join(f"{t.name}: {t.note}" for t in SPEED_TIERS.values()))
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("remote GPU (docs/remote.md)")
+    g.add_argument("--server", metavar="URL",
+                   help="run the model on a 'medsam-slicer serve' server, e.g. https://gpu.example.org:8765 "
+                        "(token from $MEDSAM_SLICER_TOKEN); the output and its record are the same as a local run's")
+    g.add_argument("--server-ca", metavar="FILE",
+                   help="CA certificate that signed the server's own certificate (default $MEDSAM_SLICER_CA)")
+    g.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds a server request may take, and how long a server that went away is waited for "
+                        "(default 60)")
 
 
 def _add_window_args(p: argparse.ArgumentParser) -> None:
@@ -160,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "onto a uniform grid; the note says by how much)")
     _add_model_args(seg)
     _add_window_args(seg)
+    _add_server_args(seg)
 
     demo = sub.add_parser("demo", help="segment five organs of the shipped CT and compare with its reference labels")
     demo.add_argument("--out", default="medsam-demo", help="output folder (default ./medsam-demo)")
@@ -167,7 +184,27 @@ def build_parser() -> argparse.ArgumentParser:
                                      "repository: Testing/Data/totalsegmentator)")
     _add_model_args(demo)
 
-    sub.add_parser("models", help="list the models, where their weights come from, and whether they are installed")
+    sub.add_parser("models", help="list the models, where their weights come from, whether they are installed, and "
+                                  "which CPU features (bfloat16, fused kernels) this computer supports")
+
+    srv = sub.add_parser("serve", help="serve the model over HTTP(S) to 'segment --server' and Slicer's Remote mode",
+                         description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                                                          "needs a token)")
+    srv.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    srv.add_argument("--token-file", help="file with the accepted bearer tokens, one per line (default: "
+                                          "$MEDSAM_SLICER_TOKEN)")
+    srv.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve https:// directly")
+    srv.add_argument("--ssl-keyfile", help="its private key (PEM)")
+    srv.add_argument("--cache-mb", type=int, default=4096, help="memory cap of the slice embeddings of all "
+                                                               "sessions together (default 4096)")
+    srv.add_argument("--max-sessions", type=int, default=16, help="sessions (uploaded volumes) held at once (16)")
+    srv.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept (900)")
+    srv.add_argument("--max-upload-mb", type=int, default=256, help="largest upload, compressed (256 MiB)")
+    srv.add_argument("--max-volume-mb", type=int, default=1024, help="largest volume, uncompressed (1024 MiB)")
+    srv.add_argument("--rate-limit", type=float, default=50.0, help="requests a second per token (50; bursts "
+                                                                   "twice that; 0: no limit)")
+    _add_model_args(srv)
 
     ev = sub.add_parser(
         "evaluate",
@@ -208,12 +245,66 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer slices and repeats (a smoke run)")
     bench.add_argument("--rounds", type=int, default=None,
                        help="rounds of --compare alternatives (default 2, 1 with --quick)")
-    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "structures", "all"],
+    bench.add_argument("--compare", default="reference", choices=["reference", "alternatives", "structures", "all", "remote"],
                        help="reference: ours against the reference pipelines (default); alternatives: LiteMedSAM's "
                             "CPU speed alternatives (OpenVINO, ONNX Runtime, bfloat16, every 2nd slice) against our "
                             "exact path, on the CPU; structures: liver, spleen, both kidneys and aorta as one job "
-                            "against the liver alone (LiteMedSAM); all: all three")
+                            "against the liver alone (LiteMedSAM); all: all three; remote: a 'medsam-slicer serve' on "
+                            "loopback against a local run (liver, 40 slices) and 8 clients x 50 requests at once")
     return parser
+
+
+SERVE_HELP = """\
+Serve the model to clients without a GPU: 'medsam-slicer segment --server URL' and the Slicer
+module's Remote mode. The model loads once; each client uploads its volume once (a session) and
+sends boxes; one queue runs them on the device, fairly across sessions.
+
+Every request but GET /health needs the token (MEDSAM_SLICER_TOKEN or --token-file, one token per
+line for several users; each user's sessions are their own). Without a token the server listens
+on 127.0.0.1 only. Serve https:// with --ssl-certfile/--ssl-keyfile or behind a TLS reverse proxy
+(docs/remote.md).
+
+examples:
+  MEDSAM_SLICER_TOKEN=$(cat token.txt) medsam-slicer serve --host 0.0.0.0 --model medsam --device cuda \\
+      --ssl-certfile cert.pem --ssl-keyfile key.pem
+  medsam-slicer serve            # loopback only, no token: one user on this machine
+"""
+
+
+def _server(args: argparse.Namespace):
+    """The ``--server`` connection settings of ``segment`` (``None``: run locally)."""
+    import os
+
+    from .remote.protocol import TOKEN_ENV
+
+    if not getattr(args, "server", None):
+        return None
+    chosen = [flag for flag, on in (("--checkpoint", args.checkpoint), ("--device", args.device != "auto"),
+                                    ("--precision", args.precision != "auto"), ("--download", args.download)) if on]
+    if chosen:
+        raise MedSAMError(f"{', '.join(chosen)} choose the local model; with --server the server's model, weights, "
+                          "device and precision are used (its operator sets them)")
+    return {"url": args.server, "token": os.environ.get(TOKEN_ENV) or None, "timeout": args.timeout,
+            "cafile": args.server_ca}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``medsam-slicer serve``."""
+    import os
+
+    from .remote.server import ServeOptions, read_tokens, serve
+    from .remote.sessions import Limits
+
+    options = ServeOptions(
+        host=args.host, port=args.port, tokens=read_tokens(args.token_file, dict(os.environ)),
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, model=args.model, checkpoint=args.checkpoint,
+        device=args.device, precision=args.precision, speed=args.speed, download=args.download,
+        cache_mb=args.cache_mb,
+        limits=Limits(max_sessions=args.max_sessions, session_ttl=args.session_ttl, max_upload_mb=args.max_upload_mb,
+                      max_volume_mb=args.max_volume_mb, rate_limit=args.rate_limit),
+    )
+    serve(options)
+    return 0
 
 
 def _window(args: argparse.Namespace):
@@ -236,7 +327,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                               "--name or --prompts with it")
         summary = replay_file(args.replay, args.volume, Path(args.output), overwrite=args.overwrite,
                               checkpoint=args.checkpoint, device=args.device, download=args.download,
-                              allow_gaps=args.allow_gaps)
+                              allow_gaps=args.allow_gaps, server=_server(args))
         print(summary)
         return 0
     prompts = read_prompts_file(Path(args.prompts)) if args.prompts else []
@@ -251,7 +342,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         args.volume, Path(args.output), prompts=prompts, direction=args.direction, slice_only=args.slice_only,
         window=lambda: _window(args), overwrite=args.overwrite, model=args.model, checkpoint=args.checkpoint,
         device=args.device, precision=args.precision, download=args.download, allow_gaps=args.allow_gaps,
-        speed=args.speed,
+        speed=args.speed, server=_server(args),
     )
     print(summary)
     return 0
@@ -283,6 +374,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         except MedSAMError as exc:
             where = f"not installed: {exc}"
         print(f"{spec.name:11s} {spec.title}: {spec.architecture}, {spec.input_size}px input\n            weights: {where}")
+    from .cpu_features import summary_lines
+
+    print("\n".join(summary_lines()))
     return 0
 
 
@@ -305,6 +399,8 @@ def _run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
             return cmd_segment(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "demo":
             from .demo import run_demo
 

@@ -39,7 +39,6 @@ the speed tiers' every-n-th-slice stride do not apply).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
@@ -58,34 +57,10 @@ from .propagation import (
     resolve_margins,
     slice_record,
 )
+from .results import Correction  # noqa: F401  (its home is results.py, torch-free)
 
 EDGE_REASON = "reached the volume's edge"
 RANGE_REASON = "reached the end of the z-range"
-
-
-@dataclass(frozen=True)
-class Correction:
-    """One slice the user fixed.
-
-    Attributes:
-        z: the slice.
-        box: ``(x0, y0, x1, y1)`` in that slice's pixel indices (inclusive): the model segments the
-            slice from this box. ``None``: the slice of the given mask is accepted as it is (the
-            user edited it and marked it good; an empty slice says the structure is not there).
-    """
-
-    z: int
-    box: Optional[Tuple[float, float, float, float]] = None
-
-    @classmethod
-    def with_box(cls, z: int, box: Sequence[float]) -> Correction:
-        """A new box on slice ``z``."""
-        return cls(int(z), tuple(float(v) for v in box))  # type: ignore[arg-type]
-
-    @classmethod
-    def accept(cls, z: int) -> Correction:
-        """Slice ``z`` of the mask, as it is, marked good."""
-        return cls(int(z))
 
 
 #: A span between two locked slices (``None``: the volume's or the z-range's end).

@@ -51,6 +51,7 @@ import torch
 from .background import BackgroundTask, run_in_background
 from .errors import MedSAMError
 from .progress import CancelToken, ProgressCallback, check_cancel, report
+from .results import Conditioning  # noqa: F401  (re-exported: a MedSAM2 result's prompts)
 
 #: The official package, as installed by ``pip install "medsam-slicer[medsam2]"`` (see the Makefile).
 SAM2_REQUIREMENT = "sam2==1.1.0"
@@ -372,15 +373,6 @@ class _CacheView:
 
 
 # -- the engine ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Conditioning:
-    """One prompt in SAM 2's memory: a box ``(x0, y0, x1, y1)`` (slice pixels, inclusive) on slice
-    ``z``, or, with ``box=None``, the slice's mask as given (a slice accepted as it is)."""
-
-    z: int
-    box: Optional[Tuple[float, float, float, float]] = None
-
-
 @dataclass
 class _Passes:
     """What the passes over one sub-volume gave, per volume slice."""

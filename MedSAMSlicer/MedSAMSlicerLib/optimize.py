@@ -38,7 +38,8 @@ SAM ViT-B (MedSAM):
   and passed to the flash kernel as its mask.
 - **Linear + GELU in one call** in the MLPs.
 
-Opt-in, LiteMedSAM on CPUs with native bfloat16 (AVX512-BF16, AMX): the linear layers of the
+Opt-in, LiteMedSAM on CPUs with native bfloat16 (AVX512-BF16, AMX; probed once per process by a real
+call, :mod:`.cpu_features`; elsewhere the float32 layers stay, with a warning): the linear layers of the
 transformer stages (``qkv``, ``proj``, MLP; about half the encoder's time) as bfloat16 products
 with float32 accumulation while convolutions, norms, softmax and the residual stream stay float32
 (:func:`use_bfloat16_matmuls`, ``Segmenter(bfloat16_matmuls=True)``): encoding ~1.25x faster. It
@@ -59,13 +60,14 @@ so load weights before optimising, and never train or save an optimised model.
 
 from __future__ import annotations
 
-import functools
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_features
 from .modeling import image_encoder as vit
 from .modeling import tiny_vit
 from .modeling.common import LayerNorm2d
@@ -74,62 +76,17 @@ from .modeling.common import LayerNorm2d
 ATTENTION_BIAS_CHUNK_BYTES = 64 << 20
 
 
-# -- capability checks ----------------------------------------------------------------------------
-def _mkldnn_ops_present() -> bool:
-    ops = getattr(torch.ops, "mkldnn", None)
-    try:
-        return (
-            torch.backends.mkldnn.is_available()
-            and ops is not None
-            and hasattr(ops, "_convolution_pointwise")
-            and hasattr(ops, "_linear_pointwise")
-        )
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@functools.cache
+# -- capability checks (probed once per process in cpu_features.py) ------------------------------
 def fused_cpu_ops_available() -> bool:
-    """Whether oneDNN's fused convolution/linear + activation ops exist here and give the plain result.
-
-    Checked once per process on small random inputs (float32, tolerance 1e-4); any error or
-    mismatch means the plain ops are used.
-    """
-    if not _mkldnn_ops_present():
-        return False
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(1, 8, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
-        r = torch.randn(1, 8, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(8, 1, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
-        b = torch.randn(8, generator=gen)
-        with torch.no_grad():
-            got = _conv_fused(x, w, b, (1, 1), (1, 1), (1, 1), 8, True, r)
-            want = F.gelu(F.conv2d(x, w, b, 1, 1, 1, 8) + r)
-            ok = torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-            got = _conv_fused(x, w, b, (1, 1), (1, 1), (1, 1), 8, True, None)
-            ok = ok and torch.allclose(got, F.gelu(F.conv2d(x, w, b, 1, 1, 1, 8)), atol=1e-4, rtol=1e-4)
-            xl = torch.randn(5, 16, generator=gen)
-            wl = torch.randn(12, 16, generator=gen)
-            bl = torch.randn(12, generator=gen)
-            got = torch.ops.mkldnn._linear_pointwise(xl, wl, bl, "gelu", [], "none")
-            ok = ok and torch.allclose(got, F.gelu(F.linear(xl, wl, bl)), atol=1e-4, rtol=1e-4)
-        return bool(ok)
-    except Exception:  # an op missing from this build or changed signature: use plain ops
-        return False
+    """Whether oneDNN's fused convolution/linear + activation ops run here and give the plain result
+    (:func:`~MedSAMSlicerLib.cpu_features.fused_float32_missing`, probed once per process)."""
+    return cpu_features.fused_float32_missing() is None
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this x86 CPU computes bfloat16 natively (AVX512-BF16 or AMX), from ``/proc/cpuinfo``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+def bfloat16_matmuls_available() -> bool:
+    """Whether bfloat16 matrix products run here on native bfloat16
+    (:func:`~MedSAMSlicerLib.cpu_features.bfloat16_matmuls_missing`, probed once per process)."""
+    return cpu_features.bfloat16_matmuls_missing() is None
 
 
 def _conv_fused(
@@ -559,8 +516,9 @@ def optimize_for_inference(
             :func:`fused_cpu_ops_available` and ``device`` is a CPU).
         bfloat16_matmuls: LiteMedSAM on a CPU in float32: run the transformer stages' linear
             layers as bfloat16 products (:func:`use_bfloat16_matmuls`; opt-in, the one switch here
-            that is not exact). Worth it only on CPUs with native bfloat16
-            (:func:`cpu_has_native_bfloat16`); ignored for other models and dtypes.
+            that is not exact). Used only where :func:`bfloat16_matmuls_available` (native
+            bfloat16, and oneDNN runs the products); elsewhere the float32 layers stay and a
+            ``UserWarning`` says why. Ignored for other models and dtypes.
 
     Returns:
         ``model``, in eval mode, without gradients, with ``model.optimized_for_inference = True``.
@@ -575,7 +533,11 @@ def optimize_for_inference(
     if isinstance(encoder, tiny_vit.TinyViT):
         fast = FastTinyViT(encoder, fused=bool(fused_ops))
         if bfloat16_matmuls and device.type == "cpu" and dtype == torch.float32:
-            use_bfloat16_matmuls(fast, fused=bool(fused_ops))
+            missing = cpu_features.bfloat16_matmuls_missing()
+            if missing is None:
+                use_bfloat16_matmuls(fast, fused=bool(fused_ops))
+            else:
+                warnings.warn(cpu_features.fallback_note("bfloat16_matmuls", missing), UserWarning, stacklevel=2)
         model.image_encoder = fast
     elif isinstance(encoder, vit.ImageEncoderViT):
         # The materialised-bias attention is measured on CPUs only; elsewhere the plain module's

@@ -20,14 +20,15 @@ Arrays: a slice is ``(H, W)`` = ``(y, x)``; a volume is ``(z, y, x)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from .errors import MedSAMError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: Window and the windowing are torch-free
+    import torch
 
 # Level/width presets in Hounsfield units. Abdomen, lung and brain are the windows MedSAM's own
 # preprocessing uses; bone is Slicer's "CT-Bone" display preset.
@@ -412,6 +413,7 @@ def _minmax(img: np.ndarray) -> np.ndarray:
 
 def prepare_medsam(slice_u8: np.ndarray, input_size: int = 1024) -> PreparedSlice:
     """MedSAM's preprocessing of one ``(H, W)`` ``uint8`` slice (see module docstring)."""
+    import torch
     arr = _check_slice(slice_u8)
     h, w = arr.shape
     resized = skimage_style_resize(arr, (input_size, input_size)).astype(np.uint8)
@@ -427,6 +429,7 @@ def prepare_litemedsam(slice_u8: np.ndarray, input_size: int = 256, enlarge: str
     ``INTER_AREA``, as LiteMedSAM: blocky when enlarging) or ``"cubic"`` (skimage's cubic spline,
     as MedSAM's preprocessing). Shrinking always uses ``INTER_AREA``.
     """
+    import torch
     arr = _check_slice(slice_u8)
     h, w = arr.shape
     new_h, new_w = longest_side_shape((h, w), input_size)
@@ -494,6 +497,7 @@ def logits_at_slice(logits: torch.Tensor, prepared: PreparedSlice) -> torch.Tens
     """Low-res logits ``(B, 1, 256, 256)`` -> logits ``(B, 1, H, W)`` at slice resolution: the
     region of the model input that holds the slice (LiteMedSAM's unpadded corner, MedSAM's whole
     input), resized bilinearly. A confidence per pixel that does not saturate like a probability."""
+    import torch.nn.functional as F  # noqa: N812
     h, w = prepared.original_hw
     logits = logits.float()
     if prepared.method == "litemedsam":
@@ -510,6 +514,8 @@ def logits_to_probability(logits: torch.Tensor, prepared: PreparedSlice) -> torc
     MedSAM: sigmoid, then bilinear resize. LiteMedSAM: crop to the unpadded region, bilinear
     resize, then sigmoid (:func:`logits_at_slice`). (Both orders are kept as in the originals.)
     """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
     if prepared.method == "litemedsam":
         return torch.sigmoid(logits_at_slice(logits, prepared))
     h, w = prepared.original_hw

@@ -33,6 +33,7 @@ from .errors import MedSAMError
 from .predictor import Predictor, SliceResult
 from .preprocessing import box_to_model, check_box, mask_box_in_model
 from .progress import CancelToken, ProgressCallback, check_cancel, report
+from .results import PropagationResult, SliceRecord  # noqa: F401  (their home is results.py, torch-free)
 
 INTENSITY_SCALES = ("grey", "spread")
 WIDER_BOX_WHEN = ("always", "touching")
@@ -158,34 +159,6 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
     return ndi.binary_dilation(mask, iterations=px)
 
 
-@dataclass
-class SliceRecord:
-    """What happened on one slice during propagation (for reports, tuning and the review of
-    doubtful slices, :mod:`~MedSAMSlicerLib.review`).
-
-    Attributes:
-        z: the slice.
-        area: pixels of its mask.
-        score: the decoder's predicted IoU.
-        accepted: kept in the result (``False``: the stop rule rejected it, see ``reason``).
-        reason: why it was rejected, or how a start slice was made (``"start"``: the user's box,
-            ``"box"``/``"accepted"``: a correction).
-        agreement: Dice between the masks of the narrow and the wider box (NaN: no wider box).
-        overlap: fraction of the mask inside the previous slice's mask grown by 2 px (NaN on a
-            start slice).
-        intensity: median of the windowed image (0-255) under the mask (NaN when empty).
-    """
-
-    z: int
-    area: int
-    score: float
-    accepted: bool
-    reason: str = ""
-    agreement: float = float("nan")
-    overlap: float = float("nan")
-    intensity: float = float("nan")
-
-
 #: Pixels the previous slice's mask is grown by before :attr:`SliceRecord.overlap` is measured.
 OVERLAP_GROW_PX = 2
 
@@ -200,32 +173,6 @@ def slice_record(z: int, result: SliceResult, image: np.ndarray, previous: Optio
         overlap = float((result.mask & _dilate(previous, OVERLAP_GROW_PX)).sum()) / area
     intensity = float(np.median(image[result.mask])) if area else float("nan")
     return SliceRecord(int(z), area, float(result.score), accepted, reason, float(agreement), overlap, intensity)
-
-
-@dataclass
-class PropagationResult:
-    """A 3D result.
-
-    Attributes:
-        mask: ``(z, y, x)`` boolean mask of the whole volume.
-        z_extent: ``(z_first, z_last)`` of the non-empty slices, or ``None`` if empty.
-        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended; after a
-            correction also per span between two locked slices (``"between 41..59"``).
-        slices: one :class:`SliceRecord` per predicted slice, in prediction order.
-        locked: the slices the user drew a box on or accepted, sorted: a correction
-            (:func:`~MedSAMSlicerLib.corrections.correct`) never changes them.
-        prompts: a memory-propagation model's (MedSAM2's) conditioning prompts, each a
-            :class:`~MedSAMSlicerLib.medsam2.Conditioning` (a box or an accepted slice): what a
-            correction adds to (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.correct`); empty for
-            box propagation.
-    """
-
-    mask: np.ndarray
-    z_extent: Optional[Tuple[int, int]]
-    stop_reasons: Dict[str, str] = field(default_factory=dict)
-    slices: List[SliceRecord] = field(default_factory=list)
-    locked: Tuple[int, ...] = ()
-    prompts: Tuple = ()
 
 
 WIDER_BOX_PX = 6.0  # at 256 input

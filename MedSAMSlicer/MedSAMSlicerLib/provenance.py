@@ -116,8 +116,9 @@ class Provenance:
         volume_sha: str,
         corrections: Sequence[Mapping[str, Any]] = (),
     ) -> Provenance:
-        """The record of a segment made by ``segmenter`` (a :class:`~MedSAMSlicerLib.segmenter.Segmenter`
-        with its volume set: its model, weights, speed, precision and window are read from it).
+        """The record of a segment made by ``segmenter`` (a :class:`~MedSAMSlicerLib.segmenter.Segmenter`,
+        or a :class:`~MedSAMSlicerLib.remote.client.RemoteSegmenter`, with its volume set: its model,
+        weights' SHA-256, speed, precision and window are read from it).
 
         Args:
             prompts_ras: per prompt, its voxel box's first and last voxel centres in RAS mm.
@@ -127,15 +128,13 @@ class Provenance:
             volume_sha: :func:`volume_sha256` of the raw volume.
             corrections: what the user corrected afterwards (see the module doc).
         """
-        from .registry import file_digest
-
         if segmenter.window is None:
             raise MedSAMError("the segmenter has no volume yet: nothing to record")
         return cls(
             prompts=[{"kind": "box", "ras": [[float(v) for v in c] for c in corners]} for corners in prompts_ras],
             mode=mode, direction=direction, model=segmenter.spec.name,
-            weights_sha256=file_digest(segmenter.weights), speed=segmenter.speed.name,
-            precision=str(segmenter.dtype).replace("torch.", ""), window=window_record(segmenter.window),
+            weights_sha256=segmenter.weights_sha256, speed=segmenter.speed.name,
+            precision=segmenter.precision, window=window_record(segmenter.window),
             job=dict(job), volume_sha256=volume_sha,
             date=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
             corrections=[dict(c) for c in corrections],

@@ -316,13 +316,29 @@ def _write(volume, out: Path, done: List[_Done], colors: List[Tuple[float, float
     return "labels: " + ", ".join(f"{n} {d.name}" for n, d in enumerate(done, 1))
 
 
-def _new_segmenter(model, checkpoint, device, precision, download, speed, progress):
+def _new_segmenter(model, checkpoint, device, precision, download, speed, progress, server=None):
+    if server:
+        from .remote.client import RemoteClient, RemoteSegmenter
+
+        note = RemoteClient(server["url"], server.get("token")).insecure_note()
+        if note:
+            print(f"medsam-slicer: warning: {note}", file=sys.stderr)
+        segmenter = RemoteSegmenter(server["url"], server.get("token"), float(server.get("timeout", 60.0)),
+                                    server.get("cafile"), model=model, speed=speed)
+        print(segmenter.describe(), file=sys.stderr)
+        return segmenter
+    import warnings
+
     from .segmenter import Segmenter
 
-    segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
-                          cache_mb=ONE_SHOT_CACHE_MB, speed=speed,
-                          progress=TerminalProgress("weights") if progress else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the segmenter's notes are printed below, in our words
+        segmenter = Segmenter(model, checkpoint=checkpoint, device=device, precision=precision, download=download,
+                              cache_mb=ONE_SHOT_CACHE_MB, speed=speed,
+                              progress=TerminalProgress("weights") if progress else None)
     print(segmenter.describe(), file=sys.stderr)
+    for text in segmenter.notes:
+        _note(text)
     return segmenter
 
 
@@ -359,6 +375,7 @@ def segment_file(
     allow_gaps: bool = False,
     speed: str = "exact",
     prompts: Optional[Sequence[NamedBox]] = None,
+    server: Optional[Mapping[str, object]] = None,
 ) -> str:
     """Segment one or several structures of a volume file and write them on the file's grid.
 
@@ -379,6 +396,10 @@ def segment_file(
 
     Returns:
         A summary: one line per structure, then the time and the output.
+
+    ``server`` (``{"url", "token", "timeout", "cafile"}``) runs the model on a ``medsam-slicer serve``
+    (:class:`~MedSAMSlicerLib.remote.client.RemoteSegmenter`): the same checks first, the same output
+    and record after; the session is closed at the end.
     """
     if prompts is None:
         if (box_ijk is None) == (box_ras is None):
@@ -420,7 +441,6 @@ def segment_file(
 
     # Only now the model side (torch).
     from .preprocessing import Window, window_note
-    from .provenance import Provenance, new_job, prompt_ras, volume_sha256
 
     window = window() if callable(window) else window
     window = window or Window.automatic(volume.array)
@@ -428,8 +448,22 @@ def segment_file(
     if warning:
         print(f"medsam-slicer: warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
-    if segmenter is None:
-        segmenter = _new_segmenter(model, checkpoint, device, precision, download, speed, progress)
+    own = segmenter is None
+    if own:
+        segmenter = _new_segmenter(model, checkpoint, device, precision, download, speed, progress, server)
+    try:
+        return _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, direction, several, out,
+                                  overwrite, progress, t0)
+    finally:
+        if own and server:
+            segmenter.close()
+
+
+def _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, direction, several, out, overwrite,
+                       progress, t0) -> str:
+    """:func:`segment_file` once its checks passed: run, write the output, the review and the summary."""
+    from .provenance import Provenance, new_job, prompt_ras, volume_sha256
+
     segmenter.set_volume(volume.array, window)
     boxed = {n: BoxPrompt.from_voxel_box(b[:3], b[3:]) for n, b in boxes.items()}
     mode = "2d" if slice_only else "3d"
@@ -545,6 +579,7 @@ def replay_file(
     download: bool = False,
     progress: bool = True,
     allow_gaps: bool = False,
+    server: Optional[Mapping[str, object]] = None,
 ) -> str:
     """Re-run the segments of a ``.seg.nrrd`` written by :func:`segment_file` and write the result.
 
@@ -552,7 +587,8 @@ def replay_file(
     weights' SHA-256, window, speed, precision, mode and direction; structures made as one job run as
     one job again, and each segment's box corrections and accepted slices are applied after, in
     order, as the effect made them. ``checkpoint`` points at the weights when they are not the registry's; ``segmenter``
-    reuses a loaded one (its model, weights, speed and precision must match the record).
+    reuses a loaded one (its model, weights, speed and precision must match the record); ``server``
+    replays on a ``medsam-slicer serve`` (as :func:`segment_file`), whose weights must be the record's.
 
     Returns:
         A summary: per segment, whether the new mask equals the file's.
@@ -566,8 +602,7 @@ def replay_file(
     import numpy as np
 
     from .atomic import check_output
-    from .provenance import Provenance, first_difference, prompt_ras, replay_groups, volume_sha256
-    from .registry import file_digest, get_spec, resolve_weights
+    from .provenance import Provenance, first_difference, volume_sha256
     from .segnrrd import read_seg_nrrd
     from .volumes import LABELMAP_EXTENSIONS
 
@@ -597,15 +632,34 @@ def replay_file(
     if not same_grid:
         raise MedSAMError(f"'{seg.path.name}' is not on the grid of '{volume_path}' (size, spacing, origin or "
                           "direction differ): give the volume it was made from")
-    weights = segmenter.weights if segmenter is not None else resolve_weights(get_spec(first.model),
-                                                                                checkpoint=checkpoint,
-                                                                                download=download)
-    if file_digest(Path(weights)) != first.weights_sha256:
-        raise MedSAMError(f"'{seg.path.name}' was made with other weights (SHA-256 {first.weights_sha256[:16]}...); "
-                          f"'{weights}' has {file_digest(Path(weights))[:16]}.... Give those weights with --checkpoint")
-    prompts: Dict[str, BoxPrompt] = {}
-    from .boxes import BoxOutside
+    own = segmenter is None and bool(server)
+    if own:
+        segmenter = _new_segmenter(first.model, None, device, first.precision, download, first.speed, progress, server)
+    try:
+        return _replay(seg, records, first, volume, volume_path, segmenter, checkpoint, device, download, progress,
+                       out, overwrite)
+    finally:
+        if own:
+            segmenter.close()
 
+
+def _replay(seg, records, first, volume, volume_path, segmenter, checkpoint, device, download, progress, out,
+            overwrite) -> str:
+    """:func:`replay_file` once the file and the volume passed their checks."""
+
+    from .boxes import BoxOutside
+    from .provenance import Provenance, prompt_ras, replay_groups
+    from .registry import file_digest, get_spec, resolve_weights
+
+    if segmenter is not None:
+        weights, digest = segmenter.weights, segmenter.weights_sha256
+    else:
+        weights = resolve_weights(get_spec(first.model), checkpoint=checkpoint, download=download)
+        digest = file_digest(Path(weights))
+    if digest != first.weights_sha256:
+        raise MedSAMError(f"'{seg.path.name}' was made with other weights (SHA-256 {first.weights_sha256[:16]}...); "
+                          f"'{weights}' has {digest[:16]}.... Give those weights with --checkpoint")
+    prompts: Dict[str, BoxPrompt] = {}
     for name, record in records:
         try:
             prompts[name] = _recorded_prompt(volume, record.prompts[0]["ras"])
@@ -616,9 +670,9 @@ def replay_file(
     t0 = time.perf_counter()
     if segmenter is None:
         segmenter = _new_segmenter(first.model, checkpoint, device, first.precision, download, first.speed, progress)
-    elif (segmenter.spec.name, segmenter.speed.name) != (first.model, first.speed):
-        raise MedSAMError(f"the segmenter runs {segmenter.spec.name} at speed {segmenter.speed.name}; the record "
-                          f"says {first.model} at {first.speed}")
+    elif (segmenter.spec.name, segmenter.speed.name, segmenter.precision) != (first.model, first.speed, first.precision):
+        raise MedSAMError(f"the segmenter runs {segmenter.spec.name} at speed {segmenter.speed.name} in "
+                          f"{segmenter.precision}; the record says {first.model} at {first.speed} in {first.precision}")
     segmenter.set_volume(volume.array, first.window_object())
     done: List[_Done] = []
     for group in replay_groups(records):

@@ -13,54 +13,32 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from . import cpu_features
 from .background import BackgroundTask
 from .boxes import DIRECTIONS, MODES, BoxPrompt
 from .checkpoints import load_model
 from .corrections import Correction, correct
 from .devices import select_device, select_precision
 from .errors import MedSAMError
-from .optimize import cpu_has_native_bfloat16, optimize_for_inference
+from .optimize import optimize_for_inference
 from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
 from .preprocessing import Window, apply_window, resolve_window
 from .progress import CancelToken, ProgressCallback
 from .propagation import PropagationResult, PropagationSettings, StopRule, split_box3d
 from .registry import ModelSpec, get_spec, resolve_weights
+from .results import Segmentation  # noqa: F401  (its home is results.py, torch-free)
 from .speed import SpeedTier, get_speed
 from .strided import propagate_strided
 from .structures import StructuresResult, segment_structures
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass
-class Segmentation:
-    """What one prompt gave, in the whole volume (:meth:`Segmenter.segment`).
-
-    Attributes:
-        prompt: the :class:`~MedSAMSlicerLib.boxes.BoxPrompt`.
-        mode: ``"3d"`` or ``"2d"``.
-        mask: ``(z, y, x)`` bool, the volume's shape.
-        covered: the slices the model segmented and accepted (``"2d"``: the box's slice).
-        score: the decoder's predicted IoU on the box's slice.
-        stop_reasons: ``"3d"`` without a z-range: why each direction's pass ended.
-        result: the :class:`~MedSAMSlicerLib.propagation.PropagationResult` (``"3d"``), with the
-            per-slice records; ``None`` for ``"2d"``.
-    """
-
-    prompt: BoxPrompt
-    mode: str
-    mask: np.ndarray
-    covered: List[int]
-    score: float = float("nan")
-    stop_reasons: Dict[str, str] = field(default_factory=dict)
-    result: Optional[PropagationResult] = None
 
 
 class Segmenter:
@@ -83,7 +61,10 @@ class Segmenter:
             ``False`` keeps the plain modules (for comparisons and debugging).
         bfloat16_matmuls: opt-in, LiteMedSAM on a CPU with native bfloat16 (AVX512-BF16/AMX) in
             float32: the transformer stages' linear layers as bfloat16 products, ~1.25x faster
-            encoding; masks close to but not the same as float32 (see ``optimize.py``).
+            encoding; masks close to but not the same as float32 (see ``optimize.py``). Where this
+            CPU cannot (:func:`~MedSAMSlicerLib.cpu_features.bfloat16_matmuls_missing`) the float32
+            layers stay and :attr:`notes` says why; the same for a speed tier's bfloat16 and for
+            ``precision="bfloat16"`` on a CPU (emulated without native bfloat16: a note).
         speed: a :class:`~MedSAMSlicerLib.speed.SpeedTier` or its name, ``"exact"`` (default),
             ``"fast"`` or ``"fastest"`` (:data:`~MedSAMSlicerLib.speed.SPEED_TIERS` says what each
             costs in accuracy). A tier whose runtime is not installed raises :class:`MedSAMError`
@@ -108,6 +89,14 @@ class Segmenter:
         self.speed: SpeedTier = get_speed(speed)
         self.device = select_device(device)
         self.dtype = select_precision(precision, self.device)
+        #: What was asked for but this machine cannot give, one line each (shown by the front ends).
+        self.notes: List[str] = []
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            note = cpu_features.bfloat16_autocast_note()
+            if note:
+                self._note(note)
+            if cpu_features.bfloat16_autocast_missing() is not None:
+                self.dtype = torch.float32
         self.window: Optional[Window] = None
         #: The propagation settings :meth:`segment_3d` and :meth:`segment_box3d` use by default.
         self.propagation = PropagationSettings()
@@ -125,14 +114,25 @@ class Segmenter:
             missing = self.speed.missing()
             if missing:
                 raise MedSAMError(f"the '{self.speed.name}' speed cannot be used: {missing}")
+        runtime_precision = self.speed.precision
+        if runtime != "torch" and runtime_precision == "bf16":
+            missing = cpu_features.openvino_bfloat16_missing()
+            if missing:
+                self._note(cpu_features.fallback_note("openvino_bfloat16", missing))
+                runtime_precision = "f32"
         bfloat16_matmuls = bfloat16_matmuls or (cpu_recipe and runtime == "torch" and self.speed.precision == "bf16")
         self.weights: Path = resolve_weights(self.spec, checkpoint=checkpoint, download=download, progress=progress)
         self.model = load_model(self.spec, self.weights, device=self.device)
         self.model.eval()
         self.bfloat16_matmuls = bool(
             optimize and bfloat16_matmuls and self.device.type == "cpu" and self.dtype == torch.float32
-            and self.spec.architecture == "tiny_vit" and cpu_has_native_bfloat16()
+            and self.spec.architecture == "tiny_vit"
         )
+        if self.bfloat16_matmuls:
+            missing = cpu_features.bfloat16_matmuls_missing()
+            if missing:
+                self._note(cpu_features.fallback_note("bfloat16_matmuls", missing))
+                self.bfloat16_matmuls = False
         stat = self.weights.stat()
         model_key = f"{self.spec.name}:{self.weights.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
         self.encoder_runtime = None
@@ -141,10 +141,10 @@ class Segmenter:
 
             # Converted from the plain encoder: the runtimes do their own fusing.
             encoder = RuntimeEncoder(self.model.image_encoder, model_key, self.spec.input_size, runtime=runtime,
-                                     precision=self.speed.precision)
+                                     precision=runtime_precision)
             self.model.image_encoder = encoder
             self.encoder_runtime = encoder.describe()
-            model_key += f"|{runtime}:{self.speed.precision}"
+            model_key += f"|{runtime}:{runtime_precision}"
         elif optimize:
             optimize_for_inference(self.model, self.device, self.dtype, bfloat16_matmuls=self.bfloat16_matmuls)
         if batch_size is None:
@@ -183,6 +183,25 @@ class Segmenter:
         if stop is not None or (settings is not None and settings != PropagationSettings()):
             raise MedSAMError(f"{self.spec.title} propagates with SAM 2's memory: the box-propagation settings "
                               "(margins, wider box, stop rule) do not apply to it")
+
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights file (computed once; what a record stores and a replay checks)."""
+        if getattr(self, "_weights_sha256", None) is None:
+            from .registry import file_digest
+
+            self._weights_sha256 = file_digest(self.weights)
+        return self._weights_sha256
+
+    @property
+    def precision(self) -> str:
+        """The image encoder's precision as a record names it (``"float32"``, ``"bfloat16"``, ...)."""
+        return str(self.dtype).replace("torch.", "")
+
+    def _note(self, text: str) -> None:
+        """Keep a fallback note (:attr:`notes`) and warn once (``UserWarning``) for library users."""
+        self.notes.append(text)
+        warnings.warn(text, UserWarning, stacklevel=3)
 
     # -- volume -------------------------------------------------------------------------------
     def set_volume(

@@ -87,8 +87,20 @@ class SpeedTier:
             raise MedSAMError(f"unknown fill '{self.fill}'; choose one of: {', '.join(FILLS)}")
 
     def missing(self) -> Optional[str]:
-        """``None`` when this tier can run here, else why not and what to install (one line)."""
+        """``None`` when this tier's packages are installed, else what to install (one line)."""
         return None if self.encoder == "torch" else runtime_missing(self.encoder)
+
+    def unsupported(self) -> Optional[str]:
+        """``None`` when this CPU can run the tier as written, else why not (one line): its bfloat16
+        needs native bfloat16 (:mod:`.cpu_features`, probed once; imports torch only for such a tier).
+        A :class:`~MedSAMSlicerLib.segmenter.Segmenter` given such a tier runs it in float32 with a note."""
+        if self.precision != "bf16" or self.missing():
+            return None
+        from . import cpu_features
+
+        if self.encoder == "torch":
+            return cpu_features.bfloat16_matmuls_missing()
+        return cpu_features.openvino_bfloat16_missing()
 
     def describe(self) -> str:
         """E.g. ``"fast (OpenVINO f32 encoder, every slice)"``."""
@@ -135,5 +147,6 @@ def get_speed(speed: Union[str, SpeedTier, None]) -> SpeedTier:
 
 def speed_choices() -> List[Tuple[str, str, str, Optional[str]]]:
     """``(name, label, note, missing)`` per tier, for a user interface: ``missing`` is ``None`` when
-    the tier can run here, else why not and what to install."""
-    return [(t.name, t.label, t.note, t.missing()) for t in SPEED_TIERS.values()]
+    the tier can run here, else why not: what to install (:meth:`SpeedTier.missing`) or what this
+    CPU lacks (:meth:`SpeedTier.unsupported`)."""
+    return [(t.name, t.label, t.note, t.missing() or t.unsupported()) for t in SPEED_TIERS.values()]

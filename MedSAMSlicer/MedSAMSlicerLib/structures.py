@@ -19,7 +19,6 @@ structure's pass goes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -30,26 +29,7 @@ from .lockstep import Pass, shared_slices, walk
 from .predictor import Predictor
 from .progress import CancelToken, ProgressCallback, check_cancel, report
 from .propagation import PropagationResult, PropagationSettings, check_prompt, resolve_margins, slice_record
-
-
-@dataclass
-class StructuresResult:
-    """A job of several structures.
-
-    Attributes:
-        results: per name, its :class:`~MedSAMSlicerLib.propagation.PropagationResult` (masks with
-            overlaps settled; ``locked`` is the box's slice).
-        contested: ``(z, y, x)`` bool: voxels that two or more structures' masks held before the
-            overlaps were settled (each now belongs to exactly one of them).
-        encoded_slices: slices the job ran through the image encoder (0 when all were cached).
-        decoded_boxes: boxes the job ran through the mask decoder.
-    """
-
-    results: Dict[str, PropagationResult]
-    contested: np.ndarray
-    encoded_slices: int = 0
-    decoded_boxes: int = 0
-    logits: Dict[str, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
+from .results import StructuresResult  # noqa: F401  (its home is results.py, torch-free)
 
 
 def _extent(mask: np.ndarray) -> Optional[Tuple[int, int]]:

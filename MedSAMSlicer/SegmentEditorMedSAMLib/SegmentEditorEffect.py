@@ -54,6 +54,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.task = None  # the running BackgroundTask
         self.taskKind = None  # "prefetch" or "predict"
         self.applyWhenDone = False
+        self.install = None  # MedSAMSlicer.InstallPump while first-use installs run
+        self.afterInstall = None  # what to do when they succeed (dropped when the effect is left)
         self.connections = []  # (widget, signal, slot), disconnected in cleanup()
         self.sceneObserver = None
         self.choices = []
@@ -262,19 +264,63 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         MedSAMSlicer.fillSpeedSelector(self.speedSelector, self._logic().speed())
 
     def onSpeedChanged(self, index):
-        self._logic().chooseSpeed(self.speedSelector.itemData(index))
-        self._fillSpeeds()  # shows the setting in use (unchanged when the user declined an install)
+        speed = self.speedSelector.itemData(index)
+        setup = self._logic().speedSetup(speed)
+        self._fillSpeeds()  # the setting in force until what it needs is installed
+        self._whenReady(lambda: self._useSpeed(speed), setup)
+
+    def _useSpeed(self, speed):
+        self._logic().useSpeed(speed)
+        self._fillSpeeds()
+
+    # -- first use: installs in the background (rules: MedSAMBridgeLib.installs) -------------------
+    def _whenReady(self, then, setup=None):
+        """``then()`` now when everything is installed; otherwise the one question, then the
+        installs in the background (the GUI stays live), then ``then()``. Declining or a failure
+        ends in one status line and changes nothing."""
+        import MedSAMSlicer
+
+        logic = self._logic()
+        setup = setup or logic.firstUse()
+        if setup.ready:
+            then()
+            return
+        if setup.problem:
+            self.statusLabel.text = setup.message
+            return
+        if not logic.askToInstall(setup):
+            self.statusLabel.text = setup.declined()
+            return
+        self.afterInstall = then
+        self.install = MedSAMSlicer.InstallPump(setup, self.statusLabel, self.progressBar, self._onInstallDone)
+        self.install.start()
+        self._updateWidgets()
+
+    def _onInstallDone(self, ok):
+        then, self.afterInstall, self.install = self.afterInstall, None, None
+        self._fillSpeeds()  # what is in force now
+        self._updateWidgets()
+        if ok and then is not None:
+            then()
+
+    def _stopInstall(self):
+        if self.install is not None:
+            self.install.cancel()
+            self.install.cleanup()
+            self.install = None
+            self.afterInstall = None
 
     def _updateWidgets(self):
-        running = self._modelRunning()
-        # While the model runs, nothing that would change its inputs can be touched.
+        running = self._modelRunning() or self.install is not None
+        # While the model runs (or first-use installs), nothing that would change its inputs can be touched.
         for widget in (self.modelSelector, self.speedSelector, self.windowSelector, self.modeSelector, self.directionSelector,
                        self.combineSelector, self.roiSelector, self.previewButton):
             widget.enabled = not running
         self.directionSelector.enabled = not running and self.scriptedEffect.parameter("MODE") == "3d"
         self.applyButton.enabled = not running and (self.prediction is not None or self.boxCorners is not None)
         self.cancelButton.enabled = running or self.prediction is not None or self.boxCorners is not None
-        self.progressBar.setVisible(running)
+        if self.install is None:  # an install shows its own progress
+            self.progressBar.setVisible(running)
         self.acceptSliceButton.enabled = not running and (self._correctable() or self.lastApplied is not None)
         self.undoCorrectionButton.enabled = not running and bool(self.previousPreviews)
         self.nextDoubtfulButton.enabled = not running and self._correctable()
@@ -293,6 +339,8 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
 
     def deactivate(self):
         # Also what Esc does: the Segment Editor's Esc shortcut deselects the active effect.
+        # A running install goes on (stopping pip midway helps nobody); only its follow-up is dropped.
+        self.afterInstall = None
         self._stopTask()
         self._clearAll()
         self._removeActors()
@@ -301,7 +349,11 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         # Since Slicer 5.10 called when the effect's Segment Editor widget is destroyed; it only
         # touches this effect's own state (its own parameter set node's preview).
         self._stopTask()
+        self._stopInstall()
         self.pumpTimer.stop()
+        # The timer's connection holds this effect: undone here, or the effect is never freed
+        # (AbstractScriptedSegmentEditorEffect.cleanup's docstring, v5.10.0 / v5.12.3; Slicer issue 7392).
+        self.pumpTimer.disconnect("timeout()", self.onPump)
         self._clearAll()
         self._removeActors()
         for widget, signal, slot in self.connections:
@@ -331,7 +383,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
 
     # -- mouse --------------------------------------------------------------------------------
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
-        if viewWidget.className() != "qMRMLSliceWidget" or self._modelRunning():
+        if viewWidget.className() != "qMRMLSliceWidget" or self._modelRunning() or self.install is not None:
             return False
         anyModifier = callerInteractor.GetShiftKey() or callerInteractor.GetControlKey() or callerInteractor.GetAltKey()
         pipeline = self._pipeline(viewWidget)
@@ -453,8 +505,10 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         if roiNode is None and self.boxCorners is None:
             self.statusLabel.text = "Draw a box in an axial view, or select an ROI."
             return
-        if not logic.setupPythonRequirements():
-            self.statusLabel.text = "MedSAM needs PyTorch: install it when asked (see the MedSAM module)."
+        if not logic.firstUse().ready:
+            # First use: one question, then PyTorch, scipy and the weights are installed in the
+            # background; the preview follows when they are in (the box is kept meanwhile).
+            self._whenReady(lambda: self.onPreview(useRoi))
             return
         try:
             src = MRMLBridge.source_volume(volumeNode)
@@ -741,6 +795,10 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._clearAll()
 
     def onCancel(self):
+        if self.install is not None:
+            self.install.cancel()
+            self.statusLabel.text = "Cancelling the install..."
+            return
         if self._modelRunning():
             self.task.cancel()
             self.statusLabel.text = "Cancelling after the current slice..."

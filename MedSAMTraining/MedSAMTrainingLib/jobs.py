@@ -3,10 +3,25 @@
 A :class:`TrainingJob` runs one or more ``python -m MedSAMSlicerLib.training.cli ... --progress-json``
 commands one after the other (in Slicer the Python is ``PythonSlicer``), reads their JSON
 progress lines on a reader thread, and hands them out through :meth:`TrainingJob.poll`, which a
-GUI timer calls without ever blocking. :meth:`TrainingJob.cancel` asks the process to stop
-(SIGTERM / CTRL_BREAK: the trainer saves ``latest.pth`` for the current step and exits), then
-kills the whole process tree (data-loader workers included) if it has not exited after a grace
-period.
+GUI timer calls without ever blocking.
+
+Stopping goes through the process's standard input, not signals (``medsam-train ...
+--stop-on-stdin``): in Slicer the Python is ``PythonSlicer``, a CTK launcher that runs
+``python-real`` as its child, forwards no signals, and hands its standard input to that child
+(``QProcess::ForwardedInputChannel``; commontk/AppLauncher ``Base/ctkAppLauncher.cpp``, versions
+0.1.33 and 0.1.34 that Slicer 5.10.0 and 5.12.3 ship, ``SuperBuild/External_CTKAPPLAUNCHER.cmake``;
+``python-real`` is installed by ``CMake/SlicerBlockInstallPython.cmake``). A signal to the
+launcher would end the launcher and leave the trainer running. So:
+
+* :meth:`TrainingJob.cancel` writes ``stop`` to the pipe and closes it: the trainer saves
+  ``latest.pth`` for the current step (resumable), exports, and exits; after ``grace_s`` the
+  whole tree is killed: the launcher's process group (POSIX) or its tree (Windows ``taskkill /T``)
+  and the trainer itself, whose own id it reported in its first line (``{"event": "started",
+  "pid"}``), even when the launcher is already gone.
+* If the program that started the job goes away without cancelling (Slicer quits, crashes or is
+  killed), the pipe's writing end closes with it; the trainer reads end-of-file and stops the same
+  way by itself, then exits (at the latest ``--stop-grace`` seconds later), on Linux, macOS and
+  Windows alike.
 
 Typical use::
 
@@ -53,8 +68,8 @@ def engine_folder() -> Optional[str]:
 
 
 def cli_command(python: str, args: Sequence[str]) -> List[str]:
-    """``[python, "-m", "MedSAMSlicerLib.training.cli", *args, "--progress-json"]``."""
-    return [python, "-m", CLI_MODULE, *[str(a) for a in args], "--progress-json"]
+    """``[python, "-m", "MedSAMSlicerLib.training.cli", *args, "--progress-json", "--stop-on-stdin"]``."""
+    return [python, "-m", CLI_MODULE, *[str(a) for a in args], "--progress-json", "--stop-on-stdin"]
 
 
 def is_prepared(folder: os.PathLike) -> bool:
@@ -96,7 +111,9 @@ class TrainingJob:
         preprocess: options for the preprocessing of a raw ``data`` folder (see :func:`preprocess_args`).
         commands: run these argument lists instead (each becomes a :func:`cli_command`); ``settings``
             is then ignored.
-        grace_s: seconds between the polite stop request and killing the process tree.
+        grace_s: seconds between the stop request and killing the process tree: a last resort,
+            after the trainer's own ``--stop-grace`` (120 s), since a kill loses the step in progress
+            (a slow step, validation or saving on a busy CPU can take tens of seconds).
         export_to: when the run ends (finished or cancelled), the training process itself writes its
             best (else latest) weights there as a plain weights file (``medsam-train train --export-to``).
     """
@@ -109,7 +126,7 @@ class TrainingJob:
         resume: bool = False,
         preprocess: Optional[Mapping[str, Any]] = None,
         commands: Optional[Sequence[Sequence[str]]] = None,
-        grace_s: float = 30.0,
+        grace_s: float = 150.0,
         cwd: Optional[str] = None,
         export_to: Optional[str] = None,
     ) -> None:
@@ -133,6 +150,8 @@ class TrainingJob:
         self.returncode: Optional[int] = None
         self.cancelled = False
         self.last_progress: Optional[Dict[str, Any]] = None
+        #: The trainer's own process id (behind a launcher, not ``proc.pid``), once it reported it.
+        self.worker_pid: Optional[int] = None
         self.result: Optional[Dict[str, Any]] = None
         self._events: queue.Queue[Dict[str, Any]] = queue.Queue()
         self._log: Deque[str] = collections.deque(maxlen=400)
@@ -198,8 +217,9 @@ class TrainingJob:
             kwargs["startupinfo"] = info
         else:
             kwargs["start_new_session"] = True  # its own process group: cancel kills the whole tree
+        # stdin: the stop channel (see the module docstring); only this process holds its writing end.
         return subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE,
             env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs,
         )
 
@@ -212,6 +232,7 @@ class TrainingJob:
                     break
                 with self._lock:
                     self.command = command
+                    self.worker_pid = None
                     try:
                         self._proc = self._popen(command)
                     except OSError as exc:
@@ -220,11 +241,19 @@ class TrainingJob:
                         code = -1
                         break
                 proc = self._proc
+                if self._cancel_event.is_set():  # cancelled while it was starting
+                    self._send_stop(proc)
                 err_thread = threading.Thread(target=self._read_stderr, args=(proc,), daemon=True)
                 err_thread.start()
-                self._read_stdout(proc)
-                code = self._wait(proc)
+                out_thread = threading.Thread(target=self._read_stdout, args=(proc,), daemon=True)
+                out_thread.start()
+                code = self._wait(proc, out_thread)
                 err_thread.join(timeout=5)
+                if proc.stdin is not None:
+                    try:
+                        proc.stdin.close()
+                    except (OSError, ValueError):
+                        pass
                 if code != 0:
                     break
         finally:
@@ -232,14 +261,16 @@ class TrainingJob:
             self._events.put({"event": "exit", "returncode": code, "cancelled": self.cancelled})
             self._done.set()
 
-    def _wait(self, proc: subprocess.Popen) -> int:
-        while True:
-            try:
-                return proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-            if self._cancel_event.is_set() and time.monotonic() > self._kill_at:
+    def _wait(self, proc: subprocess.Popen, out_thread: threading.Thread) -> int:
+        """Until the launcher has exited AND the trainer closed its output (behind a launcher the
+        trainer may outlive it); after a cancel's grace period, kill them."""
+        killed = False
+        while out_thread.is_alive() or proc.poll() is None:
+            out_thread.join(0.2)
+            if self._cancel_event.is_set() and not killed and time.monotonic() > self._kill_at:
                 self._kill_tree(proc)
+                killed = True
+        return proc.wait()
 
     def _read_stdout(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
@@ -257,7 +288,9 @@ class TrainingJob:
                 self._log.append(text)
                 continue
             kind = event.get("event")
-            if kind == "progress":
+            if kind == "started":
+                self.worker_pid = int(event.get("pid") or 0) or None
+            elif kind == "progress":
                 self.last_progress = event
             elif kind == "error":
                 self._errors.append(str(event.get("message", "")))
@@ -305,14 +338,23 @@ class TrainingJob:
         self._cancel_event.set()
         with self._lock:
             proc = self._proc
-        if proc is not None and proc.poll() is None:
-            try:
-                if os.name == "nt":
-                    proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-                else:
-                    proc.send_signal(signal.SIGTERM)
-            except OSError:
-                pass
+        if proc is not None:
+            self._send_stop(proc)
+
+    @staticmethod
+    def _send_stop(proc: subprocess.Popen) -> None:
+        """Write ``stop`` to the process's stdin and close it (the trainer stops after saving)."""
+        try:
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
+        except (OSError, ValueError):
+            pass  # it already ended, or closed its end
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        except (OSError, ValueError):
+            pass
 
     def stop(self, timeout: float) -> Optional[int]:
         """Cancel, wait up to ``timeout`` seconds for the process to save and exit, then kill its
@@ -333,15 +375,18 @@ class TrainingJob:
         return self.returncode if self._done.is_set() else None
 
     def _kill_tree(self, proc: subprocess.Popen) -> None:
-        if proc.poll() is not None:
-            return
-        try:
-            if os.name == "nt":
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
-            else:
-                os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        """Kill the launcher's tree and the trainer, also when the launcher has already exited."""
+        pids = [proc.pid] + ([self.worker_pid] if self.worker_pid and self.worker_pid != proc.pid else [])
+        for pid in pids:
+            try:
+                if os.name == "nt":
+                    subprocess.run(["taskkill", "/F", "/T", "/PID", str(pid)], capture_output=True, check=False)
+                elif pid == proc.pid:
+                    os.killpg(pid, signal.SIGKILL)  # its own session: launcher, trainer, data loaders
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def log_lines(self) -> List[str]:
         """The latest lines of output that were not progress events (for a log panel)."""

@@ -24,7 +24,7 @@ import importlib.metadata
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,26 +48,29 @@ RUNTIME_DISTRIBUTIONS = {"openvino": ["openvino", "openvino-telemetry"],
                          "onnxruntime": ["onnxruntime", "onnx", "flatbuffers", "protobuf"]}
 
 
-def alternatives(native_bfloat16: bool) -> List[SpeedTier]:
-    """The recipes compared (bfloat16 ones only on CPUs with native bfloat16)."""
-    tiers = [
+def alternatives() -> List[SpeedTier]:
+    """Every recipe compared; :func:`bench_alternatives` skips, with the reason, those this machine
+    cannot run (a runtime not installed, or bfloat16 without native bfloat16: :mod:`..cpu_features`)."""
+    return [
         SpeedTier("exact", "torch float32 (ours, exact)"),
         SpeedTier("onnxruntime", "ONNX Runtime float32", encoder="onnxruntime"),
         SpeedTier("openvino", "OpenVINO float32", encoder="openvino"),
+        SpeedTier("torch-bf16", "torch, bfloat16 matmuls", precision="bf16"),
+        SpeedTier("openvino-bf16", "OpenVINO bfloat16", encoder="openvino", precision="bf16"),
         SpeedTier("stride2-interpolate", "every 2nd slice, the others interpolated (torch float32)", stride=2,
                   fill="interpolate"),
         SpeedTier("stride2-decode", "every 2nd slice, the others decoded (torch float32)", stride=2, fill="decode"),
         SpeedTier("openvino+stride2", "OpenVINO float32, every 2nd slice, the others interpolated",
                   encoder="openvino", stride=2, fill="interpolate"),
+        SpeedTier("openvino-bf16+stride2", "OpenVINO bfloat16, every 2nd slice, the others interpolated",
+                  encoder="openvino", precision="bf16", stride=2, fill="interpolate"),
     ]
-    if native_bfloat16:
-        tiers[3:3] = [
-            SpeedTier("torch-bf16", "torch, bfloat16 matmuls", precision="bf16"),
-            SpeedTier("openvino-bf16", "OpenVINO bfloat16", encoder="openvino", precision="bf16"),
-        ]
-        tiers.append(SpeedTier("openvino-bf16+stride2", "OpenVINO bfloat16, every 2nd slice, the others interpolated",
-                               encoder="openvino", precision="bf16", stride=2, fill="interpolate"))
-    return tiers
+
+
+def runnable(tiers: List[SpeedTier]) -> Tuple[List[SpeedTier], Dict[str, str]]:
+    """``(the tiers this machine runs as written, {name: why not} for the others)``."""
+    why = {t.name: t.missing() or t.unsupported() for t in tiers}
+    return [t for t in tiers if not why[t.name]], {name: str(r) for name, r in why.items() if r}
 
 
 def installed_mb(distributions: List[str]) -> Optional[float]:
@@ -90,13 +93,13 @@ def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print, 
                        ) -> Dict[str, Any]:
     """Run the comparison (LiteMedSAM, CPU); returns the JSON-ready results (module docstring)."""
     from ..encoder_runtimes import EXPORT_DIR_ENV
-    from ..optimize import cpu_has_native_bfloat16
     from ..segmenter import Segmenter
 
     q = 1 if quick else 0
     cases = [Case(QUICK_SLICES[name] if quick else n, label, name) for name, label, n in CASES]
-    tiers = [t for t in alternatives(cpu_has_native_bfloat16()) if t.missing() is None]
-    skipped = {t.name: t.missing() for t in alternatives(cpu_has_native_bfloat16()) if t.missing() is not None}
+    tiers, skipped = runnable(alternatives())
+    for name, why in skipped.items():
+        log(f"[alternatives] {name}: skipped, {why}")
     device = torch.device("cpu")
     result: Dict[str, Any] = {"cases": {c.name: {"box3d_inclusive": list(c.box3d), "slices": len(c.zs)} for c in cases},
                               "skipped": skipped, "alternatives": {}}

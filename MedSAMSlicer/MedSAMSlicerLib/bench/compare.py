@@ -141,9 +141,9 @@ def _bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
 
         others = {"plain": Segmenter(model, checkpoint=weights, device=str(device), optimize=False)}
         if model == "litemedsam" and device.type == "cpu" and seg.dtype == torch.float32:
-            from ..optimize import cpu_has_native_bfloat16
+            from ..cpu_features import bfloat16_matmuls_missing
 
-            if cpu_has_native_bfloat16():
+            if bfloat16_matmuls_missing() is None:  # else the report's machine section says why not
                 others["bf16matmuls"] = Segmenter(model, device=str(device), bfloat16_matmuls=True)
 
         def encoder_of(other) -> Callable[[], None]:

@@ -47,18 +47,20 @@ def _physical_cores() -> Optional[int]:
 
 def machine_info(device: torch.device) -> Dict[str, Any]:
     """CPU model, cores, load, torch version and threads, and the accelerator's name."""
-    from ..optimize import cpu_has_native_bfloat16, fused_cpu_ops_available
+    from .. import cpu_features
 
     info: Dict[str, Any] = {
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "physical_cores": _physical_cores(),
-        "cpu_native_bfloat16": cpu_has_native_bfloat16(),
+        "cpu_native_bfloat16": cpu_features.cpu_has_native_bfloat16(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "onednn_fused_ops": fused_cpu_ops_available(),
+        "onednn_fused_ops": cpu_features.fused_float32_missing() is None,
+        # What this machine supports: None where a feature runs, else why not (cpu_features.py).
+        "cpu_features": cpu_features.report(),
         "device": str(device),
         "device_name": _cpu_model(),
     }

@@ -15,7 +15,7 @@ from .compare import SLICES, bench_model
 from .measure import machine_info
 from .report import markdown_table
 
-COMPARISONS = ("reference", "alternatives", "structures", "all")
+COMPARISONS = ("reference", "alternatives", "structures", "all", "remote")
 
 
 def _command_line(models: List[str], device: str, out: Path, quick: bool, compare: str,
@@ -39,7 +39,8 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         compare: ``reference`` (ours against the reference pipelines, per model), ``alternatives``
             (LiteMedSAM's CPU speed alternatives against our exact path and the reference:
             :mod:`.alternatives`; always on the CPU), ``structures`` (five structures as one job against
-            the liver alone: :mod:`.structures`) or ``all``.
+            the liver alone: :mod:`.structures`), ``all`` (those three), or ``remote`` (a
+            ``medsam-slicer serve`` on loopback against a local run, and 8 clients at once: :mod:`.remote`).
 
     Returns:
         The results (also written to ``out``): ``machine``, ``command``, ``models`` (one row per
@@ -89,6 +90,13 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         result["structures"] = bench_structures(device=device, quick=quick)
         tables.append(structures_table(result["structures"]))
         result["structures"]["table_markdown"] = tables[-1]
+    if compare == "remote":
+        from .remote import bench_remote
+        from .remote import markdown_table as remote_table
+
+        result["remote"] = bench_remote(device=dev.type, quick=quick, rounds=rounds or 3)
+        tables.append(remote_table(result["remote"]))
+        result["remote"]["table_markdown"] = tables[-1]
     result["seconds"] = time.perf_counter() - t0
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
@@ -98,6 +106,9 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         print(table)
     print(f"\n{m['cpu']}, {m['physical_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
           f"device {m['device_name']}")
+    from ..cpu_features import summary_lines
+
+    print("\n".join(summary_lines()[1:]))  # what this machine supports; skipped alternatives say why
     out = Path(out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

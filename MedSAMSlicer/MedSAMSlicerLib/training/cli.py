@@ -10,7 +10,18 @@ written); 130 cancelled (Ctrl+C or SIGTERM: training saves ``latest.pth`` first,
 run (the Slicer training panel does): ``{"event": "progress", "stage", "done", "total",
 "message"}``, the trainer's events (``warning``, ``start``, ``step``, ``validation``, ``checkpoint``,
 ``done``), then ``{"event": "result", ...}``, or ``{"event": "error", "message"}`` /
-``{"event": "cancelled", "message"}``.
+``{"event": "cancelled", "message"}``; with ``--stop-on-stdin`` first ``{"event": "started", "pid"}``
+(this process's id: behind a launcher such as Slicer's ``PythonSlicer`` it is not the child id
+the starting program knows).
+
+``--stop-on-stdin``: stop cleanly (save ``latest.pth``, export) when the line ``stop`` arrives on
+stdin or stdin closes. A program that starts the run with a pipe as stdin (Slicer's training
+panel) stops it by writing ``stop``; and when that program goes away, however it ends (quit,
+crash, killed), its end of the pipe closes and the run stops by itself. Signals are not needed, so
+this works behind launchers that forward none (CTK's launcher runs ``python-real`` as a child
+with the standard input forwarded to it: ``QProcess::ForwardedInputChannel``,
+commontk/AppLauncher ``Base/ctkAppLauncher.cpp`` v0.1.33/v0.1.34, the launchers of Slicer
+5.10.0/5.12.3). If the run has not ended ``--stop-grace`` seconds after the stop, it exits at once.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -29,6 +41,8 @@ from ..progress import Cancelled, CancelToken, TerminalProgress
 
 EXIT_ERROR = 2
 EXIT_CANCELLED = 130
+#: Seconds a run stopped through --stop-on-stdin may take to save and exit before it exits at once.
+STOP_GRACE_S = 120.0
 
 DESCRIPTION = """\
 Fine-tune MedSAM or LiteMedSAM on your own labelled volumes, in four steps:
@@ -69,8 +83,14 @@ class _Output:
         if self.json_lines:
             line = json.dumps(_jsonable(data))
             with self._lock:
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
+                try:
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                except (OSError, ValueError):
+                    # Nobody reads any more (the program that started the run is gone): keep
+                    # training or saving; the output goes nowhere from now on.
+                    self.json_lines = False
+                    sys.stdout = sys.stderr = open(os.devnull, "w")
 
     def progress(self, stage: str) -> Callable[[int, int, str], None]:
         def callback(done: int, total: int, message: str = "") -> None:
@@ -115,6 +135,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress-json", action="store_true",
                    help="print progress and results as JSON lines on stdout (for programs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stop-on-stdin", action="store_true",
+                   help="stop cleanly (saving the current step) on a line 'stop' on stdin or when stdin closes "
+                        "(the program that started the run went away)")
+    p.add_argument("--stop-grace", type=float, default=STOP_GRACE_S, metavar="S",
+                   help=f"with --stop-on-stdin: exit at once if still running S seconds after the stop "
+                        f"(default {STOP_GRACE_S:.0f})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,7 +287,7 @@ def _cmd_preprocess(args: argparse.Namespace, out: _Output, cancel: CancelToken)
         for text in entry.get("warnings", []):
             out.event({"event": "warning", "message": text})
             if not out.json_lines:
-                print(f"medsam-train preprocess: warning: {text}", file=sys.stderr)
+                _err(f"medsam-train preprocess: warning: {text}")
     out.info(f"preprocessed {len(result.processed)} case(s), skipped {len(result.skipped)} already done; "
              f"{m['n_slices']['train']} training and {m['n_slices']['val']} validation slices in {args.out_dir}")
     return summary
@@ -302,7 +328,7 @@ def _cmd_train(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> D
     def on_event(event: Dict[str, Any]) -> None:
         out.event(event)
         if event.get("event") == "warning" and not out.json_lines:
-            print(f"medsam-train train: warning: {event['message']}", file=sys.stderr)
+            _err(f"medsam-train train: warning: {event['message']}")
 
     try:
         result = train(config, resume=args.resume, progress=out.progress("train"), cancel=cancel, on_event=on_event)
@@ -363,6 +389,36 @@ def _cmd_export(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> 
 COMMANDS = {"preprocess": _cmd_preprocess, "train": _cmd_train, "evaluate": _cmd_evaluate, "export": _cmd_export}
 
 
+def _err(text: str) -> None:
+    """A line on stderr; nothing when nobody reads it any more (a broken pipe)."""
+    try:
+        print(text, file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
+def watch_stdin(cancel: CancelToken, grace_s: float, stream=None, exit=os._exit) -> threading.Thread:
+    """Cancel when the line ``stop`` arrives on ``stream`` (default stdin) or it closes; then, if
+    the process is still alive ``grace_s`` seconds later, ``exit(EXIT_CANCELLED)`` it. Returns the
+    (daemon) watching thread."""
+    stream = sys.stdin if stream is None else stream
+
+    def watch() -> None:
+        try:
+            for line in stream:
+                if line.strip() == "stop":
+                    break
+        except (OSError, ValueError):
+            pass
+        cancel.cancel()
+        threading.Event().wait(max(0.0, grace_s))
+        exit(EXIT_CANCELLED)
+
+    thread = threading.Thread(target=watch, name="medsam-stop-on-stdin", daemon=True)
+    thread.start()
+    return thread
+
+
 def _install_signal_handlers(cancel: CancelToken) -> None:
     """First SIGINT/SIGTERM: ask the work to stop cleanly; a second SIGINT interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
@@ -389,16 +445,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = _Output(json_lines=args.progress_json, quiet=args.quiet)
     cancel = CancelToken()
     _install_signal_handlers(cancel)
+    if args.stop_on_stdin:
+        out.event({"event": "started", "pid": os.getpid()})
+        watch_stdin(cancel, args.stop_grace)
     try:
         result = COMMANDS[args.command](args, out, cancel)
     except MedSAMError as exc:
         out.event({"event": "error", "message": str(exc)})
-        print(f"medsam-train {args.command}: error: {exc}", file=sys.stderr)
+        _err(f"medsam-train {args.command}: error: {exc}")
         return EXIT_ERROR
     except (Cancelled, KeyboardInterrupt) as exc:
         message = str(exc) or "cancelled"
         out.event({"event": "cancelled", "message": message})
-        print(f"medsam-train {args.command}: {message}", file=sys.stderr)
+        _err(f"medsam-train {args.command}: {message}")
         return EXIT_CANCELLED
     out.event({"event": "result", "command": args.command, **_jsonable(result)})
     return 0
