@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # MedSAM2's network comes from Meta's sam2 package, a source distribution whose build requires torch:
 # built against the torch above (--no-build-isolation; with isolation pip would fetch another torch)
-# and without its optional CUDA extension (SAM2_BUILD_CUDA=0; MedSAMSlicerLib.medsam2 fills holes on
+# and without its optional CUDA extension (SAM2_BUILD_CUDA=0; MedSAMSlicerLib.segmentation.medsam2 fills holes on
 # the CPU instead). Installed before ".[test]", which then finds it in place.
 SAM2_PIN := sam2==1.1.0
 

@@ -91,7 +91,7 @@ def fillSpeedSelector(combo, current):
 
     wasBlocked = combo.blockSignals(True)
     combo.clear()
-    from MedSAMSlicerLib.speed import get_speed
+    from MedSAMSlicerLib.models.speed import get_speed
 
     for index, (value, label, note, missing) in enumerate(speed_items()):
         install = bool(missing) and bool(get_speed(value).missing())  # else: this CPU lacks a feature
@@ -628,14 +628,14 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         self._configureBridge()
 
     def speed(self):
-        """The speed setting (a ``MedSAMSlicerLib.speed.SPEED_TIERS`` name) the effect and the module share."""
-        from MedSAMSlicerLib.speed import DEFAULT_SPEED, SPEED_TIERS
+        """The speed setting (a ``MedSAMSlicerLib.models.speed.SPEED_TIERS`` name) the effect and the module share."""
+        from MedSAMSlicerLib.models.speed import DEFAULT_SPEED, SPEED_TIERS
 
         speed = str(self._settings().value(SETTINGS_SPEED, DEFAULT_SPEED))
         return speed if speed in SPEED_TIERS else DEFAULT_SPEED
 
     def setSpeed(self, speed):
-        from MedSAMSlicerLib.speed import get_speed
+        from MedSAMSlicerLib.models.speed import get_speed
 
         self._settings().setValue(SETTINGS_SPEED, get_speed(speed).name)
         self._configureBridge()
@@ -643,7 +643,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def useSpeed(self, speed):
         """Put speed setting ``speed`` in force (what it needs is installed); when this CPU runs
         it in float32 instead of bfloat16, say so, once, where the user chose it."""
-        from MedSAMSlicerLib.speed import get_speed
+        from MedSAMSlicerLib.models.speed import get_speed
 
         tier = get_speed(speed)
         unsupported = tier.unsupported()
@@ -669,7 +669,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return True
 
     def checkpointFolder(self):
-        from MedSAMSlicerLib.model_choice import default_checkpoint_dir
+        from MedSAMSlicerLib.models.model_choice import default_checkpoint_dir
 
         return str(self._settings().value(SETTINGS_CHECKPOINT_FOLDER, str(default_checkpoint_dir())))
 
@@ -677,8 +677,8 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         self._settings().setValue(SETTINGS_CHECKPOINT_FOLDER, folder)
 
     def modelChoice(self):
-        """The :class:`~MedSAMSlicerLib.model_choice.ModelChoice` the effect and the module share."""
-        from MedSAMSlicerLib.model_choice import parse_choice
+        """The :class:`~MedSAMSlicerLib.models.model_choice.ModelChoice` the effect and the module share."""
+        from MedSAMSlicerLib.models.model_choice import parse_choice
 
         choice, problem = parse_choice(str(self._settings().value(SETTINGS_MODEL, "litemedsam")),
                                        str(self._settings().value(SETTINGS_CHECKPOINT, "")))
@@ -693,7 +693,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     def checkpointChoice(self, path, model=None):
         """The choice for a weights file (architecture: ``model``, or from its name)."""
-        from MedSAMSlicerLib.model_choice import ModelChoice
+        from MedSAMSlicerLib.models.model_choice import ModelChoice
 
         if not path or not os.path.isfile(path):
             raise ValueError(f"No weights file at '{path}'.")
@@ -701,7 +701,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     def modelChoices(self):
         """Registry models, then checkpoints in the checkpoint folder, then the current choice."""
-        from MedSAMSlicerLib.model_choice import model_choices
+        from MedSAMSlicerLib.models.model_choice import model_choices
 
         return model_choices(self.checkpointFolder(), extra=[self.modelChoice()])
 
@@ -780,7 +780,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         if plan.steps:
             return "Not installed yet: " + ", ".join(s.what for s in plan.steps) + " (installed on first use, after one question)."
         try:
-            from MedSAMSlicerLib.registry import get_spec, resolve_weights
+            from MedSAMSlicerLib.models.registry import get_spec, resolve_weights
 
             return f"Weights: {resolve_weights(get_spec(choice.model))}"
         except Exception as exc:
@@ -883,7 +883,7 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
 
     def _ready(self):
         logic = MedSAMSlicerLogic()
-        from MedSAMSlicerLib.model_choice import ModelChoice
+        from MedSAMSlicerLib.models.model_choice import ModelChoice
 
         logic.setModelChoice(ModelChoice("litemedsam"))
         self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))

@@ -328,7 +328,7 @@ class MedSAMTrainingLogic(ScriptedLoadableModuleLogic):
 
     def exportPath(self, settings, name=None):
         """Where a run's weights go: ``<checkpoint folder>/<name or run folder>-<model>.pth``."""
-        from MedSAMSlicerLib.model_choice import checkpoint_file_name
+        from MedSAMSlicerLib.models.model_choice import checkpoint_file_name
 
         base = name or os.path.basename(os.path.normpath(settings["out"]))
         return os.path.join(self.checkpointFolder(), checkpoint_file_name(base, settings.get("model") or "litemedsam"))

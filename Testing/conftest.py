@@ -45,7 +45,7 @@ def ct_seg_path() -> Path:
 @pytest.fixture(scope="session")
 def ct(ct_path):
     """The shipped CT as the engine reads it (a ``volumes.Volume``), read once."""
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     return read_volume(ct_path)
 
@@ -53,7 +53,7 @@ def ct(ct_path):
 @pytest.fixture(scope="session")
 def labels(ct_seg_path):
     """The shipped CT's reference labels, canonical ``(z, y, x)``."""
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     return read_volume(ct_seg_path, labels=True).array
 

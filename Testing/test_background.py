@@ -107,8 +107,8 @@ def test_errors_and_cancel_reach_the_owner():
 def test_a_real_propagation_runs_in_the_background(lite_segmenter, ct_path):
     """The model in a worker, followed from a GIL-holding main thread: the result equals the same
     call made directly."""
-    from MedSAMSlicerLib.preprocessing import Window
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
+    from MedSAMSlicerLib.segmentation.preprocessing import Window
 
     volume = read_volume(ct_path)
     lite_segmenter.set_volume(volume.array, Window.preset("abdomen"))

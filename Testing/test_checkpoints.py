@@ -15,10 +15,10 @@ import threading
 import pytest
 import torch
 
-from MedSAMSlicerLib import registry
-from MedSAMSlicerLib.checkpoints import load_model, load_state_dict
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.files import download, package_file, sha256_file
+from MedSAMSlicerLib.fileio.files import download, package_file, sha256_file
+from MedSAMSlicerLib.models import registry
+from MedSAMSlicerLib.models.checkpoints import load_model, load_state_dict
 from MedSAMSlicerLib.progress import Cancelled, CancelToken
 
 

@@ -15,9 +15,9 @@ import torch
 
 from MedSAMSlicerLib.cli import main, segment_file
 from MedSAMSlicerLib.demo import run_demo
+from MedSAMSlicerLib.fileio.orientation import AxialOrientation
+from MedSAMSlicerLib.fileio.volumes import read_volume
 from MedSAMSlicerLib.metrics import dice
-from MedSAMSlicerLib.orientation import AxialOrientation
-from MedSAMSlicerLib.volumes import read_volume
 
 BIN = Path(sys.executable).parent
 
@@ -125,7 +125,7 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(case, match, bad_input
 
 
 def test_checkpoint_for_the_other_model_is_refused(ct_path, tmp_path, capsys):
-    from MedSAMSlicerLib.registry import get_spec, resolve_weights
+    from MedSAMSlicerLib.models.registry import get_spec, resolve_weights
 
     lite = resolve_weights(get_spec("litemedsam"))
     out = tmp_path / "x.nii.gz"

@@ -11,13 +11,13 @@ import re
 import numpy as np
 import pytest
 
-from MedSAMSlicerLib.corrections import Correction, correct
 from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.preprocessing import Window
+from MedSAMSlicerLib.fileio.volumes import read_volume
 from MedSAMSlicerLib.progress import Cancelled, CancelToken
-from MedSAMSlicerLib.propagation import REJOIN_DICE, PropagationSettings, propagate
-from MedSAMSlicerLib.volumes import read_volume
+from MedSAMSlicerLib.segmentation.corrections import Correction, correct
+from MedSAMSlicerLib.segmentation.preprocessing import Window
+from MedSAMSlicerLib.segmentation.propagation import REJOIN_DICE, PropagationSettings, propagate
 
 LIVER = 5
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from MedSAMSlicerLib import cpu_features as C
-from MedSAMSlicerLib import optimize as O
 from MedSAMSlicerLib.bench.alternatives import alternatives, runnable
-from MedSAMSlicerLib.speed import SPEED_TIERS, SpeedTier, speed_choices
+from MedSAMSlicerLib.models import cpu_features as C
+from MedSAMSlicerLib.models import optimize as O
+from MedSAMSlicerLib.models.speed import SPEED_TIERS, SpeedTier, speed_choices
 
 LIB = str(Path(__file__).resolve().parents[1] / "MedSAMSlicer")
 #: Limit oneDNN and torch's own kernels to AVX2, as on a CPU without AVX-512.
@@ -62,12 +62,12 @@ _WITHOUT_AVX512_CHILD = """
 import contextlib, io, json, sys, warnings
 import numpy as np
 from MedSAMSlicerLib.cli import main
-from MedSAMSlicerLib import cpu_features as C
+from MedSAMSlicerLib.models import cpu_features as C
 from MedSAMSlicerLib.bench.alternatives import alternatives, runnable
-from MedSAMSlicerLib.optimize import BFloat16Linear
+from MedSAMSlicerLib.models.optimize import BFloat16Linear
 from MedSAMSlicerLib.segmenter import Segmenter
-from MedSAMSlicerLib.speed import SpeedTier
-from MedSAMSlicerLib.volumes import read_volume
+from MedSAMSlicerLib.models.speed import SpeedTier
+from MedSAMSlicerLib.fileio.volumes import read_volume
 ct, boxes = sys.argv[1], json.loads(sys.argv[2])
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -101,7 +101,7 @@ def test_without_avx512_bfloat16_falls_back_with_one_line_and_the_plain_masks(ct
     """Issue 27 on any machine: bfloat16 asked for on a CPU limited to AVX2 gives the exact path's
     masks and one note per setting, never the oneDNN crash. (A speed recipe's bfloat16 takes the same
     switch in the Segmenter; here the menu's answer for one is checked.)"""
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     labels = read_volume(ct_sm_seg_path).array
     ys, xs = np.nonzero(labels[24] == 5)  # the liver on slice 24

@@ -214,8 +214,8 @@ def _readme_python_example() -> str:
 def test_the_readme_python_example_runs(tmp_path, monkeypatch, labels):
     """The example, run as written from a clone's root (here a folder that has the repository's
     ``Testing/``), segments the gallbladder, and the correction does what the README says."""
+    from MedSAMSlicerLib.fileio.segnrrd import read_seg_nrrd
     from MedSAMSlicerLib.metrics import dice
-    from MedSAMSlicerLib.segnrrd import read_seg_nrrd
 
     (tmp_path / "Testing").symlink_to(ROOT / "Testing", target_is_directory=True)
     monkeypatch.chdir(tmp_path)

@@ -33,12 +33,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from MedSAMSlicerLib import cli
-from MedSAMSlicerLib.atomic import TEMP_MARK
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.provenance import PREFIX, Provenance, volume_sha256
-from MedSAMSlicerLib.segnrrd import read_seg_nrrd, write_seg_nrrd
+from MedSAMSlicerLib.fileio.atomic import TEMP_MARK
+from MedSAMSlicerLib.fileio.segnrrd import read_seg_nrrd, write_seg_nrrd
+from MedSAMSlicerLib.fileio.volumes import read_volume
+from MedSAMSlicerLib.segmentation.provenance import PREFIX, Provenance, volume_sha256
 from MedSAMSlicerLib.training import cli as train_cli
-from MedSAMSlicerLib.volumes import read_volume
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "medsam_headless.py"
 
@@ -547,8 +547,8 @@ def test_evaluate_outputs_never_through_links(door, tmp_path):
     """Issue: evaluate wrote its summary and partial CSV through links onto other files. Without
     --overwrite an earlier result (or a link) is refused before anything runs; with it, links are
     replaced by the new files and what they pointed to stays as it was."""
-    from MedSAMSlicerLib.atomic import write_text
     from MedSAMSlicerLib.evaluation.report import CsvLog
+    from MedSAMSlicerLib.fileio.atomic import write_text
 
     out = tmp_path / "eval"
     out.mkdir()
@@ -643,7 +643,7 @@ def test_sigterm_is_handled_like_sigint(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from MedSAMSlicerLib.atomic import atomic_write
+        from MedSAMSlicerLib.fileio.atomic import atomic_write
         from MedSAMSlicerLib.progress import Terminated, sigterm_as_interrupt
 
         def slow(tmp):

@@ -19,7 +19,7 @@ from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.evaluation import cases as C
 from MedSAMSlicerLib.evaluation import report as R
 from MedSAMSlicerLib.evaluation import runner as E
-from MedSAMSlicerLib.propagation import PropagationSettings, StopRule
+from MedSAMSlicerLib.segmentation.propagation import PropagationSettings, StopRule
 
 # -- metrics ------------------------------------------------------------------------------------
 
@@ -95,8 +95,8 @@ def test_shipped_evaluation_set(shipped_set):
 def test_case_from_seg_nrrd_and_labelmap_on_another_grid(tmp_path, ct_sm_path, ct_sm_seg_path):
     import SimpleITK as sitk
 
-    from MedSAMSlicerLib.segnrrd import write_seg_nrrd
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.segnrrd import write_seg_nrrd
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     volume = read_volume(ct_sm_path)
     labels = read_volume(ct_sm_seg_path).array
@@ -164,7 +164,7 @@ def test_variants_and_settings():
     assert not missing, f"medsam-slicer evaluate --help does not name {missing}"
     # window=box[:GROW]: a window per structure from the intensities around its box.
     from MedSAMSlicerLib.evaluation.runner import _box_grow
-    from MedSAMSlicerLib.preprocessing import Window
+    from MedSAMSlicerLib.segmentation.preprocessing import Window
 
     assert (_box_grow("box"), _box_grow("box:0.25"), _box_grow("mr"), _box_grow(None)) == (0.5, 0.25, None, None)
     with pytest.raises(MedSAMError, match="box:GROW"):
@@ -200,7 +200,7 @@ def test_label_box_is_the_users_box_on_one_slice():
 
 
 def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter):
-    from MedSAMSlicerLib.preprocessing import resolve_window
+    from MedSAMSlicerLib.segmentation.preprocessing import resolve_window
 
     case = next(c for c in C.load_inputs() if c.name == "mr")
     kidney = next(s for s in case.structures if s.name == "kidney_left")
@@ -393,8 +393,8 @@ def test_quality_floors_whole_set(lite_segmenter):
 
 def test_zoom_rule_and_zoomed_propagation(lite_segmenter, mr_path, mr_seg_path):
     """The zoom option's crop rule, and a zoomed 3D run that lands on the full slice's grid."""
-    from MedSAMSlicerLib.propagation import propagate, zoom_region
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
+    from MedSAMSlicerLib.segmentation.propagation import propagate, zoom_region
 
     image, labels = read_volume(mr_path).array, read_volume(mr_seg_path).array
     lite_segmenter.set_volume(image)

@@ -125,7 +125,7 @@ def test_script_speed_setting_reaches_the_engine(shared_segmenter, ct_scene, ct_
     out as with the exact setting (the 'fast' tier's claim, docs/performance.md, "Speed settings")."""
     pytest.importorskip("openvino")
     from MedSAMBridgeLib.headless import load_segmentation
-    from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV
+    from MedSAMSlicerLib.models.encoder_runtimes import EXPORT_DIR_ENV
 
     monkeypatch.setenv(EXPORT_DIR_ENV, str(tmp_path / "exported"))
     masks = {}

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSAMSlicerLib import registry
-from MedSAMSlicerLib.atomic import TEMP_MARK, atomic_write, write_json
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.integrity import check_file_complete
-from MedSAMSlicerLib.preprocessing import Window, window_note
-from MedSAMSlicerLib.volumes import read_volume, write_labelmap
+from MedSAMSlicerLib.fileio.atomic import TEMP_MARK, atomic_write, write_json
+from MedSAMSlicerLib.fileio.integrity import check_file_complete
+from MedSAMSlicerLib.fileio.volumes import read_volume, write_labelmap
+from MedSAMSlicerLib.models import registry
+from MedSAMSlicerLib.segmentation.preprocessing import Window, window_note
 
 BIN = Path(sys.executable).parent
 CLI = str(BIN / "medsam-slicer")
@@ -135,7 +135,7 @@ def test_blank_volume_is_refused_but_a_blank_label_map_reads(tmp_path, ct_sm_pat
 def test_itk_errors_are_said_in_plain_words(tmp_path, ct_sm_path):
     """What SimpleITK raises (a source-file line, an object address) and what ITK's C++ code prints
     past Python (MetaIO's 'data not read completely', niftilib's '** ERROR') become one reason."""
-    from MedSAMSlicerLib.itk_io import quiet_itk, sitk_reason
+    from MedSAMSlicerLib.fileio.itk_io import quiet_itk, sitk_reason
 
     image = sitk.ReadImage(str(ct_sm_path))
     with pytest.raises(RuntimeError) as info:
@@ -333,7 +333,7 @@ _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from MedSAMSlicerLib.errors import MedSAMError
-    from MedSAMSlicerLib.atomic import atomic_write
+    from MedSAMSlicerLib.fileio.atomic import atomic_write
     target, go, me = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
     def write(tmp):
@@ -383,7 +383,7 @@ def test_write_labelmap_never_replaces_without_overwrite(tmp_path, ct_sm_path):
 _KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from MedSAMSlicerLib.atomic import atomic_write
+    from MedSAMSlicerLib.fileio.atomic import atomic_write
 
     def write(tmp):
         tmp.write_bytes(b"x" * 1000000)

@@ -33,8 +33,8 @@ from MedSAMSlicerLib.bench.medsam2 import (  # noqa: E402
     medsam2_window,
 )
 from MedSAMSlicerLib.boxes import BoxPrompt  # noqa: E402
-from MedSAMSlicerLib.corrections import Correction  # noqa: E402
 from MedSAMSlicerLib.errors import MedSAMError  # noqa: E402
+from MedSAMSlicerLib.segmentation.corrections import Correction  # noqa: E402
 from MedSAMSlicerLib.segmenter import Segmenter  # noqa: E402
 
 #: Slices of the shipped CT (canonical z) the model runs on: liver and spleen on all four.
@@ -59,7 +59,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """Seeded random MedSAM2 weights in MedSAM2's checkpoint layout ``{"model": state_dict}``."""
-    from MedSAMSlicerLib.medsam2 import build_medsam2
+    from MedSAMSlicerLib.segmentation.medsam2 import build_medsam2
 
     torch.manual_seed(2024)
     model = build_medsam2()
@@ -71,7 +71,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def crop(ct, labels, tmp_path_factory):
     """Slices ``Z0..Z0+3`` of the shipped CT as a file, read back: ``(volume, labels, path)``."""
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(ct.array[Z0:Z0 + DEPTH]).astype(np.int16))
     image.SetSpacing((3.0, 3.0, 3.0))
@@ -96,7 +96,7 @@ def seg(weights, crop):
 @pytest.fixture(scope="module")
 def engine(weights, crop):
     """The engine on the same weights with 128 px frames (MedSAM2's windowing, as the Segmenter's)."""
-    from MedSAMSlicerLib.medsam2 import MedSAM2Engine, build_medsam2, window_volume
+    from MedSAMSlicerLib.segmentation.medsam2 import MedSAM2Engine, build_medsam2, window_volume
 
     model = build_medsam2(image_size=SMALL)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
@@ -117,7 +117,12 @@ def _box(labels, label, z):
 
 # -- the preprocessing and post-processing steps, each against the script's ---------------------
 def test_windowing_frames_and_largest_component_match_medsam2(crop):
-    from MedSAMSlicerLib.medsam2 import Frames, connected_components_8, largest_component, window_volume
+    from MedSAMSlicerLib.segmentation.medsam2 import (
+        Frames,
+        connected_components_8,
+        largest_component,
+        window_volume,
+    )
 
     raw = crop[0].array
     u8 = window_volume(raw, LOWER, UPPER)
@@ -211,9 +216,9 @@ def test_several_structures_each_as_alone(engine, crop):
 def test_front_door_2d_command_line_record_and_replay(seg, crop, tmp_path):
     """MedSAM2 at 512 px through the Segmenter and ``medsam-slicer segment``: the mask, the record
     in the segment's tags, and ``--replay`` giving the same mask."""
-    from MedSAMSlicerLib.provenance import Provenance
+    from MedSAMSlicerLib.fileio.segnrrd import read_seg_nrrd
     from MedSAMSlicerLib.segment_command import replay_file, segment_file
-    from MedSAMSlicerLib.segnrrd import read_seg_nrrd
+    from MedSAMSlicerLib.segmentation.provenance import Provenance
 
     volume, lab, path = crop
     x0, y0, x1, y1 = _box(lab, LIVER, 1)
@@ -237,8 +242,8 @@ def test_front_door_2d_command_line_record_and_replay(seg, crop, tmp_path):
 def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop):
     """MedSAM2's own 512 px network, 3D, against its script; then a 3D segment with a correction,
     recorded, replayed."""
-    from MedSAMSlicerLib.provenance import Provenance
     from MedSAMSlicerLib.segment_command import _correction_steps, _Done, _replay_corrections
+    from MedSAMSlicerLib.segmentation.provenance import Provenance
 
     volume, lab, path = crop
     box = _box(lab, LIVER, 1)
@@ -259,8 +264,8 @@ def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop):
 # -- registry, weights, model lists -------------------------------------------------------------
 def test_registry_lists_medsam2_and_refuses_what_it_cannot_check(capsys, weights, tmp_path, monkeypatch):
     from MedSAMSlicerLib.cli import main
-    from MedSAMSlicerLib.model_choice import checkpoint_model, model_choices
-    from MedSAMSlicerLib.registry import get_spec, resolve_weights
+    from MedSAMSlicerLib.models.model_choice import checkpoint_model, model_choices
+    from MedSAMSlicerLib.models.registry import get_spec, resolve_weights
 
     spec = get_spec("medsam2")
     assert (spec.architecture, spec.input_size, spec.propagation) == ("hiera_t512", 512, "memory")
@@ -281,8 +286,8 @@ def test_registry_lists_medsam2_and_refuses_what_it_cannot_check(capsys, weights
 
 
 def test_wrong_model_weights_are_refused_by_name(weights):
-    from MedSAMSlicerLib.checkpoints import load_model
-    from MedSAMSlicerLib.registry import resolve_weights
+    from MedSAMSlicerLib.models.checkpoints import load_model
+    from MedSAMSlicerLib.models.registry import resolve_weights
 
     with pytest.raises(MedSAMError, match="for MedSAM2"):
         load_model("litemedsam", weights)
@@ -337,7 +342,7 @@ def test_headless_script_runs_medsam2(weights, crop, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "liver" in done.stdout and out.is_file(), done.stdout
-    from MedSAMSlicerLib.segnrrd import read_seg_nrrd
+    from MedSAMSlicerLib.fileio.segnrrd import read_seg_nrrd
 
     written = read_seg_nrrd(out)
     assert written.segments[0].tags["MedSAM.Model"] == "medsam2"

@@ -1,4 +1,4 @@
-"""The model choice and the checkpoint folder (``MedSAMSlicerLib.model_choice``): one name rule
+"""The model choice and the checkpoint folder (``MedSAMSlicerLib.models.model_choice``): one name rule
 for what MedSAM Training exports and what the MedSAM module lists, without importing torch."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from MedSAMSlicerLib import model_choice as mc
+from MedSAMSlicerLib.models import model_choice as mc
 
 
 def test_checkpoint_folder_listing(tmp_path, monkeypatch):

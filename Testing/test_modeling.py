@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MedSAMSlicerLib.checkpoints import load_model, load_state_dict
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.files import package_file
-from MedSAMSlicerLib.modeling import SamModel, build_model
-from MedSAMSlicerLib.registry import get_spec
+from MedSAMSlicerLib.fileio.files import package_file
+from MedSAMSlicerLib.models.checkpoints import load_model, load_state_dict
+from MedSAMSlicerLib.models.modeling import SamModel, build_model
+from MedSAMSlicerLib.models.registry import get_spec
 
 TOL = 1e-4
 

@@ -21,16 +21,16 @@ import pytest
 import torch
 from torch import nn
 
-from MedSAMSlicerLib import allocator
-from MedSAMSlicerLib import optimize as O
-from MedSAMSlicerLib.checkpoints import load_model
-from MedSAMSlicerLib.files import package_file
+from MedSAMSlicerLib.fileio.files import package_file
 from MedSAMSlicerLib.metrics import dice
-from MedSAMSlicerLib.modeling import build_model, image_encoder, tiny_vit
-from MedSAMSlicerLib.modeling.common import LayerNorm2d
-from MedSAMSlicerLib.predictor import EmbeddingCache, Predictor
-from MedSAMSlicerLib.preprocessing import Window, apply_window
-from MedSAMSlicerLib.registry import get_spec
+from MedSAMSlicerLib.models import allocator
+from MedSAMSlicerLib.models import optimize as O
+from MedSAMSlicerLib.models.checkpoints import load_model
+from MedSAMSlicerLib.models.modeling import build_model, image_encoder, tiny_vit
+from MedSAMSlicerLib.models.modeling.common import LayerNorm2d
+from MedSAMSlicerLib.models.registry import get_spec
+from MedSAMSlicerLib.segmentation.predictor import EmbeddingCache, Predictor
+from MedSAMSlicerLib.segmentation.preprocessing import Window, apply_window
 
 #: (label id, slice) pairs of example_ct_sm / example_seg: liver and right kidney.
 CASES = [(5, 24), (2, 8)]
@@ -48,7 +48,7 @@ def lite_path() -> Path:
 @pytest.fixture(scope="module")
 def ct_case(ct_sm_path, ct_sm_seg_path):
     """The windowed small CT and one box per case slice (tight box of the reference label)."""
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     image = apply_window(read_volume(ct_sm_path).array, Window.preset("abdomen"))
     labels = read_volume(ct_sm_seg_path).array
@@ -245,12 +245,12 @@ def test_segmenter_optimizes_unless_told_not_to(lite_path):
 _FAULTS_CHILD = """
 import json, resource, sys
 import torch
-from MedSAMSlicerLib import allocator
-from MedSAMSlicerLib.checkpoints import load_model
-from MedSAMSlicerLib.optimize import optimize_for_inference
-from MedSAMSlicerLib.predictor import EmbeddingCache, Predictor
-from MedSAMSlicerLib.preprocessing import Window, apply_window
-from MedSAMSlicerLib.volumes import read_volume
+from MedSAMSlicerLib.models import allocator
+from MedSAMSlicerLib.models.checkpoints import load_model
+from MedSAMSlicerLib.models.optimize import optimize_for_inference
+from MedSAMSlicerLib.segmentation.predictor import EmbeddingCache, Predictor
+from MedSAMSlicerLib.segmentation.preprocessing import Window, apply_window
+from MedSAMSlicerLib.fileio.volumes import read_volume
 weights, ct, zs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 model = optimize_for_inference(load_model("tiny_vit", weights))
 pred = Predictor(model, "litemedsam", "m", torch.device("cpu"), cache=EmbeddingCache(1 << 30))

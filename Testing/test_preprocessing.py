@@ -9,20 +9,20 @@ import torch
 import torch.nn.functional as F
 from skimage import transform
 
-from MedSAMSlicerLib import preprocessing as P
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.segmentation import preprocessing as P
 
 
 @pytest.fixture(scope="module")
 def ct_volume(ct_path):
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     return read_volume(ct_path)
 
 
 @pytest.fixture(scope="module")
 def mr_volume(mr_path):
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     return read_volume(mr_path)
 
@@ -186,7 +186,7 @@ def test_bad_boxes(box, match):
 
 
 def test_automatic_window_ct_and_mr(ct_volume, mr_volume, dicom_dir, lite_segmenter):
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
 
     abdomen, mr = P.Window.preset("abdomen"), P.Window.preset("mr")
     assert P.Window.automatic(ct_volume.array) == abdomen

@@ -26,14 +26,14 @@ import pytest
 from MedSAMSlicerLib.boxes import BoxPrompt
 from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.provenance import VERSION, volume_sha256
+from MedSAMSlicerLib.fileio.segnrrd import read_seg_nrrd
+from MedSAMSlicerLib.fileio.volumes import read_volume
 from MedSAMSlicerLib.remote import protocol
 from MedSAMSlicerLib.remote.client import RemoteClient, RemoteError, RemoteSegmenter, check_connection
 from MedSAMSlicerLib.remote.server import free_port, launch
 from MedSAMSlicerLib.remote.sessions import FairQueue, Job, Session
 from MedSAMSlicerLib.segment_command import NamedBox, segment_file
-from MedSAMSlicerLib.segnrrd import read_seg_nrrd
-from MedSAMSlicerLib.volumes import read_volume
+from MedSAMSlicerLib.segmentation.provenance import VERSION, volume_sha256
 
 pytest_plugins = ["conftest_slicer"]
 
@@ -228,7 +228,7 @@ def test_cancel_stops_the_job_on_the_server(server, ct, boxes):
 
 
 def _canonical(ct, spec):
-    from MedSAMSlicerLib.volumes import ijk_box_to_canonical
+    from MedSAMSlicerLib.fileio.volumes import ijk_box_to_canonical
 
     box = ijk_box_to_canonical(ct, *spec.values)
     return box[:3], box[3:]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from MedSAMSlicerLib.cli import main, review_path, segment_file
-from MedSAMSlicerLib.propagation import PropagationResult, SliceRecord
-from MedSAMSlicerLib.review import DoubtRule, doubtful_slices, end_reasons, next_doubtful, review
+from MedSAMSlicerLib.segmentation.propagation import PropagationResult, SliceRecord
+from MedSAMSlicerLib.segmentation.review import DoubtRule, doubtful_slices, end_reasons, next_doubtful, review
 
 
 def _result(records, locked=(5,)):

@@ -16,11 +16,11 @@ import pytest
 from MedSAMSlicerLib.cli import main
 from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.provenance import PREFIX, Provenance
-from MedSAMSlicerLib.registry import file_digest
+from MedSAMSlicerLib.fileio.segnrrd import read_seg_nrrd, write_seg_nrrd
+from MedSAMSlicerLib.fileio.volumes import read_volume
+from MedSAMSlicerLib.models.registry import file_digest
 from MedSAMSlicerLib.segment_command import NamedBox, read_prompts_file, replay_file, segment_file
-from MedSAMSlicerLib.segnrrd import read_seg_nrrd, write_seg_nrrd
-from MedSAMSlicerLib.volumes import read_volume
+from MedSAMSlicerLib.segmentation.provenance import PREFIX, Provenance
 
 LIVER, SPLEEN = 5, 1
 

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.metrics import dice
-from MedSAMSlicerLib.preprocessing import Window
 from MedSAMSlicerLib.progress import Cancelled, CancelToken
+from MedSAMSlicerLib.segmentation.preprocessing import Window
 from MedSAMSlicerLib.segmenter import Segmenter
 
 LABELS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3, "aorta": 52}
@@ -142,7 +142,7 @@ def test_bad_volume_and_settings(seg):
 
 
 def test_result_written_on_the_input_grid(seg, ct, labels, tmp_path):
-    from MedSAMSlicerLib.volumes import write_labelmap
+    from MedSAMSlicerLib.fileio.volumes import write_labelmap
 
     ref = labels == LABELS["kidney_left"]
     z, box = reference_box(ref)

@@ -86,7 +86,7 @@ def test_source_volume_is_canonical_and_read_only(ct_scene):
 
 def test_ras_box_matches_the_command_line_rule(ct_scene, ct_sm_path):
     """The same RAS corners give the same canonical box in Slicer and on the command line."""
-    from MedSAMSlicerLib.volumes import ras_box_to_canonical, read_volume
+    from MedSAMSlicerLib.fileio.volumes import ras_box_to_canonical, read_volume
 
     volume = read_volume(ct_sm_path)
     src = B.source_volume(ct_scene.ct)
@@ -145,8 +145,8 @@ def test_prefetch_finds_the_slice_under_the_mouse(bridge, ct_scene):
 
 def test_window_choices(ct_scene, mr_path, ct_sm_path):
     from MedSAMBridgeLib.headless import load_volume
-    from MedSAMSlicerLib.preprocessing import Window
-    from MedSAMSlicerLib.volumes import read_volume
+    from MedSAMSlicerLib.fileio.volumes import read_volume
+    from MedSAMSlicerLib.segmentation.preprocessing import Window
 
     display = ct_scene.ct.GetDisplayNode()
     # Slicer's automatic window on this CT is ~1500 HU wide: "auto" uses the CT window instead.
@@ -627,7 +627,7 @@ def test_speed_setting_choices_and_bridge_configuration(shared_segmenter, monkey
     """The panels' speed menu is the engine's tiers (default marked, a missing runtime named with
     its install command); changing the speed makes the bridge load a segmenter of that tier."""
     from MedSAMBridgeLib.choices import speed_items
-    from MedSAMSlicerLib.speed import DEFAULT_SPEED, SPEED_TIERS
+    from MedSAMSlicerLib.models.speed import DEFAULT_SPEED, SPEED_TIERS
 
     items = speed_items()
     assert [value for value, *_ in items] == list(SPEED_TIERS)
@@ -650,9 +650,9 @@ def test_applied_result_keeps_its_record_and_replays_from_the_saved_file(bridge,
     """The segment's tags say how it was made (prompt in RAS, model, weights hash, window, ...);
     saved by Slicer's storage node, `medsam-slicer segment --replay` re-runs it to the same mask. A
     second result added to the segment is recorded as a correction, not over the first."""
-    from MedSAMSlicerLib.provenance import Provenance
-    from MedSAMSlicerLib.registry import file_digest
+    from MedSAMSlicerLib.models.registry import file_digest
     from MedSAMSlicerLib.segment_command import replay_file
+    from MedSAMSlicerLib.segmentation.provenance import Provenance
 
     seg = ct_scene.new_segmentation()
     segment_id = seg.GetSegmentation().AddEmptySegment("liver", "liver")

@@ -17,15 +17,20 @@ import pytest
 import torch
 
 from MedSAMSlicerLib.demo import reference_box
-from MedSAMSlicerLib.encoder_runtimes import EXPORT_DIR_ENV, RuntimeEncoder
 from MedSAMSlicerLib.errors import MedSAMError
+from MedSAMSlicerLib.fileio.volumes import read_volume
 from MedSAMSlicerLib.metrics import dice
-from MedSAMSlicerLib.preprocessing import Window
-from MedSAMSlicerLib.propagation import propagate
+from MedSAMSlicerLib.models.encoder_runtimes import EXPORT_DIR_ENV, RuntimeEncoder
+from MedSAMSlicerLib.models.speed import SPEED_TIERS, SpeedTier, get_speed, runtime_missing, speed_choices
+from MedSAMSlicerLib.segmentation.preprocessing import Window
+from MedSAMSlicerLib.segmentation.propagation import propagate
+from MedSAMSlicerLib.segmentation.strided import (
+    SliceSubset,
+    computed_slices,
+    interpolate_masks,
+    propagate_strided,
+)
 from MedSAMSlicerLib.segmenter import Segmenter
-from MedSAMSlicerLib.speed import SPEED_TIERS, SpeedTier, get_speed, runtime_missing, speed_choices
-from MedSAMSlicerLib.strided import SliceSubset, computed_slices, interpolate_masks, propagate_strided
-from MedSAMSlicerLib.volumes import read_volume
 
 KIDNEY_LEFT = 3
 #: "fastest" on this test's case (docs/performance.md, "Speed settings", has the benchmark's cases).

@@ -12,9 +12,9 @@ import pytest
 from MedSAMSlicerLib.boxes import BoxPrompt
 from MedSAMSlicerLib.demo import reference_box
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.preprocessing import Window
-from MedSAMSlicerLib.propagation import propagate
-from MedSAMSlicerLib.structures import segment_structures, settle_overlaps
+from MedSAMSlicerLib.segmentation.preprocessing import Window
+from MedSAMSlicerLib.segmentation.propagation import propagate
+from MedSAMSlicerLib.segmentation.structures import segment_structures, settle_overlaps
 
 LIVER, SPLEEN = 5, 1
 

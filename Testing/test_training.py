@@ -447,7 +447,7 @@ def test_checkpoints_load_weights_only_and_export(trained, tmp_path):
     best = load_checkpoint(run / "best.pth")
     assert best["metrics"]["best_mean_dice"] == pytest.approx(result.best_mean_dice)
     # frozen parts did not move; the decoder did
-    from MedSAMSlicerLib.registry import get_spec, resolve_weights
+    from MedSAMSlicerLib.models.registry import get_spec, resolve_weights
 
     original = torch.load(resolve_weights(get_spec("litemedsam")), map_location="cpu", weights_only=True)
     sd = latest["model"]
@@ -455,7 +455,7 @@ def test_checkpoints_load_weights_only_and_export(trained, tmp_path):
                                                                             "mask_decoder.iou_prediction_head")))
     assert any(not torch.equal(sd[k], original[k]) for k in sd if k.startswith("mask_decoder.transformer"))
     # export -> plain state dict that checkpoints.load_model loads strictly
-    from MedSAMSlicerLib.checkpoints import load_model
+    from MedSAMSlicerLib.models.checkpoints import load_model
 
     out = export(run / "latest.pth", tmp_path / "exported.pth")
     plain = torch.load(out, map_location="cpu", weights_only=True)
@@ -603,7 +603,7 @@ def test_job_runner_trains_from_raw_data_and_cancels(tmp_path, flare_dir):
     events += job.poll()
     # The process exported the step it stopped at by itself: a plain LiteMedSAM weights file.
     assert any(e.get("event") == "exported" and e.get("source") == "latest.pth" for e in events), events
-    from MedSAMSlicerLib.checkpoints import load_model
+    from MedSAMSlicerLib.models.checkpoints import load_model
 
     load_model("litemedsam", exported, device="cpu")
     assert any(e.get("event") == "progress" and e.get("stage") == "preprocess" for e in events)

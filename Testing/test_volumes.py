@@ -1,4 +1,4 @@
-"""Tests for MedSAMSlicerLib.volumes: orientation, reading, boxes and writers, on real files."""
+"""Tests for MedSAMSlicerLib.fileio.volumes: orientation, reading, boxes and writers, on real files."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSAMSlicerLib import volumes
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.segnrrd import write_seg_nrrd
-from MedSAMSlicerLib.volumes import (
+from MedSAMSlicerLib.fileio import volumes
+from MedSAMSlicerLib.fileio.segnrrd import write_seg_nrrd
+from MedSAMSlicerLib.fileio.volumes import (
     AxialOrientation,
     Volume,
     ijk_box_to_canonical,
@@ -678,7 +678,7 @@ def test_seg_nrrd_loads_in_slicer(variant_files, ct_labels, tmp_path):
 def test_read_seg_nrrd_round_trip_with_tags(ct, ct_labels, tmp_path):
     """Our reader gives back what we wrote: names (not ASCII too), colours, tags in Slicer's
     ``key:value|`` form, layers, masks on the file's grid; tags that Slicer cannot store are refused."""
-    from MedSAMSlicerLib.segnrrd import parse_tags, read_seg_nrrd
+    from MedSAMSlicerLib.fileio.segnrrd import parse_tags, read_seg_nrrd
 
     liver = ct_labels.array == LIVER
     stomach = ct_labels.array == STOMACH

@@ -5,7 +5,7 @@ decided here, so it can be tested without the Slicer application:
 
 * **Source volume -> engine array.** The volume node's voxels ``(k, j, i)`` are put in the
   engine's canonical axial order ``(z, y, x)`` (x toward Left, y toward Posterior, z toward
-  Superior) by :class:`MedSAMSlicerLib.orientation.AxialOrientation`: axis permutation and flips only,
+  Superior) by :class:`MedSAMSlicerLib.fileio.orientation.AxialOrientation`: axis permutation and flips only,
   so every canonical voxel is one voxel of the node. The node's voxels are never written.
 * **RAS <-> IJK** happens here (and in the engine's ``volumes.py`` for files), nowhere else. A
   box from corner points, from a markups ROI or from a rectangle drawn in a slice view becomes a
@@ -42,8 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import slicer
@@ -52,8 +51,7 @@ from MedSAMSlicerLib.background import BackgroundTask, run_in_background
 from MedSAMSlicerLib.boxes import BoxPrompt
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
-from MedSAMSlicerLib.provenance import Provenance, new_job, prompt_ras, volume_sha256
-from MedSAMSlicerLib.results import PropagationResult
+from MedSAMSlicerLib.segmentation.provenance import Provenance, new_job, prompt_ras, volume_sha256
 
 # The bridge's parts, imported here so that front ends use one module (``MRMLBridge.X``).
 from .backends import Backend
@@ -65,6 +63,7 @@ from .labelmaps import (  # noqa: F401
     save_state,
     segment_array,
 )
+from .predictions import Prediction, PredictionRequest  # noqa: F401
 from .preview import PREVIEW_REFERENCE_ROLE, clear_preview, preview_node, show_preview  # noqa: F401
 from .prompts import MAX_VIEW_TILT_DEGREES, prompt_from_points, prompt_from_roi, view_tilt_degrees  # noqa: F401
 from .records import segment_record, segment_tags, write_record  # noqa: F401
@@ -82,73 +81,6 @@ OVERWRITE_MODES = ("none", "visible", "all")
 # id(segmenter) -> key of the volume and window it was last given (see MedSAMBridge.request).
 _LOADED_VOLUME: Dict[int, str] = {}
 _LOADED_LOCK = threading.Lock()
-
-
-@dataclass
-class Prediction:
-    """An engine result on a source volume, not yet written to any segment.
-
-    Attributes:
-        source: the :class:`SourceVolume` it was computed on.
-        prompt: the :class:`BoxPrompt`.
-        mode: ``"3d"`` or ``"2d"``.
-        mask: canonical ``(z, y, x)`` bool.
-        covered: canonical slices MedSAM segmented (accepted); ``"slices"`` combining replaces
-            the segment on these.
-        score: the decoder's predicted IoU on the prompt slice.
-        notes: why propagation stopped, per direction.
-        record: how it was made (:class:`~MedSAMSlicerLib.provenance.Provenance`), written into
-            the segment's tags when applied (:func:`records.write_record`).
-        result: 3D: the engine's :class:`~MedSAMSlicerLib.propagation.PropagationResult` (its
-            locked slices and per-slice records: what a correction and the review start from).
-        window: the resolved intensity window it was computed with (a correction uses it too).
-    """
-
-    source: SourceVolume
-    prompt: BoxPrompt
-    mode: str
-    mask: np.ndarray
-    covered: List[int]
-    score: float = float("nan")
-    notes: Dict[str, str] = field(default_factory=dict)
-    record: Optional[Provenance] = None
-    result: Optional[PropagationResult] = None
-    window: object = None
-
-    @property
-    def voxel_count(self) -> int:
-        return int(self.mask.sum())
-
-
-@dataclass
-class PredictionRequest:
-    """Everything a prediction needs, read from the scene on the thread that owns it.
-
-    :meth:`MedSAMBridge.compute` then needs no MRML: it can run in a worker thread.
-
-    Attributes:
-        source: the volume (voxels copied), its geometry and key.
-        window: the intensity window, already resolved (``"auto"`` looked at the display node).
-        prompt, mode, direction: what to segment and how.
-        base, accept, current: a correction (see the fields).
-    """
-
-    source: SourceVolume
-    window: object
-    prompt: BoxPrompt
-    mode: str = "3d"
-    direction: str = "both"
-    #: A correction of this 3D result (:meth:`MedSAMBridge.correction_request`): ``prompt`` is
-    #: the new box, or with ``accept`` its slice of ``current`` is marked good as it is.
-    base: Optional[Prediction] = None
-    accept: bool = False
-    #: The ``(z, y, x)`` mask being corrected when it is not ``base``'s (the segment as the user
-    #: edited it after applying).
-    current: Optional[np.ndarray] = None
-
-    @property
-    def volume_key(self) -> str:
-        return f"{self.source.key}|{self.window.key}"
 
 
 def _notes(src: SourceVolume, stop_reasons: Dict[str, str]) -> Dict[str, str]:
@@ -187,7 +119,7 @@ class MedSAMBridge:
         self.model = model
         self.checkpoint = checkpoint
         self.device = device
-        #: The speed setting (a :data:`MedSAMSlicerLib.speed.SPEED_TIERS` name).
+        #: The speed setting (a :data:`MedSAMSlicerLib.models.speed.SPEED_TIERS` name).
         self.speed = speed
         self._segmenter = segmenter
         self._volume_sha: Dict[str, str] = {}
@@ -312,7 +244,7 @@ class MedSAMBridge:
         Returns:
             Per segment id, its :class:`Prediction` (its record names the job's segments).
         """
-        from MedSAMSlicerLib.provenance import new_job
+        from MedSAMSlicerLib.segmentation.provenance import new_job
 
         if not requests:
             raise MedSAMError("The queue is empty: draw a box for each segment first.")
@@ -349,7 +281,7 @@ class MedSAMBridge:
         on a wrong slice, or with ``accept`` the prompt's slice marked good as it is. With
         ``segmentation_node`` and ``segment_id`` the mask corrected is that segment's (as the user
         edited it after applying ``base``), else ``base``'s own. The corrected slice is locked;
-        propagation restarts from it to the next locked slice (:mod:`MedSAMSlicerLib.corrections`).
+        propagation restarts from it to the next locked slice (:mod:`MedSAMSlicerLib.segmentation.corrections`).
 
         Raises:
             MedSAMError: ``base`` is not a 3D result, or its volume changed.
@@ -366,7 +298,7 @@ class MedSAMBridge:
                                  current=current)
 
     def _correct(self, request: PredictionRequest, progress, cancel) -> Prediction:
-        from MedSAMSlicerLib.results import Correction
+        from MedSAMSlicerLib.segmentation.results import Correction
 
         base, prompt = request.base, request.prompt
         correction = Correction.accept(prompt.z) if request.accept else Correction.with_box(prompt.z, prompt.box)

@@ -9,7 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from MedSAMSlicerLib.boxes import DIRECTIONS as ENGINE_DIRECTIONS  # numpy only: safe at start-up
 from MedSAMSlicerLib.boxes import MODES as ENGINE_MODES
-from MedSAMSlicerLib.speed import DEFAULT_SPEED, speed_choices  # standard library only
+from MedSAMSlicerLib.models.speed import DEFAULT_SPEED, speed_choices  # standard library only
 
 
 def choice_enum(name: str, choices: Sequence[Tuple[str, str]]) -> type:

@@ -87,15 +87,15 @@ def load_volume(path: str, name: Optional[str] = None, labelmap: bool = False):
     """Load a scalar (or label) volume file (NIfTI, NRRD, MHA, ...) into the scene.
 
     The file is checked first as the command line checks it
-    (:func:`~MedSAMSlicerLib.volumes.check_volume_file`: a regular file, every voxel byte there,
+    (:func:`~MedSAMSlicerLib.fileio.volumes.check_volume_file`: a regular file, every voxel byte there,
     intact compressed data, a header SimpleITK reads), so a truncated NIfTI is refused here too
     and Slicer's readers never print their own errors before ours.
 
     Raises:
         MedSAMError: the file does not exist or cannot be read as a volume.
     """
-    from MedSAMSlicerLib.itk_io import quiet_itk
-    from MedSAMSlicerLib.volumes import check_volume_file
+    from MedSAMSlicerLib.fileio.itk_io import quiet_itk
+    from MedSAMSlicerLib.fileio.volumes import check_volume_file
 
     path = os.fspath(check_volume_file(path, "volume file"))
     if name is None:
@@ -111,13 +111,13 @@ def load_volume(path: str, name: Optional[str] = None, labelmap: bool = False):
 
 def load_segmentation(path: str, name: Optional[str] = None):
     """Load a segmentation file (``.seg.nrrd``, or a labelmap image: one segment per label),
-    checked first as every image file is (:func:`~MedSAMSlicerLib.integrity.check_image_file`).
+    checked first as every image file is (:func:`~MedSAMSlicerLib.fileio.integrity.check_image_file`).
 
     Raises:
         MedSAMError: the file does not exist or cannot be read as a segmentation.
     """
-    from MedSAMSlicerLib.integrity import check_image_file
-    from MedSAMSlicerLib.itk_io import quiet_itk
+    from MedSAMSlicerLib.fileio.integrity import check_image_file
+    from MedSAMSlicerLib.fileio.itk_io import quiet_itk
 
     path = os.fspath(check_image_file(path, "segmentation file"))
     if name is None:
@@ -131,15 +131,15 @@ def load_segmentation(path: str, name: Optional[str] = None):
 
 def save_node(node, path: str, overwrite: bool = True) -> None:
     """Write ``node`` with its default storage node (``.seg.nrrd`` for segmentations), through the
-    one writer (:func:`~MedSAMSlicerLib.atomic.atomic_write`): into a temporary file beside
+    one writer (:func:`~MedSAMSlicerLib.fileio.atomic.atomic_write`): into a temporary file beside
     ``path``, then published at once; a link at ``path`` is replaced, never written through;
     without ``overwrite`` an existing file is never replaced.
 
     Raises:
         MedSAMError: the file could not be written.
     """
-    from MedSAMSlicerLib.atomic import atomic_write
-    from MedSAMSlicerLib.itk_io import quiet_itk
+    from MedSAMSlicerLib.fileio.atomic import atomic_write
+    from MedSAMSlicerLib.fileio.itk_io import quiet_itk
 
     path = os.fspath(path)
     storage = node.GetStorageNode()

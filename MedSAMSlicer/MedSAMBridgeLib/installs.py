@@ -187,7 +187,7 @@ def _model_code_step(model: str, version_of) -> Optional[InstallStep]:
     None. ``--no-deps`` keeps the torch that is there (sam2 pins torch and torchvision);
     ``--no-build-isolation`` builds sam2 against it (with isolation pip would download another
     torch just to build it); ``SAM2_BUILD_CUDA=0`` skips its optional CUDA extension."""
-    from MedSAMSlicerLib.registry import get_spec
+    from MedSAMSlicerLib.models.registry import get_spec
 
     spec = get_spec(model)
     missing = compat.requirement_problems(compat.model_requirements(spec.requires), version_of)["missing"]
@@ -200,7 +200,7 @@ def _model_code_step(model: str, version_of) -> Optional[InstallStep]:
 
 
 def _weights_step(model: str, version_of, weights_present) -> Optional[InstallStep]:
-    from MedSAMSlicerLib.registry import get_spec, weights_dir
+    from MedSAMSlicerLib.models.registry import get_spec, weights_dir
 
     spec = get_spec(model)
     weights = spec.weights
@@ -344,7 +344,7 @@ def _short(line: str, width: int = 90) -> str:
 
 
 def _download_weights(step, index, total, progress, cancel) -> None:
-    from MedSAMSlicerLib.registry import get_spec, resolve_weights
+    from MedSAMSlicerLib.models.registry import get_spec, resolve_weights
 
     def relay(done, size, message=""):
         report(progress, index, total, f"Downloading {step.what}: {done / 1e6:.0f}/{max(size, 1) / 1e6:.0f} MB")
@@ -457,8 +457,8 @@ class FirstUse:
 
 def speed_requirements(speed: str) -> Tuple[str, ...]:
     """The packages speed setting ``speed`` needs that are not installed here (OpenVINO for the
-    faster settings; ``MedSAMSlicerLib.speed.RUNTIMES``), as extra requirements for :func:`plan_installs`."""
-    from MedSAMSlicerLib.speed import RUNTIMES, get_speed
+    faster settings; ``MedSAMSlicerLib.models.speed.RUNTIMES``), as extra requirements for :func:`plan_installs`."""
+    from MedSAMSlicerLib.models.speed import RUNTIMES, get_speed
 
     tier = get_speed(speed)
     return tuple(RUNTIMES[tier.encoder][0]) if tier.missing() else ()

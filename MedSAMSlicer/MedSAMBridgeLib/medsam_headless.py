@@ -42,7 +42,7 @@ def _add_module_path():
 
 def build_parser():
     from MedSAMSlicerLib.boxes import DIRECTIONS  # main() has put the engine on sys.path
-    from MedSAMSlicerLib.speed import DEFAULT_SPEED, SPEED_TIERS
+    from MedSAMSlicerLib.models.speed import DEFAULT_SPEED, SPEED_TIERS
 
     parser = argparse.ArgumentParser(
         prog="medsam_headless.py",
@@ -82,12 +82,12 @@ def run(args):
 
     from MedSAMBridgeLib import headless
     from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
-    from MedSAMSlicerLib.atomic import check_output
     from MedSAMSlicerLib.errors import MedSAMError
-    from MedSAMSlicerLib.integrity import check_image_file
+    from MedSAMSlicerLib.fileio.atomic import check_output
+    from MedSAMSlicerLib.fileio.integrity import check_image_file
+    from MedSAMSlicerLib.fileio.userfiles import check_regular_file
+    from MedSAMSlicerLib.fileio.volumes import check_volume_file
     from MedSAMSlicerLib.progress import TerminalProgress
-    from MedSAMSlicerLib.userfiles import check_regular_file
-    from MedSAMSlicerLib.volumes import check_volume_file
 
     # Everything the command line checks, before any module or model loads: the inputs (regular
     # files, complete, readable headers) and the output (name, folder, links, --overwrite).

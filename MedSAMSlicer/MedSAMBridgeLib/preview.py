@@ -10,7 +10,7 @@ import slicer
 from .labelmaps import modifications
 
 if TYPE_CHECKING:  # the engine's result type, for annotations only
-    from .MRMLBridge import Prediction
+    from .predictions import Prediction
 
 PREVIEW_NODE_NAME = "MedSAM preview"
 #: Node reference role, on a holder node, of the preview segmentation node. For the effect the

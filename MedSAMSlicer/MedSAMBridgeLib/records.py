@@ -1,7 +1,7 @@
 """How a segment was made, kept in its Slicer segment tags (``MedSAM.*``), so that a saved
 ``.seg.nrrd`` says it and ``medsam-slicer segment --replay`` can re-run it.
 
-The record itself is the engine's (:class:`MedSAMSlicerLib.provenance.Provenance`, one builder for
+The record itself is the engine's (:class:`MedSAMSlicerLib.segmentation.provenance.Provenance`, one builder for
 every front end); this module reads and writes it on ``vtkSegment`` tags. A result applied on top
 of a segment that already has a record (combining by slices or adding) is a correction of that
 segment: it is appended to the record's corrections, not written over it.
@@ -15,7 +15,7 @@ from typing import Dict, Optional
 import vtk
 
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.provenance import TAG_NAMES, Provenance
+from MedSAMSlicerLib.segmentation.provenance import TAG_NAMES, Provenance
 
 
 def segment_tags(segment) -> Dict[str, str]:

@@ -1,7 +1,7 @@
 """The review of a 3D result in the slice views: which slices are doubtful, in the user's slice
 numbers, and where the views go to show one.
 
-What makes a slice doubtful is the engine's rule (:mod:`MedSAMSlicerLib.review`); this module only
+What makes a slice doubtful is the engine's rule (:mod:`MedSAMSlicerLib.segmentation.review`); this module only
 names slices as the volume's file does (``k 21``) and maps them to and from RAS for the views.
 """
 
@@ -39,7 +39,7 @@ def slice_centre_ras(src: SourceVolume, mask_zyx: np.ndarray, z: int) -> Tuple[f
 
 def doubtful(prediction) -> List[Tuple[int, str]]:
     """``(z, why)`` of the doubtful slices of a 3D prediction, the most doubtful first (empty for 2D)."""
-    from MedSAMSlicerLib.review import review
+    from MedSAMSlicerLib.segmentation.review import review
 
     if prediction.result is None:
         return []
@@ -49,7 +49,7 @@ def doubtful(prediction) -> List[Tuple[int, str]]:
 
 def next_doubtful(prediction, after: Optional[int] = None) -> Optional[int]:
     """The slice the "next doubtful slice" button goes to after ``after`` (wraps; ``None``: none)."""
-    from MedSAMSlicerLib.review import next_doubtful as engine_next
+    from MedSAMSlicerLib.segmentation.review import next_doubtful as engine_next
 
     return None if prediction.result is None else engine_next(prediction.result, after)
 

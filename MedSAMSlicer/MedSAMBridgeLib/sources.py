@@ -5,7 +5,7 @@ voxels, the node's ``(i, j, k)`` <-> canonical mapping, IJK -> world RAS with pa
 :func:`volume_changed` says whether a node still holds what was read; :func:`window_for` resolves
 the window a user chose (the view's, a preset, or the engine's automatic rule).
 
-Coordinates are spelled as for files (``MedSAMSlicerLib.volumes.Volume``): ``ras_to_canonical``,
+Coordinates are spelled as for files (``MedSAMSlicerLib.fileio.volumes.Volume``): ``ras_to_canonical``,
 ``canonical_to_ras``, ``ras_extent``; RAS is Slicer's world frame.
 """
 
@@ -20,8 +20,8 @@ import slicer
 import vtk
 
 from MedSAMSlicerLib.errors import MedSAMError
-from MedSAMSlicerLib.orientation import AxialOrientation
-from MedSAMSlicerLib.volumes import check_array_values
+from MedSAMSlicerLib.fileio.orientation import AxialOrientation
+from MedSAMSlicerLib.fileio.volumes import check_array_values
 
 WindowLike = Union[None, str, Tuple[float, float], "object"]
 
@@ -195,20 +195,20 @@ def volume_changed(src: SourceVolume) -> Optional[str]:
 
 
 def window_for(volume_node, window: WindowLike = None):
-    """The intensity :class:`~MedSAMSlicerLib.preprocessing.Window` to use.
+    """The intensity :class:`~MedSAMSlicerLib.segmentation.preprocessing.Window` to use.
 
     Args:
         window: ``None`` or ``"auto"``: the view's window/level if the user set one (the display
             node's automatic window/level is off), else the engine's automatic window
-            (:meth:`Window.automatic <MedSAMSlicerLib.preprocessing.Window.automatic>`, the same rule
+            (:meth:`Window.automatic <MedSAMSlicerLib.segmentation.preprocessing.Window.automatic>`, the same rule
             as the command line: CT abdomen window for CT, MR percentile scaling otherwise).
             (Slicer's automatic window on CT is about 1500 HU wide, which washes out soft tissue and
             halves the Dice of small organs.)
             ``"display"``: the display node's window/level as shown, whatever it is.
             A preset name (``"abdomen"``, ``"lung"``, ``"bone"``, ``"brain"``, ``"mr"``), a
-            ``(level, width)`` pair, or a ``Window`` (:func:`~MedSAMSlicerLib.preprocessing.resolve_window`).
+            ``(level, width)`` pair, or a ``Window`` (:func:`~MedSAMSlicerLib.segmentation.preprocessing.resolve_window`).
     """
-    from MedSAMSlicerLib.preprocessing import Window, resolve_window
+    from MedSAMSlicerLib.segmentation.preprocessing import Window, resolve_window
 
     if isinstance(window, Window):
         return window

@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 
 from .boxes import DIRECTIONS
 from .errors import MedSAMError
+from .models.speed import SPEED_TIERS
 from .progress import Cancelled, Terminated, sigterm_as_interrupt
 from .segment_command import review_path, segment_file  # noqa: F401  (re-exported: the command's API)
-from .speed import SPEED_TIERS
 
 DESCRIPTION = """\
 Segment a structure in a CT or MR volume with MedSAM or LiteMedSAM from one box.
@@ -308,7 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _window(args: argparse.Namespace):
-    from .preprocessing import Window
+    from .segmentation.preprocessing import Window
 
     if getattr(args, "window", None):
         return Window(level=args.window[0], width=args.window[1])
@@ -366,7 +366,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``medsam-slicer models``."""
-    from .registry import list_specs, resolve_weights
+    from .models.registry import list_specs, resolve_weights
 
     for spec in list_specs():
         try:
@@ -374,7 +374,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         except MedSAMError as exc:
             where = f"not installed: {exc}"
         print(f"{spec.name:11s} {spec.title}: {spec.architecture}, {spec.input_size}px input\n            weights: {where}")
-    from .cpu_features import summary_lines
+    from .models.cpu_features import summary_lines
 
     print("\n".join(summary_lines()))
     return 0

@@ -61,12 +61,12 @@ def run_demo(
     ``structures`` maps names to TotalSegmentator label ids (default: five organs); ``segmenter``
     reuses a loaded :class:`~MedSAMSlicerLib.segmenter.Segmenter`; ``data`` is the example data
     folder (default ``$MEDSAM_SLICER_DATA``, see :func:`~MedSAMSlicerLib.data.data_dir`);
-    ``speed`` is a :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name for a new segmenter.
+    ``speed`` is a :data:`~MedSAMSlicerLib.models.speed.SPEED_TIERS` name for a new segmenter.
     """
-    from .preprocessing import Window
+    from .fileio.segnrrd import write_seg_nrrd
+    from .fileio.volumes import read_volume
+    from .segmentation.preprocessing import Window
     from .segmenter import Segmenter
-    from .segnrrd import write_seg_nrrd
-    from .volumes import read_volume
 
     structures = structures or DEMO_STRUCTURES
     volume = read_volume(example_ct(data))
@@ -118,7 +118,7 @@ def save_figure(
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    from .preprocessing import Window, apply_window
+    from .segmentation.preprocessing import Window, apply_window
 
     img = apply_window(ct_zyx, Window.preset("abdomen"))
     panels = [("axial", r.name, int(np.argmax(r.mask.sum(axis=(1, 2))))) for r in rows[:4]]

@@ -7,7 +7,7 @@ record of how each segment was made; ``--replay`` re-runs such a file.
   through :meth:`Segmenter.segment_structures <MedSAMSlicerLib.segmenter.Segmenter.segment_structures>`
   (each slice encoded once, a slice's boxes decoded together, overlaps settled by the decoder's logits).
   A ``.seg.nrrd`` gets one segment per structure, its record in the segment tags
-  (:mod:`~MedSAMSlicerLib.provenance`); a labelmap gets label ``n`` for the ``n``-th structure.
+  (:mod:`~MedSAMSlicerLib.segmentation.provenance`); a labelmap gets label ``n`` for the ``n``-th structure.
 * :func:`replay_file`: reads the records of a ``.seg.nrrd``, checks the volume (same voxels, same grid)
   and the weights (same SHA-256), and runs the same prompts with the same model, window, speed and
   precision; the summary says whether each mask equals the file's.
@@ -83,7 +83,7 @@ MAX_STRUCTURES = 255
 
 
 def _prompt_schema():
-    from .userfiles import Int, ListOf, Num, Str, Table
+    from .fileio.userfiles import Int, ListOf, Num, Str, Table
 
     coordinate = Int(-(2 ** 31), 2 ** 31 - 1, integral_floats=True)
     return Table({
@@ -102,13 +102,13 @@ def read_prompts_file(path: Path) -> List[NamedBox]:
         box_ijk = [30, 20, 60, 80, 70, 60]  # or box_ras = [R0, A0, S0, R1, A1, S1]
         color = [0.86, 0.55, 0.4]           # optional, RGB in 0..1
 
-    Read by the one reader of user files (:mod:`~MedSAMSlicerLib.userfiles`: a regular file of at
+    Read by the one reader of user files (:mod:`~MedSAMSlicerLib.fileio.userfiles`: a regular file of at
     most 1 MiB, UTF-8, strict JSON/TOML) and checked against its schema before anything else:
     a name is text, ``box_ijk`` six whole numbers, ``box_ras`` six finite numbers (``true``,
     ``"5"``, NaN are refused), ``color`` three numbers in 0..1, at most :data:`MAX_STRUCTURES`
     structures. Errors name the file, the structure and the value.
     """
-    from .userfiles import SchemaError, load_table, shown
+    from .fileio.userfiles import SchemaError, load_table, shown
 
     p = Path(path)
     what = f"the prompts file '{p}'"
@@ -170,7 +170,7 @@ def _box_too_thin(volume, box, spec: NamedBox) -> Optional[str]:
 def canonical_box(volume, spec: NamedBox, several: bool) -> Tuple[int, int, int, int, int, int]:
     """The canonical voxel box ``(x0, y0, z0, x1, y1, z1)`` of a prompt; errors name the prompt
     (when there are several) in the user's own indices or millimetres."""
-    from .volumes import ijk_box_to_canonical, ras_box_to_canonical
+    from .fileio.volumes import ijk_box_to_canonical, ras_box_to_canonical
 
     try:
         if len(spec.values) != 6 or not all(math.isfinite(v) for v in spec.values):
@@ -270,22 +270,22 @@ def _run(segmenter, volume, prompts: Dict[str, BoxPrompt], mode: str, direction:
 def review_path(output: Path) -> Path:
     """Where ``segment`` writes a 3D result's review: beside the output, ``liver.seg.nrrd`` ->
     ``liver.review.json``."""
-    from .atomic import split_extension
+    from .fileio.atomic import split_extension
 
     stem, _ = split_extension(output.name)
     return output.with_name(stem + ".review.json")
 
 
 def write_review_report(volume, done: Sequence[_Done], output: Path, overwrite: bool = False) -> Path:
-    """Write the review of 3D results (:func:`~MedSAMSlicerLib.review.review_report`: per slice, as
+    """Write the review of 3D results (:func:`~MedSAMSlicerLib.segmentation.review.review_report`: per slice, as
     the file's index, the predicted IoU, area, doubtful flag and reason; why each end stopped)
     beside ``output`` (:func:`review_path`), atomically, never over an existing file without
     ``overwrite``; returns its path. One structure: its report with ``segment`` and ``output``;
     several: ``{"output", "structures": [one such report per structure]}``."""
     import json
 
-    from .atomic import atomic_write
-    from .review import review_report
+    from .fileio.atomic import atomic_write
+    from .segmentation.review import review_report
 
     reports = [{"segment": d.name, "output": output.name, **review_report(d.result, volume.orientation.slice_to_index)}
                for d in done]
@@ -299,8 +299,8 @@ def _write(volume, out: Path, done: List[_Done], colors: List[Tuple[float, float
     """Write the masks (a ``.seg.nrrd`` with their records, or a labelmap); a note on label values."""
     import numpy as np
 
-    from .segnrrd import write_seg_nrrd
-    from .volumes import write_labelmap
+    from .fileio.segnrrd import write_seg_nrrd
+    from .fileio.volumes import write_labelmap
 
     if out.name.lower().endswith(".seg.nrrd"):
         write_seg_nrrd([(d.name, d.mask, c, r.tags()) for d, c, r in zip(done, colors, records)], volume, out,
@@ -345,7 +345,7 @@ def _new_segmenter(model, checkpoint, device, precision, download, speed, progre
 def _read_checked_volume(volume_path, allow_gaps: bool):
     import warnings
 
-    from .volumes import read_volume
+    from .fileio.volumes import read_volume
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the notes are printed below, in our words
@@ -381,14 +381,14 @@ def segment_file(
 
     Everything that can be checked without the model is checked first, before torch is even
     imported: the output (name, extension, folder writable, not the input, not existing without
-    ``overwrite``), the volume (:func:`~MedSAMSlicerLib.volumes.read_volume`'s checks) and every
+    ``overwrite``), the volume (:func:`~MedSAMSlicerLib.fileio.volumes.read_volume`'s checks) and every
     box. The output is published atomically and, without ``overwrite``, never replaces a file,
     even one created while the model ran. ``window`` is a
-    :class:`~MedSAMSlicerLib.preprocessing.Window`, or a function returning one (called after
+    :class:`~MedSAMSlicerLib.segmentation.preprocessing.Window`, or a function returning one (called after
     the checks; ``None``: automatic). ``segmenter`` reuses a loaded
     :class:`~MedSAMSlicerLib.segmenter.Segmenter` (and its embedding cache); otherwise one is
     made with a small cache (one-shot run) and ``speed``, a
-    :data:`~MedSAMSlicerLib.speed.SPEED_TIERS` name.
+    :data:`~MedSAMSlicerLib.models.speed.SPEED_TIERS` name.
 
     The structures: ``prompts`` (several :class:`NamedBox`), or one box ``box_ijk`` / ``box_ras``
     named ``name``. ``slice_only`` segments one slice: the box's slice, or a 3D box's middle slice
@@ -412,7 +412,7 @@ def segment_file(
         raise MedSAMError(f"{len(prompts)} structures; at most {MAX_STRUCTURES} run as one job")
     from dataclasses import replace as _replace
 
-    from .segnrrd import segment_name
+    from .fileio.segnrrd import segment_name
 
     seen: Dict[str, str] = {}
     named = []
@@ -430,8 +430,8 @@ def segment_file(
         raise MedSAMError("--slice-only works on one structure; give one box")
     if several and direction != "both":
         raise MedSAMError("--direction works on one structure; several are segmented both ways from their boxes")
-    from .atomic import check_output
-    from .volumes import LABELMAP_EXTENSIONS
+    from .fileio.atomic import check_output
+    from .fileio.volumes import LABELMAP_EXTENSIONS
 
     out = check_output(output, overwrite, inputs=[volume_path], formats=LABELMAP_EXTENSIONS)
     if not slice_only:  # the review beside it: checked with the output, before anything is written
@@ -440,7 +440,7 @@ def segment_file(
     boxes = {spec.name: canonical_box(volume, spec, several) for spec in prompts}
 
     # Only now the model side (torch).
-    from .preprocessing import Window, window_note
+    from .segmentation.preprocessing import Window, window_note
 
     window = window() if callable(window) else window
     window = window or Window.automatic(volume.array)
@@ -462,7 +462,7 @@ def segment_file(
 def _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, direction, several, out, overwrite,
                        progress, t0) -> str:
     """:func:`segment_file` once its checks passed: run, write the output, the review and the summary."""
-    from .provenance import Provenance, new_job, prompt_ras, volume_sha256
+    from .segmentation.provenance import Provenance, new_job, prompt_ras, volume_sha256
 
     segmenter.set_volume(volume.array, window)
     boxed = {n: BoxPrompt.from_voxel_box(b[:3], b[3:]) for n, b in boxes.items()}
@@ -481,7 +481,7 @@ def _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, di
 
 
 def _default_color(n: int) -> Tuple[float, float, float]:
-    from .segnrrd import DEFAULT_COLORS
+    from .fileio.segnrrd import DEFAULT_COLORS
 
     return DEFAULT_COLORS[n % len(DEFAULT_COLORS)]
 
@@ -509,7 +509,7 @@ def _check_replayable(name: str, record) -> None:
 
 
 def _recorded_prompt(volume, corners_ras) -> BoxPrompt:
-    """The prompt a record's box stands for (:func:`~MedSAMSlicerLib.provenance.prompt_ras` read
+    """The prompt a record's box stands for (:func:`~MedSAMSlicerLib.segmentation.provenance.prompt_ras` read
     back): its two voxel centres in RAS -> the voxel box on ``volume`` -> a :class:`BoxPrompt`.
 
     Raises:
@@ -557,7 +557,7 @@ def _replay_corrections(segmenter, done: _Done, steps: Sequence[Tuple[int, objec
     as the Slicer effect made them (:meth:`MedSAMBridge._correct <MedSAMBridgeLib.MRMLBridge.MedSAMBridge>`)."""
     import numpy as np
 
-    from .corrections import Correction
+    from .segmentation.corrections import Correction
 
     result = done.result
     for z, box in steps:
@@ -583,7 +583,7 @@ def replay_file(
 ) -> str:
     """Re-run the segments of a ``.seg.nrrd`` written by :func:`segment_file` and write the result.
 
-    Each segment's record (:class:`~MedSAMSlicerLib.provenance.Provenance`) gives its prompts, model,
+    Each segment's record (:class:`~MedSAMSlicerLib.segmentation.provenance.Provenance`) gives its prompts, model,
     weights' SHA-256, window, speed, precision, mode and direction; structures made as one job run as
     one job again, and each segment's box corrections and accepted slices are applied after, in
     order, as the effect made them. ``checkpoint`` points at the weights when they are not the registry's; ``segmenter``
@@ -601,10 +601,10 @@ def replay_file(
     """
     import numpy as np
 
-    from .atomic import check_output
-    from .provenance import Provenance, first_difference, volume_sha256
-    from .segnrrd import read_seg_nrrd
-    from .volumes import LABELMAP_EXTENSIONS
+    from .fileio.atomic import check_output
+    from .fileio.segnrrd import read_seg_nrrd
+    from .fileio.volumes import LABELMAP_EXTENSIONS
+    from .segmentation.provenance import Provenance, first_difference, volume_sha256
 
     out = check_output(output, overwrite, inputs=[volume_path, seg_path], formats=LABELMAP_EXTENSIONS)
     seg = read_seg_nrrd(seg_path)
@@ -648,8 +648,8 @@ def _replay(seg, records, first, volume, volume_path, segmenter, checkpoint, dev
     """:func:`replay_file` once the file and the volume passed their checks."""
 
     from .boxes import BoxOutside
-    from .provenance import Provenance, prompt_ras, replay_groups
-    from .registry import file_digest, get_spec, resolve_weights
+    from .models.registry import file_digest, get_spec, resolve_weights
+    from .segmentation.provenance import Provenance, prompt_ras, replay_groups
 
     if segmenter is not None:
         weights, digest = segmenter.weights, segmenter.weights_sha256

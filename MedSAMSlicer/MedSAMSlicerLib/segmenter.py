@@ -20,23 +20,23 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import cpu_features
 from .background import BackgroundTask
 from .boxes import DIRECTIONS, MODES, BoxPrompt
-from .checkpoints import load_model
-from .corrections import Correction, correct
-from .devices import select_device, select_precision
 from .errors import MedSAMError
-from .optimize import optimize_for_inference
-from .predictor import EmbeddingCache, Predictor, SliceResult, volume_key
-from .preprocessing import Window, apply_window, resolve_window
+from .models import cpu_features
+from .models.checkpoints import load_model
+from .models.devices import select_device, select_precision
+from .models.optimize import optimize_for_inference
+from .models.registry import ModelSpec, get_spec, resolve_weights
+from .models.speed import SpeedTier, get_speed
 from .progress import CancelToken, ProgressCallback
-from .propagation import PropagationResult, PropagationSettings, StopRule, split_box3d
-from .registry import ModelSpec, get_spec, resolve_weights
-from .results import Segmentation  # noqa: F401  (its home is results.py, torch-free)
-from .speed import SpeedTier, get_speed
-from .strided import propagate_strided
-from .structures import StructuresResult, segment_structures
+from .segmentation.corrections import Correction, correct
+from .segmentation.predictor import EmbeddingCache, Predictor, SliceResult, volume_key
+from .segmentation.preprocessing import Window, apply_window, resolve_window
+from .segmentation.propagation import PropagationResult, PropagationSettings, StopRule, split_box3d
+from .segmentation.results import Segmentation  # noqa: F401  (its home is results.py, torch-free)
+from .segmentation.strided import propagate_strided
+from .segmentation.structures import StructuresResult, segment_structures
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -56,17 +56,17 @@ class Segmenter:
         cache_mb: memory cap of the embedding cache.
         batch_size: slices per encoder call (default 1 on a CPU, 16 on a GPU).
         progress: reports weight downloads.
-        optimize: rewrite the image encoder for inference (:func:`~MedSAMSlicerLib.optimize.optimize_for_inference`:
+        optimize: rewrite the image encoder for inference (:func:`~MedSAMSlicerLib.models.optimize.optimize_for_inference`:
             fused layers, fused attention kernels, channels-last; the same masks, faster).
             ``False`` keeps the plain modules (for comparisons and debugging).
         bfloat16_matmuls: opt-in, LiteMedSAM on a CPU with native bfloat16 (AVX512-BF16/AMX) in
             float32: the transformer stages' linear layers as bfloat16 products, ~1.25x faster
             encoding; masks close to but not the same as float32 (see ``optimize.py``). Where this
-            CPU cannot (:func:`~MedSAMSlicerLib.cpu_features.bfloat16_matmuls_missing`) the float32
+            CPU cannot (:func:`~MedSAMSlicerLib.models.cpu_features.bfloat16_matmuls_missing`) the float32
             layers stay and :attr:`notes` says why; the same for a speed tier's bfloat16 and for
             ``precision="bfloat16"`` on a CPU (emulated without native bfloat16: a note).
-        speed: a :class:`~MedSAMSlicerLib.speed.SpeedTier` or its name, ``"exact"`` (default),
-            ``"fast"`` or ``"fastest"`` (:data:`~MedSAMSlicerLib.speed.SPEED_TIERS` says what each
+        speed: a :class:`~MedSAMSlicerLib.models.speed.SpeedTier` or its name, ``"exact"`` (default),
+            ``"fast"`` or ``"fastest"`` (:data:`~MedSAMSlicerLib.models.speed.SPEED_TIERS` says what each
             costs in accuracy). A tier whose runtime is not installed raises :class:`MedSAMError`
             with the install command.
     """
@@ -137,7 +137,7 @@ class Segmenter:
         model_key = f"{self.spec.name}:{self.weights.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
         self.encoder_runtime = None
         if runtime != "torch":
-            from .encoder_runtimes import RuntimeEncoder
+            from .models.encoder_runtimes import RuntimeEncoder
 
             # Converted from the plain encoder: the runtimes do their own fusing.
             encoder = RuntimeEncoder(self.model.image_encoder, model_key, self.spec.input_size, runtime=runtime,
@@ -163,9 +163,9 @@ class Segmenter:
         )
 
     def _init_memory(self, checkpoint, download, progress, cache_mb) -> None:
-        """MedSAM2: SAM 2's network and memory propagation (:mod:`~MedSAMSlicerLib.medsam2`). Its
+        """MedSAM2: SAM 2's network and memory propagation (:mod:`~MedSAMSlicerLib.segmentation.medsam2`). Its
         encoder is not rewritten (no speed settings: the tiers convert LiteMedSAM/MedSAM encoders)."""
-        from .medsam2 import FeatureCache, MedSAM2Engine
+        from .segmentation.medsam2 import FeatureCache, MedSAM2Engine
 
         if self.speed.name != "exact":
             raise MedSAMError(f"the '{self.speed.name}' speed setting is for LiteMedSAM and MedSAM (it converts their "
@@ -188,7 +188,7 @@ class Segmenter:
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file (computed once; what a record stores and a replay checks)."""
         if getattr(self, "_weights_sha256", None) is None:
-            from .registry import file_digest
+            from .models.registry import file_digest
 
             self._weights_sha256 = file_digest(self.weights)
         return self._weights_sha256
@@ -231,7 +231,7 @@ class Segmenter:
         base = key if key is not None else volume_key(arr)
         self.window = window
         if self.memory is not None:
-            from .medsam2 import window_volume
+            from .segmentation.medsam2 import window_volume
 
             # MedSAM2's own windowing (clip, then min-max the clipped volume); MR percentiles as ours.
             u8 = (apply_window(arr, window) if window.percentiles is not None else
@@ -267,10 +267,10 @@ class Segmenter:
 
         ``settings`` (default :attr:`propagation`) holds every propagation choice. With a speed
         tier whose stride is above 1 the model runs on every ``stride``-th slice and the slices
-        between are filled (:func:`~MedSAMSlicerLib.strided.propagate_strided`).
+        between are filled (:func:`~MedSAMSlicerLib.segmentation.strided.propagate_strided`).
 
         MedSAM2 (``"propagation": "memory"``) propagates as its own inference does
-        (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.propagate`): over every slice of the volume
+        (:meth:`~MedSAMSlicerLib.segmentation.medsam2.MedSAM2Engine.propagate`): over every slice of the volume
         or the z-range, both ways, the largest connected component kept; ``stop`` and ``settings``
         are for box propagation and refused.
         """
@@ -322,11 +322,11 @@ class Segmenter:
         cancel: Optional[CancelToken] = None,
         settings: Optional[PropagationSettings] = None,
     ) -> StructuresResult:
-        """Several structures in 3D as one job (:func:`~MedSAMSlicerLib.structures.segment_structures`):
+        """Several structures in 3D as one job (:func:`~MedSAMSlicerLib.segmentation.structures.segment_structures`):
         each slice encoded once for all, a slice's boxes decoded together, overlaps settled by the
         decoder's logits. Every slice is computed, whatever the speed setting's stride (the strided
         path follows one structure); its encoder runtime and precision apply. MedSAM2: each
-        structure as alone, the features shared (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.segment_structures`)."""
+        structure as alone, the features shared (:meth:`~MedSAMSlicerLib.segmentation.medsam2.MedSAM2Engine.segment_structures`)."""
         if self.memory is not None:
             self._no_box_settings(settings)
             return self.memory.segment_structures(prompts, progress=progress, cancel=cancel)
@@ -355,14 +355,14 @@ class Segmenter:
         settings: Optional[PropagationSettings] = None,
     ) -> PropagationResult:
         """Correct a 3D result and propagate again from the corrected slices
-        (:func:`~MedSAMSlicerLib.corrections.correct`): ``current`` is the result or its
+        (:func:`~MedSAMSlicerLib.segmentation.corrections.correct`): ``current`` is the result or its
         ``(z, y, x)`` mask (with ``locked``), ``corrections`` are
         :meth:`Correction.with_box` (a new box on a slice) or :meth:`Correction.accept` (the
         mask's slice marked good). The locked slices never change; slices beyond the next locked
         slice on each side are kept. Returns a new result; ``current`` is not changed (Undo).
 
         MedSAM2: each correction is a new prompt in SAM 2's memory and both passes run again from
-        all prompts (:meth:`~MedSAMSlicerLib.medsam2.MedSAM2Engine.correct`)."""
+        all prompts (:meth:`~MedSAMSlicerLib.segmentation.medsam2.MedSAM2Engine.correct`)."""
         if self.memory is not None:
             self._no_box_settings(settings)
             return self.memory.correct(current, corrections, locked=locked, z_range=z_range, progress=progress,

@@ -26,7 +26,7 @@ the comparison, not our engine):
   is meaningful, the masks are not anatomy.
 
 Ours = :class:`~MedSAMSlicerLib.segmenter.Segmenter` (optimised model, default precision and batch
-size) and :func:`~MedSAMSlicerLib.propagation.propagate_box3d` with ``wider_box=0`` and the
+size) and :func:`~MedSAMSlicerLib.segmentation.propagation.propagate_box3d` with ``wider_box=0`` and the
 default 3 px (at 256) margin, i.e. the same algorithm as the reference. The original's 3D loop
 covers ``z_min + 1 .. z_max - 1`` of its box and truncates the middle box to integers in model
 space; ours is given the inclusive z-range and the same model-space box, so both segment the same

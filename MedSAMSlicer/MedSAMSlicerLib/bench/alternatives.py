@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..metrics import dice
-from ..speed import SpeedTier
+from ..models.speed import SpeedTier
 from .cases import Case
 from .measure import metric
 from .reference import ReferenceLiteMedSAM
@@ -92,7 +92,7 @@ def installed_mb(distributions: List[str]) -> Optional[float]:
 def bench_alternatives(quick: bool = False, log: Callable[[str], None] = print, rounds: Optional[int] = None
                        ) -> Dict[str, Any]:
     """Run the comparison (LiteMedSAM, CPU); returns the JSON-ready results (module docstring)."""
-    from ..encoder_runtimes import EXPORT_DIR_ENV
+    from ..models.encoder_runtimes import EXPORT_DIR_ENV
     from ..segmenter import Segmenter
 
     q = 1 if quick else 0

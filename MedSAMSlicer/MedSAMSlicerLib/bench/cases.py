@@ -33,8 +33,8 @@ class Case:
 
     def __init__(self, n_slices: Optional[int], label: int = LIVER_LABEL, name: str = "liver") -> None:
         from ..data import example_ct, example_ct_labels
-        from ..preprocessing import Window, apply_window
-        from ..volumes import read_volume
+        from ..fileio.volumes import read_volume
+        from ..segmentation.preprocessing import Window, apply_window
 
         self.name = name
         self.raw = read_volume(example_ct()).array

@@ -30,7 +30,7 @@ def bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
     no-op unless ``MEDSAM_REUSE_FREED_MEMORY=1``; glibc's settings are process-wide, so the two
     must share them). The fresh-process rows run each pipeline as it ships.
     """
-    from ..allocator import reuse_freed_memory
+    from ..models.allocator import reuse_freed_memory
 
     with reuse_freed_memory() as tuned:
         row = _bench_model(model, device, quick, workdir, log)
@@ -41,7 +41,7 @@ def bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
 
 def _bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
                  log: Callable[[str], None]) -> Dict[str, Any]:
-    from ..allocator import supported as allocator_on
+    from ..models.allocator import supported as allocator_on
 
     q = 1 if quick else 0
     n_slices = SLICES[model][q]
@@ -127,7 +127,7 @@ def _bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
         slices=n_slices, run="first run in the process" if quick else "second run in the process",
         cold={p: mem[p]["seconds_cold"] for p in mem},
         allocator="reference: the platform's defaults (the original script); ours: as shipped, "
-                  "MedSAMSlicerLib.allocator " + ("on" if allocator_on() else "off (default)"))
+                  "MedSAMSlicerLib.models.allocator " + ("on" if allocator_on() else "off (default)"))
     key = "cuda_peak_mb" if device.type == "cuda" else "peak_rss_delta_mb"
     row["peak_memory_mb"] = metric([mem["reference"][key]], [mem["ours"][key]], "MB", speed=False)
     row["peak_memory_mb"]["measure"] = ("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
@@ -141,7 +141,7 @@ def _bench_model(model: str, device: torch.device, quick: bool, workdir: Path,
 
         others = {"plain": Segmenter(model, checkpoint=weights, device=str(device), optimize=False)}
         if model == "litemedsam" and device.type == "cpu" and seg.dtype == torch.float32:
-            from ..cpu_features import bfloat16_matmuls_missing
+            from ..models.cpu_features import bfloat16_matmuls_missing
 
             if bfloat16_matmuls_missing() is None:  # else the report's machine section says why not
                 others["bf16matmuls"] = Segmenter(model, device=str(device), bfloat16_matmuls=True)

@@ -47,7 +47,7 @@ def _physical_cores() -> Optional[int]:
 
 def machine_info(device: torch.device) -> Dict[str, Any]:
     """CPU model, cores, load, torch version and threads, and the accelerator's name."""
-    from .. import cpu_features
+    from ..models import cpu_features
 
     info: Dict[str, Any] = {
         "cpu": _cpu_model(),

@@ -115,7 +115,7 @@ class ReferenceMedSAM2:
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
-        from ..medsam2 import install_cpu_holes
+        from ..segmentation.medsam2 import install_cpu_holes
 
         install_cpu_holes()  # what MedSAM2's compiled sam2/_C.so does, where it is absent
         grid = f"[{image_size // 16},{image_size // 16}]"
@@ -164,7 +164,7 @@ def _nothing() -> Iterator[None]:
 
 def random_weights(path: Path, seed: int = SEED) -> Path:
     """Seeded random MedSAM2 weights in MedSAM2's checkpoint layout, written to ``path``."""
-    from ..medsam2 import build_medsam2
+    from ..segmentation.medsam2 import build_medsam2
 
     torch.manual_seed(seed)
     torch.save({"model": build_medsam2().state_dict()}, path)

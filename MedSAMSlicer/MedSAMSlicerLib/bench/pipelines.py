@@ -39,7 +39,7 @@ def ours_box3d(model: str, case: Case) -> Tuple[float, ...]:
 
 
 def run_ours_3d(seg, case: Case, box3d: Sequence[float], key: str):
-    from ..propagation import propagate_box3d
+    from ..segmentation.propagation import propagate_box3d
 
     seg.predictor.cache.clear()
     seg.set_volume(case.raw, case.window, key=key)

@@ -66,9 +66,9 @@ class ReferenceLiteMedSAM:
     name = "LiteMedSAM"
 
     def __init__(self, device: torch.device) -> None:
-        from ..checkpoints import load_state_dict
-        from ..files import package_file
-        from ..registry import get_spec
+        from ..fileio.files import package_file
+        from ..models.checkpoints import load_state_dict
+        from ..models.registry import get_spec
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # timm's deprecation warnings

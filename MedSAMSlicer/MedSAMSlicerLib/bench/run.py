@@ -48,7 +48,7 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         each with ``reference``, ``ours``, ``ratio`` (ours / reference) and ``speedup``, and
         ``dice_3d``); with alternatives, ``alternatives`` (see :mod:`.alternatives`).
     """
-    from ..devices import select_device
+    from ..models.devices import select_device
 
     if compare not in COMPARISONS:
         raise MedSAMError(f"unknown comparison '{compare}'; choose one of: {', '.join(COMPARISONS)}")
@@ -106,7 +106,7 @@ def run_bench(models: List[str], device: str = "auto", out: Path = Path("medsam-
         print(table)
     print(f"\n{m['cpu']}, {m['physical_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
           f"device {m['device_name']}")
-    from ..cpu_features import summary_lines
+    from ..models.cpu_features import summary_lines
 
     print("\n".join(summary_lines()[1:]))  # what this machine supports; skipped alternatives say why
     out = Path(out)

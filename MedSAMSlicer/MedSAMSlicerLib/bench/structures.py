@@ -22,8 +22,8 @@ import numpy as np
 from ..boxes import BoxPrompt
 from ..data import DEMO_STRUCTURES, example_ct, example_ct_labels
 from ..demo import reference_box
+from ..fileio.volumes import read_volume
 from ..metrics import dice
-from ..volumes import read_volume
 
 #: Issue 12: five structures as one job cost at most this many times the liver alone.
 TARGET_RATIO = 1.5

@@ -3,7 +3,7 @@
 A :class:`Case` is an image in canonical ``(z, y, x)`` order with its spacing and a list of
 :class:`Structure` s, each one or more label values of a labelmap layer. Cases come from
 
-- an image and a labelmap (any format :func:`~MedSAMSlicerLib.volumes.read_volume` reads) or a
+- an image and a labelmap (any format :func:`~MedSAMSlicerLib.fileio.volumes.read_volume` reads) or a
   Slicer ``.seg.nrrd`` (:func:`load_case`); labels on another grid (a ``.seg.nrrd`` cropped by
   Slicer, a labelmap stored flipped) are resampled onto the image's grid (nearest neighbour);
 - a folder in the FLARE22 layout, ``images/<case>_0000.nii.gz`` + ``labels/<case>.nii.gz``
@@ -38,7 +38,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import MedSAMError
-from ..files import read_table
+from ..fileio.files import read_table
 from ..metrics import tolerance_for
 
 PathLike = Union[str, Path]
@@ -108,8 +108,8 @@ def _read_labels_on_grid(path: Path, volume) -> Tuple[List[np.ndarray], List[Tup
     ``.seg.nrrd`` segment (empty for a plain labelmap)."""
     import SimpleITK as sitk
 
-    from ..segnrrd import read_seg_nrrd
-    from ..volumes import read_volume
+    from ..fileio.segnrrd import read_seg_nrrd
+    from ..fileio.volumes import read_volume
 
     if not path.exists():
         raise MedSAMError(f"labels not found: '{path}'")
@@ -145,7 +145,7 @@ def _read_labels_on_grid(path: Path, volume) -> Tuple[List[np.ndarray], List[Tup
 def _label_values(name: str, value) -> Tuple[int, ...]:
     """A structure's label values (one, or a list) as given by a caller, checked: whole numbers
     from 1 (``True``, ``"5"`` and ``5.5`` are refused, never truncated)."""
-    from ..userfiles import Either, Int, ListOf, SchemaError
+    from ..fileio.userfiles import Either, Int, ListOf, SchemaError
 
     label = Int(1, MAX_LABEL)
     try:
@@ -181,7 +181,7 @@ def load_case(
         slice_thickness_mm: resample to this slice spacing first (:func:`resample_slices`).
         tolerance_mm: NSD tolerance per structure name (default FLARE22's, else 3 mm).
     """
-    from ..volumes import read_volume
+    from ..fileio.volumes import read_volume
 
     image_path, label_path = Path(image), Path(labels)
     if int(min_slices) < 1:
@@ -299,7 +299,7 @@ THICKNESS_RANGE_MM = (0.1, 100.0)
 
 
 def _set_schemas():
-    from ..userfiles import Either, Int, ListOf, MapOf, Num, Str, Table
+    from ..fileio.userfiles import Either, Int, ListOf, MapOf, Num, Str, Table
 
     label = Int(1, MAX_LABEL)
     structures = MapOf(Either(label, ListOf(label, 1, 256)), key=Str(max_len=200), min_len=1, max_len=1000)
@@ -320,13 +320,13 @@ def _set_schemas():
 def load_set(path: PathLike) -> List[Case]:
     """Read an evaluation set file (TOML or JSON; format in the module docstring).
 
-    The file is read by the one reader of user files (:mod:`~MedSAMSlicerLib.userfiles`) and
+    The file is read by the one reader of user files (:mod:`~MedSAMSlicerLib.fileio.userfiles`) and
     checked against the set's schema before any image is read: label values are whole numbers
     from 1 (not ``"5"``, ``5.5``, ``true``), ``min_slices`` a whole number from 1, a slice
     thickness within :data:`THICKNESS_RANGE_MM`, tolerances positive; unknown keys are refused.
     Errors name the file, the case and the value.
     """
-    from ..userfiles import SchemaError, shown
+    from ..fileio.userfiles import SchemaError, shown
 
     p = Path(path)
     what = f"the evaluation set '{p}'"
@@ -383,7 +383,7 @@ class _AnyList:
     expected = "a list of [[case]] tables"
 
     def check(self, value, where):
-        from ..userfiles import SchemaError
+        from ..fileio.userfiles import SchemaError
 
         if not isinstance(value, list) or not value:
             raise SchemaError(where, f"must be {self.expected}", value)

@@ -3,8 +3,8 @@
 For each structure the simulated user draws the label's box on its middle slice
 (:func:`~.runner.simulated_box`, automatic extent), then up to ``n`` times fixes the worst slice
 against the label (:func:`worst_slice`): a labelled slice gets the label's box there
-(:meth:`~MedSAMSlicerLib.corrections.Correction.with_box`); a slice the result holds but the label
-does not is erased and marked good (:meth:`~MedSAMSlicerLib.corrections.Correction.accept`), as
+(:meth:`~MedSAMSlicerLib.segmentation.corrections.Correction.with_box`); a slice the result holds but the label
+does not is erased and marked good (:meth:`~MedSAMSlicerLib.segmentation.corrections.Correction.accept`), as
 a user would erase a slice the segment leaked onto. The 3D Dice is measured after each step.
 
 Command (prints a Markdown table and writes a CSV; ``--help`` for the options)::
@@ -27,11 +27,11 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..corrections import Correction
 from ..errors import MedSAMError
 from ..metrics import dice
-from ..preprocessing import resolve_window
-from ..propagation import PropagationResult, PropagationSettings
+from ..segmentation.corrections import Correction
+from ..segmentation.preprocessing import resolve_window
+from ..segmentation.propagation import PropagationResult, PropagationSettings
 from .cases import Case, Structure, labelled_slices
 from .runner import Variant, apply_assignments, label_box, simulated_box, window_arg
 
@@ -91,7 +91,7 @@ class LoopStep:
 
     Attributes:
         corrections: 0 for the first box's result, then 1, 2, ...
-        result: the :class:`~MedSAMSlicerLib.propagation.PropagationResult` after them.
+        result: the :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationResult` after them.
         corrected: the slice fixed at this step, ``"Z box"`` or ``"Z erase"`` (``""`` at step 0).
         seconds: wall time of this step (the first box's propagation, or one correction).
         encoded: slices encoded during this step (the first to reach a slice pays for it).

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..fileio.atomic import atomic_write
 from .runner import EvaluationRow, mean
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -38,7 +38,7 @@ def _write_csv_text(path: Path, text: str) -> None:
 
 def write_csv(rows: Sequence[EvaluationRow], path: PathLike, overwrite: bool = True) -> Path:
     """One line per structure, variant and mode (all :class:`EvaluationRow` fields), written
-    atomically (:func:`~MedSAMSlicerLib.atomic.atomic_write`: a link at ``path`` is replaced,
+    atomically (:func:`~MedSAMSlicerLib.fileio.atomic.atomic_write`: a link at ``path`` is replaced,
     never written through)."""
     names = [f.name for f in dataclasses.fields(EvaluationRow)]
     text = _csv_text(names, [_formatted(row) for row in rows])

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-from ..atomic import check_folder, check_output, write_text
 from ..errors import MedSAMError
+from ..fileio.atomic import check_folder, check_output, write_text
 from .cases import DEFAULT_MIN_SLICES, load_inputs
 from .report import CsvLog, format_summary, plot, summarize, write_csv
 from .runner import (
@@ -89,7 +89,7 @@ def run_evaluation(
     """
     import torch
 
-    from ..registry import get_spec
+    from ..models.registry import get_spec
     from ..segmenter import Segmenter
     from .store import EmbeddingStore
 

@@ -14,7 +14,7 @@ empty), grown by ``box_margin`` pixels. Each structure is then segmented in two 
   on each slice, the masks joined: a structure in several pieces (the iliac arteries below the
   bifurcation, bowel loops) boxed as a user would box each piece.
 
-and for each *variant*: a named :class:`~MedSAMSlicerLib.propagation.PropagationSettings` (plus
+and for each *variant*: a named :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationSettings` (plus
 an optional intensity window), so alternatives are compared in one run on one embedding cache:
 each slice is encoded once per window and preprocessing, whatever the number of variants.
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import MedSAMError
 from ..metrics import dice, surface_dice, z_extent
-from ..propagation import PropagationSettings, StopRule
+from ..segmentation.propagation import PropagationSettings, StopRule
 from .cases import Case, Structure, labelled_slices
 
 #: ``3d``: the true z-range; ``2d``: automatic extent; ``per-slice``: the label's box on every
@@ -56,10 +56,10 @@ class Variant:
         window: intensity window name (``None``/``"auto"``: automatic), a preset name,
             ``"LEVEL,WIDTH"``, or ``"box"`` / ``"box:GROW"``: per structure, from the intensities
             around its box grown by GROW (0.5) times its size
-            (:meth:`~MedSAMSlicerLib.preprocessing.Window.around_box`).
+            (:meth:`~MedSAMSlicerLib.segmentation.preprocessing.Window.around_box`).
         enlarge: how LiteMedSAM enlarges slices smaller than its input: ``None``/``"area"``
             (OpenCV's area interpolation, as LiteMedSAM) or ``"cubic"`` (cubic spline, as MedSAM's
-            preprocessing); see :func:`~MedSAMSlicerLib.preprocessing.prepare_litemedsam`.
+            preprocessing); see :func:`~MedSAMSlicerLib.segmentation.preprocessing.prepare_litemedsam`.
     """
 
     name: str
@@ -277,7 +277,7 @@ def evaluate(
         One :class:`EvaluationRow` per structure, variant and mode, in that nesting order
         within each case.
     """
-    from ..preprocessing import Window, resolve_window
+    from ..segmentation.preprocessing import Window, resolve_window
     from ..segmenter import Segmenter
 
     check_modes(modes, corrections)
@@ -360,9 +360,9 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
                ref: np.ndarray, box_margin: int, corrections: int = DEFAULT_CORRECTIONS):
     """``(mode, result, seconds, slices encoded, slices corrected)`` per mode (``loop``: one per
     step, ``loop-0`` .. ``loop-N``). ``3d`` and ``2d`` come from one walk
-    (:func:`~MedSAMSlicerLib.propagation.propagate_both`, the same masks as two runs); its time
+    (:func:`~MedSAMSlicerLib.segmentation.propagation.propagate_both`, the same masks as two runs); its time
     and encoding are shared out in proportion to the slices each mode predicted."""
-    from ..propagation import propagate_both
+    from ..segmentation.propagation import propagate_both
     from .loop import loop_steps  # the loop builds on this module
 
     out = []
@@ -403,12 +403,12 @@ def per_slice(predictor, ref: np.ndarray, box_margin: int = 0, parts: bool = Fal
     (:func:`label_box`), as the first slice of a propagation or a box correction is: the
     ``per-slice`` mode; with ``parts``, one box per 8-connected piece of the label on the slice and
     the masks joined (``per-part``). Returns a
-    :class:`~MedSAMSlicerLib.propagation.PropagationResult` with one record per slice (the
+    :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationResult` with one record per slice (the
     predicted IoU of its largest piece's box with ``parts``)."""
     from scipy import ndimage as ndi
 
-    from ..predictor import SliceResult
-    from ..propagation import PropagationResult, slice_record
+    from ..segmentation.predictor import SliceResult
+    from ..segmentation.propagation import PropagationResult, slice_record
 
     zs = [int(z) for z in np.flatnonzero(ref.any(axis=(1, 2)))]
     predictor.encode(zs)
@@ -438,7 +438,7 @@ def _box_grow(window: Optional[str]) -> Optional[float]:
 
 
 def window_arg(window: Optional[str]) -> Union[None, str, Tuple[float, float]]:
-    """A :class:`Variant`'s ``window`` text as :func:`~MedSAMSlicerLib.preprocessing.resolve_window`
+    """A :class:`Variant`'s ``window`` text as :func:`~MedSAMSlicerLib.segmentation.preprocessing.resolve_window`
     takes it: ``None`` (automatic), a preset name or ``(level, width)`` from ``"LEVEL,WIDTH"``."""
     if window is None or window.lower() == "auto":
         return None

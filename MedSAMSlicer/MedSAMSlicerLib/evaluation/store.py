@@ -16,8 +16,8 @@ from typing import Set, Union
 import numpy as np
 import torch
 
-from ..atomic import atomic_write, check_folder
 from ..errors import MedSAMError
+from ..fileio.atomic import atomic_write, check_folder
 
 
 class EmbeddingStore:

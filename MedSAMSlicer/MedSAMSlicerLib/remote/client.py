@@ -35,8 +35,8 @@ import numpy as np
 from ..boxes import BoxPrompt
 from ..errors import MedSAMError
 from ..progress import Cancelled, CancelToken, ProgressCallback
-from ..provenance import VERSION, volume_sha256
-from ..results import Correction, PropagationResult, Segmentation, StructuresResult
+from ..segmentation.provenance import VERSION, volume_sha256
+from ..segmentation.results import Correction, PropagationResult, Segmentation, StructuresResult
 from . import protocol
 
 #: The environment variable naming a CA bundle that signs the server's certificate (self-signed servers).
@@ -282,7 +282,7 @@ class RemoteSegmenter:
 
     def __init__(self, url: str, token: Optional[str] = None, timeout: float = 60.0, cafile: Optional[str] = None,
                  model: Optional[str] = None, speed: Optional[str] = None) -> None:
-        from ..speed import get_speed
+        from ..models.speed import get_speed
 
         self.client = RemoteClient(url, token, timeout, cafile)
         self.health = self.client.health()
@@ -327,7 +327,7 @@ class RemoteSegmenter:
             window: as :meth:`Segmenter.set_volume` (resolved here, so the record says which).
             key: unused (the server names the volume by its SHA-256).
         """
-        from ..preprocessing import resolve_window
+        from ..segmentation.preprocessing import resolve_window
 
         arr = np.asarray(array_zyx)
         if arr.ndim != 3:

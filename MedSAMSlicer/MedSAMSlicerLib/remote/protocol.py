@@ -2,11 +2,11 @@
 standard library only: the Slicer side imports it without torch).
 
 * A volume travels once, as the raw ``(z, y, x)`` array in ``.npy`` format compressed with zlib
-  (:func:`pack_volume`); its :func:`~MedSAMSlicerLib.provenance.volume_sha256` (the record's
+  (:func:`pack_volume`); its :func:`~MedSAMSlicerLib.segmentation.provenance.volume_sha256` (the record's
   ``MedSAM.Volume``) goes with it and the server checks the voxels it decoded against it.
 * Everything else is JSON: prompts (:class:`~MedSAMSlicerLib.boxes.BoxPrompt`), corrections,
-  windows, and the results (:class:`~MedSAMSlicerLib.results.Segmentation`,
-  :class:`~MedSAMSlicerLib.results.PropagationResult`, ...) with masks as zlib-compressed,
+  windows, and the results (:class:`~MedSAMSlicerLib.segmentation.results.Segmentation`,
+  :class:`~MedSAMSlicerLib.segmentation.results.PropagationResult`, ...) with masks as zlib-compressed,
   bit-packed, base64 text (:func:`pack_mask`). Not-a-number floats travel as ``null``.
 * No field names a file or a path on the server: the model, the weights and the device are the
   server's own (its command line), and a volume is bytes, never a file name.
@@ -26,15 +26,22 @@ import numpy as np
 
 from ..boxes import BoxPrompt
 from ..errors import MedSAMError
-from ..provenance import VERSION
-from ..results import Conditioning, Correction, PropagationResult, Segmentation, SliceRecord, StructuresResult
+from ..segmentation.provenance import VERSION
+from ..segmentation.results import (
+    Conditioning,
+    Correction,
+    PropagationResult,
+    Segmentation,
+    SliceRecord,
+    StructuresResult,
+)
 
 #: The protocol's number: changed whenever a request or an answer changes incompatibly.
 API_VERSION = 1
 #: Headers every client request carries (the server refuses another protocol with HTTP 426).
 API_HEADER = "X-MedSAM-API"
 VERSION_HEADER = "X-MedSAM-Version"
-#: The upload's header: :func:`~MedSAMSlicerLib.provenance.volume_sha256` of the array.
+#: The upload's header: :func:`~MedSAMSlicerLib.segmentation.provenance.volume_sha256` of the array.
 SHA_HEADER = "X-MedSAM-Volume-SHA256"
 #: The environment variable holding the bearer token (client and server).
 TOKEN_ENV = "MEDSAM_SLICER_TOKEN"
@@ -136,15 +143,15 @@ def prompt_from_json(data: Mapping[str, Any]) -> BoxPrompt:
 
 
 def window_json(window) -> Dict[str, Any]:
-    """A :class:`~MedSAMSlicerLib.preprocessing.Window` as JSON (the record's form)."""
-    from ..provenance import window_record
+    """A :class:`~MedSAMSlicerLib.segmentation.preprocessing.Window` as JSON (the record's form)."""
+    from ..segmentation.provenance import window_record
 
     return window_record(window)
 
 
 def window_from_json(data: Mapping[str, Any]):
-    """:func:`window_json` read back, as a :class:`~MedSAMSlicerLib.preprocessing.Window`."""
-    from ..preprocessing import Window
+    """:func:`window_json` read back, as a :class:`~MedSAMSlicerLib.segmentation.preprocessing.Window`."""
+    from ..segmentation.preprocessing import Window
 
     if "percentiles" in data:
         lo, hi = data["percentiles"]
@@ -153,7 +160,7 @@ def window_from_json(data: Mapping[str, Any]):
 
 
 def correction_json(correction: Correction) -> Dict[str, Any]:
-    """A :class:`~MedSAMSlicerLib.results.Correction` as JSON."""
+    """A :class:`~MedSAMSlicerLib.segmentation.results.Correction` as JSON."""
     return {"z": int(correction.z), "box": None if correction.box is None else [float(v) for v in correction.box]}
 
 
@@ -175,7 +182,7 @@ def _record_from_json(v: Sequence[Any]) -> SliceRecord:
 
 
 def propagation_json(result: PropagationResult) -> Dict[str, Any]:
-    """A :class:`~MedSAMSlicerLib.results.PropagationResult` as JSON: mask, extent, stop reasons,
+    """A :class:`~MedSAMSlicerLib.segmentation.results.PropagationResult` as JSON: mask, extent, stop reasons,
     per-slice records and locked slices: everything a correction or a review reads."""
     return {"mask": pack_mask(result.mask), "z_extent": None if result.z_extent is None else list(result.z_extent),
             "stop_reasons": dict(result.stop_reasons), "slices": [_record_json(r) for r in result.slices],
@@ -195,7 +202,7 @@ def propagation_from_json(data: Mapping[str, Any]) -> PropagationResult:
 
 
 def segmentation_json(done: Segmentation) -> Dict[str, Any]:
-    """A :class:`~MedSAMSlicerLib.results.Segmentation` as JSON (a 3D one carries its full result
+    """A :class:`~MedSAMSlicerLib.segmentation.results.Segmentation` as JSON (a 3D one carries its full result
     and no second copy of the mask)."""
     out: Dict[str, Any] = {"prompt": prompt_json(done.prompt), "mode": done.mode, "covered": list(done.covered),
                            "score": _num(done.score), "stop_reasons": dict(done.stop_reasons)}
@@ -216,7 +223,7 @@ def segmentation_from_json(data: Mapping[str, Any]) -> Segmentation:
 
 
 def structures_json(job: StructuresResult) -> Dict[str, Any]:
-    """A :class:`~MedSAMSlicerLib.results.StructuresResult` as JSON (the logits stay on the server)."""
+    """A :class:`~MedSAMSlicerLib.segmentation.results.StructuresResult` as JSON (the logits stay on the server)."""
     return {"results": {name: propagation_json(r) for name, r in job.results.items()},
             "contested": pack_mask(job.contested), "encoded_slices": int(job.encoded_slices),
             "decoded_boxes": int(job.decoded_boxes)}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import MedSAMError
-from ..provenance import VERSION, volume_sha256
+from ..segmentation.provenance import VERSION, volume_sha256
 from . import protocol
 from .sessions import LimitReached, Limits, Missing, Service, check_token, owner_of
 
@@ -221,8 +221,8 @@ def create_app(service: Service, tokens: List[str]):
         body = b"".join(chunks)
 
         def check():
-            from ..orientation import AxialOrientation
-            from ..volumes import check_array_values
+            from ..fileio.orientation import AxialOrientation
+            from ..fileio.volumes import check_array_values
 
             array = protocol.unpack_volume(body, limits.max_volume_mb << 20)
             if volume_sha256(array) != expected:

@@ -361,7 +361,7 @@ def _export_run(run_dir: Path, target: str, out: _Output, overwrite: bool = Fals
 
 
 def _cmd_evaluate(args: argparse.Namespace, out: _Output, cancel: CancelToken) -> Dict[str, Any]:
-    from ..atomic import write_json
+    from ..fileio.atomic import write_json
     from .flare22 import label_name
     from .trainer import evaluate
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ..atomic import write_text
 from ..errors import MedSAMError
+from ..fileio.atomic import write_text
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -112,7 +112,7 @@ class TrainConfig:
         """Build from a dict, every value checked against :func:`config_schema` (types and ranges:
         ``"5"`` or ``true`` is not a number of epochs); unknown keys raise :class:`MedSAMError`
         naming them."""
-        from ..userfiles import SchemaError
+        from ..fileio.userfiles import SchemaError
 
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -140,7 +140,7 @@ class TrainConfig:
 
         Relative ``data``/``out``/``checkpoint`` paths are taken relative to the file's folder.
         """
-        from ..userfiles import load_table
+        from ..fileio.userfiles import load_table
 
         p = Path(path).expanduser()
         data = load_table(p, "the training config")
@@ -157,8 +157,8 @@ class TrainConfig:
 
 
 def config_schema() -> Dict[str, Any]:
-    """Each :class:`TrainConfig` field's type and range (:mod:`~MedSAMSlicerLib.userfiles` specs)."""
-    from ..userfiles import Bool, Either, Int, ListOf, Num, OrNone, Str
+    """Each :class:`TrainConfig` field's type and range (:mod:`~MedSAMSlicerLib.fileio.userfiles` specs)."""
+    from ..fileio.userfiles import Bool, Either, Int, ListOf, Num, OrNone, Str
 
     path = Str(max_len=4096, empty=True)
     steps = Int(0, 10 ** 12)

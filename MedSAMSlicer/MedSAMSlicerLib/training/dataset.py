@@ -7,7 +7,7 @@ binarise it, take its bounding box and move each side outward by ``randint(0, ji
 - the jitter is in pixels of the *stored* slice (the original resolution), not of the model input,
   so the same dataset gives the same boxes to MedSAM (1024) and LiteMedSAM (256);
 - image and box go through the chosen model's own inference transform
-  (:func:`~MedSAMSlicerLib.preprocessing.prepare_slice`, :func:`~MedSAMSlicerLib.preprocessing.box_to_model`),
+  (:func:`~MedSAMSlicerLib.segmentation.preprocessing.prepare_slice`, :func:`~MedSAMSlicerLib.segmentation.preprocessing.box_to_model`),
   so training sees exactly what the Slicer effect and the command line feed the model;
 - the target mask is put on the model's ``256x256`` low-resolution logit grid and the loss is
   computed there, for both models (what LiteMedSAM's training does; MedSAM's upsamples the logits
@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import MedSAMError
-from ..preprocessing import PreparedSlice, box_to_model, prepare_slice
+from ..segmentation.preprocessing import PreparedSlice, box_to_model, prepare_slice
 from .preprocess import CaseArrays, load_case, load_manifest
 
 LOW_RES = 256  # side of the mask decoder's logit grid
@@ -43,7 +43,7 @@ def mask_to_low_res(mask: np.ndarray, prepared: PreparedSlice, low_res: int = LO
 
     Args:
         mask: ``(H, W)`` boolean (or 0/1) mask on the slice grid.
-        prepared: the slice's :class:`~MedSAMSlicerLib.preprocessing.PreparedSlice` (its
+        prepared: the slice's :class:`~MedSAMSlicerLib.segmentation.preprocessing.PreparedSlice` (its
             ``resized_hw`` inside the ``S x S`` input gives the region the image fills).
         low_res: side of the logit grid (256 for SAM's decoder).
 

@@ -24,7 +24,7 @@ class Distributed:
         return self.rank == 0
 
     def setup(self, device_name: str) -> torch.device:
-        from ..devices import select_device
+        from ..models.devices import select_device
 
         if not self.enabled:
             return select_device(device_name)

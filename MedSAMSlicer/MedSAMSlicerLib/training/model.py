@@ -109,8 +109,8 @@ def cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def build_model_for(spec, weights: Optional[Path], device: torch.device):
-    from ..checkpoints import load_model
-    from ..modeling import build_model
+    from ..models.checkpoints import load_model
+    from ..models.modeling import build_model
 
     if weights is None:
         return build_model(spec.architecture).to(device)

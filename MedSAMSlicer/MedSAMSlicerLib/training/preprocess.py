@@ -52,12 +52,12 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from ..atomic import atomic_write, write_json
 from ..errors import MedSAMError
+from ..fileio.atomic import atomic_write, write_json
 from ..progress import Cancelled, CancelToken, ProgressCallback, check_cancel, report
 
 if TYPE_CHECKING:
-    from ..preprocessing import Window
+    from ..segmentation.preprocessing import Window
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "medsam-slicer-prep/1"
@@ -121,8 +121,8 @@ class PreprocessSettings:
         return replace(base, **overrides)
 
     def window(self) -> Window:
-        """The :class:`~MedSAMSlicerLib.preprocessing.Window` these settings describe."""
-        from ..preprocessing import Window
+        """The :class:`~MedSAMSlicerLib.segmentation.preprocessing.Window` these settings describe."""
+        from ..segmentation.preprocessing import Window
 
         if self.modality == "MR":
             return Window(percentiles=self.mr_percentiles)
@@ -302,7 +302,7 @@ def _fingerprint(case: CaseFiles) -> Dict[str, Any]:
 def _read(path: Path, what: str, case: str):
     import warnings
 
-    from ..volumes import read_volume
+    from ..fileio.volumes import read_volume
 
     try:
         with warnings.catch_warnings():
@@ -384,7 +384,7 @@ def clean_labels(labels: np.ndarray, settings: PreprocessSettings) -> np.ndarray
 
 def window_volume(array: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
     """Window a raw ``(z, y, x)`` volume to ``uint8`` with the settings' window (see module doc)."""
-    from ..preprocessing import apply_window
+    from ..segmentation.preprocessing import apply_window
 
     return apply_window(array, settings.window(), stretch=bool(settings.stretch))
 
@@ -403,7 +403,7 @@ def process_case(case: CaseFiles, settings: PreprocessSettings, out_dir: Union[s
     Returns:
         The case's manifest entry (``n_slices`` 0 and ``file`` None when cleaning left no label).
 
-    The files go through :func:`~MedSAMSlicerLib.volumes.read_volume`'s checks (truncated or
+    The files go through :func:`~MedSAMSlicerLib.fileio.volumes.read_volume`'s checks (truncated or
     damaged files, NaN or infinite voxels, a blank image), so a bad case fails here and is never
     turned into training data. An image the window shows next to nothing of (e.g. CT without its
     rescale to Hounsfield units) is prepared, with a warning in its entry (``"warnings"``).
@@ -446,7 +446,7 @@ def process_case(case: CaseFiles, settings: PreprocessSettings, out_dir: Union[s
     }
     if z_index.size == 0:
         return entry
-    from ..preprocessing import window_note
+    from ..segmentation.preprocessing import window_note
 
     note = window_note(image_vol.array, settings.window(), stretch=bool(settings.stretch))
     if note:
@@ -573,7 +573,7 @@ def preprocess_dataset(
         MedSAMError: a missing label file (before anything is written), or, after the other cases
             are done, one error naming every case that could not be used.
     """
-    from ..atomic import check_folder
+    from ..fileio.atomic import check_folder
 
     settings = settings or PreprocessSettings()
     root = Path(data_dir)

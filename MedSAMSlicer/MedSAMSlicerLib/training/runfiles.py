@@ -11,9 +11,9 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from ..atomic import torch_save, write_text
-from ..checkpoints import check_finite_weights
 from ..errors import MedSAMError
+from ..fileio.atomic import torch_save, write_text
+from ..models.checkpoints import check_finite_weights
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .flare22 import label_name
 
@@ -88,7 +88,7 @@ def plot_log(rows: Sequence[Dict[str, Any]], path: PathLike, labels: Sequence[in
         with open(tmp, "wb") as fh:
             fig.savefig(fh, format="png")
 
-    from ..atomic import atomic_write
+    from ..fileio.atomic import atomic_write
 
     return atomic_write(path, _write)
 
@@ -119,13 +119,13 @@ RUN_CHECKPOINTS = ("latest.pth", "best.pth")
 def check_export_target(out: PathLike, overwrite: bool, sources: Sequence[PathLike] = ()) -> Path:
     """Check, before anything is loaded or trained, that weights may be exported to ``out``; return it.
 
-    The one output rule (:func:`~MedSAMSlicerLib.atomic.check_output`): a ``.pth``/``.pt`` name, a
+    The one output rule (:func:`~MedSAMSlicerLib.fileio.atomic.check_output`): a ``.pth``/``.pt`` name, a
     folder we may write into, no existing file (or link) without ``overwrite``; and never one of
     ``sources`` (the checkpoint exported from, a run's starting weights) nor a run's own
     ``latest.pth`` / ``best.pth`` beside them, even with ``overwrite``: writing there would destroy
     the checkpoint (``--resume`` would then fail).
     """
-    from ..atomic import check_output
+    from ..fileio.atomic import check_output
 
     inputs: List[Path] = []
     for source in sources:
@@ -157,7 +157,7 @@ def export(checkpoint: PathLike, out: PathLike, overwrite: bool = True) -> Path:
         out: the ``.pth`` file to write (atomically).
         overwrite: replace an existing ``out`` (the command line's ``--overwrite``).
     """
-    from ..checkpoints import check_state_dict
+    from ..models.checkpoints import check_state_dict
 
     target = check_export_target(out, overwrite, sources=[checkpoint])
     ckpt = load_checkpoint(checkpoint)

@@ -42,9 +42,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ..atomic import torch_save
-from ..checkpoints import check_finite_weights
 from ..errors import MedSAMError
+from ..fileio.atomic import torch_save
+from ..models.checkpoints import check_finite_weights
 from ..progress import Cancelled, CancelToken, ProgressCallback, report
 from .config import TrainConfig, TrainResult
 from .dataset import SliceDataset
@@ -143,7 +143,7 @@ class TrainingRun:
         cancel: Optional[CancelToken] = None,
         on_event: Optional[EventCallback] = None,
     ) -> None:
-        from ..registry import get_spec, resolve_weights
+        from ..models.registry import get_spec, resolve_weights
 
         self.config, self.dist, self.device = config, dist, device
         self.progress, self.cancel, self.on_event = progress, cancel, on_event

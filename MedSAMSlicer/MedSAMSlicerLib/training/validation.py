@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoints import check_finite_weights
 from ..errors import MedSAMError
-from ..preprocessing import box_to_model, logits_to_mask
+from ..models.checkpoints import check_finite_weights
 from ..progress import CancelToken, ProgressCallback, check_cancel, report
+from ..segmentation.preprocessing import box_to_model, logits_to_mask
 from .dataset import SliceDataset, mask_box
 from .model import EMBEDDINGS, autocast, build_model_for, encoder_fingerprint
 from .runfiles import load_checkpoint
@@ -129,9 +129,9 @@ def evaluate(
     Returns:
         As :meth:`Validator.run`, plus ``"model"`` and ``"checkpoint"``.
     """
-    from ..checkpoints import load_model
-    from ..devices import select_device
-    from ..registry import get_spec, resolve_weights
+    from ..models.checkpoints import load_model
+    from ..models.devices import select_device
+    from ..models.registry import get_spec, resolve_weights
 
     dev = select_device(device)
     name = model

@@ -1,0 +1,1 @@
+"""Reading and writing files: volumes (NIfTI, NRRD, MetaImage, DICOM), their integrity, orientation, `.seg.nrrd`, and the one atomic writer."""

@@ -1,0 +1,1 @@
+"""The models: registry (models.json), safe checkpoint loading, the networks (modeling/), devices, encoder runtimes and CPU optimisations."""

@@ -1,0 +1,155 @@
+"""The results of the engine as plain data (numpy only, no torch): what a segmentation gives,
+slice by slice, and what a user corrects.
+
+They live here, apart from the code that computes them, so that a front end that does not run
+the model (the Slicer bridge in Remote mode, :mod:`MedSAMSlicerLib.remote.client`) holds the very
+same objects as one that does. Their old homes re-export them: ``propagation.SliceRecord``,
+``propagation.PropagationResult``, ``corrections.Correction``, ``segmenter.Segmentation``,
+``structures.StructuresResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..boxes import BoxPrompt
+
+
+@dataclass
+class SliceRecord:
+    """What happened on one slice during propagation (for reports, tuning and the review of
+    doubtful slices, :mod:`~MedSAMSlicerLib.segmentation.review`).
+
+    Attributes:
+        z: the slice.
+        area: pixels of its mask.
+        score: the decoder's predicted IoU.
+        accepted: kept in the result (``False``: the stop rule rejected it, see ``reason``).
+        reason: why it was rejected, or how a start slice was made (``"start"``: the user's box,
+            ``"box"``/``"accepted"``: a correction).
+        agreement: Dice between the masks of the narrow and the wider box (NaN: no wider box).
+        overlap: fraction of the mask inside the previous slice's mask grown by 2 px (NaN on a
+            start slice).
+        intensity: median of the windowed image (0-255) under the mask (NaN when empty).
+    """
+
+    z: int
+    area: int
+    score: float
+    accepted: bool
+    reason: str = ""
+    agreement: float = float("nan")
+    overlap: float = float("nan")
+    intensity: float = float("nan")
+
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """One prompt in SAM 2's memory (MedSAM2, :mod:`~MedSAMSlicerLib.segmentation.medsam2`): a box
+    ``(x0, y0, x1, y1)`` (slice pixels, inclusive) on slice ``z``, or, with ``box=None``, the
+    slice's mask as given (a slice accepted as it is)."""
+
+    z: int
+    box: Optional[Tuple[float, float, float, float]] = None
+
+
+@dataclass
+class PropagationResult:
+    """A 3D result.
+
+    Attributes:
+        mask: ``(z, y, x)`` boolean mask of the whole volume.
+        z_extent: ``(z_first, z_last)`` of the non-empty slices, or ``None`` if empty.
+        stop_reasons: per direction (``"up"``/``"down"``), why the pass ended; after a
+            correction also per span between two locked slices (``"between 41..59"``).
+        slices: one :class:`SliceRecord` per predicted slice, in prediction order.
+        locked: the slices the user drew a box on or accepted, sorted: a correction
+            (:func:`~MedSAMSlicerLib.segmentation.corrections.correct`) never changes them.
+        prompts: a memory-propagation model's (MedSAM2's) conditioning prompts, each a
+            :class:`Conditioning` (a box or an accepted slice): what a
+            correction adds to (:meth:`~MedSAMSlicerLib.segmentation.medsam2.MedSAM2Engine.correct`); empty for
+            box propagation.
+    """
+
+    mask: np.ndarray
+    z_extent: Optional[Tuple[int, int]]
+    stop_reasons: Dict[str, str] = field(default_factory=dict)
+    slices: List[SliceRecord] = field(default_factory=list)
+    locked: Tuple[int, ...] = ()
+    prompts: Tuple = ()
+
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One slice the user fixed.
+
+    Attributes:
+        z: the slice.
+        box: ``(x0, y0, x1, y1)`` in that slice's pixel indices (inclusive): the model segments the
+            slice from this box. ``None``: the slice of the given mask is accepted as it is (the
+            user edited it and marked it good; an empty slice says the structure is not there).
+    """
+
+    z: int
+    box: Optional[Tuple[float, float, float, float]] = None
+
+    @classmethod
+    def with_box(cls, z: int, box: Sequence[float]) -> Correction:
+        """A new box on slice ``z``."""
+        return cls(int(z), tuple(float(v) for v in box))  # type: ignore[arg-type]
+
+    @classmethod
+    def accept(cls, z: int) -> Correction:
+        """Slice ``z`` of the mask, as it is, marked good."""
+        return cls(int(z))
+
+
+
+@dataclass
+class Segmentation:
+    """What one prompt gave, in the whole volume (:meth:`Segmenter.segment`).
+
+    Attributes:
+        prompt: the :class:`~MedSAMSlicerLib.boxes.BoxPrompt`.
+        mode: ``"3d"`` or ``"2d"``.
+        mask: ``(z, y, x)`` bool, the volume's shape.
+        covered: the slices the model segmented and accepted (``"2d"``: the box's slice).
+        score: the decoder's predicted IoU on the box's slice.
+        stop_reasons: ``"3d"`` without a z-range: why each direction's pass ended.
+        result: the :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationResult` (``"3d"``), with the
+            per-slice records; ``None`` for ``"2d"``.
+    """
+
+    prompt: BoxPrompt
+    mode: str
+    mask: np.ndarray
+    covered: List[int]
+    score: float = float("nan")
+    stop_reasons: Dict[str, str] = field(default_factory=dict)
+    result: Optional[PropagationResult] = None
+
+
+
+@dataclass
+class StructuresResult:
+    """A job of several structures.
+
+    Attributes:
+        results: per name, its :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationResult` (masks with
+            overlaps settled; ``locked`` is the box's slice).
+        contested: ``(z, y, x)`` bool: voxels that two or more structures' masks held before the
+            overlaps were settled (each now belongs to exactly one of them).
+        encoded_slices: slices the job ran through the image encoder (0 when all were cached).
+        decoded_boxes: boxes the job ran through the mask decoder.
+    """
+
+    results: Dict[str, PropagationResult]
+    contested: np.ndarray
+    encoded_slices: int = 0
+    decoded_boxes: int = 0
+    logits: Dict[str, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
