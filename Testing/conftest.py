@@ -8,9 +8,16 @@ append fixtures that several test files need.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# The MRML bridge (MedSAMBridgeLib) is not an installed package: Slicer puts the module folder on
+# sys.path, and so does every test process, whichever test file runs first or alone.
+_MODULE_DIR = str(Path(__file__).resolve().parent.parent / "MedSAMSlicer")
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
 
 DATA_DIR = Path(__file__).resolve().parent / "Data" / "totalsegmentator"
 # The engine does not know the repository's layout: the demo, the benchmark and `evaluate` (also

@@ -49,7 +49,7 @@ CTK_CPP = {
 }
 QT_CLASSES = {
     "QtWidgets": ("QApplication", "QWidget", "QComboBox", "QPushButton", "QAbstractButton", "QLabel", "QFrame",
-                  "QProgressBar", "QCheckBox", "QHBoxLayout", "QVBoxLayout", "QBoxLayout", "QLayout", "QLineEdit",
+                  "QProgressBar", "QCheckBox", "QHBoxLayout", "QVBoxLayout", "QBoxLayout", "QFormLayout", "QLayout", "QLineEdit",
                   "QSpinBox", "QDoubleSpinBox"),
     "QtCore": ("QObject", "QTimer", "QSettings", "QCoreApplication", "Qt", "QThread"),
     "QtGui": ("QIcon", "QPixmap", "QGuiApplication"),
