@@ -66,7 +66,7 @@ def test_settings_with_a_stale_file_or_model_say_so(tmp_path):
 
 def test_listing_models_does_not_import_torch(tmp_path):
     """A panel opening lists models; that must not import torch on Slicer's GUI thread."""
-    code = ("import sys; from MedSAMSlicerLib import model_choice as mc; "
+    code = ("import sys; from MedSAMSlicerLib.models import model_choice as mc; "
             f"c = mc.model_choices({str(tmp_path)!r}); [x.label() for x in c]; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

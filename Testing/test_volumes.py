@@ -521,7 +521,7 @@ def test_write_labelmap_refuses_bad_input_and_writes_nothing(ct, tmp_path, monke
         write_seg_nrrd([("a", np.zeros((2, 2, 2), dtype=bool), (1, 0, 0))], ct, out_dir / "s.seg.nrrd")
     with pytest.raises(MedSAMError, match="colour"):
         write_seg_nrrd([("a", good, (2, 0, 0))], ct, out_dir / "s.seg.nrrd")
-    with pytest.raises(MedSAMError, match="empty name"):
+    with pytest.raises(MedSAMError, match="needs a name"):
         write_seg_nrrd([(" ", good, (1, 0, 0))], ct, out_dir / "s.seg.nrrd")
     with pytest.raises(MedSAMError, match="seg.nrrd"):
         write_seg_nrrd([("a", good, (1, 0, 0))], ct, out_dir / "s.nii.gz")
