@@ -42,6 +42,11 @@ SLICER_CPP = {
     "qMRMLWidget": "Libs/MRML/Widgets/qMRMLWidget.h",
     "qMRMLSegmentEditorWidget": "Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.h",
     "qSlicerModuleManager": "Base/QTCore/qSlicerModuleManager.h",
+    # The C++ parent a scripted module's class is given (qSlicerScriptedLoadableModule::setPythonSource).
+    "qSlicerScriptedLoadableModule": "Base/QTGUI/qSlicerScriptedLoadableModule.h",
+    "qSlicerLoadableModule": "Base/QTGUI/qSlicerLoadableModule.h",
+    "qSlicerAbstractModule": "Base/QTGUI/qSlicerAbstractModule.h",
+    "qSlicerAbstractCoreModule": "Base/QTCore/qSlicerAbstractCoreModule.h",
 }
 CTK_CPP = {
     "ctkPathLineEdit": "Libs/Widgets/ctkPathLineEdit.h",
@@ -84,6 +89,8 @@ def ctk_commit(slicer_repo: str, tag: str) -> str:
 
 
 def _strip_comments(text: str) -> str:
+    # String literals first: "https://..." in an inline method body is not a comment.
+    text = re.sub(r'"(?:\\.|[^"\\\n])*"', '""', text)
     text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
     return re.sub(r"//[^\n]*", " ", text)
 

@@ -77,27 +77,6 @@ def install_extension(target: Path) -> Path:
 # Stand-ins for what only the application has
 
 
-class _Anything:
-    """A Qt-like object that accepts any attribute, call, subclassing or connection."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Anything()
-
-    def __call__(self, *args, **kwargs):
-        return _Anything()
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __iter__(self):
-        return iter(())
-
-
 # -- strict stand-ins: only names Slicer's, CTK's and Qt's API has at every supported tag ----------
 
 _API = None
@@ -279,6 +258,13 @@ class _ModuleManager(StrictQObject):
     """``slicer.app.moduleManager()`` (qSlicerModuleManager)."""
 
     _cls = "qSlicerModuleManager"
+
+
+class _ScriptedModuleParent(StrictQObject):
+    """The C++ module a scripted module's class is given as ``parent``
+    (qSlicerScriptedLoadableModule: title, categories, helpText, ... as its Q_PROPERTYs)."""
+
+    _cls = "qSlicerScriptedLoadableModule"
 
 
 class _SlicerApplication(StrictQObject):
@@ -693,7 +679,7 @@ def load_scripted_module(file_path: str):
 
     module_name = Path(file_path).name.split(".")[0]
     cls = _find_or_load_class(module_name, module_name, file_path)
-    instance = cls(_Anything())  # the module's C++ parent (qSlicerScriptedLoadableModule): not modelled
+    instance = cls(_ScriptedModuleParent())  # only what qSlicerScriptedLoadableModule has at our tags
     slicer.app.loaded.append(module_name)
     return instance
 

@@ -90,3 +90,22 @@ def test_effect_lifecycle_on_strict_stand_ins_leaves_nothing_connected(tmp_path)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not report["failures"], report["failures"]
     assert report["left_connected"] == [], report["left_connected"]
+
+
+def test_a_wrong_name_on_the_modules_cxx_parent_fails_the_replay(tmp_path):
+    """The ``parent`` Slicer gives a scripted module's class is qSlicerScriptedLoadableModule: its
+    stand-in accepts only that class's names at every supported tag, so a misspelt property in the
+    module's ``__init__`` fails here as it would in Slicer."""
+    install = slicer_replay.install_extension(tmp_path / "ok")
+    module_file = next(install.rglob("MedSAMSlicer.py"))
+    source = module_file.read_text(encoding="utf-8")
+    assert "self.parent.categories = " in source, "the module no longer sets its categories: update this test"
+    module_file.write_text(source.replace("self.parent.categories = ", "self.parent.categorys = "), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "slicer_replay.py"), str(install), "--slicer-version", "5.12"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])["failures"]
+    assert [f[:2] for f in failures] == [["MedSAMSlicer.py", "load scripted module"]], failures
+    assert "qSlicerScriptedLoadableModule has no attribute 'categorys'" in failures[0][2]
