@@ -320,6 +320,78 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastapi', '
     assert np.array_equal(np.load(tmp_path / "mask.npy"), local)
 
 
+# -- embeddings: a cap per session -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_server():
+    """A server with room for one slice embedding (4 MiB) per session, whose log is a full disk
+    (``/dev/full``: every write fails with ENOSPC)."""
+    log = "/dev/full" if os.path.exists("/dev/full") else None
+    proc, url = launch(free_port(), ["--device", "cpu", "--session-cache-mb", 4], env=_env(), log=log)
+    yield url
+    _stop(proc)
+
+
+def test_a_session_over_its_cap_evicts_only_its_own_embeddings(small_server, ct, boxes):
+    """Session B keeps its slice; session A runs a 3-slice 3D box with room for one slice: it
+    evicts its own two, B's stays (B's next box computes nothing), and A's next run computes
+    the evicted ones again and gives the same mask. The server's log is on a full disk all along
+    (it starts and serves: a log it cannot write loses the text, never the server)."""
+    first, last = _canonical(ct, boxes[0])
+    prompt = BoxPrompt.from_voxel_box(first, last)
+    b = RemoteSegmenter(small_server, timeout=60)
+    b.set_volume(ct.array, (40, 400))
+    b_mask = b.segment(BoxPrompt(prompt.z, prompt.box), "2d").mask
+
+    def usage(seg):
+        return seg.client.request("GET", f"/sessions/{seg._session}")[1]["embeddings"]
+
+    assert usage(b) == {"entries": 1, "bytes": 4 << 20, "max_bytes": 4 << 20, "stored": 1, "evicted": 0}
+    a = RemoteSegmenter(small_server, timeout=120)
+    a.set_volume(ct.array, (60, 360))  # another window: other embeddings
+    a_first = a.segment(prompt, "3d")
+    a_use = usage(a)
+    assert a_use["stored"] == 3 and a_use["entries"] == 1 and a_use["evicted"] == 2, a_use
+    assert usage(b)["entries"] == 1 and usage(b)["evicted"] == 0  # B's embedding stayed
+    assert np.array_equal(b.segment(BoxPrompt(prompt.z, prompt.box), "2d").mask, b_mask)
+    assert usage(b)["stored"] == 1  # answered from its kept embedding: nothing computed
+    a_again = a.segment(prompt, "3d")
+    # Its evicted slices computed again (with room for one slice, a 3-slice pass evicts as it goes,
+    # so the kept slice may be evicted before the pass reaches it: 2 or 3 computed).
+    assert usage(a)["stored"] - 3 in (2, 3) and usage(b)["evicted"] == 0
+    assert np.array_equal(a_again.mask, a_first.mask) and a_first.mask.any()
+    stats = a.client.request("GET", "/stats")[1]
+    assert stats["embedding_bytes"] == 8 << 20 and stats["session_embedding_cap_bytes"] == 4 << 20
+    a.close()
+    b.close()
+
+
+def test_embeddings_belong_to_the_session_that_used_them_last():
+    """The rule under the server (no model): a group over its cap loses its own least recently
+    used entries; using another group's entry makes it yours; a released group's entries go
+    first when the overall cap needs room."""
+    import torch
+
+    from MedSAMSlicerLib.segmentation.predictor import EmbeddingCache
+
+    slice_bytes = 4 << 20
+    cache = EmbeddingCache(5 * slice_bytes)
+    with cache.working_for("b", 2 * slice_bytes):
+        cache.put(("b", 0), torch.zeros(1, 256, 64, 64))
+    with cache.working_for("a", 2 * slice_bytes):
+        for z in range(3):
+            cache.put(("a", z), torch.zeros(1, 256, 64, 64))
+        assert ("a", 0) not in cache and ("b", 0) in cache
+        cache.get(("b", 0))  # a's now, and a is over its cap again: its oldest goes
+    assert ("a", 1) not in cache and cache.usage("a")["entries"] == 2 and cache.usage("b")["entries"] == 0
+    cache.release("a")
+    assert cache.usage(None)["entries"] == 2
+    with cache.working_for("c", 5 * slice_bytes):
+        for z in range(4):
+            cache.put(("c", z), torch.zeros(1, 256, 64, 64))
+    assert len(cache) == 5 and cache.usage("c")["entries"] == 4 and cache.usage(None)["entries"] == 1
+    assert ("a", 2) not in cache and ("b", 0) in cache  # the least recently used went first
+
+
 def test_fair_queue_serves_sessions_in_turn():
     a, b = (Session(s, "o", np.zeros((1, 2, 2)), "x") for s in "ab")
     queue = FairQueue()
