@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -437,6 +438,61 @@ def test_command_line_faults_say_one_thing_and_write_nothing(server, ct_path, bo
     silent.close()
     assert "--device choose the local model" in _error_line(_cli(*args, "--server", server, "--device", "cpu"))
     assert not out.exists() and not out.with_name("x.review.json").exists()
+
+
+def _file_size_limit(limit):
+    """For ``preexec_fn``: files of the child may grow to ``limit`` bytes; a write beyond fails with
+    EFBIG (SIGXFSZ ignored), as a full disk or quota fails a write with ENOSPC/EDQUOT."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no file size limit on this system")
+def test_full_disk_on_the_client_says_one_line_and_keeps_the_users_files(server, ct_path, boxes, local_run,
+                                                                         tmp_path):
+    """segment --server --overwrite over the user's earlier result, in a process that cannot write
+    files beyond 2 KB: one line, exit code 2, the earlier mask and review byte for byte as they
+    were, no temporary file left."""
+    out = tmp_path / "organs.seg.nrrd"
+    shutil.copy(local_run, out)
+    shutil.copy(local_run.with_name("organs.review.json"), tmp_path / "organs.review.json")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    done = subprocess.run([sys.executable, "-m", "MedSAMSlicerLib.cli", "segment", str(ct_path), *_box_args(boxes),
+                           "-o", str(out), "--overwrite", "--server", server], capture_output=True, text=True,
+                          env=_env(TOKENS[0]), timeout=300, preexec_fn=_file_size_limit(2048))
+    line = _error_line(done)
+    assert f"could not write '{out}' (File too large); check free space" in line, line
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_disk_full_between_the_mask_and_its_review_leaves_neither(server, ct_path, boxes, local_run, tmp_path):
+    """A real full disk: a tmpfs (in a user namespace, no root needed) with room for the mask
+    alone. The mask is written, the review is not (ENOSPC): nothing is published, no temporary
+    file is left (before, the mask stayed without its review)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) for a small tmpfs")
+    page = os.sysconf("SC_PAGE_SIZE")
+    room = -(-local_run.stat().st_size // page) * page  # the mask's pages, nothing more
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    out = mnt / "organs.seg.nrrd"
+    command = " ".join(map(shlex.quote, [sys.executable, "-m", "MedSAMSlicerLib.cli", "segment", str(ct_path),
+                                         *_box_args(boxes), "-o", str(out), "--server", server]))
+    script = (f"mount -t tmpfs -o size={room} tmpfs {shlex.quote(str(mnt))} || exit 99; {command}; "
+              f"echo rc=$?; ls -A {shlex.quote(str(mnt))}")
+    done = subprocess.run([unshare, "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env(TOKENS[0]),
+                          timeout=300)
+    assert done.returncode == 0 and "rc=2" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert done.stdout.strip().splitlines()[-1] == "rc=2", done.stdout  # the folder is empty
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr and lines[-1].startswith("medsam-slicer: error: "), done.stderr
+    assert "organs.review.json' (No space left on device)" in lines[-1], lines[-1]
 
 
 def _certificate(folder: Path):
