@@ -645,3 +645,57 @@ json.dump({{"first": first.record.tags(), "fixed": fixed.record.tags(),
     for name, record in (("first", first.record), ("fixed", fixed.record)):
         theirs = remote[name]
         assert {k for k, v in record.tags().items() if theirs[k] != v} <= {"MedSAM.Date", "MedSAM.Job"}, name
+
+
+def test_slicer_remote_panel_tests_the_connection_and_segments_without_torch(server, ct_sm_path, ct_sm_seg_path,
+                                                                             tmp_path):
+    """The module's *Where the model runs* panel, replayed on strict stand-ins (slicer_replay.py)
+    in a Python where torch cannot be imported, against the real server: without a URL, with a
+    wrong token and with the right one, *Test connection* answers one line each (asked in a worker
+    thread, the panel's timer pumping); the token typed is not written to Slicer's settings; the
+    panel's *Segment* runs on the server and adds the local bridge's mask."""
+    pytest.importorskip("slicer")
+    import slicer
+    import slicer_replay
+    from slicer_helpers import ijk_to_ras, label_box_ijk
+
+    from MedSAMBridgeLib.headless import create_headless_scene, load_volume
+    from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
+    from MedSAMSlicerLib.segmenter import shared_segmenter
+
+    create_headless_scene()
+    ct = load_volume(ct_sm_path, "CT")
+    labels = load_volume(ct_sm_seg_path, "labels", labelmap=True)
+    lo, hi = label_box_ijk(slicer.util.arrayFromVolume(labels) == LIVER, (17, 19))
+    lo, hi = lo - 0.5, hi + 0.5
+    matrix = ijk_to_ras(ct)
+    roi = {"center": [float(v) for v in (matrix @ np.r_[(lo + hi) / 2, 1.0])[:3]],
+           "size": [float(v) for v in (hi - lo) * np.linalg.norm(matrix[:3, :3], axis=0)]}
+    install = slicer_replay.install_extension(tmp_path / "ext")
+    out = tmp_path / "panel.npy"
+    args = {"url": server, "token": TOKENS[2], "volume": str(ct_sm_path), "roi": roi, "out": str(out)}
+    done = subprocess.run([sys.executable, slicer_replay.__file__, str(install), "--remote-panel", json.dumps(args)],
+                          capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not report["failures"] and not report["messages"], report
+    assert report["without_url"] == "Remote: give the server's URL, e.g. https://gpu.example.org:8765"
+    wrong = report["wrong_token"]
+    assert wrong.startswith("Cannot use the server: ") and "refused the token" in wrong and "\n" not in wrong, wrong
+    assert report["right_token"].startswith("connected: medsam-slicer"), report["right_token"]
+    assert "\n" not in report["right_token"] and TOKENS[2] not in report["backend"]
+    assert report["settings"].get("MedSAM/ServerToken", "") == ""  # typed, not remembered
+    assert report["settings"]["MedSAM/ServerURL"] == server
+    assert report["running"] and report["status"].startswith("Added segment 'liver'"), report["status"]
+    assert report["torch"] == []
+
+    local = MedSAMBridge("litemedsam", None, "cpu", segmenter=shared_segmenter("litemedsam", None, "cpu"))
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    roi_node.SetCenter(*roi["center"])
+    roi_node.SetSize(*roi["size"])
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    sid, _ = local.segment(ct, seg, roi_node=roi_node, mode="3d", window="auto")
+    expected = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, ct) > 0
+    assert expected.any() and np.array_equal(np.load(out), expected)
