@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ssl-keyfile", help="its private key (PEM)")
     srv.add_argument("--cache-mb", type=int, default=4096, help="memory cap of the slice embeddings of all "
                                                                "sessions together (default 4096)")
+    srv.add_argument("--session-cache-mb", type=int, default=None,
+                     help=f"memory cap of one session's slice embeddings, 4 MiB a slice; over it a session drops its "
+                          f"own least recently used ones and recomputes them when needed (default "
+                          f"${SESSION_CACHE_ENV} or 1024)")
     srv.add_argument("--max-sessions", type=int, default=16, help="sessions (uploaded volumes) held at once (16)")
     srv.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept (900)")
     srv.add_argument("--max-upload-mb", type=int, default=256, help="largest upload, compressed (256 MiB)")
@@ -288,6 +292,25 @@ def _server(args: argparse.Namespace):
             "cafile": args.server_ca}
 
 
+#: The environment variable giving ``serve --session-cache-mb`` its default.
+SESSION_CACHE_ENV = "MEDSAM_SLICER_SESSION_CACHE_MB"
+
+
+def _session_cache_mb(args: argparse.Namespace) -> int:
+    """``--session-cache-mb``, else ``$MEDSAM_SLICER_SESSION_CACHE_MB``, else 1024."""
+    import os
+
+    if args.session_cache_mb is not None:
+        return int(args.session_cache_mb)
+    value = os.environ.get(SESSION_CACHE_ENV, "").strip()
+    if not value:
+        return 1024
+    try:
+        return int(value)
+    except ValueError:
+        raise MedSAMError(f"{SESSION_CACHE_ENV} must be a whole number of MiB; got {value!r}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``medsam-slicer serve``."""
     import os
@@ -299,9 +322,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, tokens=read_tokens(args.token_file, dict(os.environ)),
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, model=args.model, checkpoint=args.checkpoint,
         device=args.device, precision=args.precision, speed=args.speed, download=args.download,
-        cache_mb=args.cache_mb,
         limits=Limits(max_sessions=args.max_sessions, session_ttl=args.session_ttl, max_upload_mb=args.max_upload_mb,
-                      max_volume_mb=args.max_volume_mb, rate_limit=args.rate_limit),
+                      max_volume_mb=args.max_volume_mb, rate_limit=args.rate_limit, cache_mb=args.cache_mb,
+                      session_cache_mb=_session_cache_mb(args)),
     )
     serve(options)
     return 0

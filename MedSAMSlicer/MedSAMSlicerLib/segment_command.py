@@ -462,6 +462,7 @@ def segment_file(
 def _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, direction, several, out, overwrite,
                        progress, t0) -> str:
     """:func:`segment_file` once its checks passed: run, write the output, the review and the summary."""
+    from .fileio.atomic import published_together
     from .segmentation.provenance import Provenance, new_job, prompt_ras, volume_sha256
 
     segmenter.set_volume(volume.array, window)
@@ -471,8 +472,9 @@ def _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, di
     colors = [spec.color or (SINGLE_COLOR if not several else _default_color(n)) for n, spec in enumerate(prompts)]
     job, vsha = new_job([d.name for d in done]), volume_sha256(volume.array)
     records = [Provenance.of(segmenter, [prompt_ras(volume, d.prompt)], mode, direction, job, vsha) for d in done]
-    labels = _write(volume, out, done, colors, records, overwrite)
-    reviewed = "" if slice_only else f" and {write_review_report(volume, done, out, overwrite).name}"
+    with published_together():  # the mask and its review: both or neither (a full disk)
+        labels = _write(volume, out, done, colors, records, overwrite)
+        reviewed = "" if slice_only else f" and {write_review_report(volume, done, out, overwrite).name}"
     lines = [_mask_text(volume, d.name, d.mask, d.how) for d in done]
     tail = f"{time.perf_counter() - t0:.1f} s; wrote {out}{reviewed}" + (f" ({labels})" if labels else "")
     if not several:

@@ -185,6 +185,12 @@ class Segmenter:
                               "(margins, wider box, stop rule) do not apply to it")
 
     @property
+    def embedding_cache(self):
+        """The slice embeddings kept between calls (:class:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU`:
+        LiteMedSAM/MedSAM's :class:`EmbeddingCache` or MedSAM2's feature cache), under ``cache_mb``."""
+        return self.predictor.cache
+
+    @property
     def weights_sha256(self) -> str:
         """SHA-256 of the weights file (computed once; what a record stores and a replay checks)."""
         if getattr(self, "_weights_sha256", None) is None:

@@ -38,7 +38,6 @@ published figures.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -65,6 +64,7 @@ from ..models.sam2_network import (  # noqa: F401  (the network's names, also us
     predictor_class_target,
 )
 from ..progress import CancelToken, ProgressCallback, check_cancel, report
+from .memory import MemoryLRU
 from .results import Conditioning  # noqa: F401  (re-exported: a MedSAM2 result's prompts)
 
 
@@ -124,36 +124,25 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 # -- the feature cache --------------------------------------------------------------------------
-class FeatureCache:
+class FeatureCache(MemoryLRU):
     """SAM 2's image features per slice of one volume, least recently used first out beyond
-    ``max_bytes``; the positional encodings (the same for every slice) are kept once.
+    ``max_bytes`` (and a session's own cap on a server: :class:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU`);
+    the positional encodings (the same for every slice) are kept once.
 
     A :class:`FeatureCache` view (:meth:`view`) maps a state's frame indices to slices."""
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, Dict[str, Any]] = OrderedDict()
-        self._sizes: Dict[Hashable, int] = {}
+        super().__init__(max_bytes)
         self._pos: Dict[Tuple, List[torch.Tensor]] = {}
-        self._lock = threading.Lock()
         self._held = 0
         self.encoded = 0
 
-    @staticmethod
-    def _nbytes(out: Mapping[str, Any]) -> int:
-        return sum(t.numel() * t.element_size() for t in out["backbone_fpn"]) + (
-            out["vision_features"].numel() * out["vision_features"].element_size())
+    def _size(self, value: Mapping[str, Any]) -> int:
+        return sum(t.numel() * t.element_size() for t in value["backbone_fpn"]) + (
+            value["vision_features"].numel() * value["vision_features"].element_size())
 
-    def get(self, key: Hashable) -> Optional[Dict[str, Any]]:
-        with self._lock:
-            out = self._items.get(key)
-            if out is not None:
-                self._items.move_to_end(key)
-            return out
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
+    def _may_evict(self) -> bool:
+        return not self._held
 
     def put(self, key: Hashable, backbone_out: Dict[str, Any]) -> Dict[str, Any]:
         """Keep ``backbone_out`` (``forward_image``'s output for one slice); returns what is kept."""
@@ -162,14 +151,8 @@ class FeatureCache:
             pos = self._pos.setdefault(shapes, list(backbone_out["vision_pos_enc"]))
             out = {"vision_features": backbone_out["vision_features"], "vision_pos_enc": pos,
                    "backbone_fpn": list(backbone_out["backbone_fpn"])}
-            self._items[key] = out
-            self._items.move_to_end(key)
-            self._sizes[key] = self._nbytes(out)
+            self._store(key, out)
             self.encoded += 1
-            while (not self._held and len(self._items) > 1
-                   and sum(self._sizes.values()) > self.max_bytes):
-                old, _ = self._items.popitem(last=False)
-                self._sizes.pop(old, None)
             return out
 
     @contextmanager
@@ -186,18 +169,6 @@ class FeatureCache:
     def view(self, prefix: Hashable, zs: Sequence[int]) -> _CacheView:
         """Frame ``i`` of a state -> key ``(prefix, zs[i])``."""
         return _CacheView(self, prefix, list(zs))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self._sizes.values())
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._sizes.clear()
 
 
 class _CacheView:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from ..background import BackgroundTask, run_in_background
 from ..errors import MedSAMError
 from ..models.allocator import reuse_freed_memory
 from ..progress import CancelToken, ProgressCallback, check_cancel, report
+from .memory import MemoryLRU
 from .preprocessing import (
     PreparedSlice,
     box_to_model,
@@ -52,61 +52,13 @@ class SliceResult:
     logits: Optional[np.ndarray] = None
 
 
-class EmbeddingCache:
-    """A least-recently-used map of slice embeddings with a cap on the memory they use."""
+class EmbeddingCache(MemoryLRU):
+    """Slice embeddings ``(1, 256, 64, 64)`` float32 tensors (4 MiB each), least recently used
+    first out beyond ``max_bytes`` (and beyond a session's own cap on a server:
+    :class:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU`)."""
 
-    def __init__(self, max_bytes: int = 2 << 30) -> None:
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def _size(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
-
-    def get(self, key: Hashable) -> Optional[torch.Tensor]:
-        """The embedding for ``key`` (marked as recently used), or ``None``."""
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
-
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
-        """Store ``value``; evict the least recently used entries beyond the cap."""
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= self._size(old)
-            self._items[key] = value
-            self._bytes += self._size(value)
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= self._size(evicted)
-
-    def clear(self) -> None:
-        """Drop every embedding."""
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held now."""
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._items)
+    def _size(self, value: torch.Tensor) -> int:
+        return value.numel() * value.element_size()
 
 
 def volume_key(volume: np.ndarray) -> str:
