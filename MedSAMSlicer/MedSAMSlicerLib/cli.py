@@ -90,6 +90,10 @@ max_intensity_shift, intensity_scale, min_spread, min_area_fraction, min_overlap
 min_score, max_slices, tip_growth, tip_slack_px); window (a preset,
 LEVEL,WIDTH, or box: per structure, from the intensities around its box);
 enlarge (area or cubic: how LiteMedSAM enlarges slices smaller than its input).
+
+MedSAM2 (--model medsam2 --checkpoint YOUR_FILE) runs every mode its own way (SAM 2's memory; the
+extent from its presence score and largest component); of the settings only window applies, and
+--embedding-cache is for LiteMedSAM and MedSAM (docs/medsam2.md).
 """
 
 
