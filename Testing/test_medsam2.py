@@ -405,7 +405,8 @@ def test_registry_lists_medsam2_and_refuses_what_it_cannot_check(capsys, weights
     for extra, message in ((["--variant", "original"], "variant 'original': MedSAM2 propagates with SAM 2's memory"),
                            (["--set", "stop.min_overlap=0.7"], "variant 'default': MedSAM2 propagates"),
                            (["--set", "enlarge=cubic"], "enlarge=cubic applies to LiteMedSAM and MedSAM"),
-                           (["--embedding-cache", str(tmp_path / "emb")], "--embedding-cache keeps LiteMedSAM")):
+                           (["--embedding-cache", str(tmp_path / "emb")], "--embedding-cache keeps LiteMedSAM"),
+                           (["--speed", "fastest"], "evaluate measures the 'exact' speed")):
         assert main(["evaluate", "--model", "medsam2", "--checkpoint", str(tmp_path / "absent.pt"),
                      "--out", str(tmp_path / "ev"), *extra]) == 2
         err = capsys.readouterr().err

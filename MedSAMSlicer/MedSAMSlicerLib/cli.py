@@ -358,6 +358,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if len(args.image) != len(args.labels):
         raise MedSAMError(f"give one --labels per --image; got {len(args.image)} images and {len(args.labels)} labels")
+    if args.speed != "exact":  # the model options are shared with segment; evaluate runs every slice exactly
+        raise MedSAMError(f"evaluate measures the 'exact' speed (every slice, the plain encoder); --speed {args.speed} "
+                          "is for segment")
     run_evaluation(
         inputs=args.inputs, pairs=list(zip(args.image, args.labels)), variants=args.variant, common=args.common,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,
