@@ -90,6 +90,10 @@ max_intensity_shift, intensity_scale, min_spread, min_area_fraction, min_overlap
 min_score, max_slices, tip_growth, tip_slack_px); window (a preset,
 LEVEL,WIDTH, or box: per structure, from the intensities around its box);
 enlarge (area or cubic: how LiteMedSAM enlarges slices smaller than its input).
+
+MedSAM2 (--model medsam2 --checkpoint YOUR_FILE) runs every mode its own way (SAM 2's memory; the
+extent from its presence score and largest component); of the settings only window applies, and
+--embedding-cache is for LiteMedSAM and MedSAM (docs/medsam2.md).
 """
 
 
@@ -377,6 +381,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if len(args.image) != len(args.labels):
         raise MedSAMError(f"give one --labels per --image; got {len(args.image)} images and {len(args.labels)} labels")
+    if args.speed != "exact":  # the model options are shared with segment; evaluate runs every slice exactly
+        raise MedSAMError(f"evaluate measures the 'exact' speed (every slice, the plain encoder); --speed {args.speed} "
+                          "is for segment")
     run_evaluation(
         inputs=args.inputs, pairs=list(zip(args.image, args.labels)), variants=args.variant, common=args.common,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,

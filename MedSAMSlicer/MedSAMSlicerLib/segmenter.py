@@ -41,6 +41,19 @@ from .segmentation.structures import StructuresResult, segment_structures
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def check_box_settings(spec: ModelSpec, settings: Optional[PropagationSettings] = None,
+                       stop: Optional[StopRule] = None, what: str = "") -> None:
+    """The box-propagation settings (:class:`PropagationSettings`: margins, wider box, stop rule)
+    are for the models that propagate a box slice by slice (``"propagation": "box"``); a model that
+    propagates with SAM 2's memory (MedSAM2) takes only the defaults. Raises :class:`MedSAMError`
+    (prefixed with ``what``, e.g. a variant's name) for anything else, before any work is done."""
+    if spec.propagation == "box":
+        return
+    if stop is not None or (settings is not None and settings != PropagationSettings()):
+        raise MedSAMError(f"{what}{': ' if what else ''}{spec.title} propagates with SAM 2's memory: the "
+                          "box-propagation settings (margins, wider box, stop rule) do not apply to it")
+
+
 class Segmenter:
     """A loaded model plus the volume it works on.
 
@@ -180,9 +193,7 @@ class Segmenter:
         self.predictor = self.memory  # type: ignore[assignment]
 
     def _no_box_settings(self, settings, stop=None) -> None:
-        if stop is not None or (settings is not None and settings != PropagationSettings()):
-            raise MedSAMError(f"{self.spec.title} propagates with SAM 2's memory: the box-propagation settings "
-                              "(margins, wider box, stop rule) do not apply to it")
+        check_box_settings(self.spec, settings, stop)
 
     @property
     def embedding_cache(self):

@@ -58,7 +58,7 @@ from .propagation import (
     resolve_margins,
     slice_record,
 )
-from .results import Correction  # noqa: F401  (its home is results.py, torch-free)
+from .results import Correction, check_corrections  # noqa: F401  (Correction's home is results.py, torch-free)
 
 EDGE_REASON = "reached the volume's edge"
 RANGE_REASON = "reached the end of the z-range"
@@ -228,14 +228,8 @@ def correct(
         locked = current.locked if locked is None else locked
     else:
         mask_in, records_in, reasons_in = np.asarray(current), [], {}
-    if mask_in.shape != volume.shape:
-        raise MedSAMError(f"the mask has shape {tuple(mask_in.shape)} but the volume is {tuple(volume.shape)} (z, y, x)")
-    if not corrections:
-        raise MedSAMError("give at least one correction: a box on a slice, or a slice marked good")
+    check_corrections(corrections, mask_in.shape, volume.shape)
     zs = [c.z for c in corrections]
-    repeated = sorted({z for z in zs if zs.count(z) > 1})
-    if repeated:
-        raise MedSAMError(f"one correction per slice; slice {repeated[0]} has {zs.count(repeated[0])}")
     lo, hi = 0, depth - 1
     if z_range is not None:
         lo, hi = sorted(int(v) for v in z_range)

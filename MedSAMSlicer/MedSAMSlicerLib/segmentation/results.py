@@ -126,6 +126,20 @@ class Correction:
         """Every box on the slice (``()`` for an accepted slice)."""
         return () if self.box is None else (self.box,) + tuple(self.more)
 
+def check_corrections(corrections: Sequence[Correction], mask_shape: Sequence[int],
+                      volume_shape: Sequence[int]) -> None:
+    """What every model's corrections ask of a job: the current mask ``(z, y, x)`` has the
+    volume's shape, and there is at least one correction and at most one per slice. Raises
+    :class:`~MedSAMSlicerLib.errors.MedSAMError` otherwise."""
+    if tuple(mask_shape) != tuple(volume_shape):
+        raise MedSAMError(f"the mask has shape {tuple(mask_shape)} but the volume is {tuple(volume_shape)} (z, y, x)")
+    if not corrections:
+        raise MedSAMError("give at least one correction: a box on a slice, or a slice marked good")
+    zs = [c.z for c in corrections]
+    repeated = sorted({z for z in zs if zs.count(z) > 1})
+    if repeated:
+        raise MedSAMError(f"one correction per slice; slice {repeated[0]} has {zs.count(repeated[0])}")
+
 
 @dataclass
 class Segmentation:
