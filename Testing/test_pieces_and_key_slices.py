@@ -151,3 +151,12 @@ def test_boxes_of_one_structure_share_one_z_range(predictor, kidneys):
         segment_boxes(predictor, [BoxPrompt(z, boxes[0], (z - 1, z + 1)), BoxPrompt(z, boxes[1])])
     with pytest.raises(MedSAMError, match="at least one box"):
         segment_boxes(predictor, [])
+
+
+def test_a_correction_with_pieces_crosses_the_remote_protocol_whole():
+    """The remote protocol carries every box of a correction (a dropped piece would pass silently)."""
+    from MedSAMSlicerLib.remote.protocol import correction_from_json, correction_json
+
+    for c in (Correction.with_boxes(7, [(1, 2, 10, 12), (20, 2, 30, 12)]), Correction.with_box(3, (1, 1, 5, 5)),
+              Correction.accept(4)):
+        assert correction_from_json(correction_json(c)) == c

@@ -127,7 +127,7 @@ def create_app(service: Service, tokens: List[str]):
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, Field
     from starlette.concurrency import run_in_threadpool
 
     segmenter = service.segmenter
@@ -269,6 +269,7 @@ def create_app(service: Service, tokens: List[str]):
         model_config = ConfigDict(extra="forbid")
         z: int
         box: Optional[List[float]] = None
+        more: Optional[List[List[float]]] = Field(default=None, max_length=64)  # boxes of further pieces
 
     class JobIn(BaseModel):
         # extra="forbid": a request can only say what the protocol says; there is no field for a path.
