@@ -293,8 +293,13 @@ def correct(
             # What passes start from on slice z: each piece the user boxed, with its box (where its
             # mask vanishes the pass falls back to it), or the locked slice's mask as one.
             if z in pieces:
-                return [(m, b) for m, b in pieces[z] if m.any()]
+                return list(pieces[z])
             return [(mask[z], first_box(z))]
+
+        def holds(z: int) -> bool:
+            # The structure is on a slice the user boxed, even where the model's mask there came out
+            # empty (a tip too small for it): passes go on from the box. A slice accepted empty: not there.
+            return z in boxes or bool(mask[z].any())
 
         corridor_of = _corridors(predictor, boxes, settings)
         passes: List[Pass] = []
@@ -317,7 +322,7 @@ def correct(
         before = np.flatnonzero(previous.any(axis=(1, 2)))
         for a, b in sorted(rerun, key=lambda s: (-1 if s[0] is None else s[0])):
             if a is None and b is not None:
-                if mask[b].any():
+                if holds(b):
                     end, why = lo, edge_reason
                     if before.size and lo < before[0] < b:
                         end, why = int(before[0]), f"reached slice {int(before[0])}, where the result ended before"
@@ -325,7 +330,7 @@ def correct(
                                     history=known(b) if rule is not None else None, previous=previous)
                                for m, box in origins(b)]
             elif b is None and a is not None:
-                if mask[a].any():
+                if holds(a):
                     end, why = hi, edge_reason
                     if before.size and a < before[-1] < hi:
                         end, why = int(before[-1]), f"reached slice {int(before[-1])}, where the result ended before"
@@ -333,7 +338,7 @@ def correct(
                                     history=known(a) if rule is not None else None, previous=previous)
                                for m, box in origins(a)]
             elif a is not None and b is not None and b - a > 1:
-                full_a, full_b = bool(mask[a].any()), bool(mask[b].any())
+                full_a, full_b = holds(a), holds(b)
                 name = f"between {a}..{b}"
                 if full_a and full_b:
                     corridor = corridor_of(a, b)
