@@ -24,6 +24,11 @@ decided here, so it can be tested without the Slicer application:
   thread that owns the scene; the engine work in between (:meth:`MedSAMBridge.compute`) touches no
   node and may run in a worker (:meth:`MedSAMBridge.start`). A result whose volume changed in the
   meantime is refused (:func:`volume_changed`).
+* **Several boxes, one segment.** :meth:`MedSAMBridge.boxes_request` (or ``segment(..., boxes_ras=...)``)
+  makes one segment from several boxes: on one slice its pieces, on several slices its key slices
+  (``Segmenter.segment_boxes``; a 3D box among them gives the z-range,
+  :func:`MedSAMSlicerLib.boxes.structure_prompts`). A correction may give a box per piece on its
+  slice (``correction_request(..., more=...)``), recorded with ``"more"``.
 * **Preview.** Each Segment Editor keeps its own preview node, referenced from its parameter set
   node (:func:`show_preview`, :func:`clear_preview`), so closing one editor never removes another's.
 
