@@ -223,6 +223,16 @@ def label_box(slice_mask: np.ndarray, margin: int = 0) -> Tuple[int, int, int, i
     return x0, y0, x1, y1
 
 
+def label_pieces(slice_mask: np.ndarray) -> List[np.ndarray]:
+    """The pieces of a ``(H, W)`` label on one slice, as a user boxes them one by one: its
+    8-connected components, largest first (the ``per-part`` mode and the simulated user's
+    corrections)."""
+    from scipy import ndimage as ndi
+
+    labels, n = ndi.label(slice_mask, structure=np.ones((3, 3), bool))
+    return sorted((labels == i for i in range(1, n + 1)), key=lambda p: -int(p.sum()))
+
+
 def simulated_box(mask_zyx: np.ndarray, margin: int = 0) -> Tuple[int, Tuple[int, int, int, int], Tuple[int, int]]:
     """The user's box for a structure: ``(z, (x0, y0, x1, y1), (z_first, z_last))``.
 
@@ -435,8 +445,6 @@ def per_slice(seg, ref: np.ndarray, box_margin: int = 0, parts: bool = False):
     the masks joined (``per-part``). Returns a
     :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationResult` with one record per slice (the
     score of its largest piece's box with ``parts``: the predicted IoU, MedSAM2's object presence)."""
-    from scipy import ndimage as ndi
-
     from ..segmentation.predictor import SliceResult
     from ..segmentation.propagation import PropagationResult, slice_record
 
@@ -445,10 +453,7 @@ def per_slice(seg, ref: np.ndarray, box_margin: int = 0, parts: bool = False):
     mask = np.zeros(ref.shape, dtype=bool)
     records = []
     for z in zs:
-        pieces = [ref[z]]
-        if parts:
-            labels, n = ndi.label(ref[z], structure=np.ones((3, 3), bool))
-            pieces = sorted((labels == i for i in range(1, n + 1)), key=lambda p: -int(p.sum()))
+        pieces = label_pieces(ref[z]) if parts else [ref[z]]
         results = [seg.segment_slice(z, label_box(p, box_margin)) for p in pieces]
         mask[z] = np.logical_or.reduce([r.mask for r in results])
         result = SliceResult(mask=mask[z], score=results[0].score, box_model=results[0].box_model)
