@@ -31,6 +31,7 @@ examples:
   medsam-slicer segment ct.nii.gz --box-ijk 30 20 60 80 70 60 -o liver.seg.nrrd --name liver
   medsam-slicer segment ct.nii.gz --box-ras -50 10 -300 20 80 -250 -o spleen.nii.gz
   medsam-slicer segment ct.nii.gz --box-ijk ... --name liver --box-ijk ... --name spleen -o organs.seg.nrrd
+  medsam-slicer segment ct.nii.gz --box-ijk ... --name iliacs --box-ijk ... --name iliacs -o iliacs.seg.nrrd
   medsam-slicer segment ct.nii.gz --replay organs.seg.nrrd -o again.seg.nrrd
   medsam-slicer models
 """
@@ -55,7 +56,18 @@ decoded together, and a voxel two structures claim goes to the one the model is 
 in (never to the first listed). A .seg.nrrd gets one segment each; a labelmap gets the value n
 for the n-th structure (the summary lists them).
 
-Each .seg.nrrd segment records how it was made, in its Slicer segment tags (MedSAM.*): the box in
+One structure from several boxes: give its boxes the same --name (in a --prompts file, several
+entries with the same name). Boxes on one slice are its pieces (two iliac arteries, bowel loops):
+each piece is followed from its own box and the masks are joined into one segment. Boxes on
+several slices are its key slices: each keeps what its box gives, the slices between are filled
+from both ends, and beyond the outermost the extent is found as from one box. A structure's 3D
+boxes give its z-range: they must cover the same slices, and its flat boxes must lie inside it
+(key slices within a known extent); without a 3D box the extent is found. A structure
+with key slices is segmented on its own beside the others' job, so its overlaps with them are not
+settled: the summary counts them, and such a run writes a .seg.nrrd only. Names equal only once
+their spaces are collapsed ('liver' and 'liver ') are refused as two spellings.
+
+Each .seg.nrrd segment records how it was made, in its Slicer segment tags (MedSAM.*): the boxes in
 RAS, the model and the SHA-256 of its weights, the window, the speed and precision, the version
 and the date. --replay FILE.seg.nrrd re-runs it on the same volume (refused if the volume's voxels
 or the weights differ) and says whether each mask came out the same.
@@ -65,7 +77,7 @@ a missing or unreadable slice or uneven spacing (--allow-gaps reads it anyway), 
 voxels, or a blank volume end the run with a message, as do a box under 2 voxels across and an
 output that cannot be written. A window that shows next to nothing of the image gets a warning.
 A --prompts file and a --replay record are checked whole (types, ranges, every box) first too;
-names that differ only in spaces are one name. Exit code 2 and one line for any bad input,
+names are compared with their spaces collapsed. Exit code 2 and one line for any bad input,
 nothing written (docs/safety.md).
 """
 
@@ -165,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
     seg.add_argument("--name", action="append", dest="names",
                      help="the structure's name (the segment's name in .seg.nrrd); with several boxes one --name "
-                          "per box, the n-th name for the n-th box")
+                          "per box, the n-th name for the n-th box; boxes with the same name are one structure (its "
+                          "pieces, or key slices)")
     seg.add_argument("--prompts", metavar="FILE",
                      help="several structures from a JSON or TOML file: name, box_ijk or box_ras, optional color")
     seg.add_argument("--replay", metavar="SEG_NRRD",
