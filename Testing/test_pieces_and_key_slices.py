@@ -180,3 +180,18 @@ def test_a_pieces_pass_rejoins_the_earlier_parts_it_touches():
     assert not _rejoins(whole, 0, mine, 0.9) and _rejoins(piece, 0, mine, 0.9)
     assert not _rejoins(piece, 0, np.roll(mine, 8, axis=0), 0.9)  # moved off its earlier part
     assert np.array_equal(_untouched_parts(earlier[0], mine), earlier[0] & ~mine)
+
+
+def test_key_slices_of_the_simulated_user(labels):
+    """The loop's key slices: the label's box on K slices spread over its extent, both ends included;
+    fewer than 2 refused, and the loop command refuses --key-slices 0 in one line."""
+    from MedSAMSlicerLib.evaluation.loop import key_slice_prompts, main
+
+    ref = labels == KIDNEY_LEFT
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    prompts = key_slice_prompts(ref, 5)
+    assert [p.z for p in prompts][0] == zs[0] and prompts[-1].z == zs[-1] and len(prompts) == 5
+    assert all(p.box == label_box(ref[p.z]) and p.z_range is None for p in prompts)
+    with pytest.raises(MedSAMError, match="at least 2"):
+        key_slice_prompts(ref, 1)
+    assert main(["--key-slices", "0"]) == 2
