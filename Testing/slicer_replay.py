@@ -548,6 +548,96 @@ def replay_quit_during_training(install_dir: Path, data: str, out: str, wait_s: 
     return report
 
 
+def replay_remote_panel(install_dir: Path, url: str, token: str, volume: str, roi: dict, out: str,
+                        wait_s: float = 300.0) -> dict:
+    """The MedSAM module's *Where the model runs* panel on strict stand-ins, in a Python where
+    ``import torch`` fails (Remote mode must not need it), against a real server at ``url``:
+
+    1. *Run on* -> Remote GPU server (the menu emits ``currentIndexChanged(int)``), no URL yet;
+    2. the URL and a wrong token typed (``editingFinished()``), *Test connection* pressed: the
+       question runs in a worker thread, pumped by the panel's timer as Slicer's event loop would;
+    3. the right token, *Test connection* again;
+    4. the panel's *Segment* (Apply) with an ROI (``roi``: RAS ``center`` and ``size``) on
+       ``volume``, pumped by its timer to the end; the new segment's mask goes to ``out`` (.npy).
+
+    Reports the connection line after each step, the status line, Slicer's settings, every
+    message box and the torch modules loaded (none may be)."""
+    import time
+
+    import numpy as np
+
+    sys.modules["torch"] = None  # importing torch now fails, as in a Slicer without PyTorch
+    replay = replay_startup(install_dir, every_import=False)
+    import slicer
+
+    from MedSAMBridgeLib.headless import create_headless_scene, load_volume
+
+    # The application's scene and its Volumes and Segmentations logics, made by the headless
+    # bootstrap (which makes them only where there is no slicer.app).
+    app = slicer.app
+    del slicer.app
+    create_headless_scene()
+    slicer.app = app
+    install_panel_stand_ins(install_dir)
+
+    import MedSAMSlicer
+
+    widget = MedSAMSlicer.MedSAMSlicerWidget()
+    widget.setup()
+    report: dict = {"failures": replay["failures"], "ticks": []}
+
+    def test_connection() -> str:
+        widget.testConnectionButton.emit("clicked()")
+        ticks, deadline = 0, time.monotonic() + wait_s
+        while widget.connectionTask is not None and time.monotonic() < deadline:
+            widget.connectionTimer.emit("timeout()")  # the event loop runs the timer's slot
+            ticks += 1
+            time.sleep(0.01)
+        report["ticks"].append(ticks)
+        return widget.connectionLabel.text
+
+    def type_into(edit, text: str) -> None:
+        edit.text = text
+        edit.emit("editingFinished()")
+
+    widget.backendSelector.setCurrentIndex(widget.backendSelector.findData("remote"))
+    report["without_url"] = widget.connectionLabel.text
+    type_into(widget.serverUrlEdit, url)
+    type_into(widget.serverTokenEdit, "wrong-" + "x" * 24)
+    report["wrong_token"] = test_connection()
+    type_into(widget.serverTokenEdit, token)
+    report["right_token"] = test_connection()
+    report["backend"] = repr(widget.logic.backend())
+    report["settings"] = {k: v for k, v in QSettings.store.items() if k.startswith("MedSAM/Server")}
+
+    ct = load_volume(volume, "CT")
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    roi_node.SetCenter(*roi["center"])
+    roi_node.SetSize(*roi["size"])
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    p = widget._parameterNode
+    p.inputVolume, p.roi, p.segmentation, p.segmentName = ct, roi_node, segmentation, "liver"
+    widget.ui.applyButton.emit("clicked()")
+    report["running"] = widget.run is not None
+    ticks, deadline = 0, time.monotonic() + wait_s
+    while widget.run is not None and time.monotonic() < deadline:
+        widget.pumpTimer.emit("timeout()")
+        ticks += 1
+        time.sleep(0.01)
+    report["segment_ticks"] = ticks
+    report["status"] = widget.ui.statusLabel.text
+    segment_ids = list(segmentation.GetSegmentation().GetSegmentIDs())
+    report["segments"] = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segment_ids]
+    if segment_ids:
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_ids[0], ct) > 0
+        np.save(out, mask)
+    report["messages"] = list(Messages.shown)
+    report["torch"] = sorted(m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m] is not None)
+    return report
+
+
 class ScriptedLoadableModuleTest:
     pass
 
@@ -725,7 +815,8 @@ def slicer_side_files(install_dir: Path) -> List[Path]:
     return files
 
 
-def replay_startup(install_dir: Path, major: int = 5, minor: int = 12, headless_script: Optional[Path] = None) -> dict:
+def replay_startup(install_dir: Path, major: int = 5, minor: int = 12, headless_script: Optional[Path] = None,
+                   every_import: bool = True) -> dict:
     """Replay a Slicer start-up over an installed extension and then every import our files make.
 
     1. Slicer puts the scripted-modules folder on ``sys.path`` and loads each module file
@@ -734,7 +825,8 @@ def replay_startup(install_dir: Path, major: int = 5, minor: int = 12, headless_
        ``qSlicerSegmentEditorScriptedEffect.setPythonSource(<effect file>)``.
     3. Each Segment Editor widget clones the effect (``clone()`` -> ``setPythonSource`` again).
     4. Every import statement of every Slicer-side file (and the headless script) is executed,
-       as the panels, the effect and the training module do later, at run time.
+       as the panels, the effect and the training module do later, at run time (unless
+       ``every_import`` is false: a replay that must see what one path imports, and no more).
 
     Returns a report: ``failures`` (``[file:line, statement, error]``), the names registered,
     and which of our packages ``sys.modules`` holds as packages.
@@ -768,7 +860,7 @@ def replay_startup(install_dir: Path, major: int = 5, minor: int = 12, headless_
             effect.clone()
         except Exception as exc:  # noqa: BLE001
             fail(type(effect).__module__, "clone()", exc)
-    files = slicer_side_files(install_dir)
+    files = slicer_side_files(install_dir) if every_import else []
     if headless_script is not None:
         files.append(headless_script)
     for path in files:
@@ -805,6 +897,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--effect-lifecycle", action="store_true", help="replay_effect_lifecycle")
     parser.add_argument("--quit-during-training", nargs=2, metavar=("DATA", "OUT"),
                         help="replay_quit_during_training: start a run from the training panel, then quit")
+    parser.add_argument("--remote-panel", metavar="JSON",
+                        help="replay_remote_panel: its arguments (url, token, volume, roi, out) as a JSON object")
     args = parser.parse_args(argv)
     major, minor = (int(v) for v in args.slicer_version.split("."))
     # Slicer's Python does not have the repository's module folders on sys.path; neither do we.
@@ -816,6 +910,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.effect_lifecycle:
         print(json.dumps(replay_effect_lifecycle(Path(args.install_dir))))
+        return 0
+    if args.remote_panel:
+        print(json.dumps(replay_remote_panel(Path(args.install_dir), **json.loads(args.remote_panel))))
         return 0
     if args.quit_during_training:
         report = replay_quit_during_training(Path(args.install_dir), *args.quit_during_training)

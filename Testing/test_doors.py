@@ -303,7 +303,11 @@ RECORD_MUTATIONS = {
     "Corrections": ["{}", _dump([5]), _dump([{"kind": "zap"}]), _dump([{"kind": "box", "ras": "x"}]),
                     _dump([{"kind": "accept", "slice_ras": [True, 0, 0]}]),
                     _dump([{"kind": "accept", "slice_ras": [0, 0, 0], "edited": "no"}]),
-                    _dump([{"kind": "box", "ras": [[0, 0, 0], [1, 1, "1"]]}])],
+                    _dump([{"kind": "box", "ras": [[0, 0, 0], [1, 1, "1"]]}]),
+                    # a box per piece (issue 23): "more" is a non-empty list of corner pairs
+                    _dump([{"kind": "box", "ras": [[0, 0, 0], [1, 1, 1]], "more": []}]),
+                    _dump([{"kind": "box", "ras": [[0, 0, 0], [1, 1, 1]], "more": [[[0, 0, 0]]]}]),
+                    _dump([{"kind": "box", "ras": [[0, 0, 0], [1, 1, 1]], "more": "x"}])],
     "Window": ["{}", _dump({"level": "40", "width": 400}), _dump({"level": 40, "width": 0}),
                _dump({"level": 40, "width": -5}), _dump({"percentiles": [99, 1]}), _dump({"percentiles": [1]}),
                _dump({"level": 40, "width": 400, "gamma": 2}), "[]"],

@@ -210,7 +210,7 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
                       modes=("3d", E.PER_SLICE, E.PER_PART), include=lambda c, s: s is kidney)
     assert [r.mode for r in rows] == ["3d", E.PER_SLICE, E.PER_PART]
     lite_segmenter.set_volume(case.image, resolve_window(None, case.image))
-    result = E.per_slice(lite_segmenter.predictor, ref)
+    result = E.per_slice(lite_segmenter, ref)
     labelled = np.flatnonzero(ref.any(axis=(1, 2)))
     assert [r.z for r in result.slices] == list(labelled) and not result.mask[4].any()
     assert not result.mask[~ref.any(axis=(1, 2))].any()
@@ -218,7 +218,7 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
     z, box, _ = E.simulated_box(ref)
     first = lite_segmenter.segment_3d(z, box, z_range=(z, z))
     assert np.array_equal(result.mask[z], first.mask[z])
-    full = E.per_slice(lite_segmenter.predictor, case.mask(kidney))
+    full = E.per_slice(lite_segmenter, case.mask(kidney))
     assert rows[1].dice == pytest.approx(metrics.dice(full.mask, case.mask(kidney)))
     assert rows[1].slices_found <= rows[1].slices_true == 11 and rows[1].stopped == ""
     assert rows[1].mean_score == pytest.approx(np.mean([r.score for r in full.slices]))
@@ -228,7 +228,7 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
     two[z] = False
     two[z, 20:26, 30:36] = True
     two[z, 40:46, 60:66] = True
-    split = E.per_slice(lite_segmenter.predictor, two, parts=True)
+    split = E.per_slice(lite_segmenter, two, parts=True)
     one_piece = [int(k) for k in labelled if k != z]  # their label is ref's: per-slice's masks are `result`'s
     assert np.array_equal(split.mask[one_piece], result.mask[one_piece])
     each = [lite_segmenter.predictor.predict(z, b).mask for b in ((30, 20, 35, 25), (60, 40, 65, 45))]

@@ -164,3 +164,39 @@ def test_the_installed_script_runs_from_the_installed_extension(tmp_path, ct_sm_
     assert done.stdout.strip().startswith(str(install)), done.stdout
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: volume file") and "not found" in lines[0], lines
+
+
+def _box_ras(ct_scene, label, slab):
+    lo, hi = label_box_ijk(ct_scene.label_array(label), slab)
+    m = ijk_to_ras(ct_scene.ct)
+    return [str(float(v)) for v in np.r_[(m @ np.r_[lo, 1])[:3], (m @ np.r_[hi, 1])[:3]]]
+
+
+def test_script_makes_one_segment_from_several_boxes(shared_segmenter, ct_scene, ct_sm_path, tmp_path, capsys):
+    """--box-ras given twice: one segment from both boxes (both kidneys as its pieces), the record
+    holding both; boxes that do not go together end with exit code 2 and one line. In this process
+    (shared model, cached embeddings)."""
+    from MedSAMBridgeLib.headless import load_segmentation
+    from MedSAMSlicerLib.fileio.segnrrd import read_seg_nrrd
+    from MedSAMSlicerLib.segmentation.provenance import Provenance
+
+    out = tmp_path / "kidneys.seg.nrrd"
+    argv = ["--volume", str(ct_sm_path), "--box-ras", *_box_ras(ct_scene, 2, (15, 17)), "--box-ras",
+            *_box_ras(ct_scene, 3, (15, 17)), "--output", str(out), "--segment-name", "kidneys", "--device", "cpu",
+            "--preset", "abdomen"]
+    assert _script_module().main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed.startswith("kidneys: ") and "2 boxes on slice(s) k=16" in printed, printed
+    node = load_segmentation(str(out), "kidneys")
+    mask = segment_kji(node, node.GetSegmentation().GetNthSegmentID(0), ct_scene.ct)
+    for label in (2, 3):
+        assert (mask[16] & ct_scene.label_array(label)[16]).any()
+    segments = read_seg_nrrd(out).segments
+    assert len(segments) == 1 and len(Provenance.from_tags(segments[0].tags).prompts) == 2
+
+    bad = ["--volume", str(ct_sm_path), "--box-ras", *_box_ras(ct_scene, 2, (15, 17)), "--box-ras",
+           *_box_ras(ct_scene, 3, (14, 18)), "--output", str(tmp_path / "bad.seg.nrrd")]
+    assert _script_module().main(bad) == 2
+    err = capsys.readouterr().err
+    assert "box 1 of 2 and box 2 of 2 are 3D boxes of one structure over different slices" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "bad.seg.nrrd").exists()

@@ -87,8 +87,11 @@ def crop(ct, labels, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seg(weights, crop):
-    """The front door at MedSAM2's 512 px."""
-    segmenter = Segmenter("medsam2", checkpoint=weights, device="cpu")
+    """The front door at MedSAM2's 512 px: the process's shared Segmenter for these weights on the
+    CPU (the one the Slicer effect's bridge gets for the same choice, :func:`shared_segmenter`)."""
+    from MedSAMSlicerLib.segmenter import shared_segmenter
+
+    segmenter = shared_segmenter("medsam2", weights, "cpu")
     segmenter.set_volume(crop[0].array, LEVEL_WIDTH)
     return segmenter
 
@@ -238,6 +241,126 @@ def test_front_door_2d_command_line_record_and_replay(seg, crop, tmp_path):
     assert seg.memory.encoded_slices == 1  # the file's volume is the same voxels: its features were reused
 
 
+def test_evaluate_command_runs_medsam2_through_the_segmenter(seg, weights, crop, tmp_path):
+    """``medsam-slicer evaluate --model medsam2 --checkpoint FILE`` in a fresh process, every mode,
+    on the real CT's liver (its label cut to slices 1..3 of 4, so the true z-range and the automatic
+    extent differ). Random weights make the Dice meaningless; what is checked is that the rows, the
+    CSV and the summary are written and that each row's mask is what the Segmenter's own calls give
+    with the same weights (its Dice and extent against the label, recomputed here from those masks).
+    The variant sets the window (the one setting that applies to MedSAM2), as the ``seg`` fixture's."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    from scipy import ndimage as ndi
+
+    from MedSAMSlicerLib.evaluation import report as R
+    from MedSAMSlicerLib.evaluation.runner import label_box  # the simulated user's box (at least 2 px)
+    from MedSAMSlicerLib.metrics import dice
+
+    volume, lab, path = crop
+    # The labels in the image's file order, the liver's removed from canonical slice 0.
+    raw = sitk.ReadImage(str(path.with_name("labels.nii.gz")))
+    kji = sitk.GetArrayFromImage(raw)
+    k_of_z = volume.orientation.to_canonical(np.broadcast_to(np.arange(DEPTH)[:, None, None], kji.shape).copy())
+    k0 = int(k_of_z[0, 0, 0])
+    kji = np.where((kji == LIVER) & (np.arange(DEPTH)[:, None, None] == k0), 0, kji).astype(np.uint8)
+    labels = sitk.GetImageFromArray(kji)
+    labels.CopyInformation(raw)
+    labels_path = tmp_path / "liver_1_3.nii.gz"
+    sitk.WriteImage(labels, str(labels_path))
+    ref = volume.orientation.to_canonical(kji) == LIVER
+    assert [bool(ref[z].any()) for z in range(DEPTH)] == [False, True, True, True]
+
+    out = tmp_path / "ev"
+    modes = ["3d", "2d", "per-slice", "per-part", "loop"]
+    cmd = [sys.executable, "-m", "MedSAMSlicerLib.cli", "evaluate", "--image", str(path), "--labels", str(labels_path),
+           "--include", f"*/label_{LIVER}", "--min-slices", "3", "--modes", ",".join(modes), "--corrections", "1",
+           "--set", "window=40,400",
+           "--model", "medsam2", "--checkpoint", str(weights), "--device", "cpu", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MedSAM2 (hiera_t512, 512px) on cpu" in done.stderr
+    rows = R.read_csv(out / "evaluation.csv")
+    expected_modes = ["3d", "2d", "per-slice", "per-part", "loop-0", "loop-1"]
+    assert [(r.case, r.structure, r.variant, r.mode) for r in rows] == [
+        ("ct_crop", f"label_{LIVER}", "default", m) for m in expected_modes]
+    for mode in expected_modes:
+        assert f"| default | {mode} | 1 |" in done.stdout, done.stdout
+    assert (out / "summary.md").read_text().count("| ct_crop") >= len(expected_modes)
+    assert (out / "evaluation.png").stat().st_size > 10_000 and not (out / "evaluation.partial.csv").exists()
+    box = _box(lab, LIVER, 2)
+    assert all((r.z_true, r.slices_true, r.box_slice, r.box) == ("1-3", 3, 2, " ".join(map(str, box))) for r in rows)
+    by_mode = {r.mode: r for r in rows}
+
+    # The same masks from the Segmenter in this process (same weights, the window the variant set).
+    seg.set_volume(volume.array, LEVEL_WIDTH)
+    ranged = seg.segment(BoxPrompt(2, box, (1, 3)), "3d")
+    auto = seg.segment(BoxPrompt(2, box), "3d")
+    one_box = np.zeros_like(ref)
+    parts = np.zeros_like(ref)
+    for z in (1, 2, 3):
+        one_box |= seg.segment(BoxPrompt(z, label_box(ref[z])), "2d").mask
+        pieces, n = ndi.label(ref[z], structure=np.ones((3, 3), bool))
+        for i in range(1, n + 1):
+            parts |= seg.segment(BoxPrompt(z, label_box(pieces == i)), "2d").mask
+    z_fix, kind = by_mode["loop-1"].corrected.split()
+    z_fix = int(z_fix)
+    if kind == "box":
+        fixed = seg.correct(auto.result, [Correction.with_box(z_fix, label_box(ref[z_fix]))])
+    else:
+        erased = auto.result.mask.copy()
+        erased[z_fix] = False
+        fixed = seg.correct(dataclasses.replace(auto.result, mask=erased), [Correction.accept(z_fix)])
+    masks = {"3d": ranged.mask, "2d": auto.mask, "per-slice": one_box, "per-part": parts, "loop-0": auto.mask,
+             "loop-1": fixed.mask}
+    assert ranged.mask.any() and not ranged.mask[0].any()  # random weights, yet masks: the checks can fail
+    for mode, mask in masks.items():
+        row = by_mode[mode]
+        zs = np.flatnonzero(mask.any(axis=(1, 2)))
+        found = f"{zs[0]}-{zs[-1]}" if zs.size else "-"
+        assert (row.dice, row.slices_found, row.z_found) == (round(dice(mask, ref), 4), zs.size, found), mode
+
+
+def test_effect_path_takes_medsam2_from_the_users_file_as_data(seg, weights, crop):
+    """What the MedSAM module and its effect do with the user's weights file (MedSAMSlicer.py:
+    ``checkpointChoice`` -> ``ModelChoice.for_file``; ``setModelChoice`` stores the model and the path
+    as text, ``modelChoice`` reads them back with ``parse_choice``; ``bridge()`` builds
+    ``MedSAMBridge(model=choice.model, checkpoint=choice.checkpoint)``), then a 2D box through the
+    bridge on real MRML nodes (slicer-core): MedSAM2 is picked from the file's name, nothing in the
+    bridge names it, and the segment is the Segmenter's mask (the shared model, its features reused)."""
+    pytest.importorskip("slicer")
+    from slicer_helpers import segment_kji
+
+    from MedSAMBridgeLib import headless
+    from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
+    from MedSAMSlicerLib.models.model_choice import ModelChoice, parse_choice
+
+    volume, lab, path = crop
+    chosen = ModelChoice.for_file(weights)
+    stored, problem = parse_choice(chosen.model, chosen.checkpoint)  # through the settings, as text
+    assert (stored, problem) == (ModelChoice("medsam2", str(weights)), None)
+    bridge = MedSAMBridge(model=stored.model, checkpoint=stored.checkpoint, device="cpu")
+    assert bridge.segmenter is seg  # one model per (model, weights, device, speed) in the process
+
+    scene = headless.create_headless_scene()
+    node = headless.load_volume(path)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSAM")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    x0, y0, x1, y1 = _box(lab, LIVER, 1)
+    box_ras = volume.canonical_to_ras(np.array([[x0, y0, 1], [x1, y1, 1]], dtype=float))
+    encoded = seg.memory.encoded_slices
+    segment_id, prediction = bridge.segment(node, segmentation, None, box_ras=[box_ras[0], box_ras[1]], mode="2d",
+                                            window=LEVEL_WIDTH, segment_name="liver")
+    got = volume.orientation.to_canonical(segment_kji(segmentation, segment_id, node))
+    seg.set_volume(volume.array, LEVEL_WIDTH)
+    expected = seg.segment(BoxPrompt(1, (x0, y0, x1, y1)), "2d").mask
+    assert got.any() and np.array_equal(got.astype(bool), expected)
+    assert seg.memory.encoded_slices == encoded  # the same voxels and window: slice 1's features reused
+
+
 @pytest.mark.slow
 def test_512px_3d_equals_medsam2s_inference_and_replays(seg, weights, crop):
     """MedSAM2's own 512 px network, 3D, against its script; then a 3D segment with a correction,
@@ -277,9 +400,17 @@ def test_registry_lists_medsam2_and_refuses_what_it_cannot_check(capsys, weights
     # The Slicer module's model list reads the registry.
     assert "medsam2" in [c.model for c in model_choices(tmp_path)]
     assert checkpoint_model("/x/MedSAM2_latest.pt") == "medsam2"
-    # evaluate's variants are box-propagation settings: it says so instead of failing inside.
-    assert main(["evaluate", "--model", "medsam2", "--out", str(tmp_path / "ev")]) == 2
-    assert "not evaluated by it yet" in capsys.readouterr().err
+    # evaluate: what does not apply to MedSAM2 is refused by name, one line, before the model loads
+    # (the checkpoint named here does not exist: a load would fail on it instead).
+    for extra, message in ((["--variant", "original"], "variant 'original': MedSAM2 propagates with SAM 2's memory"),
+                           (["--set", "stop.min_overlap=0.7"], "variant 'default': MedSAM2 propagates"),
+                           (["--set", "enlarge=cubic"], "enlarge=cubic applies to LiteMedSAM and MedSAM"),
+                           (["--embedding-cache", str(tmp_path / "emb")], "--embedding-cache keeps LiteMedSAM"),
+                           (["--speed", "fastest"], "evaluate measures the 'exact' speed")):
+        assert main(["evaluate", "--model", "medsam2", "--checkpoint", str(tmp_path / "absent.pt"),
+                     "--out", str(tmp_path / "ev"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
     # Speed tiers convert LiteMedSAM/MedSAM encoders; MedSAM2 runs exact.
     with pytest.raises(MedSAMError, match="'exact' speed"):
         Segmenter("medsam2", checkpoint=weights, device="cpu", speed="fastest")

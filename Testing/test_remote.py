@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -320,6 +321,78 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastapi', '
     assert np.array_equal(np.load(tmp_path / "mask.npy"), local)
 
 
+# -- embeddings: a cap per session -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_server():
+    """A server with room for one slice embedding (4 MiB) per session, whose log is a full disk
+    (``/dev/full``: every write fails with ENOSPC)."""
+    log = "/dev/full" if os.path.exists("/dev/full") else None
+    proc, url = launch(free_port(), ["--device", "cpu", "--session-cache-mb", 4], env=_env(), log=log)
+    yield url
+    _stop(proc)
+
+
+def test_a_session_over_its_cap_evicts_only_its_own_embeddings(small_server, ct, boxes):
+    """Session B keeps its slice; session A runs a 3-slice 3D box with room for one slice: it
+    evicts its own two, B's stays (B's next box computes nothing), and A's next run computes
+    the evicted ones again and gives the same mask. The server's log is on a full disk all along
+    (it starts and serves: a log it cannot write loses the text, never the server)."""
+    first, last = _canonical(ct, boxes[0])
+    prompt = BoxPrompt.from_voxel_box(first, last)
+    b = RemoteSegmenter(small_server, timeout=60)
+    b.set_volume(ct.array, (40, 400))
+    b_mask = b.segment(BoxPrompt(prompt.z, prompt.box), "2d").mask
+
+    def usage(seg):
+        return seg.client.request("GET", f"/sessions/{seg._session}")[1]["embeddings"]
+
+    assert usage(b) == {"entries": 1, "bytes": 4 << 20, "max_bytes": 4 << 20, "stored": 1, "evicted": 0}
+    a = RemoteSegmenter(small_server, timeout=120)
+    a.set_volume(ct.array, (60, 360))  # another window: other embeddings
+    a_first = a.segment(prompt, "3d")
+    a_use = usage(a)
+    assert a_use["stored"] == 3 and a_use["entries"] == 1 and a_use["evicted"] == 2, a_use
+    assert usage(b)["entries"] == 1 and usage(b)["evicted"] == 0  # B's embedding stayed
+    assert np.array_equal(b.segment(BoxPrompt(prompt.z, prompt.box), "2d").mask, b_mask)
+    assert usage(b)["stored"] == 1  # answered from its kept embedding: nothing computed
+    a_again = a.segment(prompt, "3d")
+    # Its evicted slices computed again (with room for one slice, a 3-slice pass evicts as it goes,
+    # so the kept slice may be evicted before the pass reaches it: 2 or 3 computed).
+    assert usage(a)["stored"] - 3 in (2, 3) and usage(b)["evicted"] == 0
+    assert np.array_equal(a_again.mask, a_first.mask) and a_first.mask.any()
+    stats = a.client.request("GET", "/stats")[1]
+    assert stats["embedding_bytes"] == 8 << 20 and stats["session_embedding_cap_bytes"] == 4 << 20
+    a.close()
+    b.close()
+
+
+def test_embeddings_belong_to_the_session_that_used_them_last():
+    """The rule under the server (no model): a group over its cap loses its own least recently
+    used entries; using another group's entry makes it yours; a released group's entries go
+    first when the overall cap needs room."""
+    import torch
+
+    from MedSAMSlicerLib.segmentation.predictor import EmbeddingCache
+
+    slice_bytes = 4 << 20
+    cache = EmbeddingCache(5 * slice_bytes)
+    with cache.working_for("b", 2 * slice_bytes):
+        cache.put(("b", 0), torch.zeros(1, 256, 64, 64))
+    with cache.working_for("a", 2 * slice_bytes):
+        for z in range(3):
+            cache.put(("a", z), torch.zeros(1, 256, 64, 64))
+        assert ("a", 0) not in cache and ("b", 0) in cache
+        cache.get(("b", 0))  # a's now, and a is over its cap again: its oldest goes
+    assert ("a", 1) not in cache and cache.usage("a")["entries"] == 2 and cache.usage("b")["entries"] == 0
+    cache.release("a")
+    assert cache.usage(None)["entries"] == 2
+    with cache.working_for("c", 5 * slice_bytes):
+        for z in range(4):
+            cache.put(("c", z), torch.zeros(1, 256, 64, 64))
+    assert len(cache) == 5 and cache.usage("c")["entries"] == 4 and cache.usage(None)["entries"] == 1
+    assert ("a", 2) not in cache and ("b", 0) in cache  # the least recently used went first
+
+
 def test_fair_queue_serves_sessions_in_turn():
     a, b = (Session(s, "o", np.zeros((1, 2, 2)), "x") for s in "ab")
     queue = FairQueue()
@@ -365,6 +438,61 @@ def test_command_line_faults_say_one_thing_and_write_nothing(server, ct_path, bo
     silent.close()
     assert "--device choose the local model" in _error_line(_cli(*args, "--server", server, "--device", "cpu"))
     assert not out.exists() and not out.with_name("x.review.json").exists()
+
+
+def _file_size_limit(limit):
+    """For ``preexec_fn``: files of the child may grow to ``limit`` bytes; a write beyond fails with
+    EFBIG (SIGXFSZ ignored), as a full disk or quota fails a write with ENOSPC/EDQUOT."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="no file size limit on this system")
+def test_full_disk_on_the_client_says_one_line_and_keeps_the_users_files(server, ct_path, boxes, local_run,
+                                                                         tmp_path):
+    """segment --server --overwrite over the user's earlier result, in a process that cannot write
+    files beyond 2 KB: one line, exit code 2, the earlier mask and review byte for byte as they
+    were, no temporary file left."""
+    out = tmp_path / "organs.seg.nrrd"
+    shutil.copy(local_run, out)
+    shutil.copy(local_run.with_name("organs.review.json"), tmp_path / "organs.review.json")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    done = subprocess.run([sys.executable, "-m", "MedSAMSlicerLib.cli", "segment", str(ct_path), *_box_args(boxes),
+                           "-o", str(out), "--overwrite", "--server", server], capture_output=True, text=True,
+                          env=_env(TOKENS[0]), timeout=300, preexec_fn=_file_size_limit(2048))
+    line = _error_line(done)
+    assert f"could not write '{out}' (File too large); check free space" in line, line
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_disk_full_between_the_mask_and_its_review_leaves_neither(server, ct_path, boxes, local_run, tmp_path):
+    """A real full disk: a tmpfs (in a user namespace, no root needed) with room for the mask
+    alone. The mask is written, the review is not (ENOSPC): nothing is published, no temporary
+    file is left (before, the mask stayed without its review)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) for a small tmpfs")
+    page = os.sysconf("SC_PAGE_SIZE")
+    room = -(-local_run.stat().st_size // page) * page  # the mask's pages, nothing more
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    out = mnt / "organs.seg.nrrd"
+    command = " ".join(map(shlex.quote, [sys.executable, "-m", "MedSAMSlicerLib.cli", "segment", str(ct_path),
+                                         *_box_args(boxes), "-o", str(out), "--server", server]))
+    script = (f"mount -t tmpfs -o size={room} tmpfs {shlex.quote(str(mnt))} || exit 99; {command}; "
+              f"echo rc=$?; ls -A {shlex.quote(str(mnt))}")
+    done = subprocess.run([unshare, "-rm", "sh", "-c", script], capture_output=True, text=True, env=_env(TOKENS[0]),
+                          timeout=300)
+    assert done.returncode == 0 and "rc=2" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert done.stdout.strip().splitlines()[-1] == "rc=2", done.stdout  # the folder is empty
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr and lines[-1].startswith("medsam-slicer: error: "), done.stderr
+    assert "organs.review.json' (No space left on device)" in lines[-1], lines[-1]
 
 
 def _certificate(folder: Path):
@@ -517,3 +645,57 @@ json.dump({{"first": first.record.tags(), "fixed": fixed.record.tags(),
     for name, record in (("first", first.record), ("fixed", fixed.record)):
         theirs = remote[name]
         assert {k for k, v in record.tags().items() if theirs[k] != v} <= {"MedSAM.Date", "MedSAM.Job"}, name
+
+
+def test_slicer_remote_panel_tests_the_connection_and_segments_without_torch(server, ct_sm_path, ct_sm_seg_path,
+                                                                             tmp_path):
+    """The module's *Where the model runs* panel, replayed on strict stand-ins (slicer_replay.py)
+    in a Python where torch cannot be imported, against the real server: without a URL, with a
+    wrong token and with the right one, *Test connection* answers one line each (asked in a worker
+    thread, the panel's timer pumping); the token typed is not written to Slicer's settings; the
+    panel's *Segment* runs on the server and adds the local bridge's mask."""
+    pytest.importorskip("slicer")
+    import slicer
+    import slicer_replay
+    from slicer_helpers import ijk_to_ras, label_box_ijk
+
+    from MedSAMBridgeLib.headless import create_headless_scene, load_volume
+    from MedSAMBridgeLib.MRMLBridge import MedSAMBridge
+    from MedSAMSlicerLib.segmenter import shared_segmenter
+
+    create_headless_scene()
+    ct = load_volume(ct_sm_path, "CT")
+    labels = load_volume(ct_sm_seg_path, "labels", labelmap=True)
+    lo, hi = label_box_ijk(slicer.util.arrayFromVolume(labels) == LIVER, (17, 19))
+    lo, hi = lo - 0.5, hi + 0.5
+    matrix = ijk_to_ras(ct)
+    roi = {"center": [float(v) for v in (matrix @ np.r_[(lo + hi) / 2, 1.0])[:3]],
+           "size": [float(v) for v in (hi - lo) * np.linalg.norm(matrix[:3, :3], axis=0)]}
+    install = slicer_replay.install_extension(tmp_path / "ext")
+    out = tmp_path / "panel.npy"
+    args = {"url": server, "token": TOKENS[2], "volume": str(ct_sm_path), "roi": roi, "out": str(out)}
+    done = subprocess.run([sys.executable, slicer_replay.__file__, str(install), "--remote-panel", json.dumps(args)],
+                          capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not report["failures"] and not report["messages"], report
+    assert report["without_url"] == "Remote: give the server's URL, e.g. https://gpu.example.org:8765"
+    wrong = report["wrong_token"]
+    assert wrong.startswith("Cannot use the server: ") and "refused the token" in wrong and "\n" not in wrong, wrong
+    assert report["right_token"].startswith("connected: medsam-slicer"), report["right_token"]
+    assert "\n" not in report["right_token"] and TOKENS[2] not in report["backend"]
+    assert report["settings"].get("MedSAM/ServerToken", "") == ""  # typed, not remembered
+    assert report["settings"]["MedSAM/ServerURL"] == server
+    assert report["running"] and report["status"].startswith("Added segment 'liver'"), report["status"]
+    assert report["torch"] == []
+
+    local = MedSAMBridge("litemedsam", None, "cpu", segmenter=shared_segmenter("litemedsam", None, "cpu"))
+    roi_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI")
+    roi_node.SetCenter(*roi["center"])
+    roi_node.SetSize(*roi["size"])
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    sid, _ = local.segment(ct, seg, roi_node=roi_node, mode="3d", window="auto")
+    expected = slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, ct) > 0
+    assert expected.any() and np.array_equal(np.load(out), expected)

@@ -135,8 +135,12 @@ def test_prompt_errors_name_the_prompt(ct, ct_path, named_boxes, tmp_path, capsy
     code, err = _cli(["segment", str(ct_path), "--box-ijk", *liver, "--box-ijk", *liver, "--name", "a", "-o",
                       str(out)], capsys)
     assert code == 2 and "one --name per box" in err and "2 boxes and 1 names" in err
+    # The same name twice is one structure (issue 23: its pieces or key slices); the same box twice is refused.
     code, err = _cli(["segment", str(ct_path), "--box-ijk", *liver, "--name", "a", "--box-ijk", *liver, "--name",
                       "a", "-o", str(out)], capsys)
+    assert code == 2 and "box 1 ('a', --box-ijk) and box 2 ('a', --box-ijk) are the same box" in err
+    code, err = _cli(["segment", str(ct_path), "--box-ijk", *liver, "--name", "a", "--box-ijk", *liver, "--name",
+                      "a ", "-o", str(out)], capsys)
     assert code == 2 and "two structures are named 'a'" in err
     code, err = _cli(["segment", str(ct_path), "--box-ijk", *liver, "--name", "a", "--box-ijk", *liver, "--name",
                       "b", "--slice-only", "-o", str(out)], capsys)

@@ -800,3 +800,78 @@ def test_review_names_doubtful_slices_as_the_file_does_and_finds_the_views_slice
     axis, index = src.orientation.slice_to_index(16)
     assert reviewing.slice_name(src, 16) == f"{axis} {index}"
     assert reviewing.doubtful(dataclasses.replace(prediction, result=None)) == []
+
+
+def test_several_boxes_make_one_segment_pieces_key_slices_and_corrections(bridge, ct_scene, ct_sm_path, tmp_path):
+    """One segment from several boxes (issue 23) on real MRML: two boxes drawn in RAS on one slice
+    (both kidneys) are its pieces; a 3D box with flat boxes inside are key slices within its range;
+    each is exactly ``Segmenter.segment_boxes``, the record keeps every box and the saved file
+    replays to the same mask. A correction with a box per piece is recorded with ``more`` and
+    replays too. Boxes that do not go together are refused before any work."""
+    from MedSAMSlicerLib.segment_command import replay_file
+
+    KIDNEY_LEFT = 3  # noqa: N806
+    src = B.source_volume(ct_scene.ct)
+    kidney = {v: src.orientation.to_canonical(ct_scene.label_array(v)) for v in (KIDNEY_RIGHT, KIDNEY_LEFT)}
+    m = ijk_to_ras(ct_scene.ct)
+
+    def ras(label, k0, k1):
+        lo, hi = label_box_ijk(ct_scene.label_array(label), (k0, k1))
+        return [(m @ np.r_[lo, 1])[:3], (m @ np.r_[hi, 1])[:3]]
+
+    seg = ct_scene.new_segmentation()
+    segment_id = seg.GetSegmentation().AddEmptySegment("kidneys", "kidneys")
+    _, pieces = bridge.segment(ct_scene.ct, seg, segment_id, window=WINDOW, combine="replace",
+                               boxes_ras=[ras(KIDNEY_RIGHT, 15, 17), ras(KIDNEY_LEFT, 15, 17)])
+    prompts = [B.prompt_from_points(src, ras(v, 15, 17)) for v in (KIDNEY_RIGHT, KIDNEY_LEFT)]
+    assert {p.z for p in prompts} == {16} and {p.z_range for p in prompts} == {(15, 17)}
+    np.testing.assert_array_equal(pieces.mask, bridge.segmenter.segment_boxes(prompts).mask)
+    written = src.orientation.to_canonical(segment_kji(seg, segment_id, ct_scene.ct))
+    np.testing.assert_array_equal(written, pieces.mask)
+    assert (written[16] & kidney[KIDNEY_RIGHT][16]).any() and (written[16] & kidney[KIDNEY_LEFT][16]).any()
+    record = B.segment_record(seg.GetSegmentation().GetSegment(segment_id))
+    assert len(record.prompts) == 2 and record.job["structures"] == ["kidneys"]
+
+    # Key slices: a 3D box over 15..21 (its box on 18) and flat boxes on 16 and 20.
+    left = kidney[KIDNEY_LEFT]
+    drawn = [B.BoxPrompt(18, _canonical_box(left, 18), (15, 21)), B.BoxPrompt(16, _canonical_box(left, 16)),
+             B.BoxPrompt(20, _canonical_box(left, 20))]
+    keys = bridge.compute(bridge.boxes_request(ct_scene.ct, drawn, window=WINDOW))
+    assert tuple(keys.result.locked) == (16, 18, 20)
+    within = [drawn[0]] + [dataclasses.replace(p, z_range=(15, 21)) for p in drawn[1:]]
+    np.testing.assert_array_equal(keys.mask, bridge.segmenter.segment_boxes(within).mask)
+    assert not keys.mask[:15].any() and not keys.mask[22:].any()
+    key_id = seg.GetSegmentation().AddEmptySegment("left kidney", "left kidney")
+    bridge.apply(keys, seg, key_id, combine="replace")
+    stored = B.segment_record(seg.GetSegmentation().GetSegment(key_id)).prompts
+    assert len(stored) == 3 and all(abs(p["ras"][0][2] - p["ras"][1][2]) < 1e-6 for p in stored[1:])  # flat stays flat
+
+    # A correction with a box per piece: both kidneys on slice 15 of a result started from one.
+    first = bridge.predict(ct_scene.ct, B.BoxPrompt(17, _canonical_box(kidney[KIDNEY_LEFT], 17), (15, 19)),
+                           window=WINDOW)
+    request = bridge.correction_request(first, B.BoxPrompt(15, _canonical_box(kidney[KIDNEY_RIGHT], 15)),
+                                        more=[B.BoxPrompt(15, _canonical_box(kidney[KIDNEY_LEFT], 15))])
+    fixed = bridge.compute(request)
+    assert tuple(fixed.result.locked) == (15, 17)
+    assert (fixed.mask[15] & kidney[KIDNEY_RIGHT][15]).any() and (fixed.mask[15] & kidney[KIDNEY_LEFT][15]).any()
+    assert len(fixed.record.corrections[0]["more"]) == 1
+    fixed_id = seg.GetSegmentation().AddEmptySegment("corrected", "corrected")
+    bridge.apply(fixed, seg, fixed_id, combine="replace")
+
+    saved = tmp_path / "boxes.seg.nrrd"
+    save_node(seg, str(saved))
+    summary = replay_file(str(saved), str(ct_sm_path), tmp_path / "again.seg.nrrd", segmenter=bridge.segmenter,
+                          progress=False)
+    assert summary.count("the same mask as in the file") == 3, summary
+    assert "1 correction(s) replayed" in summary
+
+    # Refused before any work, in the user's terms.
+    with pytest.raises(MedSAMError, match=r"box 1 of 2 and box 2 of 2 are 3D boxes of one structure over different "
+                                          r"slices \(a 3D box over k 15..21, a 3D box over k 15..17\)"):
+        bridge.boxes_request(ct_scene.ct, [drawn[0], prompts[0]], window=WINDOW)
+    with pytest.raises(MedSAMError, match="pieces on one slice: k 15 and k 16 differ"):
+        bridge.correction_request(first, B.BoxPrompt(15, (1, 1, 9, 9)), more=[B.BoxPrompt(16, (1, 1, 9, 9))])
+    with pytest.raises(MedSAMError, match="key slices.*Preview and apply it alone"):
+        bridge.compute_queue({"a": bridge.boxes_request(ct_scene.ct, drawn, window=WINDOW)})
+    with pytest.raises(MedSAMError, match="followed in 3D, both ways"):
+        bridge.segment_request(ct_scene.ct, seg, segment_id, boxes_ras=[ras(KIDNEY_RIGHT, 16, 16)] * 2, mode="2d")

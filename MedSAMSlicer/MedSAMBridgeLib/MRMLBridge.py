@@ -24,6 +24,11 @@ decided here, so it can be tested without the Slicer application:
   thread that owns the scene; the engine work in between (:meth:`MedSAMBridge.compute`) touches no
   node and may run in a worker (:meth:`MedSAMBridge.start`). A result whose volume changed in the
   meantime is refused (:func:`volume_changed`).
+* **Several boxes, one segment.** :meth:`MedSAMBridge.boxes_request` (or ``segment(..., boxes_ras=...)``)
+  makes one segment from several boxes: on one slice its pieces, on several slices its key slices
+  (``Segmenter.segment_boxes``; a 3D box among them gives the z-range,
+  :func:`MedSAMSlicerLib.boxes.structure_prompts`). A correction may give a box per piece on its
+  slice (``correction_request(..., more=...)``), recorded with ``"more"``.
 * **Preview.** Each Segment Editor keeps its own preview node, referenced from its parameter set
   node (:func:`show_preview`, :func:`clear_preview`), so closing one editor never removes another's.
 
@@ -42,13 +47,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import slicer
 
 from MedSAMSlicerLib.background import BackgroundTask, run_in_background
-from MedSAMSlicerLib.boxes import BoxPrompt
+from MedSAMSlicerLib.boxes import BoxPrompt, structure_prompts
 from MedSAMSlicerLib.errors import MedSAMError
 from MedSAMSlicerLib.progress import CancelToken, ProgressCallback
 from MedSAMSlicerLib.segmentation.provenance import Provenance, new_job, prompt_ras, volume_sha256
@@ -224,6 +229,8 @@ class MedSAMBridge:
         self._load_volume(request)
         if request.base is not None:
             return self._correct(request, progress, cancel)
+        if request.more:
+            return self._segment_boxes(request, progress, cancel)
         done = self.segmenter.segment(request.prompt, request.mode, request.direction, progress, cancel)
         return Prediction(request.source, request.prompt, request.mode, done.mask, done.covered, done.score,
                           _notes(request.source, done.stop_reasons), self._record(request), done.result, request.window)
@@ -249,15 +256,19 @@ class MedSAMBridge:
         if not requests:
             raise MedSAMError("The queue is empty: draw a box for each segment first.")
         first = next(iter(requests.values()))
-        for request in requests.values():
+        for key, request in requests.items():
             if request.mode != "3d" or request.base is not None:
                 raise MedSAMError("Only new 3D boxes can be queued.")
+            if len({p.z for p in request.boxes}) > 1:
+                raise MedSAMError(f"Segment '{key}' has boxes on several slices (key slices): it is segmented on its "
+                                  "own. Preview and apply it alone, then queue the others.")
             if request.volume_key != first.volume_key:
                 raise MedSAMError("All queued boxes must be on the same volume, with the same window.")
         if cancel is not None:
             cancel.raise_if_cancelled()
         self._load_volume(first)
-        job = self.segmenter.segment_structures({k: r.prompt for k, r in requests.items()}, progress, cancel)
+        prompts = {k: r.prompt if not r.more else self._structure(r) for k, r in requests.items()}
+        job = self.segmenter.segment_structures(prompts, progress, cancel)
         shared = new_job(list(requests))
         out: Dict[str, Prediction] = {}
         for key, request in requests.items():
@@ -265,7 +276,8 @@ class MedSAMBridge:
             covered = sorted({r.z for r in result.slices if r.accepted})
             score = next((float(r.score) for r in result.slices if r.z == request.prompt.z), float("nan"))
             record = dataclasses.replace(self._record(request), job=shared)
-            out[key] = Prediction(request.source, request.prompt, "3d", np.asarray(result.mask, dtype=bool), covered,
+            prompt = request.prompt if not request.more else prompts[key][0]
+            out[key] = Prediction(request.source, prompt, "3d", np.asarray(result.mask, dtype=bool), covered,
                                   score, _notes(request.source, result.stop_reasons), record, result, request.window)
         return out
 
@@ -276,18 +288,33 @@ class MedSAMBridge:
         accept: bool = False,
         segmentation_node=None,
         segment_id: Optional[str] = None,
+        more: Sequence[BoxPrompt] = (),
     ) -> PredictionRequest:
         """A correction of the 3D result ``base`` (call on the scene's thread): a new box ``prompt``
-        on a wrong slice, or with ``accept`` the prompt's slice marked good as it is. With
+        on a wrong slice (with ``more``, the boxes of the structure's other pieces on that slice:
+        each piece followed from its own box, :meth:`Correction.with_boxes
+        <MedSAMSlicerLib.segmentation.results.Correction.with_boxes>`), or with ``accept`` the
+        prompt's slice marked good as it is. With
         ``segmentation_node`` and ``segment_id`` the mask corrected is that segment's (as the user
         edited it after applying ``base``), else ``base``'s own. The corrected slice is locked;
         propagation restarts from it to the next locked slice (:mod:`MedSAMSlicerLib.segmentation.corrections`).
 
         Raises:
-            MedSAMError: ``base`` is not a 3D result, or its volume changed.
+            MedSAMError: ``base`` is not a 3D result, or its volume changed; ``more`` boxes on
+                another slice than ``prompt``'s, or with ``accept``.
         """
         if base.mode != "3d" or base.result is None:
             raise MedSAMError("Only a 3D result can be corrected: segment the structure in 3D first.")
+        more = tuple(more)
+        if more and accept:
+            raise MedSAMError("A slice marked good takes no box.")
+        stray = next((p for p in more if p.z != prompt.z), None)
+        if stray is not None:
+            from . import reviewing
+
+            raise MedSAMError(f"The boxes of one correction are the pieces on one slice: "
+                              f"{reviewing.slice_name(base.source, prompt.z)} and "
+                              f"{reviewing.slice_name(base.source, stray.z)} differ. Correct one slice at a time.")
         problem = volume_changed(base.source)
         if problem:
             raise MedSAMError(problem + " Segment it again.")
@@ -295,13 +322,14 @@ class MedSAMBridge:
         if segmentation_node is not None:
             current = segment_array(segmentation_node, segment_id, base.source)
         return PredictionRequest(base.source, base.window, prompt, "3d", "both", base=base, accept=accept,
-                                 current=current)
+                                 current=current, more=more)
 
     def _correct(self, request: PredictionRequest, progress, cancel) -> Prediction:
         from MedSAMSlicerLib.segmentation.results import Correction
 
         base, prompt = request.base, request.prompt
-        correction = Correction.accept(prompt.z) if request.accept else Correction.with_box(prompt.z, prompt.box)
+        correction = (Correction.accept(prompt.z) if request.accept
+                      else Correction.with_boxes(prompt.z, [p.box for p in request.boxes]))
         current = base.result if request.current is None else request.current
         result = self.segmenter.correct(current, [correction], locked=base.result.locked,
                                         z_range=base.prompt.z_range, progress=progress, cancel=cancel)
@@ -312,6 +340,8 @@ class MedSAMBridge:
             entry = {"kind": "accept", "slice_ras": [float(v) for v in centre], "edited": request.current is not None}
         else:
             entry = {"kind": "box", "ras": prompt_ras(src, prompt)}
+            if request.more:
+                entry["more"] = [prompt_ras(src, p) for p in request.more]
         record = base.record.with_corrections([entry]) if base.record is not None else None
         score = next((float(r.score) for r in result.slices if r.z == prompt.z), float("nan"))
         return Prediction(src, base.prompt, "3d", np.asarray(result.mask, dtype=bool), covered, score,
@@ -322,8 +352,50 @@ class MedSAMBridge:
         src = request.source
         if src.key not in self._volume_sha:
             self._volume_sha = {src.key: volume_sha256(src.array)}  # one volume's hash kept
-        return Provenance.of(self.segmenter, [prompt_ras(src, request.prompt)], request.mode,
+        return Provenance.of(self.segmenter, [prompt_ras(src, p) for p in request.boxes], request.mode,
                              request.direction, new_job([]), self._volume_sha[src.key])
+
+    @staticmethod
+    def _structure(request: PredictionRequest) -> List[BoxPrompt]:
+        """A request's boxes as the engine runs them (the rule for 3D boxes among them:
+        :func:`MedSAMSlicerLib.boxes.structure_prompts`)."""
+        n = len(request.boxes)
+        return structure_prompts(request.boxes, [f"box {i} of {n}" for i in range(1, n + 1)],
+                                 request.source.orientation.slice_to_index)
+
+    def boxes_request(
+        self,
+        volume_node,
+        prompts: Sequence[BoxPrompt],
+        window: WindowLike = None,
+    ) -> PredictionRequest:
+        """One segment from several boxes (call on the scene's thread): boxes on one slice are its
+        pieces, boxes on several slices its key slices, in 3D both ways
+        (:meth:`Segmenter.segment_boxes <MedSAMSlicerLib.segmenter.Segmenter.segment_boxes>`). One
+        box is :meth:`request` itself. A 3D box among them gives the segment's z-range
+        (:func:`MedSAMSlicerLib.boxes.structure_prompts`).
+
+        Raises:
+            MedSAMError: no box, or boxes that do not go together (named ``box i of n``).
+        """
+        prompts = list(prompts)
+        if not prompts:
+            raise MedSAMError("Draw at least one box.")
+        request = self.request(volume_node, prompts[0], "3d", "both", window)
+        request = dataclasses.replace(request, more=tuple(prompts[1:]))
+        self._structure(request)  # checked here, on the scene's thread, before any work
+        return request
+
+    def _segment_boxes(self, request: PredictionRequest, progress, cancel) -> Prediction:
+        """:meth:`compute` for a request with several boxes: one segment from all of them."""
+        if request.mode != "3d" or request.direction != "both":
+            raise MedSAMError("Several boxes for one segment are followed in 3D, both ways.")
+        prompts = self._structure(request)
+        result = self.segmenter.segment_boxes(prompts, progress, cancel)
+        covered = sorted({r.z for r in result.slices if r.accepted} | set(result.locked))
+        score = next((float(r.score) for r in result.slices if r.z == prompts[0].z), float("nan"))
+        return Prediction(request.source, prompts[0], "3d", np.asarray(result.mask, dtype=bool), covered, score,
+                          _notes(request.source, result.stop_reasons), self._record(request), result, request.window)
 
     def start(self, request: PredictionRequest) -> BackgroundTask:
         """:meth:`compute` in a started :class:`~MedSAMSlicerLib.background.BackgroundTask`; its
@@ -417,20 +489,33 @@ class MedSAMBridge:
         mode: str = "3d",
         direction: str = "both",
         window: WindowLike = None,
+        boxes_ras=None,
     ) -> PredictionRequest:
         """Check the inputs of :meth:`segment` and read them from the scene (scene's thread).
 
         Raises:
             MedSAMError: bad input.
         """
-        if (box_ras is None) == (roi_node is None):
-            raise MedSAMError("give either a box (two RAS corners) or an ROI node")
+        if sum(v is not None for v in (box_ras, roi_node, boxes_ras)) != 1:
+            raise MedSAMError("give either a box (two RAS corners), several boxes (two RAS corners each) or an ROI node")
         if segmentation_node is None:
             raise MedSAMError("No segmentation: create or select the segmentation to write to.")
         if segment_id is not None and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise MedSAMError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
         _check_mode(mode, direction)
         src = source_volume(volume_node, copy=True)
+        if boxes_ras is not None:
+            prompts = [prompt_from_points(src, corners) for corners in boxes_ras]
+            if not prompts:
+                raise MedSAMError("give at least one box")
+            if len(prompts) > 1 and (mode != "3d" or direction != "both"):
+                raise MedSAMError("Several boxes for one segment are followed in 3D, both ways: 2D and a "
+                                  "direction work on one box.")
+            request = PredictionRequest(src, window_for(volume_node, window), prompts[0], mode, direction,
+                                        more=tuple(prompts[1:]))
+            if request.more:
+                self._structure(request)
+            return request
         prompt = prompt_from_roi(src, roi_node) if roi_node is not None else prompt_from_points(src, box_ras)
         return PredictionRequest(src, window_for(volume_node, window), prompt, mode, direction)
 
@@ -486,12 +571,15 @@ class MedSAMBridge:
         segment_name: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        boxes_ras=None,
     ) -> Tuple[str, Prediction]:
         """Everything in one call, in this thread (scripts, the self-test, the headless script).
 
         Args:
             box_ras: two opposite RAS corners ``[[R0, A0, S0], [R1, A1, S1]]`` (world, mm), or
-            roi_node: a ``vtkMRMLMarkupsROINode`` (one of the two).
+            roi_node: a ``vtkMRMLMarkupsROINode``, or
+            boxes_ras: several boxes for the one segment, two RAS corners each: its pieces on one
+                slice, or its key slices (:meth:`boxes_request`); one of the three.
             segment_id: the segment to write; ``None`` adds a segment named ``segment_name``
                 (only once the result is ready, so a cancelled run adds nothing).
 
@@ -505,7 +593,7 @@ class MedSAMBridge:
             MedSAMError: bad input. ``Cancelled``: cancelled; the segmentation is unchanged.
         """
         request = self.segment_request(volume_node, segmentation_node, segment_id, box_ras, roi_node, mode,
-                                       direction, window)
+                                       direction, window, boxes_ras)
         prediction = self.compute(request, progress, cancel)
         segment_id = self.write_segment(prediction, segmentation_node, segment_id, segment_name, combine, overwrite,
                                         editor_node)

@@ -23,7 +23,10 @@ SIGTERM with 143, nothing written.
 
 The box is two opposite corners in RAS millimetres (Slicer's world coordinates). A box that
 spans several slices bounds the propagation (LiteMedSAM's 3D box); a flat box (S0 == S1) is drawn
-on one slice and the propagation finds the structure's extent (``--direction``).
+on one slice and the propagation finds the structure's extent (``--direction``). ``--box-ras``
+given several times makes one segment from all the boxes (the bridge's ``boxes_ras``): flat boxes
+on one slice are its pieces, on several slices its key slices; a 3D box among them gives the z-range
+(``MedSAMSlicerLib.boxes.structure_prompts``).
 """
 
 import argparse
@@ -49,8 +52,10 @@ def build_parser():
         description="Segment one structure with MedSAM from a box in RAS and save a .seg.nrrd.",
     )
     parser.add_argument("--volume", required=True, help="input volume (.nii.gz, .nrrd, .mha, ...)")
-    parser.add_argument("--box-ras", required=True, nargs=6, type=float, metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
-                        help="two opposite box corners in RAS millimetres")
+    parser.add_argument("--box-ras", required=True, nargs=6, type=float, action="append",
+                        metavar=("R0", "A0", "S0", "R1", "A1", "S1"),
+                        help="two opposite box corners in RAS millimetres; repeat it for one segment from several "
+                             "boxes: on one slice its pieces, on several slices its key slices")
     parser.add_argument("--output", required=True, help="output segmentation, .seg.nrrd")
     parser.add_argument("--segment-name", default="MedSAM", help="name of the new segment (default MedSAM)")
     parser.add_argument("--segmentation", help="add the segment to this existing .seg.nrrd instead of a new one")
@@ -120,14 +125,15 @@ def run(args):
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
 
     window = tuple(args.window) if args.window else args.preset
-    r = args.box_ras
+    boxes = [[r[:3], r[3:]] for r in args.box_ras]
     bridge = MedSAMBridge(model=args.model, checkpoint=args.checkpoint, device=args.device, speed=args.speed)
     start = time.perf_counter()
     segment_id, prediction = bridge.segment(
         volume,
         segmentation,
         None,
-        box_ras=[r[:3], r[3:]],
+        box_ras=boxes[0] if len(boxes) == 1 else None,
+        boxes_ras=boxes if len(boxes) > 1 else None,
         mode="2d" if args.slice_only else "3d",
         direction=args.direction,
         window=window,
@@ -140,6 +146,9 @@ def run(args):
     name_slice = prediction.source.orientation.slice_to_index
     axis, k = name_slice(prediction.prompt.z)
     where = f"box on slice {axis}={k}"
+    if len(boxes) > 1:
+        zs = sorted({name_slice(z)[1] for z in prediction.result.locked})
+        where = f"{len(boxes)} boxes on slice(s) {', '.join(f'{axis}={z}' for z in zs)}"
     if prediction.covered:
         ends = sorted(name_slice(z)[1] for z in (prediction.covered[0], prediction.covered[-1]))
         where += f", segmented {axis} {ends[0]}..{ends[1]}"

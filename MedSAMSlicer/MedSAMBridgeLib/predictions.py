@@ -8,7 +8,7 @@ Plain data (no MRML): :mod:`.MRMLBridge` makes and uses them, :mod:`.preview` sh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -80,6 +80,15 @@ class PredictionRequest:
     #: The ``(z, y, x)`` mask being corrected when it is not ``base``'s (the segment as the user
     #: edited it after applying).
     current: Optional[np.ndarray] = None
+    #: Further boxes for the same segment, as drawn (``prompt`` is the first): its pieces on one
+    #: slice, or its key slices (:meth:`MedSAMBridge.boxes_request`); for a correction, the boxes of
+    #: the other pieces on the corrected slice.
+    more: Tuple[BoxPrompt, ...] = ()
+
+    @property
+    def boxes(self) -> Tuple[BoxPrompt, ...]:
+        """Every box of the request, as drawn (``prompt`` first)."""
+        return (self.prompt,) + tuple(self.more)
 
     @property
     def volume_key(self) -> str:

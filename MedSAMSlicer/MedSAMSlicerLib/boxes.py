@@ -7,6 +7,8 @@ One home for:
 * :func:`voxel_box`: continuous canonical points (RAS corners mapped by a file's or a volume
   node's geometry) -> the inclusive voxel box they enclose.
 * :func:`middle_slice`: the slice a 3D box's 2D box goes on.
+* :func:`structure_prompts`: one structure's boxes as given -> the prompts the engine runs (how a
+  3D box combines with the structure's other boxes).
 
 Plain numpy; the borders that know RAS (``volumes.py`` for files, ``MRMLBridge`` for MRML nodes)
 map corners to canonical points and call :func:`voxel_box`.
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .errors import MedSAMError
 
 #: Which way 3D propagation goes from the box's slice: both ways, up (superior, z increasing) or
 #: down (inferior).
@@ -105,3 +109,67 @@ def voxel_box(points_xyz: np.ndarray, shape_zyx: Sequence[int]) -> Tuple[List[in
         first.append(max(f, 0))
         last.append(min(la, n_xyz[c] - 1))
     return first, last
+
+
+def _extent_text(prompt: BoxPrompt, slice_to_index: Callable[[int], Tuple[str, int]]) -> str:
+    if prompt.z_range is None:
+        axis, index = slice_to_index(prompt.z)
+        return f"a flat box on {axis}={index}"
+    (axis, i), (_, j) = (slice_to_index(z) for z in prompt.z_range)
+    return f"a 3D box over {axis} {min(i, j)}..{max(i, j)}"
+
+
+def structure_prompts(prompts: Sequence[BoxPrompt], where: Sequence[str],
+                      slice_to_index: Callable[[int], Tuple[str, int]] = lambda z: ("slice", int(z))) -> List[BoxPrompt]:
+    """One structure's boxes, as given, -> the prompts the engine runs
+    (:meth:`Segmenter.segment_boxes <MedSAMSlicerLib.segmenter.Segmenter.segment_boxes>` takes one
+    z-range for all of a structure's boxes, or none). Every front end (the command line, its
+    replay, the Slicer bridge) uses this rule.
+
+    The rule: a structure's 3D boxes (boxes over several slices) give its z-range, so all of them
+    must cover the same slices; its flat boxes (one slice each) then take that z-range and must lie
+    inside it. Without a 3D box the extent is found beyond the outermost boxes. So two 3D boxes over
+    the same slices are the structure's pieces on their common middle slice; a 3D box with flat boxes
+    on other slices gives key slices within its range (a small lesion whose extent the user knows).
+    A flat box keeps its own slice (a record stores it flat, so a replay finds it again). The same
+    box given twice is refused.
+
+    Args:
+        prompts: the boxes as given (:meth:`BoxPrompt.from_voxel_box`), at least one.
+        where: how the user finds each box again in an error (``"box 2 ('vessels', --box-ijk)"``).
+        slice_to_index: canonical ``z`` -> ``(axis, index)`` as the user's viewer numbers slices
+            (``AxialOrientation.slice_to_index``).
+
+    Returns:
+        The prompts, in the order given; flat boxes carry the 3D boxes' z-range.
+
+    Raises:
+        MedSAMError: no box, or naming both boxes as the user gave them, with their slices.
+    """
+    if not prompts:
+        raise MedSAMError("give at least one box")
+    ranged = [(w, p) for w, p in zip(where, prompts) if p.z_range is not None]
+    out = list(prompts)
+    if ranged:
+        w0, p0 = ranged[0]
+        for w, p in ranged[1:]:
+            if p.z_range != p0.z_range:
+                raise MedSAMError(
+                    f"{w0} and {w} are 3D boxes of one structure over different slices "
+                    f"({_extent_text(p0, slice_to_index)}, {_extent_text(p, slice_to_index)}): a structure has one "
+                    "z-range; give its 3D boxes the same slices, or draw its other boxes flat (one slice each)")
+        lo, hi = p0.z_range
+        for i, (w, p) in enumerate(zip(where, prompts)):
+            if p.z_range is None:
+                if not lo <= p.z <= hi:
+                    raise MedSAMError(
+                        f"{w} ({_extent_text(p, slice_to_index)}) lies outside the slices of {w0} "
+                        f"({_extent_text(p0, slice_to_index)}), a 3D box of the same structure: its 3D box gives the "
+                        "structure's z-range; draw the flat box inside it, or widen the 3D box")
+                out[i] = BoxPrompt(p.z, p.box, p0.z_range)
+    for i, prompt in enumerate(out):
+        for j in range(i):
+            if out[j] == prompt:
+                raise MedSAMError(f"{where[j]} and {where[i]} are the same box; give each piece or key slice its own "
+                                  "box")
+    return out

@@ -31,6 +31,7 @@ examples:
   medsam-slicer segment ct.nii.gz --box-ijk 30 20 60 80 70 60 -o liver.seg.nrrd --name liver
   medsam-slicer segment ct.nii.gz --box-ras -50 10 -300 20 80 -250 -o spleen.nii.gz
   medsam-slicer segment ct.nii.gz --box-ijk ... --name liver --box-ijk ... --name spleen -o organs.seg.nrrd
+  medsam-slicer segment ct.nii.gz --box-ijk ... --name iliacs --box-ijk ... --name iliacs -o iliacs.seg.nrrd
   medsam-slicer segment ct.nii.gz --replay organs.seg.nrrd -o again.seg.nrrd
   medsam-slicer models
 """
@@ -55,7 +56,18 @@ decoded together, and a voxel two structures claim goes to the one the model is 
 in (never to the first listed). A .seg.nrrd gets one segment each; a labelmap gets the value n
 for the n-th structure (the summary lists them).
 
-Each .seg.nrrd segment records how it was made, in its Slicer segment tags (MedSAM.*): the box in
+One structure from several boxes: give its boxes the same --name (in a --prompts file, several
+entries with the same name). Boxes on one slice are its pieces (two iliac arteries, bowel loops):
+each piece is followed from its own box and the masks are joined into one segment. Boxes on
+several slices are its key slices: each keeps what its box gives, the slices between are filled
+from both ends, and beyond the outermost the extent is found as from one box. A structure's 3D
+boxes give its z-range: they must cover the same slices, and its flat boxes must lie inside it
+(key slices within a known extent); without a 3D box the extent is found. A structure
+with key slices is segmented on its own beside the others' job, so its overlaps with them are not
+settled: the summary counts them, and such a run writes a .seg.nrrd only. Names equal only once
+their spaces are collapsed ('liver' and 'liver ') are refused as two spellings.
+
+Each .seg.nrrd segment records how it was made, in its Slicer segment tags (MedSAM.*): the boxes in
 RAS, the model and the SHA-256 of its weights, the window, the speed and precision, the version
 and the date. --replay FILE.seg.nrrd re-runs it on the same volume (refused if the volume's voxels
 or the weights differ) and says whether each mask came out the same.
@@ -65,7 +77,7 @@ a missing or unreadable slice or uneven spacing (--allow-gaps reads it anyway), 
 voxels, or a blank volume end the run with a message, as do a box under 2 voxels across and an
 output that cannot be written. A window that shows next to nothing of the image gets a warning.
 A --prompts file and a --replay record are checked whole (types, ranges, every box) first too;
-names that differ only in spaces are one name. Exit code 2 and one line for any bad input,
+names are compared with their spaces collapsed. Exit code 2 and one line for any bad input,
 nothing written (docs/safety.md).
 """
 
@@ -90,6 +102,10 @@ max_intensity_shift, intensity_scale, min_spread, min_area_fraction, min_overlap
 min_score, max_slices, tip_growth, tip_slack_px); window (a preset,
 LEVEL,WIDTH, or box: per structure, from the intensities around its box);
 enlarge (area or cubic: how LiteMedSAM enlarges slices smaller than its input).
+
+MedSAM2 (--model medsam2 --checkpoint YOUR_FILE) runs every mode its own way (SAM 2's memory; the
+extent from its presence score and largest component); of the settings only window applies, and
+--embedding-cache is for LiteMedSAM and MedSAM (docs/medsam2.md).
 """
 
 
@@ -161,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True, help="output file: .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
     seg.add_argument("--name", action="append", dest="names",
                      help="the structure's name (the segment's name in .seg.nrrd); with several boxes one --name "
-                          "per box, the n-th name for the n-th box")
+                          "per box, the n-th name for the n-th box; boxes with the same name are one structure (its "
+                          "pieces, or key slices)")
     seg.add_argument("--prompts", metavar="FILE",
                      help="several structures from a JSON or TOML file: name, box_ijk or box_ras, optional color")
     seg.add_argument("--replay", metavar="SEG_NRRD",
@@ -198,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ssl-keyfile", help="its private key (PEM)")
     srv.add_argument("--cache-mb", type=int, default=4096, help="memory cap of the slice embeddings of all "
                                                                "sessions together (default 4096)")
+    srv.add_argument("--session-cache-mb", type=int, default=None,
+                     help=f"memory cap of one session's slice embeddings, 4 MiB a slice; over it a session drops its "
+                          f"own least recently used ones and recomputes them when needed (default "
+                          f"${SESSION_CACHE_ENV} or 1024)")
     srv.add_argument("--max-sessions", type=int, default=16, help="sessions (uploaded volumes) held at once (16)")
     srv.add_argument("--session-ttl", type=float, default=900.0, help="seconds an idle session is kept (900)")
     srv.add_argument("--max-upload-mb", type=int, default=256, help="largest upload, compressed (256 MiB)")
@@ -288,6 +309,25 @@ def _server(args: argparse.Namespace):
             "cafile": args.server_ca}
 
 
+#: The environment variable giving ``serve --session-cache-mb`` its default.
+SESSION_CACHE_ENV = "MEDSAM_SLICER_SESSION_CACHE_MB"
+
+
+def _session_cache_mb(args: argparse.Namespace) -> int:
+    """``--session-cache-mb``, else ``$MEDSAM_SLICER_SESSION_CACHE_MB``, else 1024."""
+    import os
+
+    if args.session_cache_mb is not None:
+        return int(args.session_cache_mb)
+    value = os.environ.get(SESSION_CACHE_ENV, "").strip()
+    if not value:
+        return 1024
+    try:
+        return int(value)
+    except ValueError:
+        raise MedSAMError(f"{SESSION_CACHE_ENV} must be a whole number of MiB; got {value!r}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``medsam-slicer serve``."""
     import os
@@ -299,9 +339,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, tokens=read_tokens(args.token_file, dict(os.environ)),
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, model=args.model, checkpoint=args.checkpoint,
         device=args.device, precision=args.precision, speed=args.speed, download=args.download,
-        cache_mb=args.cache_mb,
         limits=Limits(max_sessions=args.max_sessions, session_ttl=args.session_ttl, max_upload_mb=args.max_upload_mb,
-                      max_volume_mb=args.max_volume_mb, rate_limit=args.rate_limit),
+                      max_volume_mb=args.max_volume_mb, rate_limit=args.rate_limit, cache_mb=args.cache_mb,
+                      session_cache_mb=_session_cache_mb(args)),
     )
     serve(options)
     return 0
@@ -354,6 +394,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if len(args.image) != len(args.labels):
         raise MedSAMError(f"give one --labels per --image; got {len(args.image)} images and {len(args.labels)} labels")
+    if args.speed != "exact":  # the model options are shared with segment; evaluate runs every slice exactly
+        raise MedSAMError(f"evaluate measures the 'exact' speed (every slice, the plain encoder); --speed {args.speed} "
+                          "is for segment")
     run_evaluation(
         inputs=args.inputs, pairs=list(zip(args.image, args.labels)), variants=args.variant, common=args.common,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()], box_margin=args.box_margin,

@@ -6,6 +6,11 @@ record of how each segment was made; ``--replay`` re-runs such a file.
   :meth:`Segmenter.segment <MedSAMSlicerLib.segmenter.Segmenter.segment>` exactly as before, several
   through :meth:`Segmenter.segment_structures <MedSAMSlicerLib.segmenter.Segmenter.segment_structures>`
   (each slice encoded once, a slice's boxes decoded together, overlaps settled by the decoder's logits).
+  Boxes with the same name are one structure (:func:`group_structures`; the rule for its 3D boxes:
+  :func:`~MedSAMSlicerLib.boxes.structure_prompts`):
+  its pieces on one slice, or its key slices, through :meth:`Segmenter.segment_boxes
+  <MedSAMSlicerLib.segmenter.Segmenter.segment_boxes>` (pieces also within a job of several); a
+  structure with key slices runs on its own beside the others' job (:func:`job_groups`).
   A ``.seg.nrrd`` gets one segment per structure, its record in the segment tags
   (:mod:`~MedSAMSlicerLib.segmentation.provenance`); a labelmap gets label ``n`` for the ``n``-th structure.
 * :func:`replay_file`: reads the records of a ``.seg.nrrd``, checks the volume (same voxels, same grid)
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .boxes import BoxPrompt
+from .boxes import BoxPrompt, structure_prompts
 from .errors import MedSAMError
 from .progress import TerminalProgress
 
@@ -228,17 +233,63 @@ class _Done:
     """What one structure of a run gave."""
 
     name: str
-    prompt: BoxPrompt
+    prompts: List[BoxPrompt]  # every box of the structure as run (one: the one-box path)
     mask: object  # (z, y, x) bool
     how: str
     result: object = None  # 3D: the PropagationResult (what the review report reads)
+    given: Optional[List[BoxPrompt]] = None  # the boxes as the user gave them (what the record keeps)
+
+    def __post_init__(self) -> None:
+        if self.given is None:
+            self.given = list(self.prompts)
+
+    @property
+    def prompt(self) -> BoxPrompt:
+        """The structure's first box (its z-range is every box's: :func:`check_structure_boxes`)."""
+        return self.prompts[0]
 
 
-def _run(segmenter, volume, prompts: Dict[str, BoxPrompt], mode: str, direction: str, progress: bool) -> List[_Done]:
-    """Run the prompts (in their order) as one job; the masks and how each was found."""
+def _boxes_how(volume, prompts: Sequence[BoxPrompt], result) -> str:
+    """How a structure made from several boxes was found: its pieces or key slices, the z-range,
+    and why each pass ended (slices named as the file's indices)."""
+    zs = sorted({p.z for p in prompts})
+    if len(zs) == 1:
+        kind = f"{len(prompts)} pieces on {_slices_text(volume, zs)}"
+    else:
+        kind = "key slices " + ", ".join(_slices_text(volume, [z]) for z in zs)
+    if prompts[0].z_range is not None:
+        kind += f", z-range {_slices_text(volume, list(prompts[0].z_range))}"
+    name = volume.orientation.name_slices
+    stops = "; ".join(f"{name(k)}: {name(v)}" for k, v in result.stop_reasons.items())
+    return f"{kind}; {stops}" if stops else kind
+
+
+def _several_boxes_run_here(segmenter, name: str) -> None:
+    """A structure from several boxes needs :meth:`Segmenter.segment_boxes
+    <MedSAMSlicerLib.segmenter.Segmenter.segment_boxes>` (a ``medsam-slicer serve`` has no such call)."""
+    if not hasattr(segmenter, "segment_boxes"):
+        raise MedSAMError(f"'{name}' has several boxes: a structure's pieces and key slices run on this computer; "
+                          "the server (--server) takes one box per structure")
+
+
+def _run(segmenter, volume, prompts: Dict[str, List[BoxPrompt]], mode: str, direction: str, progress: bool
+         ) -> List[_Done]:
+    """Run the structures (in their order, each with its boxes) as one job; the masks and how each
+    was found. One structure with one box: :meth:`Segmenter.segment`, exactly as before; one
+    structure with several boxes (its pieces on one slice, or its key slices):
+    :meth:`Segmenter.segment_boxes`; several structures: :meth:`Segmenter.segment_structures`
+    (a structure's pieces listed under its name; key slices never reach it: :func:`job_groups`)."""
     bar = TerminalProgress("propagating") if progress else None
     if len(prompts) == 1:
-        name, prompt = next(iter(prompts.items()))
+        name, plist = next(iter(prompts.items()))
+        if len(plist) > 1:
+            if mode != "3d" or direction != "both":
+                raise MedSAMError(f"'{name}' has {len(plist)} boxes: they are followed in 3D both ways; --slice-only "
+                                  "and --direction work on one box")
+            _several_boxes_run_here(segmenter, name)
+            result = segmenter.segment_boxes(plist, progress=bar)
+            return [_Done(name, list(plist), result.mask, _boxes_how(volume, plist, result), result)]
+        prompt = plist[0]
         done = segmenter.segment(prompt, mode, direction=direction, progress=bar)
         if mode == "2d":
             how = f"slice {_slices_text(volume, [prompt.z])} only" + (
@@ -247,23 +298,31 @@ def _run(segmenter, volume, prompts: Dict[str, BoxPrompt], mode: str, direction:
             how = _stops_text(volume, done.result, prompt.z)
         else:
             how = f"3D box, slices {_slices_text(volume, list(prompt.z_range))}"
-        return [_Done(name, prompt, done.mask, how, done.result)]
+        return [_Done(name, [prompt], done.mask, how, done.result)]
     if mode != "3d" or direction != "both":
         raise MedSAMError("several structures are segmented in 3D both ways from their boxes: --slice-only and "
                           "--direction work on one structure at a time")
     if segmenter.speed.stride > 1:
         _note(f"several structures: every slice is computed (the '{segmenter.speed.name}' speed's every-"
               f"{segmenter.speed.stride}th-slice path follows one structure)")
-    job = segmenter.segment_structures(prompts, progress=bar)
+    for name, plist in prompts.items():
+        if len(plist) > 1:
+            _several_boxes_run_here(segmenter, name)
+    job = segmenter.segment_structures({n: p[0] if len(p) == 1 else list(p) for n, p in prompts.items()},
+                                       progress=bar)
     out = []
-    for name, prompt in prompts.items():
-        result = job.results[name]
-        how = (_stops_text(volume, result, prompt.z) if prompt.z_range is None
-               else f"3D box, slices {_slices_text(volume, list(prompt.z_range))}")
+    for name, plist in prompts.items():
+        result, prompt = job.results[name], plist[0]
+        if len(plist) > 1:
+            how = _boxes_how(volume, plist, result)
+        elif prompt.z_range is None:
+            how = _stops_text(volume, result, prompt.z)
+        else:
+            how = f"3D box, slices {_slices_text(volume, list(prompt.z_range))}"
         lost = int((job.contested & ~result.mask).sum())
         if lost:
             how += f"; {lost} voxels claimed by another structure with more confidence"
-        out.append(_Done(name, prompt, result.mask, how, result))
+        out.append(_Done(name, list(plist), result.mask, how, result))
     return out
 
 
@@ -408,28 +467,22 @@ def segment_file(
         prompts = [NamedBox(name, kind, tuple(values), None, f"--box-{kind}")]
     if not prompts:
         raise MedSAMError("give at least one box (--box-ijk / --box-ras) or a --prompts file")
-    if len(prompts) > MAX_STRUCTURES:
-        raise MedSAMError(f"{len(prompts)} structures; at most {MAX_STRUCTURES} run as one job")
-    from dataclasses import replace as _replace
-
-    from .fileio.segnrrd import segment_name
-
-    seen: Dict[str, str] = {}
-    named = []
-    for spec in prompts:
-        name = segment_name(spec.name, spec.where)
-        if name in seen:
-            same = "" if name == spec.name else f" (given as {spec.name!r}: names are compared with their spaces collapsed)"
-            raise MedSAMError(f"two structures are named '{name}' ({seen[name]} and {spec.where}){same}; "
-                              "give each its own name")
-        seen[name] = spec.where
-        named.append(_replace(spec, name=name))
-    prompts = named
-    several = len(prompts) > 1
+    structures = group_structures(prompts)
+    if len(structures) > MAX_STRUCTURES:
+        raise MedSAMError(f"{len(structures)} structures; at most {MAX_STRUCTURES} run as one job")
+    several = len(structures) > 1
     if several and slice_only:
         raise MedSAMError("--slice-only works on one structure; give one box")
     if several and direction != "both":
         raise MedSAMError("--direction works on one structure; several are segmented both ways from their boxes")
+    for name, specs in structures.items():
+        if len(specs) > 1 and server:
+            raise MedSAMError(f"'{name}' has {len(specs)} boxes: a structure's pieces and key slices run on this "
+                              "computer; the server (--server) takes one box per structure")
+        if len(specs) > 1 and (slice_only or direction != "both"):
+            flag = "--slice-only" if slice_only else "--direction"
+            raise MedSAMError(f"{flag} works on one box; '{name}' has {len(specs)} (its pieces or key slices are "
+                              "followed in 3D both ways)")
     from .fileio.atomic import check_output
     from .fileio.volumes import LABELMAP_EXTENSIONS
 
@@ -437,7 +490,16 @@ def segment_file(
     if not slice_only:  # the review beside it: checked with the output, before anything is written
         check_output(review_path(out), overwrite, inputs=[volume_path], what="the review written beside the output")
     volume = _read_checked_volume(volume_path, allow_gaps)
-    boxes = {spec.name: canonical_box(volume, spec, several) for spec in prompts}
+    given = {name: [BoxPrompt.from_voxel_box(b[:3], b[3:]) for b in (canonical_box(volume, spec, len(prompts) > 1)
+                                                                     for spec in specs)]
+             for name, specs in structures.items()}
+    boxed = {name: structure_prompts(given[name], [spec.where for spec in structures[name]],
+                                     volume.orientation.slice_to_index) for name in structures}
+    keyed = [name for name, plist in boxed.items() if len({p.z for p in plist}) > 1]
+    if several and keyed and not out.name.lower().endswith(".seg.nrrd"):
+        raise MedSAMError(f"'{keyed[0]}' has boxes on several slices (key slices): it is segmented on its own, so its "
+                          "overlaps with the other structures are not settled, and a labelmap holds one structure per "
+                          "voxel. Write a .seg.nrrd (its segments may overlap), or segment it in a run of its own")
 
     # Only now the model side (torch).
     from .segmentation.preprocessing import Window, window_note
@@ -452,32 +514,105 @@ def segment_file(
     if own:
         segmenter = _new_segmenter(model, checkpoint, device, precision, download, speed, progress, server)
     try:
-        return _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, direction, several, out,
+        colors = [_structure_color(name, specs) or (SINGLE_COLOR if not several else _default_color(n))
+                  for n, (name, specs) in enumerate(structures.items())]
+        return _segment_and_write(segmenter, volume, window, boxed, given, colors, slice_only, direction, out,
                                   overwrite, progress, t0)
     finally:
         if own and server:
             segmenter.close()
 
 
-def _segment_and_write(segmenter, volume, window, boxes, prompts, slice_only, direction, several, out, overwrite,
+def group_structures(prompts: Sequence[NamedBox]) -> Dict[str, List[NamedBox]]:
+    """The user's boxes grouped into structures, in the order of each structure's first box.
+
+    Boxes given with exactly the same name are one structure (its pieces, or its key slices:
+    :func:`check_structure_boxes`). Names follow the one rule for segment names
+    (:func:`~MedSAMSlicerLib.fileio.segnrrd.segment_name`: whitespace runs collapsed); two names
+    that are equal only once collapsed (``"liver"`` and ``"liver "``) are refused, as before
+    structures could have several boxes: they look like two structures that were meant to differ.
+
+    Raises:
+        MedSAMError: an invalid name, two spellings of one name, or two colours for one structure
+            (naming the boxes as the user gave them).
+    """
+    from dataclasses import replace as _replace
+
+    from .fileio.segnrrd import segment_name
+
+    groups: Dict[str, List[NamedBox]] = {}
+    spelled: Dict[str, NamedBox] = {}
+    for spec in prompts:
+        name = segment_name(spec.name, spec.where)
+        first = spelled.setdefault(name, spec)
+        if first.name != spec.name:
+            raise MedSAMError(f"two structures are named '{name}' ({first.where} and {spec.where}) (given as "
+                              f"{first.name!r} and {spec.name!r}: names are compared with their spaces collapsed); "
+                              "give each its own name, or spell it the same way for boxes of one structure")
+        groups.setdefault(name, []).append(_replace(spec, name=name))
+    for name, specs in groups.items():
+        given = [s for s in specs if s.color is not None]
+        other = next((s for s in given if s.color != given[0].color), None)
+        if other is not None:
+            raise MedSAMError(f"{given[0].where} and {other.where} give '{name}' two colours; give one (or the same "
+                              "on each box)")
+    return groups
+
+
+def _structure_color(name: str, specs: Sequence[NamedBox]) -> Optional[Tuple[float, float, float]]:
+    return next((s.color for s in specs if s.color is not None), None)
+
+
+def job_groups(boxed: Mapping[str, Sequence[BoxPrompt]]) -> List[List[str]]:
+    """How a run's structures are segmented, in order: the structures without key slices as one
+    job (:meth:`Segmenter.segment_structures <MedSAMSlicerLib.segmenter.Segmenter.segment_structures>`:
+    their overlaps settled), and each structure with key slices (boxes on several slices) on its
+    own (:meth:`Segmenter.segment_boxes <MedSAMSlicerLib.segmenter.Segmenter.segment_boxes>`), as a
+    job of one, since a job of several structures follows each from boxes on one slice. Each group
+    gets its own job record, so ``--replay`` runs them the same way."""
+    keyed = [n for n, plist in boxed.items() if len({p.z for p in plist}) > 1]
+    rest = [n for n in boxed if n not in keyed]
+    return ([rest] if rest else []) + [[n] for n in keyed]
+
+
+def _segment_and_write(segmenter, volume, window, boxed, given, colors, slice_only, direction, out, overwrite,
                        progress, t0) -> str:
-    """:func:`segment_file` once its checks passed: run, write the output, the review and the summary."""
+    """:func:`segment_file` once its checks passed: run each job (:func:`job_groups`), write the output,
+    the review and the summary."""
+    import numpy as np
+
+    from .fileio.atomic import published_together
     from .segmentation.provenance import Provenance, new_job, prompt_ras, volume_sha256
 
     segmenter.set_volume(volume.array, window)
-    boxed = {n: BoxPrompt.from_voxel_box(b[:3], b[3:]) for n, b in boxes.items()}
     mode = "2d" if slice_only else "3d"
-    done = _run(segmenter, volume, boxed, mode, direction, progress)
-    colors = [spec.color or (SINGLE_COLOR if not several else _default_color(n)) for n, spec in enumerate(prompts)]
-    job, vsha = new_job([d.name for d in done]), volume_sha256(volume.array)
-    records = [Provenance.of(segmenter, [prompt_ras(volume, d.prompt)], mode, direction, job, vsha) for d in done]
-    labels = _write(volume, out, done, colors, records, overwrite)
-    reviewed = "" if slice_only else f" and {write_review_report(volume, done, out, overwrite).name}"
+    groups = job_groups(boxed)
+    by_name, jobs = {}, {}
+    for group in groups:
+        job = new_job(group)
+        for d in _run(segmenter, volume, {n: boxed[n] for n in group}, mode, direction, progress):
+            d.given = list(given[d.name])
+            by_name[d.name], jobs[d.name] = d, job
+    done = [by_name[n] for n in boxed]
+    if len(done) > 1:  # a structure with key slices ran on its own: say where it overlaps the others
+        for d in done:
+            if len({p.z for p in d.prompts}) == 1:
+                continue
+            overlap = sum(int((np.asarray(d.mask) & np.asarray(o.mask)).sum()) for o in done if o is not d)
+            d.how += (f"; segmented on its own (key slices): {overlap} voxels overlap other structures, not settled"
+                      if overlap else "; segmented on its own (key slices), no overlap with the others")
+    vsha = volume_sha256(volume.array)
+    records = [Provenance.of(segmenter, [prompt_ras(volume, p) for p in d.given], mode, direction, jobs[d.name],
+                             vsha) for d in done]
+    with published_together():  # the mask and its review: both or neither (a full disk)
+        labels = _write(volume, out, done, colors, records, overwrite)
+        reviewed = "" if slice_only else f" and {write_review_report(volume, done, out, overwrite).name}"
     lines = [_mask_text(volume, d.name, d.mask, d.how) for d in done]
     tail = f"{time.perf_counter() - t0:.1f} s; wrote {out}{reviewed}" + (f" ({labels})" if labels else "")
-    if not several:
+    if len(done) == 1:
         return f"{lines[0]}; {tail}"
-    return "\n".join(lines + [f"{len(done)} structures as one job; {tail}"])
+    jobs_text = "as one job" if len(groups) == 1 else f"in {len(groups)} jobs"
+    return "\n".join(lines + [f"{len(done)} structures {jobs_text}; {tail}"])
 
 
 def _default_color(n: int) -> Tuple[float, float, float]:
@@ -525,11 +660,12 @@ def _recorded_prompt(volume, corners_ras) -> BoxPrompt:
 
 def _correction_steps(volume, name: str, corrections: Sequence[Mapping[str, object]]) -> List[Tuple[int, object]]:
     """A record's corrections on ``volume``, checked before the model loads: per correction
-    ``(z, box)`` for a new box, ``(z, None)`` for an accepted slice (canonical slice ``z``).
+    ``(z, boxes)`` for new boxes (one, or with ``"more"`` one per piece of the structure on that
+    slice), ``(z, None)`` for an accepted slice (canonical slice ``z``).
 
     Raises:
-        MedSAMError: a correction whose box or slice misses the volume (naming the segment and
-            the correction).
+        MedSAMError: a correction whose box or slice misses the volume, or whose boxes lie on
+            different slices (naming the segment and the correction).
     """
     import numpy as np
 
@@ -539,8 +675,8 @@ def _correction_steps(volume, name: str, corrections: Sequence[Mapping[str, obje
     for i, c in enumerate(corrections, 1):
         try:
             if c["kind"] == "box":
-                fix = _recorded_prompt(volume, c["ras"])
-                steps.append((fix.z, fix.box))
+                fixes = [_recorded_prompt(volume, ras) for ras in [c["ras"], *(c.get("more") or [])]]
+                steps.append((fixes[0].z, [f.box for f in fixes]))
             else:
                 z = int(round(float(volume.ras_to_canonical(np.asarray([c["slice_ras"]], dtype=float))[0][2])))
                 if not 0 <= z < volume.shape[0]:
@@ -549,6 +685,9 @@ def _correction_steps(volume, name: str, corrections: Sequence[Mapping[str, obje
         except (BoxOutside, KeyError, TypeError, ValueError):
             raise MedSAMError(f"segment '{name}', correction {i}: its slice or box lies outside the volume "
                               f"({dict(c)})") from None
+        if c["kind"] == "box" and len({f.box3d[2::3] for f in fixes}) > 1:
+            raise MedSAMError(f"segment '{name}', correction {i}: its boxes lie on different slices; the boxes of "
+                              "one correction are the pieces of the structure on one slice")
     return steps
 
 
@@ -560,8 +699,8 @@ def _replay_corrections(segmenter, done: _Done, steps: Sequence[Tuple[int, objec
     from .segmentation.corrections import Correction
 
     result = done.result
-    for z, box in steps:
-        correction = Correction.accept(z) if box is None else Correction.with_box(z, box)
+    for z, boxes in steps:
+        correction = Correction.accept(z) if boxes is None else Correction.with_boxes(z, boxes)
         result = segmenter.correct(result, [correction], locked=result.locked, z_range=done.prompt.z_range)
     done.result = result
     done.mask = np.asarray(result.mask, dtype=bool)
@@ -659,12 +798,16 @@ def _replay(seg, records, first, volume, volume_path, segmenter, checkpoint, dev
     if digest != first.weights_sha256:
         raise MedSAMError(f"'{seg.path.name}' was made with other weights (SHA-256 {first.weights_sha256[:16]}...); "
                           f"'{weights}' has {digest[:16]}.... Give those weights with --checkpoint")
-    prompts: Dict[str, BoxPrompt] = {}
+    given: Dict[str, List[BoxPrompt]] = {}
+    prompts: Dict[str, List[BoxPrompt]] = {}
     for name, record in records:
         try:
-            prompts[name] = _recorded_prompt(volume, record.prompts[0]["ras"])
+            given[name] = [_recorded_prompt(volume, p["ras"]) for p in record.prompts]
         except BoxOutside:
-            raise MedSAMError(f"segment '{name}': its box lies outside '{volume_path}'") from None
+            raise MedSAMError(f"segment '{name}': a box of it lies outside '{volume_path}'") from None
+        several = len(record.prompts) > 1
+        prompts[name] = structure_prompts(given[name], [f"segment '{name}', box {n}" if several else
+                                                                f"segment '{name}'" for n in range(1, len(given[name]) + 1)])
     steps = {name: _correction_steps(volume, name, record.corrections) for name, record in records}
 
     t0 = time.perf_counter()
@@ -676,14 +819,16 @@ def _replay(seg, records, first, volume, volume_path, segmenter, checkpoint, dev
     segmenter.set_volume(volume.array, first.window_object())
     done: List[_Done] = []
     for group in replay_groups(records):
-        done += _run(segmenter, volume, {n: prompts[n] for n, _ in group}, first.mode, first.direction, progress)
+        for d in _run(segmenter, volume, {n: prompts[n] for n, _ in group}, first.mode, first.direction, progress):
+            d.given = list(given[d.name])
+            done.append(d)
     by_name = {d.name: d for d in done}
     done = [by_name[name] for name, _ in records]
     for d, (_, record) in zip(done, records):
         if record.corrections:
             _replay_corrections(segmenter, d, steps[d.name])
     colors = [s.color for s in seg.segments]
-    new = [Provenance.of(segmenter, [prompt_ras(volume, d.prompt)], r.mode, r.direction, r.job, r.volume_sha256)
+    new = [Provenance.of(segmenter, [prompt_ras(volume, p) for p in d.given], r.mode, r.direction, r.job, r.volume_sha256)
            .with_corrections(r.corrections) for d, (_, r) in zip(done, records)]
     labels = _write(volume, out, done, colors, new, overwrite)
     lines = []

@@ -36,9 +36,22 @@ from .segmentation.preprocessing import Window, apply_window, resolve_window
 from .segmentation.propagation import PropagationResult, PropagationSettings, StopRule, split_box3d
 from .segmentation.results import Segmentation  # noqa: F401  (its home is results.py, torch-free)
 from .segmentation.strided import propagate_strided
-from .segmentation.structures import StructuresResult, segment_structures
+from .segmentation.structures import StructuresResult, segment_boxes, segment_structures
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def check_box_settings(spec: ModelSpec, settings: Optional[PropagationSettings] = None,
+                       stop: Optional[StopRule] = None, what: str = "") -> None:
+    """The box-propagation settings (:class:`PropagationSettings`: margins, wider box, stop rule)
+    are for the models that propagate a box slice by slice (``"propagation": "box"``); a model that
+    propagates with SAM 2's memory (MedSAM2) takes only the defaults. Raises :class:`MedSAMError`
+    (prefixed with ``what``, e.g. a variant's name) for anything else, before any work is done."""
+    if spec.propagation == "box":
+        return
+    if stop is not None or (settings is not None and settings != PropagationSettings()):
+        raise MedSAMError(f"{what}{': ' if what else ''}{spec.title} propagates with SAM 2's memory: the "
+                          "box-propagation settings (margins, wider box, stop rule) do not apply to it")
 
 
 class Segmenter:
@@ -180,9 +193,13 @@ class Segmenter:
         self.predictor = self.memory  # type: ignore[assignment]
 
     def _no_box_settings(self, settings, stop=None) -> None:
-        if stop is not None or (settings is not None and settings != PropagationSettings()):
-            raise MedSAMError(f"{self.spec.title} propagates with SAM 2's memory: the box-propagation settings "
-                              "(margins, wider box, stop rule) do not apply to it")
+        check_box_settings(self.spec, settings, stop)
+
+    @property
+    def embedding_cache(self):
+        """The slice embeddings kept between calls (:class:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU`:
+        LiteMedSAM/MedSAM's :class:`EmbeddingCache` or MedSAM2's feature cache), under ``cache_mb``."""
+        return self.predictor.cache
 
     @property
     def weights_sha256(self) -> str:
@@ -317,7 +334,7 @@ class Segmenter:
 
     def segment_structures(
         self,
-        prompts: Mapping[str, BoxPrompt],
+        prompts: Mapping[str, Union[BoxPrompt, Sequence[BoxPrompt]]],
         progress: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
         settings: Optional[PropagationSettings] = None,
@@ -326,12 +343,40 @@ class Segmenter:
         each slice encoded once for all, a slice's boxes decoded together, overlaps settled by the
         decoder's logits. Every slice is computed, whatever the speed setting's stride (the strided
         path follows one structure); its encoder runtime and precision apply. MedSAM2: each
-        structure as alone, the features shared (:meth:`~MedSAMSlicerLib.segmentation.medsam2.MedSAM2Engine.segment_structures`)."""
+        structure as alone, the features shared (:meth:`~MedSAMSlicerLib.segmentation.medsam2.MedSAM2Engine.segment_structures`).
+        A structure may be given several boxes on one slice: its pieces (LiteMedSAM and MedSAM)."""
         if self.memory is not None:
             self._no_box_settings(settings)
+            several = [n for n, p in prompts.items() if not isinstance(p, BoxPrompt) and len(p) != 1]
+            if several:
+                raise MedSAMError(f"{several[0]}: MedSAM2 takes one box per structure; several boxes for one "
+                                  "structure (its pieces, or key slices) are for LiteMedSAM and MedSAM")
+            prompts = {n: p if isinstance(p, BoxPrompt) else p[0] for n, p in prompts.items()}
             return self.memory.segment_structures(prompts, progress=progress, cancel=cancel)
         return segment_structures(self.predictor, prompts, settings=settings or self.propagation,
                                   progress=progress, cancel=cancel)
+
+    def segment_boxes(
+        self,
+        prompts: Sequence[BoxPrompt],
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelToken] = None,
+        settings: Optional[PropagationSettings] = None,
+    ) -> PropagationResult:
+        """One structure in 3D from every box drawn for it
+        (:func:`~MedSAMSlicerLib.segmentation.structures.segment_boxes`): one box is
+        :meth:`segment_3d` (speed settings included); boxes on one slice are the structure's pieces,
+        boxes on several slices its key slices (every slice computed, whatever the speed's stride).
+        MedSAM2 takes one box per structure (later boxes are corrections, :meth:`correct`)."""
+        prompts = list(prompts)
+        if len(prompts) == 1:
+            p = prompts[0]
+            return self.segment_3d(p.z, p.box, z_range=p.z_range, progress=progress, cancel=cancel, settings=settings)
+        if self.memory is not None:
+            raise MedSAMError("MedSAM2 takes one box per structure; add the others as corrections, or use "
+                              "LiteMedSAM or MedSAM for a structure's pieces and key slices")
+        return segment_boxes(self.predictor, prompts, settings=settings or self.propagation, progress=progress,
+                             cancel=cancel)
 
     def segment_box3d(
         self,

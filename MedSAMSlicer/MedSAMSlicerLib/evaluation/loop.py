@@ -2,8 +2,8 @@
 
 For each structure the simulated user draws the label's box on its middle slice
 (:func:`~.runner.simulated_box`, automatic extent), then up to ``n`` times fixes the worst slice
-against the label (:func:`worst_slice`): a labelled slice gets the label's box there
-(:meth:`~MedSAMSlicerLib.segmentation.corrections.Correction.with_box`); a slice the result holds but the label
+against the label (:func:`worst_slice`): a labelled slice gets the label's box around each of its
+pieces there (:meth:`~MedSAMSlicerLib.segmentation.corrections.Correction.with_boxes`); a slice the result holds but the label
 does not is erased and marked good (:meth:`~MedSAMSlicerLib.segmentation.corrections.Correction.accept`), as
 a user would erase a slice the segment leaked onto. The 3D Dice is measured after each step.
 
@@ -33,7 +33,7 @@ from ..segmentation.corrections import Correction
 from ..segmentation.preprocessing import resolve_window
 from ..segmentation.propagation import PropagationResult, PropagationSettings
 from .cases import Case, Structure, labelled_slices
-from .runner import Variant, apply_assignments, label_box, simulated_box, window_arg
+from .runner import Variant, apply_assignments, label_box, label_pieces, simulated_box, window_arg
 
 
 def slice_dice(result_mask: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -57,10 +57,12 @@ def worst_slice(result_mask: np.ndarray, ref: np.ndarray, locked: Sequence[int],
 
 
 def user_correction(result: PropagationResult, ref: np.ndarray, z: int) -> Tuple[PropagationResult, Correction]:
-    """What the simulated user does on slice ``z``: the label's tight box where the label holds the
-    structure; else the slice erased (the returned result's mask has it empty) and marked good."""
+    """What the simulated user does on slice ``z``: where the label holds the structure, the label's
+    tight box around each of its pieces there (:func:`~.runner.label_pieces`: one box for a
+    structure in one piece); else the slice erased (the returned result's mask has it empty) and
+    marked good."""
     if ref[z].any():
-        return result, Correction.with_box(z, label_box(ref[z]))
+        return result, Correction.with_boxes(z, [label_box(p) for p in label_pieces(ref[z])])
     mask = result.mask.copy()
     mask[z] = False
     return dataclasses.replace(result, mask=mask), Correction.accept(z)
@@ -92,7 +94,8 @@ class LoopStep:
     Attributes:
         corrections: 0 for the first box's result, then 1, 2, ...
         result: the :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationResult` after them.
-        corrected: the slice fixed at this step, ``"Z box"`` or ``"Z erase"`` (``""`` at step 0).
+        corrected: the slice fixed at this step, ``"Z box"``, ``"Z N boxes"`` (a box per piece) or ``"Z erase"``
+            (``""`` at step 0).
         seconds: wall time of this step (the first box's propagation, or one correction).
         encoded: slices encoded during this step (the first to reach a slice pays for it).
     """
@@ -131,7 +134,8 @@ def loop_steps(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[Pr
         before, t0 = seg.predictor.encoded_slices, time.perf_counter()
         current, fix = user_correction(result, ref, target)
         result = seg.correct(current, [fix], settings=settings)
-        yield LoopStep(step, result, f"{target} {'box' if fix.box is not None else 'erase'}",
+        how = "erase" if fix.box is None else "box" if len(fix.boxes) == 1 else f"{len(fix.boxes)} boxes"
+        yield LoopStep(step, result, f"{target} {how}",
                        time.perf_counter() - t0, seg.predictor.encoded_slices - before)
 
 

@@ -18,6 +18,7 @@ from .runner import (
     Variant,
     apply_assignments,
     builtin_variants,
+    check_model_fits,
     check_modes,
     evaluate,
     parse_variant,
@@ -94,9 +95,6 @@ def run_evaluation(
     from .store import EmbeddingStore
 
     spec = get_spec(segmenter.spec if segmenter is not None else model)
-    if spec.propagation != "box":
-        raise MedSAMError(f"evaluate measures box propagation (its variants are box-propagation settings); "
-                          f"{spec.title} propagates with SAM 2's memory and is not evaluated by it yet (docs/medsam2.md)")
     if threads is not None:
         if threads < 1:
             raise MedSAMError(f"--threads must be at least 1; got {threads}")
@@ -105,6 +103,7 @@ def run_evaluation(
     check_modes(modes, corrections)
     chosen: List[Variant] = [parse_variant(v) for v in variants] or [builtin_variants()["default"]]
     chosen = [apply_assignments(v, common) for v in chosen]
+    check_model_fits(spec, chosen, bool(embedding_cache))  # before the model loads
     if out is not None:
         check_outputs(out, overwrite)
     if embedding_cache:

@@ -70,6 +70,9 @@ class Variant:
     def preprocessing(self, model_method: str) -> str:
         """The slice preprocessing this variant runs for a model whose own is ``model_method``
         (MedSAM's already enlarges with cubic splines)."""
+        if self.enlarge is not None and model_method not in ("litemedsam", "medsam"):
+            raise MedSAMError(f"enlarge={self.enlarge} applies to LiteMedSAM and MedSAM; this model's preprocessing is "
+                              f"{model_method} (its own resizing)")
         if self.enlarge == "cubic" and model_method == "litemedsam":
             return "litemedsam-cubic"
         if self.enlarge == "area" and model_method != "litemedsam":
@@ -220,6 +223,16 @@ def label_box(slice_mask: np.ndarray, margin: int = 0) -> Tuple[int, int, int, i
     return x0, y0, x1, y1
 
 
+def label_pieces(slice_mask: np.ndarray) -> List[np.ndarray]:
+    """The pieces of a ``(H, W)`` label on one slice, as a user boxes them one by one: its
+    8-connected components, largest first (the ``per-part`` mode and the simulated user's
+    corrections)."""
+    from scipy import ndimage as ndi
+
+    labels, n = ndi.label(slice_mask, structure=np.ones((3, 3), bool))
+    return sorted((labels == i for i in range(1, n + 1)), key=lambda p: -int(p.sum()))
+
+
 def simulated_box(mask_zyx: np.ndarray, margin: int = 0) -> Tuple[int, Tuple[int, int, int, int], Tuple[int, int]]:
     """The user's box for a structure: ``(z, (x0, y0, x1, y1), (z_first, z_last))``.
 
@@ -277,6 +290,7 @@ def evaluate(
         One :class:`EvaluationRow` per structure, variant and mode, in that nesting order
         within each case.
     """
+    from ..models.registry import get_spec
     from ..segmentation.preprocessing import Window, resolve_window
     from ..segmenter import Segmenter
 
@@ -291,6 +305,8 @@ def evaluate(
             if (include is None or include(case, structure)) and not case.mask(structure).any():
                 raise MedSAMError(f"{case.name}/{structure.name} is empty: none of its label value(s) "
                                   f"{', '.join(map(str, structure.labels))} is in its labels ({case.source})")
+    check_model_fits(segmenter.spec if segmenter is not None else get_spec("litemedsam"), variants,
+                     embedding_store is not None)
     seg = segmenter if segmenter is not None else Segmenter("litemedsam", device="cpu")
     rows: List[EvaluationRow] = []
     for case in cases:
@@ -346,6 +362,26 @@ def evaluate(
     return rows
 
 
+def check_model_fits(spec, variants: Sequence[Variant], embedding_store: bool = False) -> None:
+    """Before a model loads: every variant applies to the model ``spec``
+    (:class:`~MedSAMSlicerLib.models.registry.ModelSpec`): its slice enlargement
+    (:meth:`Variant.preprocessing`) and its propagation settings (a memory model, MedSAM2, takes
+    only the defaults and the window: :func:`~MedSAMSlicerLib.segmenter.check_box_settings`); and an
+    on-disk embedding store (:mod:`.store`) is asked for only where the model keeps one embedding per
+    slice (box propagation). Raises :class:`MedSAMError` naming the variant or option."""
+    from ..segmenter import check_box_settings
+
+    for variant in variants:
+        try:
+            variant.preprocessing(spec.preprocessing)
+        except MedSAMError as exc:
+            raise MedSAMError(f"variant '{variant.name}': {exc}") from None
+        check_box_settings(spec, variant.settings, what=f"variant '{variant.name}'")
+    if embedding_store and spec.propagation != "box":
+        raise MedSAMError(f"--embedding-cache keeps LiteMedSAM and MedSAM slice embeddings; {spec.title}'s SAM 2 "
+                          "features are kept in memory for the run only: leave --embedding-cache out")
+
+
 def check_modes(modes: Sequence[str], corrections: int = DEFAULT_CORRECTIONS) -> None:
     """Raise :class:`MedSAMError` unless ``modes`` are some of :data:`MODES` and ``corrections``
     (the loop's) a whole number from 0 to 50."""
@@ -359,21 +395,24 @@ def check_modes(modes: Sequence[str], corrections: int = DEFAULT_CORRECTIONS) ->
 def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str], settings: PropagationSettings,
                ref: np.ndarray, box_margin: int, corrections: int = DEFAULT_CORRECTIONS):
     """``(mode, result, seconds, slices encoded, slices corrected)`` per mode (``loop``: one per
-    step, ``loop-0`` .. ``loop-N``). ``3d`` and ``2d`` come from one walk
+    step, ``loop-0`` .. ``loop-N``). Every mode goes through the :class:`~MedSAMSlicerLib.segmenter.Segmenter`'s
+    own methods (``segment_3d``, ``segment_slice``, ``correct``), so each model runs its own way
+    (MedSAM2: SAM 2's memory). With box propagation ``3d`` and ``2d`` come from one walk
     (:func:`~MedSAMSlicerLib.segmentation.propagation.propagate_both`, the same masks as two runs); its time
-    and encoding are shared out in proportion to the slices each mode predicted."""
+    and encoding are shared out in proportion to the slices each mode predicted. A memory model
+    runs the two modes one after the other (the second reuses the slices' features)."""
     from ..segmentation.propagation import propagate_both
     from .loop import loop_steps  # the loop builds on this module
 
     out = []
     walk = [m for m in modes if m in ("3d", "2d")]
-    before = seg.predictor.encoded_slices
-    t0 = time.perf_counter()
-    if len(walk) == 1:
-        mode = walk[0]
-        result = seg.segment_3d(z, box, z_range=z_range if mode == "3d" else None, settings=settings)
-        out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before, ""))
+    if len(walk) == 1 or seg.spec.propagation != "box":
+        for mode in walk:
+            before, t0 = seg.predictor.encoded_slices, time.perf_counter()
+            result = seg.segment_3d(z, box, z_range=z_range if mode == "3d" else None, settings=settings)
+            out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before, ""))
     elif walk:
+        before, t0 = seg.predictor.encoded_slices, time.perf_counter()
         ranged, auto = propagate_both(seg.predictor, z, box, z_range, settings=settings)
         seconds, encoded = time.perf_counter() - t0, seg.predictor.encoded_slices - before
         walked = len({r.z for r in ranged.slices} | {r.z for r in auto.slices})
@@ -385,7 +424,7 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
         if mode in modes:
             before = seg.predictor.encoded_slices
             t0 = time.perf_counter()
-            result = per_slice(seg.predictor, ref, box_margin, parts=mode == PER_PART)
+            result = per_slice(seg, ref, box_margin, parts=mode == PER_PART)
             out.append((mode, result, time.perf_counter() - t0, seg.predictor.encoded_slices - before, ""))
     if LOOP in modes:
         fixed: List[str] = []
@@ -398,31 +437,27 @@ def _run_modes(seg, z: int, box, z_range: Tuple[int, int], modes: Sequence[str],
     return out
 
 
-def per_slice(predictor, ref: np.ndarray, box_margin: int = 0, parts: bool = False):
+def per_slice(seg, ref: np.ndarray, box_margin: int = 0, parts: bool = False):
     """Each labelled slice of ``ref`` ``(z, y, x)`` predicted alone from the label's box there
-    (:func:`label_box`), as the first slice of a propagation or a box correction is: the
+    (:func:`label_box`) by the :class:`~MedSAMSlicerLib.segmenter.Segmenter` ``seg``'s
+    ``segment_slice`` (its 2D, as the first slice of a propagation or a box correction is): the
     ``per-slice`` mode; with ``parts``, one box per 8-connected piece of the label on the slice and
     the masks joined (``per-part``). Returns a
     :class:`~MedSAMSlicerLib.segmentation.propagation.PropagationResult` with one record per slice (the
-    predicted IoU of its largest piece's box with ``parts``)."""
-    from scipy import ndimage as ndi
-
+    score of its largest piece's box with ``parts``: the predicted IoU, MedSAM2's object presence)."""
     from ..segmentation.predictor import SliceResult
     from ..segmentation.propagation import PropagationResult, slice_record
 
     zs = [int(z) for z in np.flatnonzero(ref.any(axis=(1, 2)))]
-    predictor.encode(zs)
+    seg.predictor.encode(zs)
     mask = np.zeros(ref.shape, dtype=bool)
     records = []
     for z in zs:
-        pieces = [ref[z]]
-        if parts:
-            labels, n = ndi.label(ref[z], structure=np.ones((3, 3), bool))
-            pieces = sorted((labels == i for i in range(1, n + 1)), key=lambda p: -int(p.sum()))
-        results = [predictor.predict(z, label_box(p, box_margin)) for p in pieces]
+        pieces = label_pieces(ref[z]) if parts else [ref[z]]
+        results = [seg.segment_slice(z, label_box(p, box_margin)) for p in pieces]
         mask[z] = np.logical_or.reduce([r.mask for r in results])
         result = SliceResult(mask=mask[z], score=results[0].score, box_model=results[0].box_model)
-        records.append(slice_record(z, result, predictor.volume[z], reason="label box"))
+        records.append(slice_record(z, result, seg.predictor.volume[z], reason="label box"))
     return PropagationResult(mask=mask, z_extent=z_extent(mask), slices=records)
 
 

@@ -12,7 +12,11 @@ half-written result under the target's name:
   so of two runs started at once exactly one wins and the other says so (file systems without
   hard links fall back to reserving the name with an exclusive create, also atomic);
 - a temporary file left by a killed run is removed by the next write into that folder
-  (:func:`remove_stale_temporaries`: its process is gone, or it is a day old).
+  (:func:`remove_stale_temporaries`: its process is gone, or it is a day old);
+- files that belong together (a mask and its review) are written inside
+  :func:`published_together`: all of them are written first, where a full disk or a quota fails,
+  and only then moved into place, so a run leaves all of them or none (never a new mask beside
+  an old review).
 
 :func:`check_destination` does, before any work starts, every check that can fail at the end
 (folder writable, name length, a folder in the way, an existing file); :func:`check_output` adds,
@@ -28,10 +32,11 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import MedSAMError
 from .integrity import input_files
@@ -265,6 +270,49 @@ def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
     os.unlink(tmp)
 
 
+_PENDING = threading.local()
+
+
+@contextlib.contextmanager
+def published_together() -> Iterator[None]:
+    """The files :func:`atomic_write` writes inside the block are published together when it ends:
+    each is written to its temporary file as the block runs (where a full disk fails), and all are
+    moved into place only after the block finished without an error; otherwise none is, and every
+    temporary file is removed. A failure while publishing (another run created a file meanwhile)
+    removes the files this block had already created; a replaced file cannot be put back, but
+    moving a finished file into place needs no free space. Nested blocks join the outer one."""
+    if getattr(_PENDING, "files", None) is not None:
+        yield
+        return
+    files: List[Tuple[Path, Path, bool]] = []
+    _PENDING.files = files
+    try:
+        yield
+        _PENDING.files = None
+        created: List[Path] = []
+        target = None
+        try:
+            for tmp, target, overwrite in files:
+                existed = target.exists() or target.is_symlink()
+                _publish(tmp, target, overwrite)
+                if not existed:
+                    created.append(target)
+        except BaseException as exc:
+            for path in created:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            if isinstance(exc, OSError):
+                raise MedSAMError(f"could not write '{target}' ({exc.strerror or exc}); check free space and "
+                                  "permissions") from None
+            raise
+    finally:
+        _PENDING.files = None
+        for tmp, _, _ in files:
+            with contextlib.suppress(OSError):
+                if tmp.exists():
+                    tmp.unlink()
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool = True) -> Path:
     """Call ``write(tmp)`` on a temporary path in ``path``'s folder, then publish it as ``path``.
 
@@ -287,17 +335,24 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool 
         ) from None
     remove_stale_temporaries(target.parent)
     tmp = target.parent / _temp_name(target, _name_max(target.parent))
+    pending = getattr(_PENDING, "files", None)
+    queued = False
     try:
         write(tmp)
+        if pending is not None:  # published_together(): moved into place when the block ends
+            pending.append((tmp, target, overwrite))
+            queued = True
+            return target
         _publish(tmp, target, overwrite)
     except OSError as exc:
         raise MedSAMError(
             f"could not write '{target}' ({exc.strerror or exc}); check free space and permissions"
         ) from None
     finally:
-        with contextlib.suppress(OSError):
-            if tmp.exists():
-                tmp.unlink()
+        if not queued:
+            with contextlib.suppress(OSError):
+                if tmp.exists():
+                    tmp.unlink()
     return target
 
 

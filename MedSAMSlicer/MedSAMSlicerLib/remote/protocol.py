@@ -160,14 +160,21 @@ def window_from_json(data: Mapping[str, Any]):
 
 
 def correction_json(correction: Correction) -> Dict[str, Any]:
-    """A :class:`~MedSAMSlicerLib.segmentation.results.Correction` as JSON."""
-    return {"z": int(correction.z), "box": None if correction.box is None else [float(v) for v in correction.box]}
+    """A :class:`~MedSAMSlicerLib.segmentation.results.Correction` as JSON (``more``: the boxes of
+    further pieces on the slice, only when there are some)."""
+    out: Dict[str, Any] = {"z": int(correction.z),
+                           "box": None if correction.box is None else [float(v) for v in correction.box]}
+    if correction.more:
+        out["more"] = [[float(v) for v in b] for b in correction.more]
+    return out
 
 
 def correction_from_json(data: Mapping[str, Any]) -> Correction:
     """:func:`correction_json` read back."""
     box = data.get("box")
-    return Correction.accept(int(data["z"])) if box is None else Correction.with_box(int(data["z"]), box)
+    if box is None:
+        return Correction.accept(int(data["z"]))
+    return Correction.with_boxes(int(data["z"]), [box] + list(data.get("more") or []))
 
 
 # -- results ---------------------------------------------------------------------------------------

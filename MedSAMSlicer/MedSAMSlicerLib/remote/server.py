@@ -8,7 +8,8 @@ Routes (JSON answers; errors are ``{"error": message, "code": ...}``):
 * ``POST /sessions``: body = :func:`~MedSAMSlicerLib.remote.protocol.pack_volume` bytes, header
   ``X-MedSAM-Volume-SHA256``; checks size, format, hash and voxels; answers the session id and the
   engine (model, weights' SHA-256, speed, precision).
-* ``DELETE /sessions/{id}``.
+* ``GET /sessions/{id}``: the session's volume shape and embeddings (held, its cap, computed,
+  evicted); ``DELETE /sessions/{id}``.
 * ``POST /sessions/{id}/jobs``: ``{"kind": "segment"|"structures"|"correct", "window": ..., ...}``
   queues an engine call; answers the job id.
 * ``GET /jobs/{id}?wait=S``: waits up to ``S`` seconds (at most 10) for the job to move on; answers
@@ -34,7 +35,7 @@ from typing import Any, Dict, List, Optional
 from ..errors import MedSAMError
 from ..segmentation.provenance import VERSION, volume_sha256
 from . import protocol
-from .sessions import LimitReached, Limits, Missing, Service, check_token, owner_of
+from .sessions import LimitReached, Limits, Missing, Service, check_token, log, owner_of
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -90,7 +91,6 @@ class ServeOptions:
     precision: str = "auto"
     speed: str = "exact"
     download: bool = False
-    cache_mb: int = 4096
     limits: Limits = field(default_factory=Limits)
 
     def check(self) -> None:
@@ -110,6 +110,9 @@ class ServeOptions:
                 raise MedSAMError(f"the TLS file '{path}' does not exist")
         if not 0 < self.port < 65536:
             raise MedSAMError(f"--port must be 1..65535; got {self.port}")
+        for flag, value in (("--cache-mb", self.limits.cache_mb), ("--session-cache-mb", self.limits.session_cache_mb)):
+            if value < 0:
+                raise MedSAMError(f"{flag} must be 0 or more (MiB); got {value}")
 
 
 def engine_info(segmenter) -> Dict[str, Any]:
@@ -124,7 +127,7 @@ def create_app(service: Service, tokens: List[str]):
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict
+    from pydantic import BaseModel, ConfigDict, Field
     from starlette.concurrency import run_in_threadpool
 
     segmenter = service.segmenter
@@ -241,6 +244,10 @@ def create_app(service: Service, tokens: List[str]):
         return {"session": session.id, "shape": list(array.shape), "session_ttl": limits.session_ttl,
                 "engine": info}
 
+    @app.get("/sessions/{sid}")
+    async def session_usage(sid: str, who: str = Depends(owner)):
+        return found(service.session_usage, sid, who)
+
     @app.delete("/sessions/{sid}", status_code=204)
     async def close_session(sid: str, who: str = Depends(owner)):
         found(service.close_session, sid, who)
@@ -262,6 +269,7 @@ def create_app(service: Service, tokens: List[str]):
         model_config = ConfigDict(extra="forbid")
         z: int
         box: Optional[List[float]] = None
+        more: Optional[List[List[float]]] = Field(default=None, max_length=64)  # boxes of further pieces
 
     class JobIn(BaseModel):
         # extra="forbid": a request can only say what the protocol says; there is no field for a path.
@@ -342,16 +350,16 @@ def serve(options: ServeOptions) -> None:
     from ..segmenter import Segmenter
 
     segmenter = Segmenter(options.model, checkpoint=options.checkpoint, device=options.device,
-                          precision=options.precision, download=options.download, cache_mb=options.cache_mb,
+                          precision=options.precision, download=options.download, cache_mb=options.limits.cache_mb,
                           speed=options.speed)
     service = Service(segmenter, options.limits)
     app = create_app(service, options.tokens)
     scheme = "https" if options.ssl_certfile else "http"
     guard = (f"{len(options.tokens)} token(s)" if options.tokens else "no token: loopback only")
-    print(f"medsam-slicer serve: {segmenter.describe()}", file=sys.stderr)
-    print(f"medsam-slicer serve: {scheme}://{options.host}:{options.port} ({guard}; at most "
-          f"{options.limits.max_sessions} sessions, idle ones expire after {options.limits.session_ttl:g} s)",
-          file=sys.stderr, flush=True)
+    log(f"medsam-slicer serve: {segmenter.describe()}")
+    log(f"medsam-slicer serve: {scheme}://{options.host}:{options.port} ({guard}; at most "
+        f"{options.limits.max_sessions} sessions, idle ones expire after {options.limits.session_ttl:g} s; "
+        f"slice embeddings: {options.limits.session_cache_mb} MiB a session, {options.limits.cache_mb} MiB in all)")
     try:
         uvicorn.run(app, host=options.host, port=options.port, ssl_certfile=options.ssl_certfile,
                     ssl_keyfile=options.ssl_keyfile, log_level="warning", access_log=False, workers=1,
@@ -361,9 +369,12 @@ def serve(options: ServeOptions) -> None:
 
 
 def launch(port: int, args: List[str], env: Optional[Dict[str, str]] = None, cafile: Optional[str] = None,
-           timeout: float = 180.0):
+           timeout: float = 180.0, log: Optional[str] = None):
     """Start ``medsam-slicer serve --host 127.0.0.1 --port PORT ARGS`` in a subprocess (this Python)
     and wait until ``/health`` answers (benchmarks, tests). Returns ``(process, url)``.
+
+    Args:
+        log: a file for the server's output (default: a pipe, read when it fails to start).
 
     Raises:
         MedSAMError: the server exited (its output in the message) or did not answer in time.
@@ -373,14 +384,20 @@ def launch(port: int, args: List[str], env: Optional[Dict[str, str]] = None, caf
     from .client import RemoteClient
 
     scheme = "https" if "--ssl-certfile" in args else "http"
-    proc = subprocess.Popen([sys.executable, "-m", "MedSAMSlicerLib.cli", "serve", "--host", "127.0.0.1", "--port",
-                             str(port), *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    output = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115  (the child holds it)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "MedSAMSlicerLib.cli", "serve", "--host", "127.0.0.1",
+                                 "--port", str(port), *map(str, args)], env=env, stdout=output,
+                                stderr=subprocess.STDOUT, text=True)
+    finally:
+        if log:
+            output.close()
     url = f"{scheme}://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise MedSAMError(f"the server exited: {proc.stdout.read().strip()}")
+            said = proc.stdout.read().strip() if proc.stdout else f"exit code {proc.returncode}; its log: {log}"
+            raise MedSAMError(f"the server exited: {said}")
         try:
             RemoteClient(url, timeout=2, cafile=cafile).health()
             return proc, url

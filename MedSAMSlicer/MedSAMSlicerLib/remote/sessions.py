@@ -8,8 +8,13 @@ rate limit. :mod:`.server` puts FastAPI in front of it; everything here is plain
   a :class:`FairQueue`: one queue per session, served round-robin, so a session with many jobs
   never starves another. One worker thread runs them on the one
   :class:`~MedSAMSlicerLib.segmenter.Segmenter` (one model, one device): the same code as a local run.
-* Embeddings: the segmenter's embedding cache, keyed by volume, window, model and slice, under one
-  memory cap (``cache_mb``) for all sessions (least recently used first out).
+* Embeddings: the segmenter's embedding cache, keyed by the owner's token digest, volume, window,
+  model and slice. Each session keeps its embeddings under its own cap (``session_cache_mb``): a
+  session over it loses its own least recently used ones, never another session's, and computes
+  them again when it needs them (the same masks, only slower). Above the sessions, one ceiling
+  (``cache_mb``) for all of them. An embedding belongs to the session that used it last, so a
+  user's next session on the same volume (the command line opens one per run) finds the
+  embeddings of the last one (:class:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import collections
 import hashlib
 import hmac
 import secrets
+import sys
 import threading
 import time
 import traceback
@@ -41,6 +47,21 @@ class Limits:
     rate_limit: float = 50.0
     max_queued_per_session: int = 4
     job_keep_s: float = 120.0
+    #: Slice embeddings of all sessions together (MiB; least recently used out).
+    cache_mb: int = 4096
+    #: Slice embeddings of one session (MiB; its own least recently used out): 4 MiB a slice.
+    session_cache_mb: int = 1024
+
+
+def log(text: str) -> None:
+    """One line (or a traceback) into the server's log (its standard error). A log that cannot be
+    written (its disk full, its pipe closed) loses the text; it never stops the server (an
+    ``OSError`` raised from here would end the worker thread, and every job after it would wait
+    forever)."""
+    try:
+        print(text.rstrip("\n"), file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def owner_of(token: Optional[str]) -> str:
@@ -221,6 +242,11 @@ class Service:
             self.sessions[session.id] = session
             return session
 
+    def _drop(self, session: Session) -> None:
+        """Forget ``session`` (under the lock); its embeddings go first when memory is needed."""
+        self.sessions.pop(session.id, None)
+        self.segmenter.embedding_cache.release(session.id)
+
     def session(self, sid: str, owner: str) -> Session:
         """The owner's session ``sid`` (touched: its idle time starts again).
 
@@ -240,7 +266,14 @@ class Service:
     def close_session(self, sid: str, owner: str) -> None:
         session = self.session(sid, owner)
         with self._lock:
-            self.sessions.pop(session.id, None)
+            self._drop(session)
+
+    def session_usage(self, sid: str, owner: str) -> Dict[str, Any]:
+        """The owner's session ``sid``: its volume and the embeddings it holds
+        (:meth:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU.usage`)."""
+        session = self.session(sid, owner)
+        return {"session": session.id, "shape": list(session.array.shape), "queued": session.queued,
+                "embeddings": self.segmenter.embedding_cache.usage(session.id)}
 
     # -- jobs ------------------------------------------------------------------------------------
     def submit(self, session: Session, kind: str, run: Callable[..., Any]) -> Job:
@@ -274,25 +307,33 @@ class Service:
             job.state, job.started_at = "running", time.monotonic()
             job.version += 1
             try:
-                job.finish("done", job.run(self._load(job.session), job.progress, job.cancel))
+                with self.segmenter.embedding_cache.working_for(job.session.id, self.limits.session_cache_mb << 20):
+                    answer = job.run(self._load(job.session), job.progress, job.cancel)
+                job.finish("done", answer)
             except Cancelled:
                 job.finish("cancelled")
             except MedSAMError as exc:
                 job.finish("failed", error=str(exc))
             except Exception as exc:  # noqa: BLE001  (the server goes on; the client gets the reason)
-                traceback.print_exc()
+                log(traceback.format_exc())
                 job.finish("failed", error=f"the server failed on this request ({type(exc).__name__}: {exc})")
             finally:
                 self.jobs_run += 1
+                with self._lock:
+                    if job.session.id not in self.sessions:  # closed while its job ran
+                        self.segmenter.embedding_cache.release(job.session.id)
 
     def _load(self, session: Session) -> Callable[[Any], Any]:
         """A function that gives the segmenter ``session``'s volume with a window, unless it holds it."""
 
         def load(window):
-            key = f"{session.sha256}|{window.key}"
+            # Embeddings are the owner's: another user's identical volume does not reuse them (nor
+            # learn, from the time a job takes, that someone else works on this volume).
+            volume = f"{session.owner}:{session.sha256}"
+            key = f"{volume}|{window.key}"
             if self._loaded != key:
                 self._loaded = None
-                self.segmenter.set_volume(session.array, window, key=session.sha256)
+                self.segmenter.set_volume(session.array, window, key=volume)
                 self._loaded = key
             return self.segmenter
 
@@ -304,7 +345,7 @@ class Service:
             with self._lock:
                 for sid, session in list(self.sessions.items()):
                     if now - session.last_used > self.limits.session_ttl and session.queued == 0:
-                        del self.sessions[sid]
+                        self._drop(session)
                         self.expired[sid] = now
                 while len(self.expired) > 10000:
                     self.expired.popitem(last=False)
@@ -314,8 +355,11 @@ class Service:
 
     def stats(self) -> Dict[str, Any]:
         with self._lock:
+            cache = self.segmenter.embedding_cache
             return {"sessions": len(self.sessions), "volume_bytes": sum(s.nbytes for s in self.sessions.values()),
-                    "jobs_run": self.jobs_run, "running": sum(j.state == "running" for j in self.jobs.values()), "embedding_bytes": int(self.segmenter.predictor.cache.nbytes)}
+                    "jobs_run": self.jobs_run, "running": sum(j.state == "running" for j in self.jobs.values()),
+                    "embedding_bytes": int(cache.nbytes), "embedding_cap_bytes": int(cache.max_bytes),
+                    "session_embedding_cap_bytes": int(self.limits.session_cache_mb) << 20}
 
     def stop(self) -> None:
         self._stop.set()

@@ -39,7 +39,7 @@ the speed tiers' every-n-th-slice stride do not apply).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -54,10 +54,11 @@ from .propagation import (
     SliceRecord,
     _PassHistory,
     check_prompt,
+    join_pieces,
     resolve_margins,
     slice_record,
 )
-from .results import Correction  # noqa: F401  (its home is results.py, torch-free)
+from .results import Correction, check_corrections  # noqa: F401  (Correction's home is results.py, torch-free)
 
 EDGE_REASON = "reached the volume's edge"
 RANGE_REASON = "reached the end of the z-range"
@@ -121,6 +122,60 @@ def _source(p: Pass, z: int, records: Dict[int, SliceRecord], earlier: Dict[int,
     return 0.0, None, None, False
 
 
+def _untouched_parts(before: np.ndarray, now: np.ndarray) -> np.ndarray:
+    """The 8-connected parts of ``before`` (an ``(H, W)`` mask) that ``now`` does not touch."""
+    from scipy import ndimage as ndi
+
+    parts, _ = ndi.label(before, structure=np.ones((3, 3), bool))
+    touched = np.unique(parts[now & before])
+    return (parts > 0) & ~np.isin(parts, touched[touched > 0])
+
+
+def _side_source(side: Sequence[Pass], z: int, by_slice: Dict[int, Dict[int, SliceRecord]],
+                 earlier: Dict[int, SliceRecord], before: np.ndarray):
+    """:func:`_source` for the passes of one end of a span (one per piece the user boxed there):
+    their masks joined, their mean predicted IoU, the largest piece's record; ``kept`` when every
+    piece that has the slice kept the earlier result."""
+    found = [o for o in (_source(p, z, by_slice[id(p)], earlier, before) for p in side) if o[1] is not None]
+    if not found:
+        return 0.0, None, None, False
+    if len(found) == 1:
+        return found[0]
+    mask = np.logical_or.reduce([o[1] for o in found])
+    record = max((o[2] for o in found), key=lambda r: r.area)
+    return float(np.mean([o[0] for o in found])), mask, record, all(o[3] for o in found)
+
+
+def _corridors(predictor: Predictor, boxes: Mapping[int, Sequence[np.ndarray]], settings: PropagationSettings):
+    """``corridor(a, b)``: for a span between two slices the user boxed, slice -> the model-pixel
+    box a pass's prompt must stay inside (:attr:`PropagationSettings.key_corridor`): the two
+    slices' boxes (each the union of its pieces' boxes) interpolated linearly, grown on each side
+    by ``key_corridor`` times the longer side of the larger of them. ``None`` where the rule is
+    off or either end is not a boxed slice."""
+    size = float(predictor.input_size)
+
+    def union(z: int) -> np.ndarray:
+        bs = np.array(boxes[z], dtype=float)
+        return np.array([bs[:, 0].min(), bs[:, 1].min(), bs[:, 2].max(), bs[:, 3].max()])
+
+    def corridor_of(a: int, b: int) -> Optional[Callable[[int], np.ndarray]]:
+        if settings.key_corridor <= 0 or a not in boxes or b not in boxes:
+            return None
+        box_a, box_b = union(a), union(b)
+        grow = settings.key_corridor * float(max(box_a[2] - box_a[0], box_a[3] - box_a[1],
+                                                 box_b[2] - box_b[0], box_b[3] - box_b[1]))
+
+        def corridor(z: int) -> np.ndarray:
+            t = (z - a) / float(b - a)
+            box = (1 - t) * box_a + t * box_b
+            return np.array([max(0.0, box[0] - grow), max(0.0, box[1] - grow), min(size, box[2] + grow),
+                             min(size, box[3] + grow)])
+
+        return corridor
+
+    return corridor_of
+
+
 def _best_split(low: Sequence[float], high: Sequence[float]) -> int:
     """``k`` maximising ``sum(low[:k]) + sum(high[k:])`` (ties: the nearest to the middle)."""
     n = len(low)
@@ -182,27 +237,21 @@ def correct(
         locked = current.locked if locked is None else locked
     else:
         mask_in, records_in, reasons_in = np.asarray(current), [], {}
-    if mask_in.shape != volume.shape:
-        raise MedSAMError(f"the mask has shape {tuple(mask_in.shape)} but the volume is {tuple(volume.shape)} (z, y, x)")
-    if not corrections:
-        raise MedSAMError("give at least one correction: a box on a slice, or a slice marked good")
+    check_corrections(corrections, mask_in.shape, volume.shape)
     zs = [c.z for c in corrections]
-    repeated = sorted({z for z in zs if zs.count(z) > 1})
-    if repeated:
-        raise MedSAMError(f"one correction per slice; slice {repeated[0]} has {zs.count(repeated[0])}")
     lo, hi = 0, depth - 1
     if z_range is not None:
         lo, hi = sorted(int(v) for v in z_range)
         if lo < 0 or hi >= depth:
             raise MedSAMError(f"z-range {lo}..{hi} is outside the volume's slices 0..{depth - 1}")
     old_locked = sorted({predictor.check_slice_index(int(z)) for z in (locked or ())})
-    boxes: Dict[int, np.ndarray] = {}
+    boxes: Dict[int, List[np.ndarray]] = {}  # per slice, one model-pixel box per piece
     for c in corrections:
         z = predictor.check_slice_index(c.z)
         if not lo <= z <= hi:
             raise MedSAMError(f"the correction's slice {z} is outside the z-range {lo}..{hi}")
         if c.box is not None:
-            boxes[z] = check_prompt(predictor, z, c.box)[1]
+            boxes[z] = [check_prompt(predictor, z, b)[1] for b in c.boxes]
     margin, wider_box = resolve_margins(predictor, settings)
     jitter = settings.box_jitter * predictor.input_size / 256.0
     mask = np.array(mask_in, dtype=bool, copy=True)
@@ -221,13 +270,16 @@ def correct(
     total = len(corrected)
     done = 0
     starts: Dict[int, SliceRecord] = {}
+    pieces: Dict[int, List[Tuple[np.ndarray, np.ndarray]]] = {}  # a boxed slice's (mask, box) per piece
     with predictor.holding(new_locked):
         check_cancel(cancel)
         predictor.encode(sorted(boxes), cancel=cancel)
         for z in corrected:
             check_cancel(cancel)
             if z in boxes:
-                result = predictor.predict_model_box(z, boxes[z], jitter)
+                results = [predictor.predict_model_box(z, b, jitter) for b in boxes[z]]
+                pieces[z] = [(r.mask, b) for r, b in zip(results, boxes[z])]
+                result = join_pieces(results)
                 mask[z] = result.mask
                 starts[z] = slice_record(z, result, volume[z], reason="box")
             else:
@@ -238,9 +290,7 @@ def correct(
             report(progress, done, total, f"slice {z}")
 
         def first_box(z: int) -> np.ndarray:
-            # Where a pass's mask vanishes it falls back to this box: the user's, or the locked mask's.
-            if z in boxes:
-                return boxes[z]
+            # Where a pass's mask vanishes it falls back to this box: the locked mask's.
             prepared = predictor.prepared(z)
             box_m = mask_box_in_model(mask[z], prepared, margin)
             if box_m is None:  # a mask too small to survive the resize to the model's input
@@ -248,8 +298,21 @@ def correct(
                 box_m = box_to_model(np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=float), prepared)
             return box_m
 
+        def origins(z: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+            # What passes start from on slice z: each piece the user boxed, with its box (where its
+            # mask vanishes the pass falls back to it), or the locked slice's mask as one.
+            if z in pieces:
+                return list(pieces[z])
+            return [(mask[z], first_box(z))]
+
+        def holds(z: int) -> bool:
+            # The structure is on a slice the user boxed, even where the model's mask there came out
+            # empty (a tip too small for it): passes go on from the box. A slice accepted empty: not there.
+            return z in boxes or bool(mask[z].any())
+
+        corridor_of = _corridors(predictor, boxes, settings)
         passes: List[Pass] = []
-        pairs: List[Tuple[Pass, Pass]] = []  # both ends of a span between two full locked slices
+        pairs: List[Tuple[List[Pass], List[Pass]]] = []  # both ends of a span between two full locked slices
         for a, b in sorted(rerun, key=lambda s: (-1 if s[0] is None else s[0])):
             first, last = (lo if a is None else a + 1), (hi if b is None else b - 1)
             if first <= last:
@@ -268,34 +331,40 @@ def correct(
         before = np.flatnonzero(previous.any(axis=(1, 2)))
         for a, b in sorted(rerun, key=lambda s: (-1 if s[0] is None else s[0])):
             if a is None and b is not None:
-                if mask[b].any():
+                if holds(b):
                     end, why = lo, edge_reason
                     if before.size and lo < before[0] < b:
                         end, why = int(before[0]), f"reached slice {int(before[0])}, where the result ended before"
-                    passes.append(Pass(0, "down", b, -1, end, mask[b], first_box(b), rule, why,
-                                       history=known(b) if rule is not None else None, previous=previous))
+                    passes += [Pass(0, "down", b, -1, end, m, box, rule, why,
+                                    history=known(b) if rule is not None else None, previous=previous,
+                                    piece=len(origins(b)) > 1)
+                               for m, box in origins(b)]
             elif b is None and a is not None:
-                if mask[a].any():
+                if holds(a):
                     end, why = hi, edge_reason
                     if before.size and a < before[-1] < hi:
                         end, why = int(before[-1]), f"reached slice {int(before[-1])}, where the result ended before"
-                    passes.append(Pass(0, "up", a, 1, end, mask[a], first_box(a), rule, why,
-                                       history=known(a) if rule is not None else None, previous=previous))
+                    passes += [Pass(0, "up", a, 1, end, m, box, rule, why,
+                                    history=known(a) if rule is not None else None, previous=previous,
+                                    piece=len(origins(a)) > 1)
+                               for m, box in origins(a)]
             elif a is not None and b is not None and b - a > 1:
-                full_a, full_b = bool(mask[a].any()), bool(mask[b].any())
+                full_a, full_b = holds(a), holds(b)
                 name = f"between {a}..{b}"
                 if full_a and full_b:
-                    up = Pass(0, name, a, 1, b - 1, mask[a], first_box(a), None, f"reached slice {b}",
-                              previous=pair_previous)
-                    down = Pass(0, name, b, -1, a + 1, mask[b], first_box(b), None, f"reached slice {a}",
-                                previous=pair_previous)
-                    passes += [up, down]
-                    pairs.append((up, down))
+                    corridor = corridor_of(a, b)
+                    ups = [Pass(0, name, a, 1, b - 1, m, box, None, f"reached slice {b}", previous=pair_previous,
+                                corridor=corridor, piece=len(origins(a)) > 1) for m, box in origins(a)]
+                    downs = [Pass(0, name, b, -1, a + 1, m, box, None, f"reached slice {a}", previous=pair_previous,
+                                  corridor=corridor, piece=len(origins(b)) > 1) for m, box in origins(b)]
+                    passes += ups + downs
+                    pairs.append((ups, downs))
                 elif full_a or full_b:
                     s, step, e, other = (a, 1, b - 1, b) if full_a else (b, -1, a + 1, a)
-                    passes.append(Pass(0, name, s, step, e, mask[s], first_box(s), toward_empty,
-                                       f"reached slice {other}, locked empty",
-                                       history=known(s) if toward_empty is not None else None, previous=previous))
+                    passes += [Pass(0, name, s, step, e, m, box, toward_empty, f"reached slice {other}, locked empty",
+                                    history=known(s) if toward_empty is not None else None, previous=previous,
+                                    piece=len(origins(s)) > 1)
+                               for m, box in origins(s)]
         total += sum(p.limit for p in passes)
         walk(predictor, passes, settings, margin, wider_box, hold=new_locked, progress=progress, cancel=cancel,
              done=done, total=total)
@@ -317,32 +386,39 @@ def correct(
         mask[z] = previous[z]
     reasons = {k: v for k, v in reasons_in.items() if _reason_kept(k, rerun)}
     records = [r for r in records_in if r.z not in rerun_slices or r.z in restored] + list(starts.values())
-    paired = {id(p) for pair in pairs for p in pair}
+    paired = {id(p) for ups, downs in pairs for p in ups + downs}
     for p in passes:
         if id(p) in paired:
             continue
         for z, m in p.masks.items():
-            mask[z] = m
+            mask[z] |= m  # the span was cleared: the pieces' passes are joined
         records += p.records
         reasons[p.name] = p.reason
+    for p in passes:
+        # A piece's pass that rejoined the earlier result leaves its earlier parts beyond that slice
+        # as they were, where another piece's pass goes on: the earlier parts no new mask touches.
+        if p.piece and p.rejoined is not None and id(p) not in paired:
+            for z in set(range(p.rejoined + p.step, p.end + p.step, p.step)) & reached & rerun_slices:
+                mask[z] |= _untouched_parts(previous[z], mask[z])
     earlier = {r.z: r for r in records_in if r.accepted}
     chosen: Dict[int, SliceRecord] = {}
-    for up, down in pairs:
+    for ups, downs in pairs:
+        up, down = ups[0], downs[0]
         # The span is split at one slice: below it every slice from the pass from its lower end,
         # above it from the pass from its upper end, where the decoder's summed confidence is
         # highest (a pass that rejoined the earlier result stands for it beyond that slice: its
         # masks and records). One split keeps each pass's slices next to its start: choosing slice
         # by slice let a far slice of a drifting pass replace a good one (duodenum of the shipped CT).
         span = list(range(up.start + 1, down.start))
-        by_slice = {id(p): {r.z: r for r in p.records} for p in (up, down)}
-        sources = [_source(p, z, by_slice[id(p)], earlier, previous) for p in (up, down) for z in span]
-        ups, downs = sources[: len(span)], sources[len(span):]
-        split = _best_split([o[0] for o in ups], [o[0] for o in downs])
+        by_slice = {id(p): {r.z: r for r in p.records} for p in ups + downs}
+        from_up = [_side_source(ups, z, by_slice, earlier, previous) for z in span]
+        from_down = [_side_source(downs, z, by_slice, earlier, previous) for z in span]
+        split = _best_split([o[0] for o in from_up], [o[0] for o in from_down])
         n_kept = 0
         for i, z in enumerate(span):
-            score, m, record, kept = ups[i] if i < split else downs[i]
+            score, m, record, kept = from_up[i] if i < split else from_down[i]
             if m is None:  # this side has nothing here: the other's
-                score, m, record, kept = downs[i] if i < split else ups[i]
+                score, m, record, kept = from_down[i] if i < split else from_up[i]
             if m is None:
                 continue
             mask[z] = m

@@ -38,7 +38,6 @@ published figures.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -65,7 +64,9 @@ from ..models.sam2_network import (  # noqa: F401  (the network's names, also us
     predictor_class_target,
 )
 from ..progress import CancelToken, ProgressCallback, check_cancel, report
-from .results import Conditioning  # noqa: F401  (re-exported: a MedSAM2 result's prompts)
+from .memory import MemoryLRU
+from .predictor import SliceResult, SliceVolume
+from .results import Conditioning, check_corrections  # noqa: F401  (Conditioning re-exported: a result's prompts)
 
 
 # -- preprocessing ------------------------------------------------------------------------------
@@ -124,36 +125,25 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 # -- the feature cache --------------------------------------------------------------------------
-class FeatureCache:
+class FeatureCache(MemoryLRU):
     """SAM 2's image features per slice of one volume, least recently used first out beyond
-    ``max_bytes``; the positional encodings (the same for every slice) are kept once.
+    ``max_bytes`` (and a session's own cap on a server: :class:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU`);
+    the positional encodings (the same for every slice) are kept once.
 
     A :class:`FeatureCache` view (:meth:`view`) maps a state's frame indices to slices."""
 
     def __init__(self, max_bytes: int = 2 << 30) -> None:
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, Dict[str, Any]] = OrderedDict()
-        self._sizes: Dict[Hashable, int] = {}
+        super().__init__(max_bytes)
         self._pos: Dict[Tuple, List[torch.Tensor]] = {}
-        self._lock = threading.Lock()
         self._held = 0
         self.encoded = 0
 
-    @staticmethod
-    def _nbytes(out: Mapping[str, Any]) -> int:
-        return sum(t.numel() * t.element_size() for t in out["backbone_fpn"]) + (
-            out["vision_features"].numel() * out["vision_features"].element_size())
+    def _size(self, value: Mapping[str, Any]) -> int:
+        return sum(t.numel() * t.element_size() for t in value["backbone_fpn"]) + (
+            value["vision_features"].numel() * value["vision_features"].element_size())
 
-    def get(self, key: Hashable) -> Optional[Dict[str, Any]]:
-        with self._lock:
-            out = self._items.get(key)
-            if out is not None:
-                self._items.move_to_end(key)
-            return out
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
+    def _may_evict(self) -> bool:
+        return not self._held
 
     def put(self, key: Hashable, backbone_out: Dict[str, Any]) -> Dict[str, Any]:
         """Keep ``backbone_out`` (``forward_image``'s output for one slice); returns what is kept."""
@@ -162,14 +152,8 @@ class FeatureCache:
             pos = self._pos.setdefault(shapes, list(backbone_out["vision_pos_enc"]))
             out = {"vision_features": backbone_out["vision_features"], "vision_pos_enc": pos,
                    "backbone_fpn": list(backbone_out["backbone_fpn"])}
-            self._items[key] = out
-            self._items.move_to_end(key)
-            self._sizes[key] = self._nbytes(out)
+            self._store(key, out)
             self.encoded += 1
-            while (not self._held and len(self._items) > 1
-                   and sum(self._sizes.values()) > self.max_bytes):
-                old, _ = self._items.popitem(last=False)
-                self._sizes.pop(old, None)
             return out
 
     @contextmanager
@@ -186,18 +170,6 @@ class FeatureCache:
     def view(self, prefix: Hashable, zs: Sequence[int]) -> _CacheView:
         """Frame ``i`` of a state -> key ``(prefix, zs[i])``."""
         return _CacheView(self, prefix, list(zs))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self._sizes.values())
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._sizes.clear()
 
 
 class _CacheView:
@@ -220,10 +192,13 @@ class _Passes:
     scores: Dict[int, float]  # object presence probability, the max over the passes
 
 
-class MedSAM2Engine:
+class MedSAM2Engine(SliceVolume):
     """MedSAM2 on one windowed volume, with the methods the :class:`~MedSAMSlicerLib.segmenter.Segmenter`
     calls: 2D (:meth:`segment_slice`), 3D (:meth:`propagate`), several structures
-    (:meth:`segment_structures`) and corrections (:meth:`correct`).
+    (:meth:`segment_structures`) and corrections (:meth:`correct`). The volume (``set_volume``, a
+    windowed ``(z, y, x)`` ``uint8`` array from :func:`window_volume`), ``depth`` and
+    ``check_slice_index`` are the :class:`~MedSAMSlicerLib.segmentation.predictor.SliceVolume`'s, as the
+    :class:`~MedSAMSlicerLib.segmentation.predictor.Predictor`'s.
 
     Args:
         model: :func:`build_medsam2`'s network with weights, on ``device``, in eval mode.
@@ -243,43 +218,13 @@ class MedSAM2Engine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.cache = cache if cache is not None else FeatureCache()
-        self._volume: Optional[np.ndarray] = None
-        self._key = ""
         self._lock = threading.RLock()
         self.decoded_boxes = 0
-
-    # -- volume ---------------------------------------------------------------------------------
-    def set_volume(self, volume_u8: np.ndarray, key: Optional[str] = None) -> None:
-        """Use a windowed ``(z, y, x)`` ``uint8`` volume (:func:`window_volume`); ``key`` names it."""
-        from .predictor import volume_key
-
-        vol = np.asarray(volume_u8)
-        if vol.ndim != 3 or vol.dtype != np.uint8:
-            raise MedSAMError("MedSAM2 takes a windowed (z, y, x) uint8 volume")
-        with self._lock:
-            self._volume = vol
-            self._key = key if key is not None else volume_key(vol)
-
-    @property
-    def volume(self) -> np.ndarray:
-        if self._volume is None:
-            raise MedSAMError("no volume set: call set_volume() first")
-        return self._volume
-
-    @property
-    def depth(self) -> int:
-        return int(self.volume.shape[0])
 
     @property
     def encoded_slices(self) -> int:
         """Slices run through the image encoder so far (for tests and benchmarks)."""
         return self.cache.encoded
-
-    def check_slice_index(self, z: int) -> int:
-        depth = self.depth
-        if not float(z).is_integer() or not 0 <= int(z) < depth:
-            raise MedSAMError(f"slice {z} is out of range: this volume has axial slices 0..{depth - 1}")
-        return int(z)
 
     def _prefix(self) -> Tuple[str, str]:
         return (self._key, self.model_key)
@@ -326,8 +271,6 @@ class MedSAM2Engine:
         """2D: the mask of slice ``z`` from a box ``(x0, y0, x1, y1)`` (``add_new_points_or_box``
         on that frame: the key slice's mask of MedSAM2's 3D run). Returns a
         :class:`~MedSAMSlicerLib.segmentation.predictor.SliceResult` whose score is the presence probability."""
-        from .predictor import SliceResult
-
         z = self.check_slice_index(z)
         b = self._check_box(z, box)
         with self._lock, torch.inference_mode(), self._autocast():
@@ -504,15 +447,12 @@ class MedSAM2Engine:
         else:
             mask_in = np.asarray(current, dtype=bool)
             earlier = [Conditioning(int(z)) for z in (locked or ())]
-        if mask_in.shape != volume.shape:
-            raise MedSAMError(f"the mask has shape {tuple(mask_in.shape)} but the volume is {tuple(volume.shape)} "
-                              "(z, y, x)")
-        if not corrections:
-            raise MedSAMError("give at least one correction: a box on a slice, or a slice marked good")
-        zs = [c.z for c in corrections]
-        repeated = sorted({z for z in zs if zs.count(z) > 1})
-        if repeated:
-            raise MedSAMError(f"one correction per slice; slice {repeated[0]} has {zs.count(repeated[0])}")
+        check_corrections(corrections, mask_in.shape, volume.shape)
+        pieces = [c.z for c in corrections if c.more]
+        if pieces:
+            raise MedSAMError(f"MedSAM2 takes one box per slice of a structure; slice {pieces[0]} has "
+                              f"{1 + len(next(c for c in corrections if c.more).more)} (boxes per piece are for "
+                              "LiteMedSAM and MedSAM)")
         new: Dict[int, Conditioning] = {int(p.z): p for p in earlier}
         for c in corrections:
             z = self.check_slice_index(c.z)

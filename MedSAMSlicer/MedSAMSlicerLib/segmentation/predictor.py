@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from ..background import BackgroundTask, run_in_background
 from ..errors import MedSAMError
 from ..models.allocator import reuse_freed_memory
 from ..progress import CancelToken, ProgressCallback, check_cancel, report
+from .memory import MemoryLRU
 from .preprocessing import (
     PreparedSlice,
     box_to_model,
@@ -52,61 +52,13 @@ class SliceResult:
     logits: Optional[np.ndarray] = None
 
 
-class EmbeddingCache:
-    """A least-recently-used map of slice embeddings with a cap on the memory they use."""
+class EmbeddingCache(MemoryLRU):
+    """Slice embeddings ``(1, 256, 64, 64)`` float32 tensors (4 MiB each), least recently used
+    first out beyond ``max_bytes`` (and beyond a session's own cap on a server:
+    :class:`~MedSAMSlicerLib.segmentation.memory.MemoryLRU`)."""
 
-    def __init__(self, max_bytes: int = 2 << 30) -> None:
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def _size(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
-
-    def get(self, key: Hashable) -> Optional[torch.Tensor]:
-        """The embedding for ``key`` (marked as recently used), or ``None``."""
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def __contains__(self, key: Hashable) -> bool:
-        with self._lock:
-            return key in self._items
-
-    def put(self, key: Hashable, value: torch.Tensor) -> None:
-        """Store ``value``; evict the least recently used entries beyond the cap."""
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= self._size(old)
-            self._items[key] = value
-            self._bytes += self._size(value)
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= self._size(evicted)
-
-    def clear(self) -> None:
-        """Drop every embedding."""
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held now."""
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._items)
+    def _size(self, value: torch.Tensor) -> int:
+        return value.numel() * value.element_size()
 
 
 def volume_key(volume: np.ndarray) -> str:
@@ -117,7 +69,55 @@ def volume_key(volume: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-class Predictor:
+class SliceVolume:
+    """The windowed ``(z, y, x)`` ``uint8`` volume a model works on slice by slice, its name in the
+    caches and its slice indices: the one home of these for the :class:`Predictor` (LiteMedSAM,
+    MedSAM) and MedSAM2's engine (:class:`~MedSAMSlicerLib.segmentation.medsam2.MedSAM2Engine`).
+
+    A subclass sets ``self._lock`` (a ``threading.RLock``) and may override :meth:`_volume_changed`.
+    """
+
+    _volume: Optional[np.ndarray] = None
+    _key: str = ""
+    _lock: threading.RLock
+
+    def set_volume(self, volume_u8: np.ndarray, key: Optional[str] = None) -> None:
+        """Use a windowed ``(z, y, x)`` ``uint8`` volume (:func:`~.preprocessing.apply_window`);
+        ``key`` names it in the cache (default: a content hash, :func:`volume_key`)."""
+        vol = np.asarray(volume_u8)
+        if vol.ndim != 3:
+            raise MedSAMError(f"the volume must be 3D (z, y, x); got shape {vol.shape}")
+        if vol.dtype != np.uint8:
+            raise MedSAMError("the model takes a windowed uint8 volume (see preprocessing.apply_window)")
+        with self._lock:
+            self._volume = vol
+            self._key = key if key is not None else volume_key(vol)
+            self._volume_changed()
+
+    def _volume_changed(self) -> None:
+        """Called under the lock once a new volume is set: drop what was derived from the old one."""
+
+    @property
+    def volume(self) -> np.ndarray:
+        """The windowed ``(z, y, x)`` volume."""
+        if self._volume is None:
+            raise MedSAMError("no volume set: call set_volume() first")
+        return self._volume
+
+    @property
+    def depth(self) -> int:
+        """Number of slices."""
+        return int(self.volume.shape[0])
+
+    def check_slice_index(self, z: int) -> int:
+        """Return ``z`` as an int, or raise :class:`MedSAMError` if it is not a slice index."""
+        depth = self.depth
+        if not float(z).is_integer() or not 0 <= int(z) < depth:
+            raise MedSAMError(f"slice {z} is out of range: this volume has axial slices 0..{depth - 1}")
+        return int(z)
+
+
+class Predictor(SliceVolume):
     """Encode slices of one windowed volume once, then answer boxes from the cached embeddings.
 
     Args:
@@ -148,8 +148,6 @@ class Predictor:
         self.batch_size = max(1, int(batch_size))
         self.cache = cache if cache is not None else EmbeddingCache()
         self.input_size = int(model.input_size)
-        self._volume: Optional[np.ndarray] = None
-        self._key = ""
         self._prepared: Dict[int, PreparedSlice] = {}
         self._lock = threading.RLock()
         self._held: Dict[Tuple[str, str, str, int], Optional[torch.Tensor]] = {}
@@ -163,20 +161,10 @@ class Predictor:
         self.batch_decode = torch.device(device).type != "cpu"
 
     # -- volume -------------------------------------------------------------------------------
-    def set_volume(self, volume_u8: np.ndarray, key: Optional[str] = None) -> None:
-        """Use a windowed ``(z, y, x)`` ``uint8`` volume; ``key`` names it in the cache.
-
-        Embeddings of an earlier volume stay in the shared cache (the key tells them apart).
-        """
-        vol = np.asarray(volume_u8)
-        if vol.ndim != 3:
-            raise MedSAMError(f"the volume must be 3D (z, y, x); got shape {vol.shape}")
-        if vol.dtype != np.uint8:
-            raise MedSAMError("the predictor takes a windowed uint8 volume (see preprocessing.apply_window)")
-        with self._lock:
-            self._volume = vol
-            self._key = key if key is not None else volume_key(vol)
-            self._prepared = {}
+    def _volume_changed(self) -> None:
+        """A new volume: the prepared slices of the old one go (its embeddings stay in the shared
+        cache, where the key tells them apart)."""
+        self._prepared = {}
 
     def crop(self, y0: int, y1: int, x0: int, x1: int) -> Predictor:
         """A predictor for the region ``[y0:y1, x0:x1]`` of every slice, sharing this one's model
@@ -187,25 +175,6 @@ class Predictor:
         sub.batch_decode = self.batch_decode
         sub.set_volume(np.ascontiguousarray(self.volume[:, y0:y1, x0:x1]), key=f"{self._key}|crop{y0},{y1},{x0},{x1}")
         return sub
-
-    @property
-    def volume(self) -> np.ndarray:
-        """The windowed ``(z, y, x)`` volume."""
-        if self._volume is None:
-            raise MedSAMError("no volume set: call set_volume() first")
-        return self._volume
-
-    @property
-    def depth(self) -> int:
-        """Number of slices."""
-        return int(self.volume.shape[0])
-
-    def check_slice_index(self, z: int) -> int:
-        """Return ``z`` as an int, or raise :class:`MedSAMError` if it is not a slice index."""
-        depth = self.depth
-        if not float(z).is_integer() or not 0 <= int(z) < depth:
-            raise MedSAMError(f"slice {z} is out of range: this volume has axial slices 0..{depth - 1}")
-        return int(z)
 
     def cache_key(self, z: int) -> Tuple[str, str, str, int]:
         """The embedding-cache key of slice ``z``."""

@@ -224,6 +224,10 @@ class PropagationSettings:
             the user's box, by the same rule as every later slice; ``False`` (default): the user's
             box alone. Measured with ``evaluate`` (mixed, not adopted); the queue of several
             structures and box corrections always start from the user's box alone.
+        key_corridor: between two slices the user drew boxes on (key slices, or box corrections),
+            each slice's prompt is kept inside the two boxes interpolated and grown on each side by
+            this fraction of their longer side; a pass that leaves it restarts from it
+            (:func:`clip_box`). 0: off.
     """
 
     margin: Optional[float] = None
@@ -243,6 +247,7 @@ class PropagationSettings:
     zoom_enlarge: bool = False
     rejoin: float = REJOIN_DICE
     wider_first: bool = False
+    key_corridor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.wider_box_when not in WIDER_BOX_WHEN:
@@ -371,25 +376,55 @@ def _part_boxes(
     return boxes if len(boxes) > 1 else None
 
 
+def join_pieces(results: Sequence[SliceResult]) -> SliceResult:
+    """One slice's result from the results of several boxes (the pieces of one structure): the
+    masks and logits joined, the predicted IoU weighted by each piece's area, the box their union."""
+    if len(results) == 1:
+        return results[0]
+    mask = np.logical_or.reduce([r.mask for r in results])
+    areas = np.array([max(1, int(r.mask.sum())) for r in results], dtype=float)
+    score = float(np.dot(areas, [r.score for r in results]) / areas.sum())
+    boxes = [r.box_model for r in results]
+    union = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                      max(b[3] for b in boxes)])
+    logits = np.maximum.reduce([r.logits for r in results]) if all(r.logits is not None for r in results) else None
+    return SliceResult(mask=mask, score=score, box_model=union, logits=logits)
+
+
+def clip_box(box_m: np.ndarray, limit: Optional[np.ndarray]) -> np.ndarray:
+    """``box_m`` kept inside ``limit`` (both model pixels ``(x0, y0, x1, y1)``); where they do not
+    meet, ``limit`` itself (a pass that left its corridor restarts from it)."""
+    if limit is None:
+        return box_m
+    clipped = np.array([max(box_m[0], limit[0]), max(box_m[1], limit[1]), min(box_m[2], limit[2]),
+                        min(box_m[3], limit[3])])
+    if clipped[2] - clipped[0] < 1 or clipped[3] - clipped[1] < 1:
+        return np.asarray(limit, dtype=float)
+    return clipped
+
+
 def _predict_many(
     predictor: Predictor,
     z: int,
-    requests: Sequence[Tuple[np.ndarray, np.ndarray]],
+    requests: Sequence[Tuple],
     margin: float,
     wider_box: float,
     settings: PropagationSettings,
 ) -> List[Tuple[SliceResult, float]]:
-    """Slice ``z`` for several passes at once, each ``(previous mask, first box)``: each prompted
-    from its previous slice's mask (LiteMedSAM's rule, plus our options), all boxes of the slice
-    decoded together. Returns per request the result and the narrow/wide agreement."""
+    """Slice ``z`` for several passes at once, each ``(previous mask, first box[, limit])``: each
+    prompted from its previous slice's mask (LiteMedSAM's rule, plus our options), its box kept
+    inside ``limit`` when given (:func:`clip_box`, model pixels), all boxes of the slice decoded
+    together. Returns per request the result and the narrow/wide agreement."""
     prepared = predictor.prepared(z)
     per_request: List[List[np.ndarray]] = []
-    for previous, first_box in requests:
+    for request in requests:
+        previous, first_box = request[0], request[1]
+        limit = request[2] if len(request) > 2 else None
         boxes = _part_boxes(previous, predictor, z, margin, settings) if settings.follow_parts else None
         if boxes is None:
             box_m = mask_box_in_model(previous, prepared, margin)
             boxes = [first_box if box_m is None else box_m]
-        per_request.append(boxes)
+        per_request.append([clip_box(b, limit) for b in boxes])
     flat = _predict_boxes(predictor, z, [b for boxes in per_request for b in boxes], wider_box, settings)
     out: List[Tuple[SliceResult, float]] = []
     i = 0
@@ -399,15 +434,8 @@ def _predict_many(
         if len(parts) == 1:
             out.append(parts[0])
             continue
-        results = [r for r, _ in parts]
-        mask = np.logical_or.reduce([r.mask for r in results])
-        areas = np.array([max(1, int(r.mask.sum())) for r in results], dtype=float)
-        score = float(np.dot(areas, [r.score for r in results]) / areas.sum())
-        union = np.array([min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
-                          max(b[3] for b in boxes)])
-        logits = np.maximum.reduce([r.logits for r in results]) if all(r.logits is not None for r in results) else None
         agreement = float(np.nanmin([a for _, a in parts])) if any(np.isfinite(a) for _, a in parts) else float("nan")
-        out.append((SliceResult(mask=mask, score=score, box_model=union, logits=logits), agreement))
+        out.append((join_pieces([r for r, _ in parts]), agreement))
     return out
 
 

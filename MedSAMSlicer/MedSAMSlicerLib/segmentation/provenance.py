@@ -17,10 +17,14 @@ corners of an RAS-aligned box), so a replay on the same volume finds exactly the
 
 Fields:
 
-* ``MedSAM.Prompts``: the prompts, each ``{"kind": "box", "ras": [[R, A, S], [R, A, S]]}``.
+* ``MedSAM.Prompts``: the prompts, each ``{"kind": "box", "ras": [[R, A, S], [R, A, S]]}``: one box,
+  or every box of a structure made from several (its pieces on one slice, or its key slices:
+  :meth:`~MedSAMSlicerLib.segmenter.Segmenter.segment_boxes`), in the order given.
 * ``MedSAM.Corrections``: the corrections made after the first result, in order, each
   ``{"kind": ..., ...}`` (e.g. ``{"kind": "box", "ras": ...}``, ``{"kind": "accept", "slice_ras": S}``);
-  empty until the correction tools fill it (:meth:`Provenance.with_corrections`).
+  a box correction with a box per piece of the structure on its slice keeps the first in ``ras``
+  and the others in ``"more": [[[R, A, S], [R, A, S]], ...]`` (records without ``more`` read as
+  before); empty until the correction tools fill it (:meth:`Provenance.with_corrections`).
 * ``MedSAM.Mode`` (``3d`` / ``2d``), ``MedSAM.Direction`` (``both`` / ``up`` / ``down``).
 * ``MedSAM.Model`` (registry name), ``MedSAM.WeightsSHA256`` (of the weights file used),
   ``MedSAM.Speed`` (speed setting), ``MedSAM.Precision`` (encoder precision).
@@ -56,6 +60,10 @@ TAG_NAMES = tuple(PREFIX + name for name in (
 ))
 
 RasCorners = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+
+#: At most this many boxes in one segment's prompts, and in one correction (a record is read whole
+#: before anything runs; the bound keeps a damaged or hostile file from asking for a huge job).
+MAX_BOXES = 1000
 
 
 def _dumps(value: Any) -> str:
@@ -238,7 +246,7 @@ def _record_schema():
                  "mode": Str(choices=("3d", "2d"))}, required=("kind", "ras"))
     digest = _Digest()
     return {
-        PREFIX + "Prompts": ListOf(box, 1, 1),
+        PREFIX + "Prompts": ListOf(box, 1, MAX_BOXES),
         PREFIX + "Corrections": ListOf(_AnyTable(), 0, 10_000),
         PREFIX + "Mode": Str(choices=("3d", "2d")),
         PREFIX + "Direction": Str(choices=tuple(DIRECTIONS)),
@@ -267,7 +275,8 @@ def _correction_schema(value: Any, where: str):
     common = {"combine": Str(max_len=40), "mode": Str(choices=("3d", "2d"))}
     kind = value.get("kind") if isinstance(value, dict) else None
     if kind == "box":
-        return Table({"kind": Str(), "ras": ListOf(point, 2, 2), **common}, required=("kind", "ras"))
+        return Table({"kind": Str(), "ras": ListOf(point, 2, 2), "more": ListOf(ListOf(point, 2, 2), 1, MAX_BOXES - 1),
+                      **common}, required=("kind", "ras"))
     if kind == "accept":
         return Table({"kind": Str(), "slice_ras": point, "edited": Bool(), **common}, required=("kind", "slice_ras"))
     raise SchemaError(f"{where}, kind", "must be 'box' or 'accept'", kind)

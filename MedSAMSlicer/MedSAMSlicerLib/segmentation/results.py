@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..boxes import BoxPrompt
+from ..errors import MedSAMError
 
 
 @dataclass
@@ -93,10 +94,14 @@ class Correction:
         box: ``(x0, y0, x1, y1)`` in that slice's pixel indices (inclusive): the model segments the
             slice from this box. ``None``: the slice of the given mask is accepted as it is (the
             user edited it and marked it good; an empty slice says the structure is not there).
+        more: further boxes on the same slice for other pieces of the same structure (two iliac
+            arteries, bowel loops): each piece is segmented from its own box and followed by its
+            own pass, the masks joined (:mod:`~MedSAMSlicerLib.segmentation.corrections`).
     """
 
     z: int
     box: Optional[Tuple[float, float, float, float]] = None
+    more: Tuple[Tuple[float, float, float, float], ...] = ()
 
     @classmethod
     def with_box(cls, z: int, box: Sequence[float]) -> Correction:
@@ -104,10 +109,36 @@ class Correction:
         return cls(int(z), tuple(float(v) for v in box))  # type: ignore[arg-type]
 
     @classmethod
+    def with_boxes(cls, z: int, boxes: Sequence[Sequence[float]]) -> Correction:
+        """New boxes on slice ``z``, one per piece of the structure there (at least one)."""
+        if not boxes:
+            raise MedSAMError(f"slice {int(z)}: give at least one box")
+        first, *rest = [tuple(float(v) for v in b) for b in boxes]
+        return cls(int(z), first, tuple(rest))  # type: ignore[arg-type]
+
+    @classmethod
     def accept(cls, z: int) -> Correction:
         """Slice ``z`` of the mask, as it is, marked good."""
         return cls(int(z))
 
+    @property
+    def boxes(self) -> Tuple[Tuple[float, float, float, float], ...]:
+        """Every box on the slice (``()`` for an accepted slice)."""
+        return () if self.box is None else (self.box,) + tuple(self.more)
+
+def check_corrections(corrections: Sequence[Correction], mask_shape: Sequence[int],
+                      volume_shape: Sequence[int]) -> None:
+    """What every model's corrections ask of a job: the current mask ``(z, y, x)`` has the
+    volume's shape, and there is at least one correction and at most one per slice. Raises
+    :class:`~MedSAMSlicerLib.errors.MedSAMError` otherwise."""
+    if tuple(mask_shape) != tuple(volume_shape):
+        raise MedSAMError(f"the mask has shape {tuple(mask_shape)} but the volume is {tuple(volume_shape)} (z, y, x)")
+    if not corrections:
+        raise MedSAMError("give at least one correction: a box on a slice, or a slice marked good")
+    zs = [c.z for c in corrections]
+    repeated = sorted({z for z in zs if zs.count(z) > 1})
+    if repeated:
+        raise MedSAMError(f"one correction per slice; slice {repeated[0]} has {zs.count(repeated[0])}")
 
 
 @dataclass
