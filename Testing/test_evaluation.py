@@ -228,9 +228,9 @@ def test_per_slice_mode_is_the_label_box_on_every_labelled_slice(lite_segmenter)
     two[z] = False
     two[z, 20:26, 30:36] = True
     two[z, 40:46, 60:66] = True
-    split, whole = E.per_slice(lite_segmenter, two, parts=True), E.per_slice(lite_segmenter, two)
-    one_piece = [int(k) for k in labelled if k != z]
-    assert np.array_equal(split.mask[one_piece], whole.mask[one_piece])
+    split = E.per_slice(lite_segmenter, two, parts=True)
+    one_piece = [int(k) for k in labelled if k != z]  # their label is ref's: per-slice's masks are `result`'s
+    assert np.array_equal(split.mask[one_piece], result.mask[one_piece])
     each = [lite_segmenter.predictor.predict(z, b).mask for b in ((30, 20, 35, 25), (60, 40, 65, 45))]
     assert np.array_equal(split.mask[z], each[0] | each[1])
 
@@ -368,8 +368,30 @@ CORE_QUICK_REACHED = dict(mean_3d=0.77, mean_2d=0.75, low_3d=0.45, low_2d=0.32, 
 CORE_QUICK_PER_SLICE = 0.80
 
 
+# The default run checks the floors on the structures where they are tightest: the worst on the
+# CT in 3D (pancreas) and in 2D (right adrenal gland), the one furthest below the original
+# algorithm (duodenum), a well-segmented small one (gallbladder), and the 4 MR organs (the MR
+# floor): 126 of CORE_QUICK's 283 labelled slices, without the per-slice ceiling (a measurement of
+# the model, not of our propagation; the mode itself is tested above). Each value is the one
+# measured on CORE_QUICK (2026-12-08, the same rows), rounded down: mean 3D Dice 0.717 (3d) / 0.697
+# (2d); worst 0.461 (pancreas, 3d) / 0.331 (right adrenal gland, 2d); MR organs >= 0.815 (2d); at
+# most 0.064 below the original (duodenum). CORE_QUICK and the whole core run with -m slow.
+TIGHTEST = ["ct/gallbladder", "ct/pancreas", "ct/adrenal_gland_right", "ct/duodenum", "mr/*"]
+TIGHTEST_REACHED = dict(mean_3d=0.71, mean_2d=0.69, low_3d=0.45, low_2d=0.32, aorta_iliac_2d=0.65, mr_2d=0.80,
+                        max_loss_vs_original=0.07)
+
+
+def test_quality_floors_where_they_are_tightest(lite_segmenter):
+    """The default run's floors: the tightest CT structures and the MR organs (docs/evaluation.md)."""
+    rows = _measure(lite_segmenter, TIGHTEST)
+    assert len(E.rows_by(rows, "default", "3d")) == 8 == len(E.rows_by(rows, "original", "3d"))
+    _floors(rows, **TIGHTEST_REACHED)
+
+
+@pytest.mark.slow
 def test_quality_floors_core(lite_segmenter):
-    """The abdominal organs but the long vessels and the stomach, and the MR organs (~1.5 min idle)."""
+    """The abdominal organs but the long vessels and the stomach, and the MR organs, with the
+    per-slice ceiling (~1.5 min idle; 16 min on 2 busy cores)."""
     rows = _measure(lite_segmenter, CORE_QUICK, per_slice=True)
     _floors(rows, **CORE_QUICK_REACHED)
     boxed = E.rows_by(rows, "default", E.PER_SLICE)

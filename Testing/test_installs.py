@@ -33,12 +33,14 @@ def _isolated_pip_env(tmp_path: Path, **extra: str) -> dict:
     return env
 
 
-def _refused_index() -> str:
-    """An index URL on a local port that nothing listens on: connections are refused."""
+@pytest.fixture
+def refused_index():
+    """An index URL on a local port that nothing listens on: connections are refused. The port
+    stays bound (never listening) while the test runs, so no server started meanwhile (another
+    test's, another process's) can take it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/simple"
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/simple"
 
 
 def _wheel(folder: Path, name: str = "medsam_offline_probe", version: str = "1.0") -> Path:
@@ -86,11 +88,11 @@ def test_plan_lists_everything_first_use_needs():
     assert [s.what for s in medsam.steps] == ["openvino", "the MedSAM weights"] and medsam.steps[1].download == "medsam"
 
 
-def test_network_refused_ends_in_one_line_and_installs_nothing(tmp_path):
+def test_network_refused_ends_in_one_line_and_installs_nothing(tmp_path, refused_index):
     """Real pip, an index that refuses connections: the first step fails, the later ones are not
     run, nothing is installed, and the message says in one line how to install from a wheel file."""
     plan = installs.plan_installs("litemedsam", version_of=NOTHING)
-    env = _isolated_pip_env(tmp_path, PIP_INDEX_URL=_refused_index())
+    env = _isolated_pip_env(tmp_path, PIP_INDEX_URL=refused_index)
     lines, seen = [], []
     with pytest.raises(installs.InstallFailed) as failed:
         installs.run_plan(plan, sys.executable, progress=lambda d, t, m: seen.append((d, t, m)), env=env,

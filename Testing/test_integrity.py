@@ -355,11 +355,12 @@ def test_two_writers_started_at_once_cannot_both_win(tmp_path):
     target, go = tmp_path / "out" / "mask.nii.gz", tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(target), str(go), me], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for me in ("A", "B")]
-    deadline = time.monotonic() + 60
-    while not all(Path(f"{go}.{me}").exists() for me in "AB") and time.monotonic() < deadline:
+    # Both past every check before either may finish, however long they take to start on a loaded
+    # machine (a 60 s clock here let one finish before the other had started: a wrong failure).
+    while not all(Path(f"{go}.{me}").exists() for me in "AB") and all(p.poll() is None for p in procs):
         time.sleep(0.02)
     go.touch()
-    results = [(p.wait(60), *p.communicate()) for p in procs]
+    results = [(p.wait(600), *p.communicate()) for p in procs]  # a hang guard
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
     winner = next(out.split()[1] for code, out, _ in results if code == 0)

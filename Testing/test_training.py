@@ -662,9 +662,10 @@ def test_cancel_stops_the_real_trainer_behind_slicers_launcher(prep_lite, tmp_pa
     python_slicer = make_python_slicer(tmp_path / "bin")
     exported = tmp_path / "models" / "run-litemedsam.pth"
     job = TrainingJob(_launcher_settings(prep_lite, tmp_path / "run"), python=str(python_slicer), env=_job_env(),
-                      grace_s=90, export_to=exported)
+                      grace_s=300, export_to=exported)
     job.start()
-    events, deadline = [], time.monotonic() + 240
+    # The limits below only guard against a hang: a loaded 2-core machine is slow, not wrong.
+    events, deadline = [], time.monotonic() + 900
     while job.running and time.monotonic() < deadline and not any(e.get("event") == "step" for e in events):
         events += job.poll()
         time.sleep(0.2)
@@ -672,7 +673,7 @@ def test_cancel_stops_the_real_trainer_behind_slicers_launcher(prep_lite, tmp_pa
     launcher, trainer = job._proc.pid, job.worker_pid
     assert trainer and trainer != launcher  # the trainer is the launcher's child, as in Slicer
     job.cancel()
-    assert job.wait(120) == cli.EXIT_CANCELLED, job.error_text()
+    assert job.wait(600) == cli.EXIT_CANCELLED, job.error_text()
     assert not _alive(trainer) and not _alive(launcher)
     events += job.poll()
     assert any(e.get("event") == "cancelled" for e in events)
@@ -712,8 +713,8 @@ def test_trainer_stops_by_itself_when_slicer_is_killed(prep_lite, tmp_path):
     try:
         trainer = int(slicer.stdout.readline())
         slicer.kill()  # SIGKILL: no quit handler, no cleanup
-        slicer.wait(10)
-        deadline = time.monotonic() + 120
+        slicer.wait(300)
+        deadline = time.monotonic() + 600  # a hang guard: saving the step on a loaded machine is slow, not wrong
         while _alive(trainer) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(trainer), "the trainer kept running after Slicer went away"
