@@ -221,7 +221,7 @@ def test_cancel_stops_the_job_on_the_server(server, ct, boxes):
         seg.segment(BoxPrompt(int(z[2]), (int(z[0]), int(z[1]), int(box[0]), int(box[1]))), "3d", progress=progress,
                     cancel=cancel)
     assert seen
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # a hang guard, not a timing claim
     while seg.client.request("GET", "/stats")[1]["running"]:
         assert time.monotonic() < deadline, "the job went on after Cancel"
         time.sleep(0.2)
@@ -272,7 +272,7 @@ def test_bad_uploads_and_requests_get_one_clear_answer(server):
     seg_job = client.request("POST", f"/sessions/{sid}/jobs", data={
         "kind": "segment", "window": {"level": 40, "width": 400}, "mode": "2d",
         "prompt": {"z": 9, "box": [1, 1, 5, 5]}})[1]["job"]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # a hang guard
     while (status := client.request("GET", f"/jobs/{seg_job}?wait=1")[1])["state"] not in ("done", "failed"):
         assert time.monotonic() < deadline
     assert status["state"] == "failed" and "slice 9 is out of range" in status["error"]
@@ -522,7 +522,7 @@ def test_tls_server_killed_and_restarted_under_a_running_client(ct_path, boxes, 
         env["MEDSAM_SLICER_CA"] = str(cert)
         out = tmp_path / "restarted.seg.nrrd"
         client = subprocess.Popen([sys.executable, "-m", "MedSAMSlicerLib.cli", "segment", str(ct_path),
-                                   *_box_args(boxes), "-o", str(out), "--server", url, "--timeout", "90"],
+                                   *_box_args(boxes), "-o", str(out), "--server", url, "--timeout", "600"],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         stats = RemoteClient(url, timeout=5, cafile=str(cert))
         deadline = time.monotonic() + 120
