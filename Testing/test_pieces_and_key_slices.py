@@ -160,3 +160,38 @@ def test_a_correction_with_pieces_crosses_the_remote_protocol_whole():
     for c in (Correction.with_boxes(7, [(1, 2, 10, 12), (20, 2, 30, 12)]), Correction.with_box(3, (1, 1, 5, 5)),
               Correction.accept(4)):
         assert correction_from_json(correction_json(c)) == c
+
+
+def test_a_pieces_pass_rejoins_the_earlier_parts_it_touches():
+    """A pass that follows one piece rejoins the earlier result where it agrees with the earlier
+    parts it touches (the other piece is another pass's); a whole-structure pass compares the whole
+    slice. Without this a piece never rejoined and ran to its end over good slices (the colon of the
+    shipped CT lost 0.17 Dice at a correction with a box per piece)."""
+    from MedSAMSlicerLib.segmentation.corrections import _untouched_parts
+    from MedSAMSlicerLib.segmentation.lockstep import Pass, _rejoins
+
+    earlier = np.zeros((1, 20, 20), bool)
+    earlier[0, 2:6, 2:6] = True  # this piece
+    earlier[0, 12:18, 12:18] = True  # the other piece
+    mine = earlier[0].copy()
+    mine[12:18, 12:18] = False
+    whole = Pass(0, "up", 0, 1, 0, mine, np.zeros(4), previous=earlier)
+    piece = Pass(0, "up", 0, 1, 0, mine, np.zeros(4), previous=earlier, piece=True)
+    assert not _rejoins(whole, 0, mine, 0.9) and _rejoins(piece, 0, mine, 0.9)
+    assert not _rejoins(piece, 0, np.roll(mine, 8, axis=0), 0.9)  # moved off its earlier part
+    assert np.array_equal(_untouched_parts(earlier[0], mine), earlier[0] & ~mine)
+
+
+def test_key_slices_of_the_simulated_user(labels):
+    """The loop's key slices: the label's box on K slices spread over its extent, both ends included;
+    fewer than 2 refused, and the loop command refuses --key-slices 0 in one line."""
+    from MedSAMSlicerLib.evaluation.loop import key_slice_prompts, main
+
+    ref = labels == KIDNEY_LEFT
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    prompts = key_slice_prompts(ref, 5)
+    assert [p.z for p in prompts][0] == zs[0] and prompts[-1].z == zs[-1] and len(prompts) == 5
+    assert all(p.box == label_box(ref[p.z]) and p.z_range is None for p in prompts)
+    with pytest.raises(MedSAMError, match="at least 2"):
+        key_slice_prompts(ref, 1)
+    assert main(["--key-slices", "0"]) == 2

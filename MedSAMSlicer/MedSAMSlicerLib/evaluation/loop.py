@@ -27,6 +27,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..boxes import BoxPrompt
 from ..errors import MedSAMError
 from ..metrics import dice
 from ..segmentation.corrections import Correction
@@ -107,8 +108,22 @@ class LoopStep:
     encoded: int
 
 
+def key_slice_prompts(ref: np.ndarray, k: int) -> List[BoxPrompt]:
+    """The label's box on ``k`` >= 2 labelled slices spread evenly over its extent, both ends
+    included (the labelled slice nearest each of ``k`` evenly spaced positions): key slices as a
+    user draws them on a structure seen from its first to its last slice."""
+    if k < 2:
+        raise MedSAMError(f"key slices: give at least 2; got {k}")
+    zs = np.flatnonzero(ref.any(axis=(1, 2)))
+    if not zs.size:
+        raise MedSAMError("the structure is empty")
+    keys = sorted({int(zs[np.argmin(np.abs(zs - v))]) for v in np.linspace(zs[0], zs[-1], k)})
+    return [BoxPrompt(z, label_box(ref[z])) for z in keys]
+
+
 def loop_steps(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[PropagationSettings] = None,
-               start: Optional[Tuple[int, Tuple[int, int, int, int]]] = None) -> Iterator[LoopStep]:
+               start: Optional[Tuple[int, Tuple[int, int, int, int]]] = None,
+               key_slices: int = 1) -> Iterator[LoopStep]:
     """The simulated annotator on one structure of the volume ``seg`` is set to, step by step.
 
     Args:
@@ -118,6 +133,9 @@ def loop_steps(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[Pr
         settings: propagation settings (default: the segmenter's).
         start: the first box ``(z, (x0, y0, x1, y1))`` (default: :func:`~.runner.simulated_box`, the
             label's tight box on its middle slice), propagated with automatic extent.
+        key_slices: >= 2: the first result comes from the label's boxes on that many key slices
+            (:func:`key_slice_prompts`, :meth:`~MedSAMSlicerLib.segmenter.Segmenter.segment_boxes`)
+            instead of one box.
 
     Yields:
         :class:`LoopStep` for 0 corrections, then after each correction.
@@ -125,7 +143,12 @@ def loop_steps(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[Pr
     settings = settings or seg.propagation
     z, box = start if start is not None else simulated_box(ref)[:2]
     before, t0 = seg.predictor.encoded_slices, time.perf_counter()
-    result = seg.segment_3d(z, box, settings=settings)
+    if key_slices > 1:
+        prompts = key_slice_prompts(ref, key_slices)
+        z = prompts[len(prompts) // 2].z  # ties of the worst slice go to the middle key slice
+        result = seg.segment_boxes(prompts, settings=settings)
+    else:
+        result = seg.segment_3d(z, box, settings=settings)
     yield LoopStep(0, result, "", time.perf_counter() - t0, seg.predictor.encoded_slices - before)
     for step in range(1, corrections + 1):
         target = worst_slice(result.mask, ref, result.locked, z)
@@ -141,7 +164,7 @@ def loop_steps(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[Pr
 
 def run_loop(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[PropagationSettings] = None,
              case: str = "", structure: str = "",
-             on_result: Optional[Callable[[int, PropagationResult], None]] = None) -> LoopRow:
+             on_result: Optional[Callable[[int, PropagationResult], None]] = None, key_slices: int = 1) -> LoopRow:
     """The loop on one structure of the volume ``seg`` is set to (:func:`loop_steps`, gathered).
 
     Args:
@@ -150,10 +173,11 @@ def run_loop(seg, ref: np.ndarray, corrections: int = 3, settings: Optional[Prop
         corrections: how many corrections at most.
         settings: propagation settings (default: the segmenter's).
         on_result: called with ``(corrections so far, result)`` after each step.
+        key_slices: as :func:`loop_steps`.
     """
     z = simulated_box(ref)[0]
     row = LoopRow(case, structure, labelled_slices(ref), z)
-    for step in loop_steps(seg, ref, corrections, settings):
+    for step in loop_steps(seg, ref, corrections, settings, key_slices=key_slices):
         row.dice.append(dice(step.result.mask, ref))
         row.seconds += step.seconds
         if step.corrected:
@@ -167,10 +191,11 @@ def run_loops(cases: Sequence[Case], seg, corrections: int = 3, min_slices: int 
               include: Optional[Callable[[Case, Structure], bool]] = None,
               settings: Optional[PropagationSettings] = None, log: Optional[Callable[[str], None]] = None,
               on_result: Optional[Callable[[Case, Structure, np.ndarray, int, PropagationResult], None]] = None,
-              embedding_store=None, window: Optional[str] = None) -> List[LoopRow]:
+              embedding_store=None, window: Optional[str] = None, key_slices: int = 1) -> List[LoopRow]:
     """:func:`run_loop` on every structure of ``cases`` labelled on at least ``min_slices`` slices
     (``embedding_store``: an :class:`~.store.EmbeddingStore` that keeps slice embeddings between runs;
-    ``window``: as a :class:`~.runner.Variant`'s, ``None``: automatic)."""
+    ``window``: as a :class:`~.runner.Variant`'s, ``None``: automatic; ``key_slices``: as
+    :func:`loop_steps`)."""
     rows: List[LoopRow] = []
     for case in cases:
         structures = [s for s in case.structures if include is None or include(case, s)]
@@ -185,7 +210,7 @@ def run_loops(cases: Sequence[Case], seg, corrections: int = 3, min_slices: int 
                     embedding_store.load(seg.predictor)
                 loaded = True
             hook = None if on_result is None else (lambda k, r, c=case, s=structure, m=ref: on_result(c, s, m, k, r))
-            row = run_loop(seg, ref, corrections, settings, case.name, structure.name, hook)
+            row = run_loop(seg, ref, corrections, settings, case.name, structure.name, hook, key_slices)
             rows.append(row)
             if embedding_store is not None:
                 embedding_store.save(seg.predictor)
@@ -269,10 +294,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--slices", help="CSV file for the per-slice signals of each first result (the review's data)")
     p.add_argument("--embedding-cache", metavar="DIR", help="keep slice embeddings in DIR between runs")
+    p.add_argument("--key-slices", type=int, default=1, metavar="K",
+                   help="start from the label's boxes on K >= 2 key slices spread over the structure "
+                        "(ends included) instead of one box on its middle slice")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a propagation setting, as in 'medsam-slicer evaluate --set' (repeatable), "
                         "e.g. rejoin=0")
     args = p.parse_args(argv)
+    if args.key_slices < 1:
+        print(f"error: --key-slices must be 1 (one box) or more; got {args.key_slices}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -299,7 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         rows = run_loops(cases, seg, args.corrections, args.min_slices, wanted, settings=variant.settings,
                          window=variant.window, on_result=on_result,
-                         embedding_store=store, log=lambda line: print(line, file=sys.stderr, flush=True))
+                         embedding_store=store, log=lambda line: print(line, file=sys.stderr, flush=True),
+                         key_slices=args.key_slices)
     except MedSAMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

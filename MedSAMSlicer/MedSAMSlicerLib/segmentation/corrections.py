@@ -122,6 +122,15 @@ def _source(p: Pass, z: int, records: Dict[int, SliceRecord], earlier: Dict[int,
     return 0.0, None, None, False
 
 
+def _untouched_parts(before: np.ndarray, now: np.ndarray) -> np.ndarray:
+    """The 8-connected parts of ``before`` (an ``(H, W)`` mask) that ``now`` does not touch."""
+    from scipy import ndimage as ndi
+
+    parts, _ = ndi.label(before, structure=np.ones((3, 3), bool))
+    touched = np.unique(parts[now & before])
+    return (parts > 0) & ~np.isin(parts, touched[touched > 0])
+
+
 def _side_source(side: Sequence[Pass], z: int, by_slice: Dict[int, Dict[int, SliceRecord]],
                  earlier: Dict[int, SliceRecord], before: np.ndarray):
     """:func:`_source` for the passes of one end of a span (one per piece the user boxed there):
@@ -327,7 +336,8 @@ def correct(
                     if before.size and lo < before[0] < b:
                         end, why = int(before[0]), f"reached slice {int(before[0])}, where the result ended before"
                     passes += [Pass(0, "down", b, -1, end, m, box, rule, why,
-                                    history=known(b) if rule is not None else None, previous=previous)
+                                    history=known(b) if rule is not None else None, previous=previous,
+                                    piece=len(origins(b)) > 1)
                                for m, box in origins(b)]
             elif b is None and a is not None:
                 if holds(a):
@@ -335,7 +345,8 @@ def correct(
                     if before.size and a < before[-1] < hi:
                         end, why = int(before[-1]), f"reached slice {int(before[-1])}, where the result ended before"
                     passes += [Pass(0, "up", a, 1, end, m, box, rule, why,
-                                    history=known(a) if rule is not None else None, previous=previous)
+                                    history=known(a) if rule is not None else None, previous=previous,
+                                    piece=len(origins(a)) > 1)
                                for m, box in origins(a)]
             elif a is not None and b is not None and b - a > 1:
                 full_a, full_b = holds(a), holds(b)
@@ -343,15 +354,16 @@ def correct(
                 if full_a and full_b:
                     corridor = corridor_of(a, b)
                     ups = [Pass(0, name, a, 1, b - 1, m, box, None, f"reached slice {b}", previous=pair_previous,
-                                corridor=corridor) for m, box in origins(a)]
+                                corridor=corridor, piece=len(origins(a)) > 1) for m, box in origins(a)]
                     downs = [Pass(0, name, b, -1, a + 1, m, box, None, f"reached slice {a}", previous=pair_previous,
-                                  corridor=corridor) for m, box in origins(b)]
+                                  corridor=corridor, piece=len(origins(b)) > 1) for m, box in origins(b)]
                     passes += ups + downs
                     pairs.append((ups, downs))
                 elif full_a or full_b:
                     s, step, e, other = (a, 1, b - 1, b) if full_a else (b, -1, a + 1, a)
                     passes += [Pass(0, name, s, step, e, m, box, toward_empty, f"reached slice {other}, locked empty",
-                                    history=known(s) if toward_empty is not None else None, previous=previous)
+                                    history=known(s) if toward_empty is not None else None, previous=previous,
+                                    piece=len(origins(s)) > 1)
                                for m, box in origins(s)]
         total += sum(p.limit for p in passes)
         walk(predictor, passes, settings, margin, wider_box, hold=new_locked, progress=progress, cancel=cancel,
@@ -382,6 +394,12 @@ def correct(
             mask[z] |= m  # the span was cleared: the pieces' passes are joined
         records += p.records
         reasons[p.name] = p.reason
+    for p in passes:
+        # A piece's pass that rejoined the earlier result leaves its earlier parts beyond that slice
+        # as they were, where another piece's pass goes on: the earlier parts no new mask touches.
+        if p.piece and p.rejoined is not None and id(p) not in paired:
+            for z in set(range(p.rejoined + p.step, p.end + p.step, p.step)) & reached & rerun_slices:
+                mask[z] |= _untouched_parts(previous[z], mask[z])
     earlier = {r.z: r for r in records_in if r.accepted}
     chosen: Dict[int, SliceRecord] = {}
     for ups, downs in pairs:

@@ -47,6 +47,9 @@ class Pass:
             with the structure's known slices (:mod:`.corrections`).
         previous: ``(Z, H, W)`` the result before a correction, or ``None``: the pass ends on
             the first slice whose new mask agrees with it (:attr:`PropagationSettings.rejoin`).
+        piece: the pass follows one piece of a structure the user boxed in several pieces: it
+            rejoins the earlier result where its mask agrees with the earlier mask's parts that it
+            touches (the other pieces are other passes'), not with the whole slice.
         corridor: slice -> the model-pixel box ``(x0, y0, x1, y1)`` the pass's prompt must stay
             inside there (key-slice boxes on both sides of the span bound it:
             :func:`~MedSAMSlicerLib.segmentation.propagation.clip_box`), or ``None``.
@@ -70,6 +73,7 @@ class Pass:
     history: Optional[_PassHistory] = None
     previous: Optional[np.ndarray] = None
     corridor: Optional[Callable[[int], np.ndarray]] = None
+    piece: bool = False
     masks: Dict[int, np.ndarray] = field(default_factory=dict)
     logits: Dict[int, np.ndarray] = field(default_factory=dict)
     records: List[SliceRecord] = field(default_factory=list)
@@ -114,6 +118,12 @@ def _rejoins(p: Pass, z: int, mask: np.ndarray, threshold: float) -> bool:
     if p.previous is None or threshold <= 0 or not mask.any():
         return False
     before = p.previous[z]
+    if p.piece and before.any():
+        from scipy import ndimage as ndi
+
+        parts, _ = ndi.label(before, structure=np.ones((3, 3), bool))
+        touched = np.unique(parts[mask & before])
+        before = np.isin(parts, touched[touched > 0])
     total = int(mask.sum()) + int(before.sum())
     return 2.0 * int((mask & before).sum()) >= threshold * total
 
