@@ -506,6 +506,155 @@ def replay_effect_lifecycle(install_dir: Path) -> dict:
     return report
 
 
+class SliceWidget:
+    """What the effect uses of the ``qMRMLSliceWidget`` Slicer hands to ``processInteractionEvents``
+    (``className``, ``sliceLogic().GetSliceNode()``, ``mrmlSliceNode``, ``sliceView().scheduleRender``),
+    over a real axial ``vtkMRMLSliceNode`` in the scene (its XYToRAS is the one Slicer computes)."""
+
+    def __init__(self, scene) -> None:
+        import slicer
+
+        self.node = slicer.vtkMRMLSliceNode()
+        self.node.SetName("Red")
+        self.node.SetLayoutName("Red")
+        self.node.SetSliceToRASByNTP(0, 0, 1, -1, 0, 0, 0, 0, 0, 0)  # axial, as Slicer's "Axial" preset
+        self.node.SetDimensions(400, 400, 1)
+        self.node.SetFieldOfView(400.0, 400.0, 1.0)
+        scene.AddNode(self.node)
+        self.renders = 0
+
+    def className(self) -> str:
+        return "qMRMLSliceWidget"
+
+    def sliceLogic(self):
+        return types.SimpleNamespace(GetSliceNode=lambda: self.node)
+
+    def mrmlSliceNode(self):
+        return self.node
+
+    def sliceView(self):
+        return types.SimpleNamespace(scheduleRender=self._render)
+
+    def _render(self) -> None:
+        self.renders += 1
+
+    def xy(self, ras) -> Tuple[int, int]:
+        """The view pixel showing a RAS point (what the user points at)."""
+        import vtk
+
+        transform = vtk.vtkTransform()
+        transform.SetMatrix(self.node.GetXYToRAS())
+        transform.Inverse()
+        x, y, _ = transform.TransformPoint([float(v) for v in ras])
+        return int(round(x)), int(round(y))
+
+    def xy_to_ras(self, xy) -> List[float]:
+        """``qSlicerSegmentEditorAbstractEffect::xyToRas`` (v5.12.3): XYToRAS times ``(x, y, 0, 1)``."""
+        return list(self.node.GetXYToRAS().MultiplyPoint([float(xy[0]), float(xy[1]), 0.0, 1.0])[:3])
+
+
+def replay_effect_boxes(install_dir: Path, volume: str, labels: str, ka: int, kb: int, wait_s: float = 300.0) -> dict:
+    """The effect on strict stand-ins and a real scene (the small CT, its segmentation, a Segment
+    Editor parameter node): *Add boxes* checked, the user drags a box around each kidney (labels 2
+    and 3) on slice ``ka`` and one around the left kidney on ``kb`` in an axial view, selects box 2 in the list and
+    presses *Delete box*, then *Preview*; the effect's timer is pumped until the model is done (as
+    Slicer's event loop would). Reports the list after each step, what each view showed, the boxes
+    in the preview's record (what reached the bridge) and the boxes expected from the drags."""
+    import time
+
+    import numpy as np
+    import slicer
+    import vtk
+
+    replay = replay_startup(install_dir)
+    install_panel_stand_ins(install_dir)
+    from MedSAMBridgeLib import MRMLBridge
+    from MedSAMBridgeLib.headless import create_headless_scene, load_volume
+    from MedSAMSlicerLib.segmentation.provenance import prompt_ras
+
+    app, slicer.app = slicer.app, None  # the headless scene's logics, then the application again
+    scene = create_headless_scene()
+    ct, label_node = load_volume(volume, "CT"), load_volume(labels, "labels", labelmap=True)
+    slicer.app = app
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("kidneys", "kidneys")
+    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetAndObserveSegmentationNode(segmentation)
+    editor.SetAndObserveSourceVolumeNode(ct)
+    editor.SetSelectedSegmentID(segment_id)
+
+    effect = AbstractScriptedSegmentEditorEffect.registered[-1]
+    scripted = effect.scriptedEffect
+    parameters: Dict[str, object] = {}
+    # The C++ effect's parameter calls (names checked by the stand-in), kept in a dictionary.
+    scripted.parameterSetNode  # noqa: B018 - a real name of qSlicerSegmentEditorScriptedEffect
+    scripted._values.update(parameterSetNode=lambda: editor, parameter=lambda name: parameters.get(name, ""),
+                            setParameter=parameters.__setitem__, setParameterDefault=parameters.setdefault)
+    view = SliceWidget(scene)
+    effect.xyToRas = lambda xy, viewWidget: viewWidget.xy_to_ras(xy)  # AbstractScriptedSegmentEditorEffect.xyToRas
+    report: Dict[str, object] = {"failures": replay["failures"]}
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    ct.GetIJKToRASMatrix(ijk_to_ras)
+    m = slicer.util.arrayFromVTKMatrix(ijk_to_ras)
+    label_array = slicer.util.arrayFromVolume(label_node)
+
+    def drag(value: int, k: int):
+        """Show slice k and drag from one corner of the label's box there to the other."""
+        jj, ii = np.nonzero(label_array[k] == value)
+        lo, hi = (m @ np.r_[ii.min(), jj.min(), k, 1])[:3], (m @ np.r_[ii.max(), jj.max(), k, 1])[:3]
+        view.node.JumpSlice(*lo)
+        start, end = view.xy(lo), view.xy(hi)
+        interactor = vtk.vtkRenderWindowInteractor()
+        for event, xy in ((vtk.vtkCommand.LeftButtonPressEvent, start), (vtk.vtkCommand.MouseMoveEvent, end),
+                          (vtk.vtkCommand.LeftButtonReleaseEvent, end)):
+            interactor.SetEventPosition(*xy)
+            effect.processInteractionEvents(interactor, event, view)
+        corners = [start, (end[0], start[1]), end, (start[0], end[1])]
+        return [view.xy_to_ras(xy) for xy in corners]
+
+    def shown(k: int) -> int:
+        """How many listed boxes the view draws when it shows slice k (scrolled there)."""
+        view.node.JumpSlice(*(m @ np.r_[0, 0, k, 1])[:3])
+        effect.processViewNodeEvents(view.node, vtk.vtkCommand.ModifiedEvent, view)
+        return sum(p.points.GetNumberOfPoints() > 0 for p in effect.listPipelines.get(view, []))
+
+    try:
+        for step in ("setupOptionsFrame", "setMRMLDefaults", "activate", "updateGUIFromMRML"):
+            getattr(effect, step)()
+        effect.addBoxesCheckBox.checked = True
+        drawn = [drag(2, ka), drag(3, ka), drag(3, kb)]
+        report["rows"] = [effect.boxSelector.items[i][0] for i in range(effect.boxSelector.count)]
+        report["status_after_adding"] = effect.statusLabel.text
+        report["shown"] = [shown(ka), shown((ka + kb) // 2), shown(kb)]
+        effect.boxSelector.setCurrentIndex(2)  # box 2 (emits currentIndexChanged, as Qt does)
+        effect.deleteBoxButton.emit("clicked()")
+        report["rows_after_delete"] = [effect.boxSelector.items[i][0] for i in range(effect.boxSelector.count)]
+        report["status_after_delete"] = effect.statusLabel.text
+        effect.previewButton.emit("clicked()")
+        deadline = time.monotonic() + wait_s
+        while effect.task is not None and time.monotonic() < deadline:
+            effect.pumpTimer.emit("timeout()")
+        report["status"] = effect.statusLabel.text
+        prediction = effect.prediction
+        src = MRMLBridge.source_volume(ct)
+        report["expected"] = [prompt_ras(src, MRMLBridge.prompt_from_points(src, drawn[i])) for i in (0, 2)]
+        report["expected_slices"] = [MRMLBridge.prompt_from_points(src, drawn[i]).z for i in (0, 2)]
+        if prediction is not None:
+            report["record"] = prediction.record.prompts
+            report["locked"] = [int(z) for z in prediction.result.locked]
+            report["review"] = effect.reviewLabel.text
+            report["mask_slices"] = sorted(int(z) for z in np.nonzero(prediction.mask.any(axis=(1, 2)))[0])
+        effect.deactivate()
+        effect.cleanup()
+    except Exception as exc:  # noqa: BLE001 - reported
+        import traceback
+
+        report["failures"].append(["boxes", f"{type(exc).__name__}: {exc}", traceback.format_exc()[-2000:]])
+    return report
+
+
 def replay_quit_during_training(install_dir: Path, data: str, out: str, wait_s: float = 180.0) -> dict:
     """Open the MedSAM Training panel, start a run from it as a user would (its Python is whatever
     ``PythonSlicer`` is on PATH: the launcher replay in the tests), wait for the first training
@@ -895,6 +1044,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                        "(e.g. holding a pip-installed copy of our packages)")
     parser.add_argument("--first-use-failure", choices=("weights", "speed"), help="replay_first_use_failure")
     parser.add_argument("--effect-lifecycle", action="store_true", help="replay_effect_lifecycle")
+    parser.add_argument("--effect-boxes", nargs=4, metavar=("VOLUME", "LABELS", "KA", "KB"), help="replay_effect_boxes")
     parser.add_argument("--quit-during-training", nargs=2, metavar=("DATA", "OUT"),
                         help="replay_quit_during_training: start a run from the training panel, then quit")
     parser.add_argument("--remote-panel", metavar="JSON",
@@ -910,6 +1060,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.effect_lifecycle:
         print(json.dumps(replay_effect_lifecycle(Path(args.install_dir))))
+        return 0
+    if args.effect_boxes:
+        volume, labels, ka, kb = args.effect_boxes
+        print(json.dumps(replay_effect_boxes(Path(args.install_dir), volume, labels, int(ka), int(kb))))
         return 0
     if args.remote_panel:
         print(json.dumps(replay_remote_panel(Path(args.install_dir), **json.loads(args.remote_panel))))

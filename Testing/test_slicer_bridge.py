@@ -875,3 +875,67 @@ def test_several_boxes_make_one_segment_pieces_key_slices_and_corrections(bridge
         bridge.compute_queue({"a": bridge.boxes_request(ct_scene.ct, drawn, window=WINDOW)})
     with pytest.raises(MedSAMError, match="followed in 3D, both ways"):
         bridge.segment_request(ct_scene.ct, seg, segment_id, boxes_ras=[ras(KIDNEY_RIGHT, 16, 16)] * 2, mode="2d")
+
+
+def test_the_effects_box_list_adds_moves_deletes_and_picks_the_request(bridge, ct_scene):
+    """The Segment Editor effect's boxes for one segment (``boxlist.SegmentBoxes``, issue 23) on
+    real MRML, without the model: boxes drawn in RAS on k 16 (both kidneys) and k 20 are listed by
+    slice and size; a view on k 16 shows the two there; the same box twice is refused; drawn with
+    a box selected on its slice it replaces it (moved), on another slice it is added; one box is
+    today's one-box request, several the bridge's ``boxes_request``, refused in 2D."""
+    from MedSAMBridgeLib.boxlist import DrawnBox, SegmentBoxes
+
+    src = B.source_volume(ct_scene.ct)
+    m = ijk_to_ras(ct_scene.ct)
+
+    def drawn(label, k):
+        lo, hi = label_box_ijk(ct_scene.label_array(label), (k, k))
+        a, b = (m @ np.r_[lo, 1])[:3], (m @ np.r_[hi, 1])[:3]
+        corners = [a, [b[0], a[1], a[2]], b, [a[0], b[1], a[2]]]
+        return DrawnBox(B.prompt_from_points(src, corners), [list(c) for c in corners])
+
+    right, left, left20 = drawn(KIDNEY_RIGHT, 16), drawn(3, 16), drawn(3, 20)
+    boxes = SegmentBoxes()
+    assert [boxes.draw(src, b) for b in (right, left, left20)] == [0, 1, 2]
+    spacing = np.linalg.norm(m[:3, :2], axis=0)
+    x0, y0, x1, y1 = right.prompt.box
+    width = f"{(x1 - x0 + 1) * spacing[src.orientation.axes[0]]:.0f}"
+    assert boxes.rows()[0].startswith(f"box 1: k 16, {width} x ") and boxes.rows()[2].startswith("box 3: k 20, ")
+    assert boxes.summary() == "3 boxes: 2 pieces on k 16; key slices k 16, k 20."
+    assert boxes.on_slice((m @ np.r_[10, 10, 16, 1])[:3]) == [0, 1]
+    assert boxes.on_slice((m @ np.r_[10, 10, 20, 1])[:3]) == [2]
+    with pytest.raises(MedSAMError, match=r"This box is box 2 already \(box 2: k 16, "):
+        boxes.draw(src, left)
+
+    # Moved: box 3 selected and drawn again on k 20 (a smaller box) replaces it.
+    p = left20.prompt
+    smaller = DrawnBox(dataclasses.replace(p, box=(p.box[0] + 1, p.box[1] + 1, p.box[2], p.box[3])), left20.corners_ras)
+    assert boxes.draw(src, smaller, selected=2) == 2 and len(boxes) == 3 and boxes.boxes[2] == smaller
+    assert boxes.draw(src, left20, selected=0) == 3  # box 1 is on k 16: a box on k 20 is added
+    boxes.delete(3)
+    boxes.delete(7)  # outside the list: nothing
+    assert [b.prompt for b in boxes.boxes] == [right.prompt, left.prompt, smaller.prompt]
+
+    request = boxes.request(bridge, ct_scene.ct, window=WINDOW)
+    assert request.boxes == (right.prompt, left.prompt, smaller.prompt) and request.mode == "3d"
+    with pytest.raises(MedSAMError, match="3 boxes make one structure followed in 3D, both ways"):
+        boxes.request(bridge, ct_scene.ct, mode="2d", window=WINDOW)
+    boxes.delete(1)
+    boxes.delete(1)
+    one = boxes.request(bridge, ct_scene.ct, mode="2d", direction="up", window=WINDOW)
+    same = bridge.request(ct_scene.ct, right.prompt, "2d", "up", WINDOW)
+    assert (one.prompt, one.mode, one.direction, one.more, one.source.key) == \
+        (same.prompt, same.mode, same.direction, (), same.source.key)
+    boxes.clear()
+    with pytest.raises(MedSAMError, match="Draw a box"):
+        boxes.request(bridge, ct_scene.ct)
+
+    # Another volume's box starts a new list.
+    copy = ct_scene.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT shifted")
+    slicer.util.updateVolumeFromArray(copy, slicer.util.arrayFromVolume(ct_scene.ct) + 1)
+    set_ijk_to_ras(copy, m)
+    other = B.source_volume(copy)
+    assert other.key != src.key
+    boxes.draw(src, right)
+    boxes.draw(other, left)
+    assert [b.prompt for b in boxes.boxes] == [left.prompt] and boxes.source is other

@@ -9,6 +9,7 @@ installs, with the repository's module folders off ``sys.path``, as in an instal
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,38 @@ def test_a_wrong_name_on_the_modules_cxx_parent_fails_the_replay(tmp_path):
     failures = json.loads(proc.stdout.strip().splitlines()[-1])["failures"]
     assert [f[:2] for f in failures] == [["MedSAMSlicer.py", "load scripted module"]], failures
     assert "qSlicerScriptedLoadableModule has no attribute 'categorys'" in failures[0][2]
+
+
+def test_effect_boxes_for_one_segment_reach_the_bridge_on_strict_stand_ins(tmp_path, ct_sm_path, ct_sm_seg_path):
+    """Several boxes, one segment, in the effect (issue 23), on strict stand-ins and a real scene
+    (slices 13..23 of the small CT, so the model encodes 11 slices): with *Add boxes* checked, a box
+    dragged around each kidney on k 3 and one on k 7 are listed by slice and size and shown in the
+    view on their slice only; *Delete box* on box 2 leaves boxes 1 and 3, and *Preview* runs
+    exactly those through the bridge (LiteMedSAM): the preview's record holds the two boxes the
+    drags gave, both slices locked as key slices, and the review line names its doubtful slices."""
+    import SimpleITK as sitk
+
+    crops = []
+    for path, name in ((ct_sm_path, "ct.nii.gz"), (ct_sm_seg_path, "seg.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(path))[:, :, 13:24], str(tmp_path / name))
+        crops.append(str(tmp_path / name))
+    install = slicer_replay.install_extension(tmp_path / "install")
+    proc = subprocess.run([sys.executable, str(HERE / "slicer_replay.py"), str(install), "--effect-boxes", *crops,
+                           "3", "7"], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not report["failures"], report["failures"]
+    rows = report["rows"]
+    assert rows[0] == "(new box)" and len(rows) == 4, rows
+    assert [r.split(",")[0] for r in rows[1:]] == ["box 1: k 3", "box 2: k 3", "box 3: k 7"], rows
+    assert all(r.endswith(" mm") for r in rows[1:]), rows
+    assert "3 boxes: 2 pieces on k 3; key slices k 3, k 7." in report["status_after_adding"]
+    assert report["shown"] == [2, 0, 1]  # in the view on k 3, k 5, k 7
+    assert [r.split(",")[0] for r in report["rows_after_delete"]] == ["(new box)", "box 1: k 3", "box 2: k 7"]
+    assert report["status_after_delete"].startswith("Deleted box 2: k 3")
+    assert report["expected_slices"] == [3, 7]
+    assert [p["kind"] for p in report["record"]] == ["box", "box"], report["record"]
+    assert [p["ras"] for p in report["record"]] == report["expected"], (report["record"], report["expected"])
+    assert report["locked"] == [3, 7] and {3, 4, 5, 6, 7} <= set(report["mask_slices"])
+    assert report["status"].startswith("Preview: "), report["status"]
+    assert re.match(r"No doubtful slice\.$|\d+ doubtful slice\(s\): k \d+", report["review"]), report["review"]

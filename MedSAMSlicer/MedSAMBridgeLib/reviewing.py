@@ -39,12 +39,12 @@ def slice_centre_ras(src: SourceVolume, mask_zyx: np.ndarray, z: int) -> Tuple[f
 
 def doubtful(prediction) -> List[Tuple[int, str]]:
     """``(z, why)`` of the doubtful slices of a 3D prediction, the most doubtful first (empty for 2D)."""
-    from MedSAMSlicerLib.segmentation.review import review
+    from MedSAMSlicerLib.segmentation.review import doubtful_slices, review
 
     if prediction.result is None:
         return []
-    items = [s for s in review(prediction.result) if s.doubtful]
-    return [(s.z, s.reason) for s in sorted(items, key=lambda s: (-s.doubt, s.z))]
+    reasons = {s.z: s.reason for s in review(prediction.result) if s.doubtful}
+    return [(z, reasons[z]) for z in doubtful_slices(prediction.result)]  # the engine's order
 
 
 def next_doubtful(prediction, after: Optional[int] = None) -> Optional[int]:

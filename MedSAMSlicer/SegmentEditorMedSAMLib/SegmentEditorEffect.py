@@ -51,6 +51,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.reviewSlice = None  # the doubtful slice last shown
         self.lastSliceWidget = None  # the view the user last drew in
         self.queue = {}  # segment id -> PredictionRequest: boxes for several segments, run as one job
+        self.segmentBoxes = {}  # segment id -> boxlist.SegmentBoxes: several boxes make one structure
+        self.listPipelines = {}  # slice widget -> [BoxPipeline]: the listed boxes shown in that view
         self.task = None  # the running BackgroundTask
         self.taskKind = None  # "prefetch" or "predict"
         self.applyWhenDone = False
@@ -89,6 +91,11 @@ which also stops a run and drops the preview.)
 <b>Accept slice</b> locks the slice shown in the view as it is (also after Paint/Erase on the applied
 segment: it is propagated again from there). <b>Undo correction</b> goes back one step;
 <b>Next doubtful slice</b> shows the slices the model was least sure of.
+<li><b>Several boxes, one segment</b>: with <i>Add boxes</i> checked, each box drawn is added to the
+selected segment's boxes (listed under <i>Boxes</i>, shown in the views on their slice) and
+<b>Preview</b> segments them as one structure: boxes on one slice are its pieces, boxes on several slices
+its key slices. To move a box, select it in the list and draw it again on its slice; <b>Delete box</b>
+and <b>Clear boxes</b> remove boxes.
 <li><b>Queue</b> (several structures): with <i>Queue boxes</i> checked, each box drawn is kept for the
 selected segment; select the next segment and draw again; <b>Run queue</b> segments them all as one
 job (each slice is computed once; where two structures meet, the model's confidence decides) and
@@ -172,6 +179,22 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         queueRow.addWidget(self.runQueueButton)
         queueRow.addWidget(self.clearQueueButton)
         self.scriptedEffect.addOptionsWidget(queueRow)
+        self.addBoxesCheckBox = qt.QCheckBox("Add boxes")
+        self.addBoxesCheckBox.setToolTip("Add each drawn box to the selected segment's boxes (one structure: pieces on "
+                                         "one slice, key slices on several); press Preview to segment them.")
+        self.boxSelector = qt.QComboBox()
+        self.boxSelector.setToolTip("The selected segment's boxes (slice, size). Select one and draw on its slice to "
+                                    "move it; selecting it shows its slice.")
+        self.deleteBoxButton = qt.QPushButton("Delete box")
+        self.deleteBoxButton.setToolTip("Remove the box selected in the list.")
+        self.clearBoxesButton = qt.QPushButton("Clear boxes")
+        self.clearBoxesButton.setToolTip("Remove all boxes of the selected segment.")
+        boxRow = qt.QHBoxLayout()
+        boxRow.addWidget(self.addBoxesCheckBox)
+        boxRow.addWidget(self.deleteBoxButton)
+        boxRow.addWidget(self.clearBoxesButton)
+        self.scriptedEffect.addOptionsWidget(boxRow)
+        self.scriptedEffect.addLabeledOptionsWidget("Boxes:", self.boxSelector)
         self.reviewLabel = qt.QLabel()
         self.reviewLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.reviewLabel)
@@ -196,6 +219,9 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._connect(self.nextDoubtfulButton, "clicked()", self.onNextDoubtful)
         self._connect(self.runQueueButton, "clicked()", self.onRunQueue)
         self._connect(self.clearQueueButton, "clicked()", self.onClearQueue)
+        self._connect(self.boxSelector, "currentIndexChanged(int)", self.onBoxSelected)
+        self._connect(self.deleteBoxButton, "clicked()", self.onDeleteBox)
+        self._connect(self.clearBoxesButton, "clicked()", self.onClearBoxes)
 
     def _connect(self, widget, signal, slot):
         widget.connect(signal, slot)
@@ -231,6 +257,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         wasBlocked = self.roiSelector.blockSignals(True)
         self.roiSelector.setCurrentNode(parameterSetNode.GetNodeReference(ROI_REFERENCE_ROLE) if parameterSetNode else None)
         self.roiSelector.blockSignals(wasBlocked)
+        self._fillBoxList()  # the selected segment's boxes (the selection may have changed)
         self._updateWidgets()
 
     def updateMRMLFromGUI(self):
@@ -317,7 +344,8 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
                        self.combineSelector, self.roiSelector, self.previewButton):
             widget.enabled = not running
         self.directionSelector.enabled = not running and self.scriptedEffect.parameter("MODE") == "3d"
-        self.applyButton.enabled = not running and (self.prediction is not None or self.boxCorners is not None)
+        drawn = self.boxCorners is not None or bool(self._boxes(create=False))
+        self.applyButton.enabled = not running and (self.prediction is not None or drawn)
         self.cancelButton.enabled = running or self.prediction is not None or self.boxCorners is not None
         if self.install is None:  # an install shows its own progress
             self.progressBar.setVisible(running)
@@ -327,6 +355,10 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.runQueueButton.enabled = not running and bool(self.queue)
         self.clearQueueButton.enabled = not running and bool(self.queue)
         self.queueCheckBox.enabled = not running
+        self.addBoxesCheckBox.enabled = not running
+        self.boxSelector.enabled = not running
+        self.deleteBoxButton.enabled = not running and self.boxSelector.currentIndex > 0
+        self.clearBoxesButton.enabled = not running and bool(self._boxes(create=False))
 
     # -- lifecycle ----------------------------------------------------------------------------
     def activate(self):
@@ -367,6 +399,8 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self._stopTask()
         self._clearAll()
         self.lastApplied = None
+        self.segmentBoxes = {}
+        self._showListBoxes()
 
     def _onSceneClose(self, caller, event):
         self._stopTask()
@@ -374,6 +408,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.boxCorners = None
         self.previousPreviews = []
         self.lastApplied = None
+        self.segmentBoxes = {}
 
     def _logic(self):
         # The module's logic holds the shared bridge, model choice and dependency set-up.
@@ -391,8 +426,8 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             confirmed = self.scriptedEffect.confirmCurrentSegmentVisible()
             if confirmed in (self.scriptedEffect.NotConfirmed, self.scriptedEffect.ConfirmedWithDialog):
                 return True
-            if self._correctable():
-                self._clearBoxes()  # a box drawn on a 3D preview corrects it
+            if self._correctable() or self.addBoxesCheckBox.checked:
+                self._clearBoxes()  # a box drawn on a 3D preview corrects it; an added box keeps the preview
             else:
                 self._clearAll()
             self.lastSliceWidget = viewWidget
@@ -409,12 +444,18 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             self.boxCorners = [self.xyToRas(xy, viewWidget) for xy in corners]
             sliceToRas = viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS()
             self.boxNormal = [sliceToRas.GetElement(r, 2) for r in range(3)]
+            if self.addBoxesCheckBox.checked:
+                corners, self.boxCorners = self.boxCorners, None
+                pipeline.clear()
+                self._addBox(corners, self.boxNormal)
+                return True
             pipeline.setRas(self.boxCorners)
             self.onPreview(useRoi=False)
             return True
         if eventId == vtk.vtkCommand.KeyPressEvent:
             key = callerInteractor.GetKeySym()
-            if key in ("Return", "KP_Enter") and (self.prediction is not None or self.boxCorners is not None):
+            if key in ("Return", "KP_Enter") and (self.prediction is not None or self.boxCorners is not None
+                                                  or self._boxes(create=False)):
                 self.onApply()
                 return True
         return False
@@ -423,6 +464,8 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         pipeline = self.rectangles.get(viewWidget)
         if pipeline is not None:
             pipeline.update()
+        if viewWidget in self.listPipelines:
+            self._showListBoxes([viewWidget])  # scrolled: the boxes on the slice now shown
 
     def _pipeline(self, viewWidget):
         if viewWidget not in self.rectangles:
@@ -435,6 +478,10 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         for viewWidget, pipeline in self.rectangles.items():
             self.scriptedEffect.removeActor2D(viewWidget, pipeline.actor)
         self.rectangles = {}
+        for viewWidget, pipelines in self.listPipelines.items():
+            for pipeline in pipelines:
+                self.scriptedEffect.removeActor2D(viewWidget, pipeline.actor)
+        self.listPipelines = {}
 
     # -- background work ----------------------------------------------------------------------
     def _prefetch(self, viewWidget, xy):
@@ -502,13 +549,17 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         parameterSetNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterSetNode.GetSourceVolumeNode()
         roiNode = parameterSetNode.GetNodeReference(ROI_REFERENCE_ROLE) if useRoi else None
-        if roiNode is None and self.boxCorners is None:
+        boxes = self._boxes(create=False) if roiNode is None and self.boxCorners is None else None
+        if roiNode is None and self.boxCorners is None and not boxes:
             self.statusLabel.text = "Draw a box in an axial view, or select an ROI."
             return
         if not logic.firstUse().ready:
             # First use: one question, then PyTorch, scipy and the weights are installed in the
             # background; the preview follows when they are in (the box is kept meanwhile).
             self._whenReady(lambda: self.onPreview(useRoi))
+            return
+        if boxes:
+            self._previewBoxes(boxes, logic.bridge(), volumeNode)
             return
         try:
             src = MRMLBridge.source_volume(volumeNode)
@@ -538,6 +589,130 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
             return
         self._runPrediction(bridge, request, "Correcting: propagating again from the new box..." if self.correcting
                             else "Segmenting... (Cancel stops it)")
+
+    # -- several boxes, one segment (rules: MedSAMBridgeLib.boxlist) --------------------------------
+    def _boxes(self, create=True):
+        """The selected segment's boxes (None when it has none and ``create`` is False)."""
+        from MedSAMBridgeLib.boxlist import SegmentBoxes
+
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        segmentId = parameterSetNode.GetSelectedSegmentID() if parameterSetNode is not None else None
+        if not segmentId:
+            return None
+        if segmentId not in self.segmentBoxes and create:
+            self.segmentBoxes[segmentId] = SegmentBoxes()
+        return self.segmentBoxes.get(segmentId)
+
+    def _addBox(self, corners, normal):
+        """A box drawn with Add boxes checked: added to the selected segment's boxes (or, drawn on
+        the selected box's slice, replacing it)."""
+        from MedSAMBridgeLib import MRMLBridge
+        from MedSAMBridgeLib.boxlist import DrawnBox
+        from MedSAMSlicerLib.errors import MedSAMError
+
+        boxes = self._boxes()
+        if boxes is None:
+            return
+        try:
+            src = MRMLBridge.source_volume(self.scriptedEffect.parameterSetNode().GetSourceVolumeNode())
+            prompt = MRMLBridge.prompt_from_points(src, corners, normal)
+            selected = self.boxSelector.currentIndex - 1  # item 0 is "(new box)"
+            index = boxes.draw(src, DrawnBox(prompt, [list(c) for c in corners]), selected if selected >= 0 else None)
+        except MedSAMError as exc:
+            self.statusLabel.text = str(exc)
+            return
+        moved = "Moved" if index == selected else "Added"
+        self._fillBoxList()
+        self._showListBoxes()
+        self.statusLabel.text = f"{moved} {boxes.row(index)}. {boxes.summary()} Press Preview to segment them."
+        self._updateWidgets()
+
+    def _previewBoxes(self, boxes, bridge, volumeNode):
+        from MedSAMSlicerLib.errors import MedSAMError
+
+        queued = self.queueCheckBox.checked
+        try:
+            request = boxes.request(bridge, volumeNode, mode="3d" if queued else self.scriptedEffect.parameter("MODE"),
+                                    direction=self.scriptedEffect.parameter("DIRECTION"),
+                                    window=self.scriptedEffect.parameter("WINDOW"))
+        except MedSAMError as exc:
+            self.statusLabel.text = str(exc)
+            return
+        if queued:
+            self.queue[self.scriptedEffect.parameterSetNode().GetSelectedSegmentID()] = request
+            self.statusLabel.text = f"Queued {boxes.summary()} Select the next segment and draw, or press Run queue."
+            self._updateWidgets()
+            return
+        self.correcting = False
+        self.previousPreviews = []
+        self.replaceOnApply = False
+        self._runPrediction(bridge, request, f"Segmenting {boxes.summary()} (Cancel stops it)")
+
+    def _fillBoxList(self):
+        """The list shows the selected segment's boxes; item 0 "(new box)": a drawn box is added."""
+        if not hasattr(self, "boxSelector"):
+            return
+        boxes = self._boxes(create=False)
+        rows = boxes.rows() if boxes else []
+        wasBlocked = self.boxSelector.blockSignals(True)
+        self.boxSelector.clear()
+        self.boxSelector.addItem("(new box)")
+        for row in rows:
+            self.boxSelector.addItem(row)
+        self.boxSelector.setCurrentIndex(0)
+        self.boxSelector.blockSignals(wasBlocked)
+
+    def onBoxSelected(self, index):
+        """Show the selected box's slice in every view (drawing there now moves the box)."""
+        boxes = self._boxes(create=False)
+        if boxes and 1 <= index <= len(boxes):
+            corners = boxes.boxes[index - 1].corners_ras
+            r, a, s = (sum(c[axis] for c in corners) / len(corners) for axis in range(3))
+            slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+            self.statusLabel.text = f"{boxes.row(index - 1)}: draw on its slice to move it, or Delete box."
+        self._showListBoxes()
+        self._updateWidgets()
+
+    def onDeleteBox(self):
+        boxes = self._boxes(create=False)
+        index = self.boxSelector.currentIndex - 1
+        if not boxes or not 0 <= index < len(boxes):
+            return
+        row = boxes.row(index)
+        boxes.delete(index)
+        self._fillBoxList()
+        self._showListBoxes()
+        self.statusLabel.text = f"Deleted {row}. {boxes.summary()}"
+        self._updateWidgets()
+
+    def onClearBoxes(self):
+        boxes = self._boxes(create=False)
+        if boxes:
+            boxes.clear()
+        self._fillBoxList()
+        self._showListBoxes()
+        self.statusLabel.text = "Boxes cleared."
+        self._updateWidgets()
+
+    def _showListBoxes(self, views=None):
+        """Draw the selected segment's boxes in each slice view that shows their slice."""
+        boxes = self._boxes(create=False)
+        selected = self.boxSelector.currentIndex - 1 if hasattr(self, "boxSelector") else -1
+        for viewWidget in views or set(self.rectangles) | set(self.listPipelines):
+            sliceToRas = viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS()
+            shown = boxes.on_slice([sliceToRas.GetElement(r, 3) for r in range(3)]) if boxes else []
+            pipelines = self.listPipelines.setdefault(viewWidget, [])
+            while len(pipelines) < len(shown):
+                pipeline = BoxPipeline(viewWidget)
+                self.scriptedEffect.addActor2D(viewWidget, pipeline.actor)
+                pipelines.append(pipeline)
+            for pipeline, index in zip(pipelines, shown):
+                pipeline.setRas(boxes.boxes[index].corners_ras)
+                pipeline.setColor((1.0, 0.5, 0.0) if index == selected else (0.0, 1.0, 1.0))
+                pipeline.update()
+            for pipeline in pipelines[len(shown):]:
+                pipeline.clear()
+            viewWidget.sliceView().scheduleRender()
 
     def _queueBox(self, bridge, volumeNode, prompt):
         """Keep the drawn box for the selected segment (one per segment; drawing again replaces it)."""
@@ -869,6 +1044,9 @@ class BoxPipeline:
         corners = [(x0, y0), (xy[0], y0), (xy[0], xy[1]), (x0, xy[1])]
         self._draw(corners)
         return corners
+
+    def setColor(self, rgb):
+        self.actor.GetProperty().SetColor(*rgb)
 
     def setRas(self, rasCorners):
         """Keep the box where it is in the patient when the view pans or zooms."""
