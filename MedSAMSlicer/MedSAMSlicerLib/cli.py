@@ -97,7 +97,7 @@ Variants compare settings in one run (slices are encoded once for all of them):
   medsam-slicer evaluate --variant default --variant narrow wider_box=0 --include 'ct/*'
 Settings (PropagationSettings): margin, wider_box, wider_box_relative, confidence_gain, auto_stop,
 wider_box_when, wider_max_growth, follow_parts, part_min_fraction, part_min_px, box_jitter,
-zoom_below, zoom_context, zoom_enlarge, rejoin (corrections), wider_first; stop.<field> (StopRule: min_pixels,
+zoom_below, zoom_context, zoom_enlarge, rejoin (corrections), wider_first, key_corridor (key slices); stop.<field> (StopRule: min_pixels,
 max_intensity_shift, intensity_scale, min_spread, min_area_fraction, min_overlap, grow_px,
 min_score, max_slices, tip_growth, tip_slack_px); window (a preset,
 LEVEL,WIDTH, or box: per structure, from the intensities around its box);
