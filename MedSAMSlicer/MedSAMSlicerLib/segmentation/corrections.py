@@ -337,7 +337,7 @@ def correct(
                         end, why = int(before[0]), f"reached slice {int(before[0])}, where the result ended before"
                     passes += [Pass(0, "down", b, -1, end, m, box, rule, why,
                                     history=known(b) if rule is not None else None, previous=previous,
-                                    piece=len(origins(b)) > 1)
+                                    piece=len(pieces.get(b, ())) > 1)
                                for m, box in origins(b)]
             elif b is None and a is not None:
                 if holds(a):
@@ -346,7 +346,7 @@ def correct(
                         end, why = int(before[-1]), f"reached slice {int(before[-1])}, where the result ended before"
                     passes += [Pass(0, "up", a, 1, end, m, box, rule, why,
                                     history=known(a) if rule is not None else None, previous=previous,
-                                    piece=len(origins(a)) > 1)
+                                    piece=len(pieces.get(a, ())) > 1)
                                for m, box in origins(a)]
             elif a is not None and b is not None and b - a > 1:
                 full_a, full_b = holds(a), holds(b)
@@ -354,16 +354,16 @@ def correct(
                 if full_a and full_b:
                     corridor = corridor_of(a, b)
                     ups = [Pass(0, name, a, 1, b - 1, m, box, None, f"reached slice {b}", previous=pair_previous,
-                                corridor=corridor, piece=len(origins(a)) > 1) for m, box in origins(a)]
+                                corridor=corridor, piece=len(pieces.get(a, ())) > 1) for m, box in origins(a)]
                     downs = [Pass(0, name, b, -1, a + 1, m, box, None, f"reached slice {a}", previous=pair_previous,
-                                  corridor=corridor, piece=len(origins(b)) > 1) for m, box in origins(b)]
+                                  corridor=corridor, piece=len(pieces.get(b, ())) > 1) for m, box in origins(b)]
                     passes += ups + downs
                     pairs.append((ups, downs))
                 elif full_a or full_b:
                     s, step, e, other = (a, 1, b - 1, b) if full_a else (b, -1, a + 1, a)
                     passes += [Pass(0, name, s, step, e, m, box, toward_empty, f"reached slice {other}, locked empty",
                                     history=known(s) if toward_empty is not None else None, previous=previous,
-                                    piece=len(origins(s)) > 1)
+                                    piece=len(pieces.get(s, ())) > 1)
                                for m, box in origins(s)]
         total += sum(p.limit for p in passes)
         walk(predictor, passes, settings, margin, wider_box, hold=new_locked, progress=progress, cancel=cancel,

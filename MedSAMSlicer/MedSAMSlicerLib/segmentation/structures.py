@@ -274,9 +274,8 @@ def segment_boxes(
         return propagate(predictor, p.z, p.box, z_range=z_range, settings=settings, progress=progress, cancel=cancel)
     slices = sorted({p.z for p in prompts})
     if len(slices) == 1:
-        result = segment_structures(predictor, {"structure": prompts}, settings=settings, progress=progress,
-                                    cancel=cancel, settle=False).results["structure"]
-        return result
+        return segment_structures(predictor, {"structure": prompts}, settings=settings, progress=progress,
+                                  cancel=cancel, settle=False).results["structure"]
     by_slice = {z: [p.box for p in prompts if p.z == z] for z in slices}
     empty = np.zeros(predictor.volume.shape, dtype=bool)
     return correct(predictor, empty, [Correction.with_boxes(z, boxes) for z, boxes in by_slice.items()],
