@@ -194,15 +194,13 @@ def test_runtime_encoder_gives_torchs_embeddings_and_masks(seg, kidney, runtime,
 
 
 # -- the named tiers ----------------------------------------------------------------------------------
-def test_fast_and_fastest_tiers_keep_their_measured_agreement(seg, ct, kidney):
-    """The left kidney (box on its largest slice, bounded by its extent): "fast" gives the exact
-    masks; "fastest" computes every 2nd slice and stays within its stated loss.
-
-    Each slice goes through the OpenVINO encoder once: "fastest" is checked to be "fast"'s encoder on
-    every 2nd slice (its own segmenter on a 9-slice run, mask for mask), and the whole kidney's
-    every-2nd-slice run then reuses "fast"'s embeddings (26 encoded slices instead of 50)."""
+def test_fast_and_fastest_tiers_are_what_they_say(seg, ct, kidney):
+    """The left kidney (box on its largest slice): "fast" gives the exact masks on a 7-slice run;
+    "fastest" is "fast"'s encoder on every 2nd slice (its own segmenter on a 9-slice run, mask for
+    mask, encoding only the slices it computes). The loss "fastest" may cost on the whole kidney is
+    measured by :func:`test_fastest_tier_keeps_its_measured_agreement` (``-m slow``, issue 27)."""
     pytest.importorskip("openvino")
-    ref, z, box, (lo, hi) = kidney
+    _, z, box, _ = kidney
     fast = Segmenter("litemedsam", device="cpu", speed="fast")
     fast.set_volume(ct, Window.preset("abdomen"))
     assert "OpenVINO" in fast.describe() and "speed fast" in fast.describe()
@@ -215,11 +213,21 @@ def test_fast_and_fastest_tiers_keep_their_measured_agreement(seg, ct, kidney):
     assert fastest.predictor.encoded_slices == len(computed_slices(z, *run, 2, True)) < run[1] - run[0] + 1
     like = dict(stride=fastest.speed.stride, fill=fastest.speed.fill, settings=fastest.propagation)
     assert np.array_equal(own.mask, propagate_strided(fast.predictor, z, box, z_range=run, **like).mask)
-    result = propagate_strided(fast.predictor, z, box, z_range=(lo, hi), **like)
+    print(f"left kidney, 7 slices: fast vs exact {d_fast:.4f}")
+    assert d_fast >= 0.999
+
+
+@pytest.mark.slow
+def test_fastest_tier_keeps_its_measured_agreement(seg, ct, kidney):
+    """"fastest" (every 2nd slice through OpenVINO, the rest filled) on the whole left kidney stays
+    within its stated loss against the exact run and against the labels."""
+    pytest.importorskip("openvino")
+    ref, z, box, (lo, hi) = kidney
+    fastest = Segmenter("litemedsam", device="cpu", speed="fastest")
+    fastest.set_volume(ct, Window.preset("abdomen"))
+    result = fastest.segment_3d(z, box, z_range=(lo, hi))
     exact = seg.segment_3d(z, box, z_range=(lo, hi)).mask
     d_fastest, d_ref, d_ref_exact = dice(result.mask, exact), dice(result.mask, ref), dice(exact, ref)
-    print(f"left kidney: fast vs exact {d_fast:.4f}; fastest vs exact {d_fastest:.4f}, "
-          f"vs labels {d_ref:.4f} (exact {d_ref_exact:.4f})")
-    assert d_fast >= 0.999
+    print(f"left kidney: fastest vs exact {d_fastest:.4f}, vs labels {d_ref:.4f} (exact {d_ref_exact:.4f})")
     assert d_fastest >= FASTEST_FLOOR_VS_EXACT
     assert d_ref >= d_ref_exact - FASTEST_LOSS_VS_LABELS
