@@ -103,12 +103,13 @@ def dicom_seg_path() -> Path:
 
 @pytest.fixture(scope="session")
 def lite_segmenter():
-    """One LiteMedSAM Segmenter (real weights, CPU) for the whole run: its embedding cache is
-    keyed by volume content and window, so every test module that uses the shipped CT shares the
-    encoded slices."""
-    from MedSAMSlicerLib.segmenter import Segmenter
+    """One LiteMedSAM Segmenter (real weights, CPU) for the whole run: the engine's
+    ``shared_segmenter("litemedsam", None, "cpu")``, the one the bridge, the effect and the headless
+    script use, so the engine's tests and theirs share the encoded slices (its embedding cache is
+    keyed by volume content and window)."""
+    from MedSAMSlicerLib.segmenter import shared_segmenter
 
-    return Segmenter("litemedsam", device="cpu")
+    return shared_segmenter("litemedsam", None, "cpu")
 
 
 @pytest.fixture(scope="session")

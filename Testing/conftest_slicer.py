@@ -58,11 +58,10 @@ def ct_scene(headless_scene, ct_sm_path, ct_sm_seg_path) -> CTScene:
 
 
 @pytest.fixture(scope="session")
-def shared_segmenter():
-    """LiteMedSAM on CPU, shared by every test (and by bridges made with default arguments)."""
-    from MedSAMSlicerLib.segmenter import shared_segmenter
-
-    return shared_segmenter("litemedsam", None, "cpu")
+def shared_segmenter(lite_segmenter):
+    """LiteMedSAM on CPU, shared by every test (and by bridges made with default arguments): the
+    engine's ``shared_segmenter``, which is also ``lite_segmenter``."""
+    return lite_segmenter
 
 
 @pytest.fixture

@@ -445,11 +445,13 @@ def shared_segmenter(model: str = "litemedsam", checkpoint: Optional[PathLike] =
     """The one :class:`Segmenter` per ``(model, checkpoint, device, speed)`` in this process.
 
     The Slicer effect, the module and the headless script share it, so the weights are loaded once
-    and the slice embeddings computed for one are reused by the others. Thread-safe: a worker
-    thread may be the first to ask (the model then loads off the GUI thread).
+    and the slice embeddings computed for one are reused by the others. ``device`` is the one it
+    selects (``"auto"`` on a machine without a GPU is ``"cpu"``: the same segmenter). Thread-safe: a
+    worker thread may be the first to ask (the model then loads off the GUI thread).
     """
     tier = get_speed(speed)
-    key = (str(model), os.path.abspath(os.fspath(checkpoint)) if checkpoint else "", str(device), tier.name)
+    key = (str(model), os.path.abspath(os.fspath(checkpoint)) if checkpoint else "", str(select_device(device)),
+           tier.name)
     with _SHARED_LOCK:
         segmenter = _SHARED.get(key)
         if segmenter is None:
