@@ -47,10 +47,18 @@ SLICER_CPP = {
     "qSlicerLoadableModule": "Base/QTGUI/qSlicerLoadableModule.h",
     "qSlicerAbstractModule": "Base/QTGUI/qSlicerAbstractModule.h",
     "qSlicerAbstractCoreModule": "Base/QTCore/qSlicerAbstractCoreModule.h",
+    # The view widget Slicer hands to an effect's processInteractionEvents / processViewNodeEvents,
+    # and its view (qMRMLSliceWidget -> qMRMLAbstractViewWidget -> qMRMLWidget -> QWidget;
+    # qMRMLSliceView -> ctkVTKSliceView -> ctkVTKAbstractView -> QWidget, at both tags).
+    "qMRMLSliceWidget": "Libs/MRML/Widgets/qMRMLSliceWidget.h",
+    "qMRMLAbstractViewWidget": "Libs/MRML/Widgets/qMRMLAbstractViewWidget.h",
+    "qMRMLSliceView": "Libs/MRML/Widgets/qMRMLSliceView.h",
 }
 CTK_CPP = {
     "ctkPathLineEdit": "Libs/Widgets/ctkPathLineEdit.h",
     "ctkCollapsibleButton": "Libs/Widgets/ctkCollapsibleButton.h",
+    "ctkVTKSliceView": "Libs/Visualization/VTK/Widgets/ctkVTKSliceView.h",
+    "ctkVTKAbstractView": "Libs/Visualization/VTK/Widgets/ctkVTKAbstractView.h",
 }
 QT_CLASSES = {
     "QtWidgets": ("QApplication", "QWidget", "QComboBox", "QPushButton", "QAbstractButton", "QLabel", "QFrame",

@@ -506,51 +506,82 @@ def replay_effect_lifecycle(install_dir: Path) -> dict:
     return report
 
 
-class SliceWidget:
-    """What the effect uses of the ``qMRMLSliceWidget`` Slicer hands to ``processInteractionEvents``
-    (``className``, ``sliceLogic().GetSliceNode()``, ``mrmlSliceNode``, ``sliceView().scheduleRender``),
-    over a real axial ``vtkMRMLSliceNode`` in the scene (its XYToRAS is the one Slicer computes)."""
+class SliceView(StrictQObject):
+    """``qMRMLSliceView`` (what ``qMRMLSliceWidget.sliceView()`` returns): only its names at every
+    supported tag (with ``ctkVTKSliceView``'s and ``ctkVTKAbstractView``'s); counts the renders
+    scheduled (``ctkVTKAbstractView::scheduleRender``)."""
+
+    _cls = "qMRMLSliceView"
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "_renders", 0)
+
+    def scheduleRender(self) -> None:
+        object.__setattr__(self, "_renders", self._renders + 1)
+
+
+class SliceWidget(StrictQObject):
+    """The ``qMRMLSliceWidget`` Slicer hands to ``processInteractionEvents`` and
+    ``processViewNodeEvents``: a name the class lacks at a supported tag (with its bases
+    ``qMRMLAbstractViewWidget``, ``qMRMLWidget``, ``QWidget``) raises, as PythonQt does.
+    Underneath: a real axial ``vtkMRMLSliceNode`` in the scene (its XYToRAS is the one Slicer
+    computes) and the real ``vtkMRMLSliceLogic`` (slicer-core) observing it, as Slicer's layout
+    manager pairs them; ``sliceView()`` is a strict :class:`SliceView`."""
+
+    _cls = "qMRMLSliceWidget"
 
     def __init__(self, scene) -> None:
         import slicer
 
-        self.node = slicer.vtkMRMLSliceNode()
-        self.node.SetName("Red")
-        self.node.SetLayoutName("Red")
-        self.node.SetSliceToRASByNTP(0, 0, 1, -1, 0, 0, 0, 0, 0, 0)  # axial, as Slicer's "Axial" preset
-        self.node.SetDimensions(400, 400, 1)
-        self.node.SetFieldOfView(400.0, 400.0, 1.0)
-        scene.AddNode(self.node)
-        self.renders = 0
+        super().__init__()
+        node = slicer.vtkMRMLSliceNode()
+        node.SetName("Red")
+        node.SetLayoutName("Red")
+        node.SetSliceToRASByNTP(0, 0, 1, -1, 0, 0, 0, 0, 0, 0)  # axial, as Slicer's "Axial" preset
+        node.SetDimensions(400, 400, 1)
+        node.SetFieldOfView(400.0, 400.0, 1.0)
+        scene.AddNode(node)
+        logic = slicer.vtkMRMLSliceLogic()
+        logic.SetMRMLScene(scene)
+        logic.SetSliceNode(node)
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_logic", logic)
+        object.__setattr__(self, "_view", SliceView())
 
     def className(self) -> str:
         return "qMRMLSliceWidget"
 
     def sliceLogic(self):
-        return types.SimpleNamespace(GetSliceNode=lambda: self.node)
+        return self._logic
 
     def mrmlSliceNode(self):
-        return self.node
+        return self._node
 
-    def sliceView(self):
-        return types.SimpleNamespace(scheduleRender=self._render)
+    def sliceView(self) -> SliceView:
+        return self._view
 
-    def _render(self) -> None:
-        self.renders += 1
 
-    def xy(self, ras) -> Tuple[int, int]:
-        """The view pixel showing a RAS point (what the user points at)."""
-        import vtk
+for _cls, _names in ((SliceWidget, ("className", "sliceLogic", "mrmlSliceNode", "sliceView")),
+                     (SliceView, ("scheduleRender",))):
+    for _name in _names:
+        assert _name in api().names(_cls._cls), (_cls._cls, _name)  # the stand-ins' behaviour only for real names
 
-        transform = vtk.vtkTransform()
-        transform.SetMatrix(self.node.GetXYToRAS())
-        transform.Inverse()
-        x, y, _ = transform.TransformPoint([float(v) for v in ras])
-        return int(round(x)), int(round(y))
 
-    def xy_to_ras(self, xy) -> List[float]:
-        """``qSlicerSegmentEditorAbstractEffect::xyToRas`` (v5.12.3): XYToRAS times ``(x, y, 0, 1)``."""
-        return list(self.node.GetXYToRAS().MultiplyPoint([float(xy[0]), float(xy[1]), 0.0, 1.0])[:3])
+def slice_xy(view: SliceWidget, ras) -> Tuple[int, int]:
+    """The pixel of ``view`` showing a RAS point (what the user points at)."""
+    import vtk
+
+    transform = vtk.vtkTransform()
+    transform.SetMatrix(view.mrmlSliceNode().GetXYToRAS())
+    transform.Inverse()
+    x, y, _ = transform.TransformPoint([float(v) for v in ras])
+    return int(round(x)), int(round(y))
+
+
+def slice_xy_to_ras(view: SliceWidget, xy) -> List[float]:
+    """``qSlicerSegmentEditorAbstractEffect::xyToRas`` (v5.12.3): XYToRAS times ``(x, y, 0, 1)``."""
+    return list(view.mrmlSliceNode().GetXYToRAS().MultiplyPoint([float(xy[0]), float(xy[1]), 0.0, 1.0])[:3])
 
 
 def replay_effect_boxes(install_dir: Path, volume: str, labels: str, ka: int, kb: int, wait_s: float = 300.0) -> dict:
@@ -593,7 +624,7 @@ def replay_effect_boxes(install_dir: Path, volume: str, labels: str, ka: int, kb
     scripted._values.update(parameterSetNode=lambda: editor, parameter=lambda name: parameters.get(name, ""),
                             setParameter=parameters.__setitem__, setParameterDefault=parameters.setdefault)
     view = SliceWidget(scene)
-    effect.xyToRas = lambda xy, viewWidget: viewWidget.xy_to_ras(xy)  # AbstractScriptedSegmentEditorEffect.xyToRas
+    effect.xyToRas = lambda xy, viewWidget: slice_xy_to_ras(viewWidget, xy)  # AbstractScriptedSegmentEditorEffect.xyToRas
     report: Dict[str, object] = {"failures": replay["failures"]}
     ijk_to_ras = vtk.vtkMatrix4x4()
     ct.GetIJKToRASMatrix(ijk_to_ras)
@@ -604,20 +635,20 @@ def replay_effect_boxes(install_dir: Path, volume: str, labels: str, ka: int, kb
         """Show slice k and drag from one corner of the label's box there to the other."""
         jj, ii = np.nonzero(label_array[k] == value)
         lo, hi = (m @ np.r_[ii.min(), jj.min(), k, 1])[:3], (m @ np.r_[ii.max(), jj.max(), k, 1])[:3]
-        view.node.JumpSlice(*lo)
-        start, end = view.xy(lo), view.xy(hi)
+        view.mrmlSliceNode().JumpSlice(*lo)
+        start, end = slice_xy(view, lo), slice_xy(view, hi)
         interactor = vtk.vtkRenderWindowInteractor()
         for event, xy in ((vtk.vtkCommand.LeftButtonPressEvent, start), (vtk.vtkCommand.MouseMoveEvent, end),
                           (vtk.vtkCommand.LeftButtonReleaseEvent, end)):
             interactor.SetEventPosition(*xy)
             effect.processInteractionEvents(interactor, event, view)
         corners = [start, (end[0], start[1]), end, (start[0], end[1])]
-        return [view.xy_to_ras(xy) for xy in corners]
+        return [slice_xy_to_ras(view, xy) for xy in corners]
 
     def shown(k: int) -> int:
         """How many listed boxes the view draws when it shows slice k (scrolled there)."""
-        view.node.JumpSlice(*(m @ np.r_[0, 0, k, 1])[:3])
-        effect.processViewNodeEvents(view.node, vtk.vtkCommand.ModifiedEvent, view)
+        view.mrmlSliceNode().JumpSlice(*(m @ np.r_[0, 0, k, 1])[:3])
+        effect.processViewNodeEvents(view.mrmlSliceNode(), vtk.vtkCommand.ModifiedEvent, view)
         return sum(p.points.GetNumberOfPoints() > 0 for p in effect.listPipelines.get(view, []))
 
     try:
@@ -628,6 +659,7 @@ def replay_effect_boxes(install_dir: Path, volume: str, labels: str, ka: int, kb
         report["rows"] = [effect.boxSelector.items[i][0] for i in range(effect.boxSelector.count)]
         report["status_after_adding"] = effect.statusLabel.text
         report["shown"] = [shown(ka), shown((ka + kb) // 2), shown(kb)]
+        report["renders"] = view.sliceView()._renders  # scheduleRender() on the real qMRMLSliceView name
         effect.boxSelector.setCurrentIndex(2)  # box 2 (emits currentIndexChanged, as Qt does)
         effect.deleteBoxButton.emit("clicked()")
         report["rows_after_delete"] = [effect.boxSelector.items[i][0] for i in range(effect.boxSelector.count)]

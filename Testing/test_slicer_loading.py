@@ -137,6 +137,7 @@ def test_effect_boxes_for_one_segment_reach_the_bridge_on_strict_stand_ins(tmp_p
     assert all(r.endswith(" mm") for r in rows[1:]), rows
     assert "3 boxes: 2 pieces on k 3; key slices k 3, k 7." in report["status_after_adding"]
     assert report["shown"] == [2, 0, 1]  # in the view on k 3, k 5, k 7
+    assert report["renders"] > 0  # the boxes were drawn through qMRMLSliceView.scheduleRender()
     assert [r.split(",")[0] for r in report["rows_after_delete"]] == ["(new box)", "box 1: k 3", "box 2: k 7"]
     assert report["status_after_delete"].startswith("Deleted box 2: k 3")
     assert report["expected_slices"] == [3, 7]
@@ -145,3 +146,58 @@ def test_effect_boxes_for_one_segment_reach_the_bridge_on_strict_stand_ins(tmp_p
     assert report["locked"] == [3, 7] and {3, 4, 5, 6, 7} <= set(report["mask_slices"])
     assert report["status"].startswith("Preview: "), report["status"]
     assert re.match(r"No doubtful slice\.$|\d+ doubtful slice\(s\): k \d+", report["review"]), report["review"]
+
+
+def test_the_slice_widget_stand_in_accepts_only_qmrmlslicewidgets_names():
+    """The view widget Slicer hands to the effect is a qMRMLSliceWidget: its stand-in (and the
+    qMRMLSliceView it returns) accept the names those classes and their bases have at every
+    supported tag and refuse the others, as PythonQt does; ``sliceLogic()`` is slicer-core's real
+    vtkMRMLSliceLogic on the view's real slice node."""
+    import slicer
+
+    view = slicer_replay.SliceWidget(slicer.vtkMRMLScene())
+    assert view.className() == "qMRMLSliceWidget"
+    assert view.sliceLogic().GetClassName() == "vtkMRMLSliceLogic"
+    assert view.sliceLogic().GetSliceNode().GetID() == view.mrmlSliceNode().GetID()
+    view.sliceView().scheduleRender()
+    assert view.sliceView()._renders == 1
+    assert callable(view.setMRMLScene) and callable(view.pauseRender)  # qMRMLWidget's, qMRMLAbstractViewWidget's
+    assert callable(view.sliceView().renderWindow)  # ctkVTKAbstractView's
+    for wrong in ("sliceNode", "mrmlSliceLogic", "sliceViewWidget"):
+        with pytest.raises(AttributeError, match=f"qMRMLSliceWidget has no attribute '{wrong}'"):
+            getattr(view, wrong)
+    with pytest.raises(AttributeError, match="qMRMLSliceWidget has no attribute 'sliceOrientaton'"):
+        view.sliceOrientaton = "Axial"
+    with pytest.raises(AttributeError, match="qMRMLSliceView has no attribute 'scheduleRepaint'"):
+        view.sliceView().scheduleRepaint()
+    with pytest.raises(AttributeError):
+        view.sliceLogic().GetSliceNod()  # the real VTK class refuses it
+
+
+@pytest.mark.parametrize("original, wrong, expected", [
+    ('viewWidget.className() != "qMRMLSliceWidget"', 'viewWidget.classname() != "qMRMLSliceWidget"',
+     "qMRMLSliceWidget has no attribute 'classname'"),
+    ("self.sliceWidget.sliceView().scheduleRender()", "self.sliceWidget.sliceView().scheduleRepaint()",
+     "qMRMLSliceView has no attribute 'scheduleRepaint'"),
+])
+def test_a_wrong_name_on_the_slice_widget_fails_the_effect_replay(original, wrong, expected, tmp_path, ct_sm_path,
+                                                                  ct_sm_seg_path):
+    """A misspelt name on the view widget in a copy of the installed effect fails the first drag
+    of the boxes replay (before any model runs), as it would in Slicer's slice view."""
+    import SimpleITK as sitk
+
+    crops = []
+    for path, name in ((ct_sm_path, "ct.nii.gz"), (ct_sm_seg_path, "seg.nii.gz")):
+        sitk.WriteImage(sitk.ReadImage(str(path))[:, :, 13:24], str(tmp_path / name))
+        crops.append(str(tmp_path / name))
+    install = slicer_replay.install_extension(tmp_path / "install")
+    effect_file = next(install.rglob("SegmentEditorEffect.py"))
+    source = effect_file.read_text(encoding="utf-8")
+    assert original in source, f"the effect no longer contains {original!r}: update this test"
+    effect_file.write_text(source.replace(original, wrong), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(HERE / "slicer_replay.py"), str(install), "--effect-boxes", *crops,
+                           "3", "7"], capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    failures = json.loads(proc.stdout.strip().splitlines()[-1])["failures"]
+    assert [f[0] for f in failures] == ["boxes"], failures
+    assert expected in failures[0][1], failures
