@@ -174,11 +174,14 @@ def test_the_slice_widget_stand_in_accepts_only_qmrmlslicewidgets_names():
         view.sliceLogic().GetSliceNod()  # the real VTK class refuses it
 
 
+# Each case is a replay in its own process (about 10 s): the default run misspells a name on the
+# widget Slicer hands to the effect; the one on the view it returns runs under -m slow (issue 27;
+# the stand-in's refusal of both is checked in process above).
 @pytest.mark.parametrize("original, wrong, expected", [
     ('viewWidget.className() != "qMRMLSliceWidget"', 'viewWidget.classname() != "qMRMLSliceWidget"',
      "qMRMLSliceWidget has no attribute 'classname'"),
-    ("self.sliceWidget.sliceView().scheduleRender()", "self.sliceWidget.sliceView().scheduleRepaint()",
-     "qMRMLSliceView has no attribute 'scheduleRepaint'"),
+    pytest.param("self.sliceWidget.sliceView().scheduleRender()", "self.sliceWidget.sliceView().scheduleRepaint()",
+                 "qMRMLSliceView has no attribute 'scheduleRepaint'", marks=pytest.mark.slow),
 ])
 def test_a_wrong_name_on_the_slice_widget_fails_the_effect_replay(original, wrong, expected, tmp_path, ct_sm_path,
                                                                   ct_sm_seg_path):
