@@ -115,6 +115,13 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
 </html>"""
 
     # -- options ------------------------------------------------------------------------------
+    def _addOptionsRow(self, *widgets):
+        """Put ``widgets`` side by side in one row of the effect's options."""
+        row = qt.QHBoxLayout()
+        for widget in widgets:
+            row.addWidget(widget)
+        self.scriptedEffect.addOptionsWidget(row)
+
     def setupOptionsFrame(self):
         self.modelSelector = qt.QComboBox()
         self.modelSelector.setToolTip("Model and weights (fine-tuned checkpoints from MedSAM Training are listed too).")
@@ -150,11 +157,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.cancelButton = qt.QPushButton("Cancel")
         self.cancelButton.objectName = self.__class__.__name__ + "Cancel"
         self.cancelButton.setToolTip("Stop the running propagation, or drop the preview.")
-        buttons = qt.QHBoxLayout()
-        buttons.addWidget(self.previewButton)
-        buttons.addWidget(self.applyButton)
-        buttons.addWidget(self.cancelButton)
-        self.scriptedEffect.addOptionsWidget(buttons)
+        self._addOptionsRow(self.previewButton, self.applyButton, self.cancelButton)
 
         self.acceptSliceButton = qt.QPushButton("Accept slice")
         self.acceptSliceButton.setToolTip("Lock the slice shown in the view as it is (after Paint/Erase too) and "
@@ -164,21 +167,13 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.nextDoubtfulButton = qt.QPushButton("Next doubtful slice")
         self.nextDoubtfulButton.setToolTip("Show the next slice the model was least sure of (predicted IoU, "
                                            "narrow/wide box agreement, overlap with the previous slice).")
-        corrections = qt.QHBoxLayout()
-        corrections.addWidget(self.acceptSliceButton)
-        corrections.addWidget(self.undoCorrectionButton)
-        corrections.addWidget(self.nextDoubtfulButton)
-        self.scriptedEffect.addOptionsWidget(corrections)
+        self._addOptionsRow(self.acceptSliceButton, self.undoCorrectionButton, self.nextDoubtfulButton)
         self.queueCheckBox = qt.QCheckBox("Queue boxes")
         self.queueCheckBox.setToolTip("Keep each drawn box for the selected segment, then run them all as one job.")
         self.runQueueButton = qt.QPushButton("Run queue")
         self.runQueueButton.setToolTip("Segment every queued box into its segment, as one job.")
         self.clearQueueButton = qt.QPushButton("Clear queue")
-        queueRow = qt.QHBoxLayout()
-        queueRow.addWidget(self.queueCheckBox)
-        queueRow.addWidget(self.runQueueButton)
-        queueRow.addWidget(self.clearQueueButton)
-        self.scriptedEffect.addOptionsWidget(queueRow)
+        self._addOptionsRow(self.queueCheckBox, self.runQueueButton, self.clearQueueButton)
         self.addBoxesCheckBox = qt.QCheckBox("Add boxes")
         self.addBoxesCheckBox.setToolTip("Add each drawn box to the selected segment's boxes (one structure: pieces on "
                                          "one slice, key slices on several); press Preview to segment them.")
@@ -189,11 +184,7 @@ interpolate every 2nd slice; each one's tooltip says what it costs.
         self.deleteBoxButton.setToolTip("Remove the box selected in the list.")
         self.clearBoxesButton = qt.QPushButton("Clear boxes")
         self.clearBoxesButton.setToolTip("Remove all boxes of the selected segment.")
-        boxRow = qt.QHBoxLayout()
-        boxRow.addWidget(self.addBoxesCheckBox)
-        boxRow.addWidget(self.deleteBoxButton)
-        boxRow.addWidget(self.clearBoxesButton)
-        self.scriptedEffect.addOptionsWidget(boxRow)
+        self._addOptionsRow(self.addBoxesCheckBox, self.deleteBoxButton, self.clearBoxesButton)
         self.scriptedEffect.addLabeledOptionsWidget("Boxes:", self.boxSelector)
         self.reviewLabel = qt.QLabel()
         self.reviewLabel.wordWrap = True
